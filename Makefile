@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch (a local wheel on our machines); override e.g. TORCH_SPEC=torch on a CUDA box.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint examples bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,eval]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loramerge inspect examples/tiny-llama-shift examples/tiny-llama-double
+	$(VENV)/bin/loramerge merge examples/tiny-llama-shift examples/tiny-llama-double \
+		--method linear --weights 0.5,0.5 -o out/demo-linear --force
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+examples: $(STAMP)
+	$(PY) examples/make_examples.py
+
+clean:
+	rm -rf out .pytest_cache

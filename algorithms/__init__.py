@@ -1,0 +1,7 @@
+"""Built-in merge algorithms, one file each.  Importing this package registers them.
+
+The core finds this package through the entry-point group ``mergekit_lora.algorithms`` (our own
+``pyproject.toml`` names it ``builtins``), the same way a third-party plugin is found.
+"""
+
+from . import cat, linear  # noqa: F401  (registration side effects)

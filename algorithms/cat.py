@@ -1,0 +1,23 @@
+"""``cat``: stack the weighted rank units of all inputs (output rank Σ r_i)."""
+
+from __future__ import annotations
+
+from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.units import RankUnits
+
+
+@register
+class Cat(Algorithm):
+    """Concatenation [w_1 B_1 … w_n B_n][A_1; …; A_n]: the FLoRA stacking aggregation.
+
+    Same ΔW as PEFT's ``cat`` combination (which also concatenates, with the weight on both A and B
+    under a square root split); the output rank is Σ r_i and every input unit is kept verbatim.
+    """
+
+    name = "cat"
+    description = "concatenate all rank units (rank Σ rᵢ); exact weighted sum"
+    Params = AlgorithmParams
+
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
+                     ctx: ModuleContext) -> RankUnits:
+        return RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])

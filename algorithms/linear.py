@@ -1,0 +1,35 @@
+"""``linear``: task arithmetic Σ w_i ΔW_i, exact, by concatenation."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.units import RankUnits
+
+
+class LinearParams(AlgorithmParams):
+    rank: int | None = Field(None, ge=1, description="re-rank the sum to this rank with the exact factor-space SVD")
+
+
+@register
+class Linear(Algorithm):
+    """Exact weighted sum: ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n][A_1; …; A_n].
+
+    Unlike PEFT's ``linear`` (which averages A's and B's separately, so the product carries cross
+    terms B_i A_j, PEFT #3004), this is the weighted sum of the updates themselves.  The output rank
+    is Σ r_i, or ``rank`` when given (best rank-k approximation of the sum, Eckart–Young).
+    """
+
+    name = "linear"
+    description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or --rank k via exact SVD)"
+    Params = LinearParams
+
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: LinearParams,
+                     ctx: ModuleContext) -> RankUnits:
+        total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
+        if params.rank is not None and params.rank < total.rank:
+            from mergekit_lora.lowrank import truncate
+
+            return truncate(total, params.rank)
+        return total

@@ -1,0 +1,48 @@
+"""The ``loramerge`` app: each command lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mergekit_lora import __version__
+
+from .inspect_cmd import inspect
+from .merge_cmd import merge
+from .methods_cmd import methods
+
+app = typer.Typer(
+    name="loramerge",
+    help="Merge and compose LoRA adapters as LoRAs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"loramerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Merge and compose LoRA adapters as LoRAs."""
+
+
+app.command()(inspect)
+app.command()(methods)
+app.command()(merge)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

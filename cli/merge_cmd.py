@@ -1,0 +1,66 @@
+"""``loramerge merge``: a thin layer over :func:`mergekit_lora.merge.merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.merge import merge as run_merge
+from mergekit_lora.registry import get_algorithm
+
+from .common import console, parse_floats, parse_kv, user_errors
+from .report import print_fidelity
+
+# Shortcut flags -> parameter names; passed only when set, and only to a method that takes them.
+SHORTCUTS = ("rank", "density", "lambda_")
+
+
+def collect_params(method: str, shortcuts: dict[str, Any], extra: list[str] | None) -> dict[str, Any]:
+    """Merge shortcut flags and ``-p key=value`` into one dict, refusing parameters the method lacks."""
+    algo = get_algorithm(method)
+    fields = algo.Params.model_fields
+    params = parse_kv(extra)
+    for flag, value in shortcuts.items():
+        if value is None:
+            continue
+        key = "lambda_" if flag == "lambda_" else flag
+        if key not in fields:
+            shown = "--lambda" if flag == "lambda_" else f"--{flag}"
+            raise LoraMergeError(f"method {method!r} does not take {shown}; see `loramerge methods`")
+        params[key] = value
+    return params
+
+
+@user_errors
+def merge(
+    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
+    method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `loramerge methods`)")] = "linear",
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
+    weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
+    rank: Annotated[int | None, typer.Option(help="output rank (methods that re-rank)")] = None,
+    density: Annotated[float | None, typer.Option(help="fraction of entries kept (ties, dare, magnitude_prune)")] = None,
+    lambda_: Annotated[float | None, typer.Option("--lambda", help="scale of the merged update (ties)")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any method parameter: key=value")] = None,
+    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
+    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
+    ignore_modules_to_save: Annotated[bool, typer.Option(help="drop modules_to_save tensors instead of refusing")] = False,
+) -> None:
+    """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
+    if missing not in ("union", "intersection", "error"):
+        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
+    params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
+    result = run_merge(
+        sources, method, out, weights=parse_floats(weights), params=params, missing=missing,  # type: ignore[arg-type]
+        device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
+        load_options={"allow_pickle": allow_pickle, "ignore_modules_to_save": ignore_modules_to_save},
+    )
+    print_fidelity(result.fidelity)
+    console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -1,0 +1,35 @@
+"""``loramerge methods``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergekit_lora.registry import available
+
+from .common import console, user_errors
+
+
+@user_errors
+def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable list")] = False) -> None:
+    """List the registered merge methods with their parameters."""
+    described = [cls().describe() for cls in available().values()]
+    if as_json:
+        typer.echo(json.dumps(described, indent=2, default=str))
+        return
+    if not described:
+        console.print("no merge methods are registered")
+        return
+    t = Table(title="merge methods")
+    t.add_column("method", style="bold")
+    t.add_column("what it does")
+    t.add_column("parameters (default)")
+    for d in described:
+        params = "\n".join(
+            f"{k}={v['default']!r}" + (f"  {v['help']}" if v["help"] else "") for k, v in d["parameters"].items()
+        )
+        t.add_row(d["name"], d["description"], params or "-")
+    console.print(t)

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity (no model) and task quality (with a model), and benchmarks."""

@@ -1,0 +1,106 @@
+"""An adapter: ordered module name -> rank units, loaded lazily one module at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .units import ModuleKind, RankUnits
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the file header says about one module; reading it loads no tensor data."""
+
+    name: str
+    rank: int
+    d_out: int
+    d_in: int
+    weight_shape: tuple[int, ...]
+    kind: ModuleKind
+    fan_in_fan_out: bool
+    alpha: float
+    scale: float
+    dtype: torch.dtype
+
+
+@dataclass
+class AdapterMeta:
+    """Adapter-wide facts carried from input to output."""
+
+    format: str  # "peft", "kohya", "diffusers", "memory", ...
+    base_model: str | None = None
+    revision: str | None = None
+    task_type: str | None = None
+    target_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    dtype: torch.dtype = torch.float32
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter:
+    """Module name -> :class:`RankUnits`, with metadata.
+
+    Readers give an :class:`Adapter` whose ``loader`` reads one module's tensors on demand (via
+    ``safetensors.safe_open``), so a 7B-sized adapter is never fully materialised when one module is
+    needed.  ``units(name)`` validates and returns the module's units with the scale folded in.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, ModuleInfo],
+        meta: AdapterMeta,
+        loader: Callable[[ModuleInfo], RankUnits],
+        *,
+        path: Path | None = None,
+        unknown_keys: list[str] | None = None,
+        label: str | None = None,
+    ) -> None:
+        self.modules: dict[str, ModuleInfo] = dict(modules)
+        self.meta = meta
+        self._loader = loader
+        self.path = path
+        self.unknown_keys = list(unknown_keys or [])
+        self.label = label or (path.name if path is not None else "adapter")
+
+    @classmethod
+    def from_units(cls, units: Mapping[str, RankUnits], meta: AdapterMeta, label: str = "memory") -> Adapter:
+        """An in-memory adapter (tests, merge results)."""
+        infos = {
+            n: ModuleInfo(n, u.rank, u.d_out, u.d_in, u.weight_shape, u.kind, u.fan_in_fan_out,
+                          float(u.rank), 1.0, u.A.dtype)
+            for n, u in units.items()
+        }
+        stored = dict(units)
+        return cls(infos, meta, lambda info: stored[info.name], label=label)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.modules
+
+    def module_names(self) -> list[str]:
+        return list(self.modules)
+
+    def units(self, name: str, source: int = 0) -> RankUnits:
+        """Load one module's units (scale folded into B), tagging every unit with ``source``."""
+        u = self._loader(self.modules[name])
+        if source:
+            u = u.with_factors(u.A, u.B, torch.full((u.rank,), int(source), dtype=torch.long))
+        return u
+
+    def iter_units(self, source: int = 0) -> Iterator[tuple[str, RankUnits]]:
+        for name in self.modules:
+            yield name, self.units(name, source)
+
+    def num_params(self) -> int:
+        return sum(i.rank * (i.d_in + i.d_out) for i in self.modules.values())
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.label!r}, format={self.meta.format}, modules={len(self.modules)})"

@@ -1,0 +1,125 @@
+"""Write rank units as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapter import AdapterMeta
+from ..units import RankUnits
+from .peft_read import PEFT_PREFIX
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def peft_tensors(name: str, u: RankUnits, dtype: torch.dtype, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
+    """The PEFT keys and tensors of one module (scale already folded into B: the file's scale is 1)."""
+    if u.rank == 0:  # PEFT cannot hold rank 0: one zero unit keeps the module and ΔW = 0
+        u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
+    A = u.A.detach().to("cpu", dtype).contiguous()
+    B = u.B.detach().to("cpu", dtype).contiguous()
+    base = f"{prefix}{name}"
+    if u.kind == "embedding":
+        return {f"{base}.lora_embedding_A": A, f"{base}.lora_embedding_B": B}
+    if u.kind == "conv":
+        k = tuple(u.weight_shape[2:])
+        A = A.reshape(u.rank, *u.weight_shape[1:]).contiguous()
+        B = B.reshape(u.d_out, u.rank, *([1] * len(k))).contiguous()
+    return {f"{base}.lora_A.weight": A, f"{base}.lora_B.weight": B}
+
+
+def peft_config(ranks: dict[str, int], meta: AdapterMeta, *,
+                target_modules: Sequence[str] | str | None = None) -> dict[str, Any]:
+    """A LoRA config whose scale is exactly 1 for every module: r = lora_alpha = rank.
+
+    Modules whose rank differs from the most common one get ``rank_pattern``/``alpha_pattern`` entries
+    keyed by their full name.  ``use_rslora`` is never inherited: with the scale folded in it would
+    rescale by √r (the PEFT identity-merge bug #3761).
+    """
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    names = list(ranks)
+    odd = {n: r for n, r in ranks.items() if r != common}
+    pattern = {_pattern_key(n, names): r for n, r in odd.items()}
+    cfg: dict[str, Any] = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": meta.base_model,
+        "revision": meta.revision,
+        "task_type": meta.task_type,
+        "r": int(common),
+        "lora_alpha": int(common),
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": _target_modules(names, meta, target_modules),
+        "fan_in_fan_out": bool(meta.fan_in_fan_out),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return cfg
+
+
+def _pattern_key(name: str, names: list[str]) -> str:
+    """The module's own name, anchored only when another module's name ends with ``.name``."""
+    if any(o != name and o.endswith("." + name) for o in names):
+        return "^" + re.escape(name)
+    return name
+
+
+def _target_modules(names: list[str], meta: AdapterMeta, given: Sequence[str] | str | None) -> list[str] | str:
+    if given is not None:
+        return given if isinstance(given, str) else sorted(set(given))
+    return sorted(names)
+
+
+def carried_target_modules(metas: Sequence[AdapterMeta], input_modules: Sequence[Iterable[str]],
+                           output_modules: Iterable[str]) -> list[str] | None:
+    """The inputs' own ``target_modules`` when they describe exactly the output's modules, else None.
+
+    A list like ["q_proj", "v_proj"] selects every matching module of the base model; that equals the
+    output's module set only if the output holds the union of the inputs' modules and no input
+    restricted layers.  Otherwise the writer lists full module names, which is always exact.
+    """
+    union: set[str] = set()
+    for mods in input_modules:
+        union |= set(mods)
+    if set(output_modules) != union:
+        return None
+    targets: set[str] = set()
+    for m in metas:
+        tm = m.target_modules
+        if not isinstance(tm, list) or m.config.get("layers_to_transform") is not None:
+            return None
+        targets |= set(tm)
+    return sorted(targets)
+
+
+def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: AdapterMeta, *,
+               dtype: torch.dtype | None = None, target_modules: Sequence[str] | str | None = None,
+               metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (an existing folder,
+    normally the temp folder of :func:`mergekit_lora.atomic.atomic_output`).  Returns the config."""
+    out_dir = Path(out_dir)
+    dtype = dtype or meta.dtype
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, u in modules:
+        tensors.update(peft_tensors(name, u, dtype))
+        ranks[name] = max(u.rank, 1)
+    cfg = peft_config(ranks, meta, target_modules=target_modules)
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
