@@ -7,7 +7,7 @@ parses flags, this does the work.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,23 +80,29 @@ def progress_bar(enabled: bool) -> Progress:
                     TimeElapsedColumn(), transient=True, disable=not enabled)
 
 
+# Per-module overrides (recipes): module name -> (params, weights for all inputs).
+ModuleOverride = Callable[[str], tuple[AlgorithmParams, Sequence[float]]]
+
+
 def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: AlgorithmParams,
                   weights: Sequence[float], plan: MergePlan, *, device: torch.device, seed: int = 0,
-                  fidelity: list[ModuleFidelity] | None = None, progress: bool = False
-                  ) -> Iterator[tuple[str, RankUnits]]:
+                  fidelity: list[ModuleFidelity] | None = None, progress: bool = False,
+                  overrides: ModuleOverride | None = None) -> Iterator[tuple[str, RankUnits]]:
     """Yield (module, merged units) one module at a time; inputs are read per module and dropped.
 
     A module missing from an input counts as ΔW = 0 for that input.  When ``fidelity`` is a list,
-    each module's error against Σ w_i ΔW_i is appended to it (factor space, cheap).
+    each module's error against Σ w_i ΔW_i is appended to it (factor space, cheap).  ``overrides``
+    gives per-module parameters and weights (recipes); default: ``params`` and ``weights`` everywhere.
     """
     algorithm.prepare(adapters, weights, params)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"merging ({algorithm.name})", total=len(plan.modules))
         for mp in plan.modules:
+            p, all_w = overrides(mp.name) if overrides else (params, weights)
             units = [adapters[i].units(mp.name, source=i).to(device) for i in mp.present]
-            w = [float(weights[i]) for i in mp.present]
+            w = [float(all_w[i]) for i in mp.present]
             ctx = ModuleContext(mp.name, seed, device)
-            merged = algorithm.merge_module(units, w, params, ctx)
+            merged = algorithm.merge_module(units, w, p, ctx)
             if fidelity is not None:
                 fidelity.append(module_fidelity(mp.name, merged, weighted_target(units, w)))
             yield mp.name, merged.to("cpu")
@@ -120,6 +126,7 @@ def merge(
     recipe: str | None = None,
     card_sections: list[tuple[str, str]] | None = None,
     load_options: dict[str, Any] | None = None,
+    overrides: ModuleOverride | None = None,
 ) -> MergeResult:
     """Merge ``sources`` with ``method`` and write the result to ``out`` (atomically), with a model card.
 
@@ -140,7 +147,8 @@ def merge(
     if fmt not in WRITERS:
         raise LoraMergeError(f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
     rows: list[ModuleFidelity] = []
-    stream = merge_modules(adapters, algo, p, w, plan, device=dev, seed=seed, fidelity=rows, progress=progress)
+    stream = merge_modules(adapters, algo, p, w, plan, device=dev, seed=seed, fidelity=rows, progress=progress,
+                           overrides=overrides)
     config: dict[str, Any] = {}
     if out is None:
         for _ in stream:
