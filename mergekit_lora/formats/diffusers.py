@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
@@ -26,6 +25,7 @@ from ..units import RankUnits
 from .peft_write import peft_config
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import COMPONENTS, UNET_ROOTS, refuse_unknown, refuse_variants
+from .sd_meta import canonical_bytes
 from .tensors import TensorSource
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -160,5 +160,5 @@ def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], ada
         packed.update({f"{comp}.{k}": cfg[k] for k in keep})
     md = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
           "mergekit_lora.recipe": json.dumps({"method": method, **dict(recipe or {})}, sort_keys=True, default=str)}
-    save_file(tensors, str(Path(out_dir) / WEIGHTS_NAME), metadata=md)
+    (Path(out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
     return packed

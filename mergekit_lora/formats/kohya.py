@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..units import RankUnits
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import KOHYA_KEY, kohya_name, refuse_unknown, refuse_variants
-from .sd_meta import file_data_sha256, kohya_hashes, kohya_metadata
+from .sd_meta import canonical_bytes, file_data_sha256, kohya_hashes, kohya_metadata
 from .tensors import TensorSource
 
 WEIGHTS_NAME = "lora.safetensors"
@@ -91,5 +90,5 @@ def write_kohya(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapter
         ranks.append(int(t[f"{names[name]}.alpha"]))
     md = kohya_metadata(adapters, ranks, method=method, recipe=recipe)
     md.update(kohya_hashes(tensors, md))
-    save_file(tensors, str(Path(out_dir) / WEIGHTS_NAME), metadata=md)
+    (Path(out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
     return md

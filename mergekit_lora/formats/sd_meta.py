@@ -28,6 +28,23 @@ CARRIED = ("ss_network_module", "ss_base_model_version", "ss_v2", "ss_sd_model_n
            "modelspec.sai_model_spec")
 
 
+def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes with the header's metadata in sorted order.
+
+    safetensors (0.8) keeps ``__metadata__`` in a hash map, so its order (and the file's bytes) change
+    from call to call; re-emitting the header with sorted metadata makes the output reproducible.
+    The data section is safetensors' own.
+    """
+    blob = save(dict(tensors), dict(metadata))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    md = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(md.items()))} if md else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
 def data_section(blob: bytes) -> bytes:
     (n,) = struct.unpack("<Q", blob[:8])
     return blob[8 + n:]
@@ -46,7 +63,7 @@ def file_data_sha256(path: Path) -> str:
 
 def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = save(dict(tensors), ss_only)
+    blob = canonical_bytes(tensors, ss_only)
     model = hashlib.sha256(data_section(blob)).hexdigest()
     legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
     return {"sshs_model_hash": model, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": f"0x{model}"}
