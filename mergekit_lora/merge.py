@@ -23,7 +23,7 @@ from .fidelity import ModuleFidelity, module_fidelity, summarize, weighted_targe
 from .formats import load_adapter
 from .formats.peft_write import carried_target_modules
 from .formats.writers import WRITERS, default_output_format, write_adapter
-from .preflight import MergePlan, MissingPolicy, check_compatible
+from .preflight import MergePlan, MissingPolicy, align_names, check_compatible
 from .registry import Algorithm, AlgorithmParams, ModuleContext, get_algorithm, parse_params
 from .units import RankUnits
 
@@ -139,7 +139,7 @@ def merge(
     if out is not None:
         check_output(Path(out), force)
     dev = resolve_device(device)
-    adapters = [s if isinstance(s, Adapter) else load_adapter(s, **(load_options or {})) for s in sources]
+    adapters = align_names([s if isinstance(s, Adapter) else load_adapter(s, **(load_options or {})) for s in sources])
     w = check_weights(weights, len(adapters))
     plan = check_compatible(adapters, missing)
     out_dtype = resolve_dtype(dtype, adapters)
@@ -158,7 +158,7 @@ def merge(
                                          [m.name for m in plan.modules])
         with atomic_output(Path(out), force) as tmp:
             config = write_adapter(fmt, tmp, stream, adapters, dtype=out_dtype, target_modules=targets,
-                                   method=method)
+                                   method=method, recipe={"params": p.model_dump(), "weights": w, "seed": seed})
             summary = summarize(rows)
             card = CardInfo(
                 method=method, params=p.model_dump(), seed=seed, base_model=plan.base_model,

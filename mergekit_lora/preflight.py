@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +28,17 @@ class MergePlan:
     base_model: str | None
 
 
+# Hooks that bring the inputs into one module naming before planning (SD: diffusers paths -> kohya names).
+NAME_ALIGNERS: list[Callable[[list[Adapter]], list[Adapter]]] = []
+
+
+def align_names(adapters: Sequence[Adapter]) -> list[Adapter]:
+    out = list(adapters)
+    for align in NAME_ALIGNERS:
+        out = align(out)
+    return out
+
+
 def _norm_base(b: str | None) -> str | None:
     return b.rstrip("/").lower() if b else None
 
@@ -48,6 +59,13 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
     if len({f for f in families.values() if f != "unknown"}) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in families.items())
         raise LoraMergeError(f"the inputs belong to different model families ({listing}); they cannot be merged")
+    namings = {a.label: a.meta.extra.get("naming") for a in adapters if a.meta.extra.get("naming")}
+    if len(set(namings.values())) > 1:
+        listing = "; ".join(f"{k}: {v}" for k, v in namings.items())
+        raise LoraMergeError(
+            f"the inputs name their modules differently ({listing}) and would not line up; convert them to one "
+            "format first, e.g. `loramerge merge IN --method linear --format kohya -o OUT`"
+        )
 
     order: list[str] = []
     seen: dict[str, list[int]] = {}

@@ -79,3 +79,6 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False, ignore_modul
 
 
 __all__ = ["FileReader", "load_adapter", "register_reader", "resolve_source", "SOURCE_RESOLVERS", "FILE_READERS"]
+
+# Stable Diffusion formats (kohya / diffusers) register their readers, writers and hooks on import.
+from . import sd as _sd  # noqa: E402,F401

@@ -13,12 +13,13 @@ from ..errors import LoraMergeError
 from ..units import RankUnits
 from .peft_write import write_peft
 
-# A writer: (out_dir, modules, input adapters, dtype, target_modules, method) -> config dict
+# A writer: (out_dir, modules, input adapters, dtype, target_modules, method, **extra) -> config dict.
+# ``extra`` may hold ``recipe`` (params, weights, seed) for formats that record it in their header.
 Writer = Callable[..., dict[str, Any]]
 
 
 def _peft_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                 dtype: torch.dtype, target_modules: list[str] | None, method: str) -> dict[str, Any]:
+                 dtype: torch.dtype, target_modules: list[str] | None, method: str, **_: Any) -> dict[str, Any]:
     meta = output_meta(adapters)
     return write_peft(out_dir, modules, meta, dtype=dtype, target_modules=target_modules,
                       metadata={"mergekit_lora.method": method})
@@ -54,7 +55,10 @@ def default_output_format(adapters: Sequence[Adapter]) -> str:
 
 
 def write_adapter(fmt: str, out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter],
-                  *, dtype: torch.dtype, target_modules: list[str] | None = None, method: str = "") -> dict[str, Any]:
+                  *, dtype: torch.dtype, target_modules: list[str] | None = None, method: str = "",
+                  recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     if fmt not in WRITERS:
         raise LoraMergeError(f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
-    return WRITERS[fmt](out_dir, modules, adapters, dtype=dtype, target_modules=target_modules, method=method)
+    extra = {"recipe": recipe} if recipe is not None else {}
+    return WRITERS[fmt](out_dir, modules, adapters, dtype=dtype, target_modules=target_modules, method=method,
+                        **extra)

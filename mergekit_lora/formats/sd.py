@@ -1,0 +1,126 @@
+"""Plug the Stable Diffusion formats into the shared mechanisms: readers, writers, naming, inspect.
+
+Naming across families: kohya names are their own namespace.  When kohya and diffusers inputs are
+merged together, the diffusers inputs are renamed to kohya names (``unet.a.b`` -> ``lora_unet_a_b``,
+deterministic in that direction) and the merge is written as kohya.  kohya files that use the
+original SGM/BFL block names (``lora_unet_input_blocks_…``, FLUX ``double_blocks``) cannot be lined up
+with diffusers paths without the model, so that mix is refused with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..adapter import Adapter, AdapterMeta, ModuleInfo
+from ..errors import LoraMergeError
+from ..inspect import INSPECTORS
+from ..preflight import NAME_ALIGNERS
+from ..units import RankUnits
+from . import FileReader, register_reader
+from .diffusers import is_diffusers, read_diffusers, write_diffusers
+from .kohya import read_kohya, to_kohya_names, write_kohya
+from .sd_detect import is_kohya, sgm_style
+from .sd_meta import file_data_sha256
+from .writers import FAMILY_OUTPUT, WRITERS
+
+SD_NAMINGS = ("kohya", "diffusers")
+
+
+def renamed(a: Adapter, names: dict[str, str], fmt: str) -> Adapter:
+    """The same adapter under new module names (lazy: loads through the original)."""
+    back = {new: old for old, new in names.items()}
+    infos = {names[n]: replace(i, name=names[n]) for n, i in a.modules.items()}
+    extra = {**a.meta.extra, "naming": fmt, "renamed_from": a.meta.format}
+    meta = AdapterMeta(**{**a.meta.__dict__, "format": fmt, "extra": extra})
+
+    def load(info: ModuleInfo) -> RankUnits:
+        return a.units(back[info.name])
+
+    return Adapter(infos, meta, load, path=a.path, unknown_keys=a.unknown_keys, label=a.label)
+
+
+def align_sd(adapters: list[Adapter]) -> list[Adapter]:
+    """kohya + diffusers inputs -> all kohya names (or a clear refusal); anything else is left alone."""
+    namings = {a.meta.extra.get("naming") for a in adapters}
+    if not {"kohya", "diffusers"} <= namings:
+        return adapters
+    kohya = [a for a in adapters if a.meta.extra.get("naming") == "kohya"]
+    for a in kohya:
+        sgm = sgm_style(a.module_names())
+        if sgm:
+            other = next(b.label for b in adapters if b.meta.extra.get("naming") == "diffusers")
+            raise LoraMergeError(
+                f"{a.label} uses the original model's block names ({sgm[0]}, {len(sgm)} modules) and {other} uses "
+                "diffusers paths; they cannot be lined up without the model's block map — convert the kohya file "
+                "to diffusers with diffusers' own loader (load_lora_weights, then save_lora_weights) and merge "
+                "the diffusers files"
+            )
+    all_names = [n for a in adapters for n in a.module_names()]
+    sdxl_names = ("text_encoder_2.", "lora_te1_", "lora_te2_")
+    out = []
+    for a in adapters:
+        if a.meta.extra.get("naming") != "diffusers":
+            out.append(a)
+            continue
+        names = to_kohya_names(a.module_names())
+        if any(n.startswith(sdxl_names) for n in all_names):  # SDXL: text_encoder -> lora_te1_
+            names = {n: k.replace("lora_te_", "lora_te1_", 1) if k.startswith("lora_te_") else k
+                     for n, k in names.items()}
+        out.append(renamed(a, names, "kohya"))
+    return out
+
+
+def _peft_guard(writer: Any) -> Any:
+    """SD module names written as PEFT keys load nowhere: refuse instead of writing a useless file."""
+
+    def write(out_dir: Any, modules: Any, adapters: Sequence[Adapter], **kw: Any) -> Any:
+        sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
+        if sd:
+            raise LoraMergeError(
+                f"{sd[0]} is a Stable Diffusion LoRA; --format peft would write keys no SD loader reads — "
+                "use --format kohya or --format diffusers"
+            )
+        return writer(out_dir, modules, adapters, **kw)
+
+    return write
+
+
+def inspect_sd(a: Adapter, report: dict[str, Any]) -> None:
+    """kohya/diffusers details for ``loramerge inspect`` (printed as one ``sd`` row)."""
+    if a.meta.extra.get("naming") not in SD_NAMINGS:
+        return
+    md = a.meta.extra.get("metadata", {})
+    sd: dict[str, Any] = {"key_style": a.meta.extra.get("naming"),
+                          "conv_modules": sum(i.kind == "conv" for i in a.modules.values())}
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+                "modelspec.title"):
+        if key in md:
+            sd[key] = md[key]
+    if "sshs_model_hash" in md and a.path is not None and a.path.suffix == ".safetensors":
+        actual = a.meta.extra.get("data_sha256") or file_data_sha256(a.path)
+        sd["sshs_model_hash"] = md["sshs_model_hash"][:12] + ("" if md["sshs_model_hash"] == actual else " (stale)")
+    report["sd"] = sd
+
+
+def install() -> None:
+    if any(r.name == "kohya" for r in _readers()):
+        return
+    register_reader(FileReader("diffusers", lambda keys, meta: is_diffusers(keys), read_diffusers), first=True)
+    register_reader(FileReader("kohya", lambda keys, meta: is_kohya(keys), read_kohya), first=True)
+    WRITERS["kohya"] = write_kohya
+    WRITERS["diffusers"] = write_diffusers
+    WRITERS["peft"] = _peft_guard(WRITERS["peft"])
+    FAMILY_OUTPUT.update({"kohya": "kohya", "diffusers": "diffusers"})
+    NAME_ALIGNERS.append(align_sd)
+    INSPECTORS.append(inspect_sd)
+
+
+def _readers() -> list[FileReader]:
+    from . import FILE_READERS
+
+    return FILE_READERS
+
+
+install()

@@ -1,0 +1,105 @@
+"""Shared by the kohya and diffusers converters: (down, up, alpha) key triples -> lazy rank units, and back."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, AdapterMeta, ModuleInfo
+from ..errors import LoraMergeError
+from ..units import RankUnits
+from .sd_detect import base_family
+from .tensors import TensorSource, compute_dtype
+
+
+@dataclass
+class Entry:
+    """One module's keys in a file: the down (A) and up (B) factor and the optional alpha scalar."""
+
+    down: str | None = None
+    up: str | None = None
+    alpha: str | None = None
+
+
+@dataclass
+class Parsed:
+    """What a converter understood: module name -> keys, and every key it did not consume."""
+
+    entries: dict[str, Entry]
+    unconsumed: list[str]
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _shape_info(f: Any, name: str, e: Entry, src: TensorSource) -> tuple[int, int, int, tuple[int, ...], str]:
+    ds, us = src.shapes[e.down], src.shapes[e.up]
+    if len(ds) not in (2, 4) or len(us) != len(ds):
+        raise LoraMergeError(f"{f}: {e.down} {ds} and {e.up} {us} are not a linear (2-D) or conv (4-D) LoRA pair")
+    r = ds[0]
+    if us[1] != r or any(s != 1 for s in us[2:]):
+        raise LoraMergeError(f"{f}: {e.down} has rank {r} but {e.up} has shape {us}; the up weight must be [out, {r}(, 1, 1)]")
+    if not src.dtypes[e.down].is_floating_point:
+        raise LoraMergeError(f"{f}: tensor {e.down} has dtype {src.dtypes[e.down]}; LoRA factors must be floating point")
+    d_out = us[0]
+    if len(ds) == 2:
+        return r, d_out, ds[1], (d_out, ds[1]), "linear"
+    return r, d_out, int(math.prod(ds[1:])), (d_out, *ds[1:]), "conv"
+
+
+def adapter_from_entries(src: TensorSource, parsed: Parsed, *, fmt: str, naming: str, label: str) -> Adapter:
+    """Build a lazy :class:`Adapter`: only the alpha scalars are read now, the factors per module on demand."""
+    f = src.path
+    infos: dict[str, ModuleInfo] = {}
+    dtype = None
+    assumed = 0
+    for name in sorted(parsed.entries, key=natural_key):
+        e = parsed.entries[name]
+        if e.down is None or e.up is None:
+            have = e.down or e.up or e.alpha
+            raise LoraMergeError(f"{f}: module {name} has {have} but no {'up' if e.up is None else 'down'} weight; "
+                                 "the file is incomplete")
+        r, d_out, d_in, ws, kind = _shape_info(f, name, e, src)
+        if e.alpha is not None:
+            alpha = float(src.get(e.alpha).double().reshape(-1)[0])
+        else:
+            alpha, assumed = float(r), assumed + 1  # kohya: missing alpha means alpha = rank
+        infos[name] = ModuleInfo(name, r, d_out, d_in, ws, kind, False, alpha, alpha / r if r else 1.0,
+                                 src.dtypes[e.down])
+        dtype = dtype or src.dtypes[e.down]
+    if not infos:
+        raise LoraMergeError(f"{f}: no LoRA weights found (expected lora_down/lora_up or lora_A/lora_B pairs)")
+    shapes = {n: (i.d_out, i.d_in) for n, i in infos.items()}
+    meta = AdapterMeta(
+        format=fmt, dtype=dtype or torch.float32,
+        extra={"naming": naming, "base_family": base_family(list(infos), shapes, src.metadata),
+               "metadata": dict(src.metadata), "alpha_assumed": assumed == len(infos),
+               "unconsumed": list(parsed.unconsumed)},
+    )
+
+    def load(info: ModuleInfo) -> RankUnits:
+        e = parsed.entries[info.name]
+        ct = compute_dtype(info.dtype)
+        return RankUnits.from_factors(src.get(e.down).to(ct), src.get(e.up).to(ct), scale=info.scale,
+                                      weight_shape=info.weight_shape, kind=info.kind)
+
+    return Adapter(infos, meta, load, path=f, unknown_keys=list(parsed.unconsumed), label=label)
+
+
+def factors(u: RankUnits, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with conv kernels restored: down [r, in, kh, kw], up [out, r, 1, 1]; rank 0 -> one zero unit."""
+    if u.rank == 0:
+        u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
+    if u.kind not in ("linear", "conv") or u.fan_in_fan_out:
+        raise LoraMergeError(f"a {u.kind} LoRA (weight shape {u.weight_shape}) cannot be written in an SD format")
+    A = u.A.detach().to("cpu", dtype)
+    B = u.B.detach().to("cpu", dtype)
+    if u.kind == "conv":
+        A = A.reshape(u.rank, *u.weight_shape[1:])
+        B = B.reshape(u.d_out, u.rank, *([1] * (len(u.weight_shape) - 2)))
+    return A.contiguous(), B.contiguous()
