@@ -41,3 +41,14 @@ def test_written_config_carries_metadata_and_patterns(tmp_path):
     for n in a.module_names():
         assert b.modules[n].scale == 1.0
         assert rel(b.units(n).delta(), a.units(n).delta()) < 1e-7
+
+
+def test_same_inputs_give_identical_bytes(tmp_path):
+    from mergekit_lora import merge
+
+    a = make_peft_adapter(tmp_path / "a", "llama", r=4)
+    b = make_peft_adapter(tmp_path / "b", "llama", r=2, seed=3)
+    merge([a, b], "linear", tmp_path / "o1", weights=[0.3, 0.7])
+    merge([a, b], "linear", tmp_path / "o2", weights=[0.3, 0.7])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes(), name

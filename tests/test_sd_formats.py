@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from mergekit_lora.cli.main import app
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_helpers import (
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 
 from mergekit_lora import LoraMergeError, load_adapter, merge
 from mergekit_lora.atomic import atomic_output
+from mergekit_lora.cli.main import app
 from mergekit_lora.formats.diffusers import write_diffusers
 from mergekit_lora.formats.kohya import write_kohya
 from mergekit_lora.formats.sd_meta import canonical_bytes, data_section

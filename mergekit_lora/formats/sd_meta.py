@@ -17,32 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from .. import __version__
 from ..adapter import Adapter
+from .tensors import canonical_bytes  # noqa: F401  (re-exported for the SD writers)
 
 # Carried from the inputs when every input agrees (they describe the base model and the network type).
 CARRIED = ("ss_network_module", "ss_base_model_version", "ss_v2", "ss_sd_model_name", "modelspec.architecture",
            "modelspec.implementation", "modelspec.resolution", "modelspec.prediction_type",
            "modelspec.sai_model_spec")
-
-
-def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """safetensors bytes with the header's metadata in sorted order.
-
-    safetensors (0.8) keeps ``__metadata__`` in a hash map, so its order (and the file's bytes) change
-    from call to call; re-emitting the header with sorted metadata makes the output reproducible.
-    The data section is safetensors' own.
-    """
-    blob = save(dict(tensors), dict(metadata))
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    md = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(md.items()))} if md else {}) | header
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def data_section(blob: bytes) -> bytes:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from ..errors import LoraMergeError
 
@@ -86,3 +89,20 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in at least float32; float64 inputs keep float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes with the header's metadata in sorted order.
+
+    safetensors (0.8) keeps ``__metadata__`` in a hash map, so its order (and the file's bytes) change
+    from call to call; re-emitting the header with sorted metadata makes the output reproducible.
+    The data section is safetensors' own.
+    """
+    blob = save(dict(tensors), dict(metadata))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    md = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(md.items()))} if md else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
