@@ -44,7 +44,7 @@ def print_plan(resolved: ResolvedRecipe) -> None:
     for row in resolved.rows.values():
         t.add_row(row.name, "-" if row.layer is None else f"{row.t:.3g}", _params_text(resolved, row.params),
                   ", ".join(f"{w:g}" for w in row.weights),
-                  "-" if row.override is None else f"modules[{row.override}] {r.modules[row.override].match}")
+                  "-" if row.override is None else f"modules[{row.override}]")
     console.print(t)
     out = r.output
     dest = f"{out.path} ({out.format or 'input format'}, {out.dtype or 'input dtype'})"

@@ -125,6 +125,8 @@ def _pydantic_message(err: dict[str, Any]) -> str:
         return f"unknown key {loc[-1]!r}" + (f"; expected one of: {allowed}" if allowed else "")
     if kind == "missing":
         return "required key is missing"
+    if kind == "too_short" and loc == ("adapters",):
+        return "list at least one adapter (source and weight)"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -207,7 +209,8 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
             check_parameters(algo, base_params, m["parameters"], loc + ("parameters",), problems)
         w = m.get("weights")
         if isinstance(w, list) and adapters is not None and len(w) != len(adapters):
-            problems.add(loc + ("weights",), f"{len(w)} weights for {len(adapters)} adapters; give one weight per adapter")
+            problems.add(loc + ("weights",), f"{_n(len(w), 'weight')} for {_n(len(adapters), 'adapter')}; "
+                         "give one weight per adapter")
     out = data.get("output")
     if isinstance(out, dict):
         _check_output(out, problems, force=force, check_token=check_token)
@@ -219,6 +222,10 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
             resolve_device(dev)
         except LoraMergeError as e:
             problems.add(("device",), str(e).replace("--device ", "device "))
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
 
 
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:

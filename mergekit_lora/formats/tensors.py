@@ -86,3 +86,28 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in at least float32; float64 inputs keep float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a deterministic header.
+
+    safetensors (0.8) serialises ``__metadata__`` from a Rust HashMap, so with two or more metadata
+    keys the order (and hence the file's bytes) changes from run to run.  We rewrite the header
+    with the metadata keys sorted: same length, same content, identical bytes for identical inputs.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > n:  # cannot happen for a re-ordering; refuse rather than corrupt the file
+            raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
