@@ -99,7 +99,9 @@ def download(hub: HubId, *, allow_pickle: bool = False) -> tuple[Path, dict[str,
     patterns = ADAPTER_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     if hub.subfolder:
         patterns = [f"{hub.subfolder}/{p}" for p in patterns]
-    offline = _env_flag("HF_HUB_OFFLINE")
+    from huggingface_hub import constants
+
+    offline = _env_flag("HF_HUB_OFFLINE") or constants.is_offline_mode()
     try:
         folder = snapshot_download(
             hub.repo_id, revision=hub.revision, allow_patterns=patterns, cache_dir=cache_dir(),
