@@ -48,6 +48,8 @@ def print_plan(resolved: ResolvedRecipe) -> None:
     console.print(t)
     out = r.output
     dest = f"{out.path} ({out.format or 'input format'}, {out.dtype or 'input dtype'})"
+    if Path(out.path).exists():
+        dest += " [yellow](exists: running needs --force)[/]"
     if out.push_to_hub:
         dest += f" → push to {out.push_to_hub}" + (" (private)" if out.private else "")
     console.print(f"output: {dest}; seed {r.seed}; missing modules: {r.missing}")
