@@ -158,7 +158,8 @@ def test_existing_output_needs_force(work):
     assert problems(text) == ("r.yaml: output.path (line 4): o already exists; choose another path or pass --force "
                               "to replace it")
     validate_recipe(text, "r.yaml", force=True)  # no error
-    r = cli("run", "r.yaml") if (work / "r.yaml").write_text(text) else None
+    (work / "r.yaml").write_text(text)
+    r = cli("run", "r.yaml")
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
 
 
