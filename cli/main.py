@@ -11,6 +11,8 @@ from mergekit_lora import __version__
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
+from .push_cmd import push
+from .run_cmd import run
 
 app = typer.Typer(
     name="loramerge",
@@ -38,6 +40,8 @@ def _root(
 app.command()(inspect)
 app.command()(methods)
 app.command()(merge)
+app.command()(run)
+app.command()(push)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import typer
 
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.merge import merge as run_merge
+from mergekit_lora.recipe import recipe_from_cli
 from mergekit_lora.registry import get_algorithm
 
 from .common import console, parse_floats, parse_kv, user_errors
@@ -34,6 +35,19 @@ def collect_params(method: str, shortcuts: dict[str, Any], extra: list[str] | No
     return params
 
 
+def emit(recipe: str, dest: str | None) -> None:
+    """``--emit-recipe``: '-' prints the recipe, a path gets it written (before the merge starts)."""
+    if dest is None:
+        return
+    if dest == "-":
+        typer.echo(recipe, nl=False)
+        return
+    try:
+        Path(dest).write_text(recipe)
+    except OSError as e:
+        raise LoraMergeError(f"--emit-recipe {dest}: cannot write the recipe ({e.strerror})") from None
+
+
 @user_errors
 def merge(
     sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
@@ -52,15 +66,22 @@ def merge(
     force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
     ignore_modules_to_save: Annotated[bool, typer.Option(help="drop modules_to_save tensors instead of refusing")] = False,
+    emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     if missing not in ("union", "intersection", "error"):
         raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
+    w = parse_floats(weights)
+    recipe = recipe_from_cli(sources, method, out, weights=w, params=params, seed=seed, missing=missing, device=device,
+                             dtype=dtype, output_format=output_format, allow_pickle=allow_pickle,
+                             ignore_modules_to_save=ignore_modules_to_save)
+    emit(recipe, emit_recipe)
     result = run_merge(
-        sources, method, out, weights=parse_floats(weights), params=params, missing=missing,  # type: ignore[arg-type]
+        sources, method, out, weights=w, params=params, missing=missing,  # type: ignore[arg-type]
         device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
         load_options={"allow_pickle": allow_pickle, "ignore_modules_to_save": ignore_modules_to_save},
+        recipe=recipe,
     )
     print_fidelity(result.fidelity)
     console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import hub  # noqa: F401  (registers the Hub source resolver)
 from .adapter import Adapter, AdapterMeta, ModuleInfo
 from .errors import LoraMergeError
 from .formats import load_adapter

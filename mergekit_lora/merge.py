@@ -169,6 +169,8 @@ def merge(
                 library_name="peft" if fmt == "peft" else "diffusers",
             )
             (tmp / "README.md").write_text(render_card(card))
+            if recipe:
+                (tmp / "recipe.yaml").write_text(recipe)
     return MergeResult(Path(out) if out else None, len(plan.modules), summarize(rows),
                        time.perf_counter() - t0, rows, config)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
@@ -29,8 +30,12 @@ FILE_READERS: list[FileReader] = [
     FileReader("peft", lambda keys, meta: has_peft_keys(keys), read_peft),
 ]
 
-# Resolvers turn a non-local source string (e.g. a Hub id ``org/name@rev``) into a local path.
-SOURCE_RESOLVERS: list[Callable[[str], Path | None]] = []
+# Resolvers turn a non-local source string (e.g. a Hub id ``org/name@rev``) into a local path, or
+# into ``(path, extras)`` where ``extras`` is merged into ``adapter.meta.extra`` (e.g. the resolved
+# commit as ``resolved_revision``).  They are called as ``resolve(source, allow_pickle=...)`` and
+# return None for strings they do not handle.
+Resolved = Path | tuple[Path, dict[str, Any]]
+SOURCE_RESOLVERS: list[Callable[..., Resolved | None]] = []
 
 
 def register_reader(reader: FileReader, *, first: bool = False) -> None:
@@ -41,22 +46,36 @@ def register_reader(reader: FileReader, *, first: bool = False) -> None:
         FILE_READERS.append(reader)
 
 
-def resolve_source(source: str | Path) -> Path:
+def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> Path:
     """A local path for ``source``: itself if it exists, else the first resolver's answer."""
+    return resolve_source_meta(source, allow_pickle=allow_pickle)[0]
+
+
+def resolve_source_meta(source: str | Path, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Like :func:`resolve_source`, plus the metadata extras the resolver recorded (may be empty)."""
     p = Path(source)
     if p.exists():
-        return p
+        return p, {}
     for resolve in SOURCE_RESOLVERS:
-        found = resolve(str(source))
+        found = resolve(str(source), allow_pickle=allow_pickle)
         if found is not None:
-            return found
+            return found if isinstance(found, tuple) else (found, {})
     raise LoraMergeError(f"{source}: no such file or folder")
 
 
 def load_adapter(source: str | Path, *, allow_pickle: bool = False, ignore_modules_to_save: bool = False,
                  strict: bool = True) -> Adapter:
     """Read an adapter from a folder or file (any registered format) into rank units, lazily."""
-    path = resolve_source(source)
+    path, extras = resolve_source_meta(source, allow_pickle=allow_pickle)
+    adapter = _load_local(path, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save,
+                          strict=strict)
+    if extras:
+        adapter.meta.extra.update(extras)
+        adapter.label = str(source)
+    return adapter
+
+
+def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool, strict: bool) -> Adapter:
     opts = dict(allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save, strict=strict)
     if path.is_dir():
         if (path / "adapter_config.json").is_file() or any(path.glob("adapter_model.*")):
@@ -78,7 +97,8 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False, ignore_modul
     )
 
 
-__all__ = ["FileReader", "load_adapter", "register_reader", "resolve_source", "SOURCE_RESOLVERS", "FILE_READERS"]
+__all__ = ["FileReader", "load_adapter", "register_reader", "resolve_source", "resolve_source_meta",
+           "SOURCE_RESOLVERS", "FILE_READERS"]
 
 # Stable Diffusion formats (kohya / diffusers) register their readers, writers and hooks on import.
 from . import sd as _sd  # noqa: E402,F401

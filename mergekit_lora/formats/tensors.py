@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from ..errors import LoraMergeError
 
@@ -91,18 +91,33 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """safetensors bytes with the header's metadata in sorted order.
+def _sorted_header(raw: bytes) -> bytes:
+    """The same safetensors header JSON with ``__metadata__`` keys sorted, padded to the same length.
 
-    safetensors (0.8) keeps ``__metadata__`` in a hash map, so its order (and the file's bytes) change
-    from call to call; re-emitting the header with sorted metadata makes the output reproducible.
-    The data section is safetensors' own.
+    safetensors (0.8) serialises ``__metadata__`` from a Rust HashMap, so with two or more metadata
+    keys the order (and the file's bytes) changes from run to run; sorting makes outputs reproducible.
     """
+    header = json.loads(raw)
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    out = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(out) > len(raw):  # cannot happen for a re-ordering; refuse rather than corrupt the file
+        raise RuntimeError("canonical safetensors header is longer than the original")
+    return out + b" " * (len(raw) - len(out))
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a deterministic header (rewritten in place)."""
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        f.seek(8)
+        f.write(_sorted_header(raw))
+
+
+def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The bytes :func:`save_safetensors` would write (for hashing before writing)."""
     blob = save(dict(tensors), dict(metadata))
     (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    md = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(md.items()))} if md else {}) | header
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+    return blob[:8] + _sorted_header(blob[8:8 + n]) + blob[8 + n:]

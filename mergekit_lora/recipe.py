@@ -1,0 +1,288 @@
+"""YAML merge recipes: the schema, and validation that reports every problem at once.
+
+A recipe is mergekit-like, but for adapters::
+
+    method: linear
+    base_model: org/base            # optional; checked against the inputs
+    adapters:
+      - {source: org/lora-a@v1.2, weight: 1.0}
+      - {source: ./b.safetensors, weight: [1.0, 0.5]}   # a layer gradient
+    parameters: {rank: 16}          # validated by the method's own Params model
+    modules:                        # per-module overrides, first match wins
+      - {match: "*.mlp.*", parameters: {rank: 8}}
+      - {match: "re:layers\\.[0-3]\\.", weights: [1.0, 0.5]}
+    output: {path: ./merged, format: peft, dtype: bfloat16, push_to_hub: org/merged, private: true}
+    seed: 0
+
+:func:`validate_recipe` checks everything that needs no tensor and no header (schema, method,
+parameters, weights counts, output, token for a push); :mod:`mergekit_lora.recipe_plan` then reads
+headers and resolves per-module parameters.  Each problem is ``path (line N): what to do``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import LoraMergeError
+from .yaml_lines import Loc, format_loc, line_of, load_yaml_with_lines
+
+GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _gradient(v: Any) -> float | list[float]:
+    if _is_number(v):
+        return float(v)
+    if isinstance(v, list) and len(v) >= 2 and all(_is_number(x) for x in v):
+        return [float(x) for x in v]
+    raise ValueError(f"expected {GRADIENT_HELP}")
+
+
+Gradient = Annotated[Any, AfterValidator(_gradient)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class AdapterSpec(_Strict):
+    source: str
+    weight: Gradient = 1.0
+
+
+class ModuleSpec(_Strict):
+    match: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: list[Gradient] | None = None
+
+
+class OutputSpec(_Strict):
+    path: str
+    format: str | None = None
+    dtype: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+class Recipe(_Strict):
+    method: str
+    base_model: str | None = None
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    modules: list[ModuleSpec] = Field(default_factory=list)
+    output: OutputSpec
+    seed: int = 0
+    missing: Literal["union", "intersection", "error"] = "union"
+    device: str = "auto"
+    allow_pickle: bool = False
+    ignore_modules_to_save: bool = False
+
+
+_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): Recipe, ("adapters",): AdapterSpec, ("modules",): ModuleSpec, ("output",): OutputSpec,
+}
+
+
+class Problems:
+    """Collects ``path (line N): message`` problems; raised together as one :class:`LoraMergeError`."""
+
+    def __init__(self, name: str, lines: dict[Loc, int]) -> None:
+        self.name = name
+        self.lines = lines
+        self.items: list[tuple[int, str, str]] = []
+
+    def add(self, loc: Loc, message: str) -> None:
+        item = (line_of(self.lines, loc), format_loc(loc), message)
+        if item not in self.items:
+            self.items.append(item)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        rows = [f"{path} (line {line}): {msg}" for line, path, msg in sorted(self.items, key=lambda x: x[0])]
+        if len(rows) == 1:
+            raise LoraMergeError(f"{self.name}: {rows[0]}")
+        raise LoraMergeError(f"{self.name}: {len(rows)} problems in the recipe:\n" + "\n".join(f"  - {r}" for r in rows))
+
+
+def _pydantic_message(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _MODELS.get(tuple(p for p in loc[:-1] if isinstance(p, str)))
+        allowed = ", ".join(model.model_fields) if model else ""
+        return f"unknown key {loc[-1]!r}" + (f"; expected one of: {allowed}" if allowed else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "too_short" and loc == ("adapters",):
+        return "list at least one adapter (source and weight)"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        msg += f" (got {value!r})"
+    return msg
+
+
+def read_recipe_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise LoraMergeError(f"{p}: no such recipe file")
+    return p.read_text()
+
+
+def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
+                    check_token: bool = True) -> tuple[Recipe, dict[Loc, int]]:
+    """Parse and validate a recipe without reading any adapter; raise one error listing every problem."""
+    from .registry import available
+
+    data, lines, dups = load_yaml_with_lines(text, name)
+    problems = Problems(name, lines)
+    for loc, line in dups:
+        problems.lines[loc] = line
+        problems.add(loc, "duplicate key; keep one")
+    if not isinstance(data, dict):
+        problems.add((), "a recipe is a mapping with method, adapters and output keys")
+        problems.raise_if_any()
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(tuple(err["loc"]), _pydantic_message(err))
+    _check_semantics(data, problems, available(), force=force, check_token=check_token)
+    problems.raise_if_any()
+    assert recipe is not None
+    return recipe, lines
+
+
+def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, Any], *, force: bool,
+                     check_token: bool) -> None:
+    """Checks beyond the schema, on the raw data so that they run even when other parts are broken."""
+    from .recipe_params import check_parameters
+
+    adapters = data.get("adapters") if isinstance(data.get("adapters"), list) else None
+    method = data.get("method")
+    algo = None
+    if isinstance(method, str):
+        if method not in algos:
+            problems.add(("method",), f"unknown method {method!r}; available: {', '.join(algos) or 'none'}")
+        else:
+            algo = algos[method]()
+    base_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    if algo is not None:
+        check_parameters(algo, {}, base_params, ("parameters",), problems)
+    for i, a in enumerate(adapters or []):
+        src = a.get("source") if isinstance(a, dict) else None
+        if isinstance(src, str) and not Path(src).exists():
+            from .hub import parse_hub_id
+
+            if parse_hub_id(src) is None:
+                problems.add(("adapters", i, "source"), f"{src}: no such file or folder")
+    modules = data.get("modules") if isinstance(data.get("modules"), list) else []
+    for i, m in enumerate(modules):
+        if not isinstance(m, dict):
+            continue
+        loc: Loc = ("modules", i)
+        match = m.get("match")
+        if isinstance(match, str):
+            if not match.strip() or match.strip() == "re:":
+                problems.add(loc + ("match",), "empty pattern; use a glob like '*.mlp.*' or 're:<regex>'")
+            elif match.startswith("re:"):
+                try:
+                    re.compile(match[3:])
+                except re.error as e:
+                    problems.add(loc + ("match",), f"invalid regular expression: {e}")
+        if "parameters" not in m and "weights" not in m:
+            problems.add(loc, "an override needs parameters or weights (or both)")
+        if algo is not None and isinstance(m.get("parameters"), dict):
+            check_parameters(algo, base_params, m["parameters"], loc + ("parameters",), problems)
+        w = m.get("weights")
+        if isinstance(w, list) and adapters is not None and len(w) != len(adapters):
+            problems.add(loc + ("weights",), f"{_n(len(w), 'weight')} for {_n(len(adapters), 'adapter')}; "
+                         "give one weight per adapter")
+    out = data.get("output")
+    if isinstance(out, dict):
+        _check_output(out, problems, force=force, check_token=check_token)
+    dev = data.get("device")
+    if isinstance(dev, str):
+        from .merge import resolve_device
+
+        try:
+            resolve_device(dev)
+        except LoraMergeError as e:
+            problems.add(("device",), str(e).replace("--device ", "device "))
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
+def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
+    from .formats.writers import WRITERS
+    from .merge import DTYPES
+
+    path = out.get("path")
+    if isinstance(path, str):
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            problems.add(("output", "path"), f"{path} exists and is not a folder; choose another path")
+        elif p.exists() and not force:
+            problems.add(("output", "path"), f"{path} already exists; choose another path or pass --force to replace it")
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt not in WRITERS:
+        problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
+    dtype = out.get("dtype")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        problems.add(("output", "dtype"), f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+    repo = out.get("push_to_hub")
+    if isinstance(repo, str):
+        from .hub import env_token, parse_hub_id
+
+        hub = parse_hub_id(repo)
+        if hub is None or hub.subfolder or hub.revision:
+            problems.add(("output", "push_to_hub"), f"{repo!r} is not a Hub repo id; use org/name")
+        elif check_token and not env_token():
+            problems.add(("output", "push_to_hub"),
+                         "pushing needs a token: set HF_TOKEN (a write token) or run `hf auth login`")
+
+
+def recipe_from_cli(sources: list[str], method: str, out: str | Path | None, *, weights: list[float] | None = None,
+                    params: dict[str, Any] | None = None, seed: int = 0, missing: str = "union",
+                    device: str = "auto", dtype: str | None = None, output_format: str | None = None,
+                    allow_pickle: bool = False, ignore_modules_to_save: bool = False,
+                    base_model: str | None = None) -> str:
+    """The recipe YAML equivalent to a ``loramerge merge``/``cluster`` call (same output bytes)."""
+    doc: dict[str, Any] = {"method": method}
+    if base_model:
+        doc["base_model"] = base_model
+    w = weights if weights is not None else [1.0] * len(sources)
+    doc["adapters"] = [{"source": str(s), "weight": float(wi)} for s, wi in zip(sources, w)]
+    if params:
+        doc["parameters"] = {k: v for k, v in params.items() if v is not None}
+    output: dict[str, Any] = {"path": str(out) if out is not None else ""}
+    if output_format:
+        output["format"] = output_format
+    if dtype:
+        output["dtype"] = dtype
+    doc["output"] = output
+    doc["seed"] = int(seed)
+    if missing != "union":
+        doc["missing"] = missing
+    if device != "auto":
+        doc["device"] = device
+    if allow_pickle:
+        doc["allow_pickle"] = True
+    if ignore_modules_to_save:
+        doc["ignore_modules_to_save"] = True
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
