@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraMergeError
-from .seeding import kmeans_pp
+from .seeding import gram, kmeans_pp
 
 BACKENDS = ("torch", "faiss", "sklearn")
-Lloyd = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (X [M,N,D], K = X Xᵀ [M,N,N], seed indices [M,k], max_iter) -> (labels [M,N], inertia [M])
+Lloyd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,12 @@ def kmeans(X: torch.Tensor, k: int, *, generators: Sequence[torch.Generator], ba
         inertia = ((Xd - Xd.mean(1, keepdim=True)) ** 2).sum((1, 2)).cpu()
         return KMeansResult(labels, inertia, backend)
     lloyd = _lloyd_for(backend, device)
+    K = gram(X)
     best_labels: torch.Tensor | None = None
     best_inertia: torch.Tensor | None = None
     for _ in range(n_init):
-        seeds = kmeans_pp(X, k, generators)
-        labels, inertia = lloyd(X, seeds, max_iter)
+        seeds = kmeans_pp(K, k, generators)
+        labels, inertia = lloyd(X, K, seeds, max_iter)
         labels, inertia = labels.cpu(), inertia.double().cpu()
         if best_labels is None or best_inertia is None:
             best_labels, best_inertia = labels, inertia

@@ -10,7 +10,7 @@ import torch
 from ..errors import LoraMergeError
 
 
-def make_lloyd(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+def make_lloyd(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     import faiss
 
     use_gpu = device.type == "cuda"
@@ -18,9 +18,9 @@ def make_lloyd(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, in
         raise LoraMergeError("--backend faiss on CUDA needs faiss-gpu (pip install 'mergekit-lora[gpu]'); "
                              "use --backend torch or --device cpu")
 
-    def lloyd(X: torch.Tensor, C: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lloyd(X: torch.Tensor, K: torch.Tensor, seeds: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
         Xn = np.ascontiguousarray(X.detach().float().cpu().numpy())
-        Cn = np.ascontiguousarray(C.detach().float().cpu().numpy())
+        Cn = np.ascontiguousarray(X[torch.arange(X.shape[0])[:, None], seeds.to(X.device)].detach().float().cpu().numpy())
         M, N, D = Xn.shape
         k = Cn.shape[1]
         labels = np.empty((M, N), dtype=np.int64)

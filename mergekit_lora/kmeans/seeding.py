@@ -1,7 +1,9 @@
 """Seeded k-means++ seeding, batched over point sets, shared by every backend.
 
 Drawing the seeds here (not inside each library) is what makes the backends comparable and every
-result reproducible: the same generator state gives the same seeds on CPU and CUDA.
+result reproducible: the same generator state gives the same seeds on CPU and CUDA.  Seeding works
+on the Gram matrix K = X Xᵀ ([M, N, N]): rank-unit pools are few points (N ~ 100) in a high
+dimension (D ~ 10⁴), so one O(N²D) product replaces every later O(ND) pass over the points.
 """
 
 from __future__ import annotations
@@ -11,23 +13,28 @@ from collections.abc import Sequence
 import torch
 
 
-def sq_dist(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Squared distances [M, N, k] between points X [M, N, D] and centres C [M, k, D] (clamped at 0)."""
-    d = (X * X).sum(-1)[:, :, None] - 2 * torch.bmm(X, C.transpose(1, 2)) + (C * C).sum(-1)[:, None, :]
-    return d.clamp_min_(0)
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """K [M, N, N] = X Xᵀ per set."""
+    return torch.bmm(X, X.transpose(1, 2))
 
 
-def kmeans_pp(X: torch.Tensor, k: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """k seeds per set [M, k, D]: the first uniformly, each next with probability ∝ D(x)².
+def kmeans_pp(K: torch.Tensor, k: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Seed indices [M, k] (CPU): the first uniformly, each next with probability ∝ D(x)².
 
     When every remaining point coincides with a chosen seed (fewer distinct points than k), the next
     seed is drawn uniformly; Lloyd then leaves that cluster empty.
     """
-    M, N, _ = X.shape
-    rows = torch.arange(M, device=X.device)
+    M, N, _ = K.shape
+    kd = torch.diagonal(K, dim1=1, dim2=2)
+    rows = torch.arange(M, device=K.device)
     idx = torch.empty(M, k, dtype=torch.long)
     idx[:, 0] = torch.stack([torch.randint(N, (1,), generator=g)[0] for g in generators])
-    d2 = sq_dist(X, X[rows, idx[:, 0].to(X.device)][:, None, :])[:, :, 0]
+
+    def dist_to(p: torch.Tensor) -> torch.Tensor:  # [M, N] squared distance to point p[m] of each set
+        p = p.to(K.device)
+        return (kd - 2 * K[rows, :, p] + kd[rows, p][:, None]).clamp_min(0)
+
+    d2 = dist_to(idx[:, 0])
     for j in range(1, k):
         w = d2.double().cpu()
         picks = []
@@ -37,6 +44,5 @@ def kmeans_pp(X: torch.Tensor, k: int, generators: Sequence[torch.Generator]) ->
             else:
                 picks.append(torch.randint(N, (1,), generator=g)[0])
         idx[:, j] = torch.stack(picks)
-        d_new = sq_dist(X, X[rows, idx[:, j].to(X.device)][:, None, :])[:, :, 0]
-        d2 = torch.minimum(d2, d_new)
-    return X[rows[:, None], idx.to(X.device)]
+        d2 = torch.minimum(d2, dist_to(idx[:, j]))
+    return idx
