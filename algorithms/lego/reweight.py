@@ -5,7 +5,9 @@ G_jl = ⟨c_j, c_l⟩ = (b_jᵀb_l)(a_jᵀa_l) and h_j = ⟨c_j, T⟩ = Σ_i (b_
 ‖Σ_j s_j c_j − T‖²_F = sᵀGs − 2sᵀh + ‖T‖²: every option's error costs a k×k and a k×N product.
 
 - ``none``: s_j = 1 (the raw centroids).
-- ``paper`` (dual reweighting, Zhao et al. 2025, §"dual reweighting"), as we read it:
+- ``paper`` (dual reweighting, Zhao et al. 2025).  The paper's exact equations were not available to us
+  verbatim (only its abstract and summaries, which name "parameter reweighting for norm decay" and
+  "output reweighting for variance expansion"); this is our most faithful reading:
   *parameter reweighting* against norm decay: averaging the vectors v_i = [b_i; a_i] of a cluster
   shrinks the norm (‖mean v‖ ≤ mean ‖v‖), so each centroid vector is rescaled to the mean norm of its
   members, ρ_j = mean_{i∈C_j} ‖v_i‖ / ‖c̄_j‖ (both b_j and a_j grow by ρ_j, the unit by ρ_j²);
