@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/loramerge inspect examples/tiny-llama-shift examples/tiny-llama-double
 	$(VENV)/bin/loramerge merge examples/tiny-llama-shift examples/tiny-llama-double \
 		--method linear --weights 0.5,0.5 -o out/demo-linear --force
+	$(VENV)/bin/loramerge cluster examples/tiny-llama-shift examples/tiny-llama-double -k 8 -o out/demo-lego --force
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -8,6 +8,7 @@ import typer
 
 from mergekit_lora import __version__
 
+from .cluster_cmd import cluster
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
@@ -42,6 +43,7 @@ app.command()(methods)
 app.command()(merge)
 app.command()(run)
 app.command()(push)
+app.command()(cluster)
 
 
 def main() -> None:

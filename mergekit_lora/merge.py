@@ -95,18 +95,41 @@ def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: Alg
     gives per-module parameters and weights (recipes); default: ``params`` and ``weights`` everywhere.
     """
     algorithm.prepare(adapters, weights, params)
+    pending: list[tuple[str, list[RankUnits], list[float], ModuleContext]] = []
+    pending_key: tuple | None = None
+    pending_params = params
     with progress_bar(progress) as bar:
         task = bar.add_task(f"merging ({algorithm.name})", total=len(plan.modules))
+
+        def flush() -> Iterator[tuple[str, RankUnits]]:
+            # Same-shape consecutive modules with identical params/weights go through merge_batch together.
+            if len(pending) == 1:
+                n, u, w, c = pending[0]
+                outs = [algorithm.merge_module(u, w, pending_params, c)]
+            else:
+                outs = algorithm.merge_batch([b[1] for b in pending], [b[2] for b in pending], pending_params,
+                                             [b[3] for b in pending])
+            for (n, u, w, _), merged in zip(pending, outs):
+                if fidelity is not None:
+                    fidelity.append(module_fidelity(n, merged, weighted_target(u, w)))
+                yield n, merged.to("cpu")
+                bar.advance(task)
+            pending.clear()
+
         for mp in plan.modules:
             p, all_w = overrides(mp.name) if overrides else (params, weights)
             units = [adapters[i].units(mp.name, source=i).to(device) for i in mp.present]
             w = [float(all_w[i]) for i in mp.present]
-            ctx = ModuleContext(mp.name, seed, device)
-            merged = algorithm.merge_module(units, w, p, ctx)
-            if fidelity is not None:
-                fidelity.append(module_fidelity(mp.name, merged, weighted_target(units, w)))
-            yield mp.name, merged.to("cpu")
-            bar.advance(task)
+            limit = algorithm.batch_limit(p)
+            key = (mp.present, tuple(w), p, tuple((u.rank, u.d_out, u.d_in, u.kind, u.A.dtype) for u in units))
+            if pending and key != pending_key:
+                yield from flush()
+            pending.append((mp.name, units, w, ModuleContext(mp.name, seed, device)))
+            pending_key, pending_params = key, p
+            if len(pending) >= limit:
+                yield from flush()
+        if pending:
+            yield from flush()
 
 
 def merge(
@@ -165,12 +188,15 @@ def merge(
                 sources=[SourceInfo(str(s if not isinstance(s, Adapter) else s.label), wi,
                                     a.meta.extra.get("resolved_revision") or a.meta.revision,
                                     _rank_summary(a)) for s, a, wi in zip(sources, adapters, w)],
-                fidelity=summary, recipe=recipe, extra_sections=list(card_sections or []),
+                fidelity=summary, recipe=recipe,
+                extra_sections=list(card_sections or []) + algo.card_sections(),
                 library_name="peft" if fmt == "peft" else "diffusers",
             )
             (tmp / "README.md").write_text(render_card(card))
             if recipe:
                 (tmp / "recipe.yaml").write_text(recipe)
+            for fname, text in algo.artifacts().items():
+                (tmp / fname).write_text(text)
     return MergeResult(Path(out) if out else None, len(plan.modules), summarize(rows),
                        time.perf_counter() - t0, rows, config)
 

@@ -62,6 +62,28 @@ class Algorithm:
                      ctx: ModuleContext) -> RankUnits:
         raise NotImplementedError
 
+    def batch_limit(self, params: AlgorithmParams) -> int:
+        """How many consecutive same-shape modules the driver may hand to :meth:`merge_batch` at once.
+
+        1 (the default) means module by module.  The bound keeps peak memory independent of the number
+        of layers.
+        """
+        return 1
+
+    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: AlgorithmParams,
+                    ctxs: list[ModuleContext]) -> list[RankUnits]:
+        """Merge several modules whose inputs have identical shapes, weights and parameters (batched
+        algorithms override this, e.g. k-means on a [modules, units, dim] tensor); default: one by one."""
+        return [self.merge_module(u, w, params, c) for u, w, c in zip(units, weights, ctxs)]
+
+    def card_sections(self) -> list[tuple[str, str]]:
+        """Extra model-card sections (title, markdown) after a merge; default: none."""
+        return []
+
+    def artifacts(self) -> dict[str, str]:
+        """Extra text files (name -> content) written into the output folder after a merge; default: none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Name, description and the parameters from the Params model (for `loramerge methods`)."""
         fields = {}

@@ -1,0 +1,51 @@
+"""``loramerge cluster``: LoRA-LEGO, a thin layer over ``merge(..., method="lego")``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.merge import merge as run_merge
+
+from .common import console, parse_floats, user_errors
+from .report import print_fidelity
+
+
+@user_errors
+def cluster(
+    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
+    k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank")] = None,
+    k_ratio: Annotated[float | None, typer.Option(help="k as a fraction of the pooled rank (instead of -k)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
+    weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
+    backend: Annotated[str, typer.Option(help="k-means backend: auto|torch|faiss|sklearn")] = "auto",
+    reweight: Annotated[str, typer.Option(help="paper (dual reweighting) | lsq | none")] = "paper",
+    space: Annotated[str, typer.Option(help="cluster [b;a] (concat, the paper), or the a / b part")] = "concat",
+    n_init: Annotated[int, typer.Option(help="k-means restarts")] = 3,
+    max_iter: Annotated[int, typer.Option(help="Lloyd iterations at most")] = 100,
+    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
+    report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
+    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
+) -> None:
+    """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
+    if missing not in ("union", "intersection", "error"):
+        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
+    params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
+              "n_init": n_init, "max_iter": max_iter, "report": report}
+    result = run_merge(
+        sources, "lego", out, weights=parse_floats(weights), params=params, missing=missing,  # type: ignore[arg-type]
+        device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
+        load_options={"allow_pickle": allow_pickle},
+    )
+    print_fidelity(result.fidelity)
+    if report:
+        console.print(f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")
+    console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

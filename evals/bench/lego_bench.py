@@ -1,0 +1,132 @@
+"""Benchmark `loramerge cluster -k K` (LoRA-LEGO) on synthetic Llama-shaped adapters (not a test).
+
+Writes N synthetic rank-r PEFT adapters with a Llama-7B layout (per layer q,k,v,o: hidden×hidden;
+gate, up: intermediate×hidden; down: hidden×intermediate) and times, each in a fresh subprocess:
+the I/O floor (read every input tensor + write an output of the merged size), and the lego merge
+with each k-means backend.  Peak RSS is measured per subprocess; the torch backend is also run at
+a second layer count to show whether memory grows with the number of layers.
+
+Full size (the issue's target, ~1.3 GB of fp32 inputs): --layers 32 --hidden 4096 --intermediate 11008.
+Usage: .venv/bin/python evals/bench/lego_bench.py --layers 4 --mem-layers 2 --out evals/bench/RESULTS-lego.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PROJ = [("self_attn.q_proj", "h", "h"), ("self_attn.k_proj", "h", "h"), ("self_attn.v_proj", "h", "h"),
+        ("self_attn.o_proj", "h", "h"), ("mlp.gate_proj", "i", "h"), ("mlp.up_proj", "i", "h"),
+        ("mlp.down_proj", "h", "i")]
+
+
+def make_adapters(root: Path, n: int, layers: int, hidden: int, inter: int, rank: int) -> list[Path]:
+    dims = {"h": hidden, "i": inter}
+    paths = []
+    for a in range(n):
+        p = root / f"L{layers}-h{hidden}" / f"adapter{a}"
+        paths.append(p)
+        if (p / "adapter_model.safetensors").exists():
+            continue
+        p.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(a)
+        tensors = {}
+        for layer in range(layers):
+            for name, out_d, in_d in PROJ:
+                key = f"base_model.model.model.layers.{layer}.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, dims[in_d], generator=g) / dims[in_d] ** 0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(dims[out_d], rank, generator=g) * 0.01
+        save_file(tensors, str(p / "adapter_model.safetensors"))
+        cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "base_model_name_or_path": "synthetic-llama",
+               "target_modules": sorted({n.split(".")[-1] for n, _, _ in PROJ}), "task_type": "CAUSAL_LM"}
+        (p / "adapter_config.json").write_text(json.dumps(cfg))
+    return paths
+
+
+FLOOR = """
+import sys, time, torch, resource
+from safetensors import safe_open
+from safetensors.torch import save_file
+paths, out, k = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3])
+t = time.perf_counter()
+shapes = {}
+for p in paths:
+    with safe_open(p + '/adapter_model.safetensors', 'pt') as f:
+        for key in f.keys():
+            x = f.get_tensor(key)          # read every input tensor (one at a time, as the driver does)
+            shapes[key] = x.shape
+outt = {key: torch.zeros((k, s[1]) if 'lora_A' in key else (s[0], k)) for key, s in shapes.items()}
+save_file(outt, out)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+RUN = """
+import sys, time, resource
+t0 = time.perf_counter()
+from mergekit_lora import merge
+paths, out, k, backend = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+t = time.perf_counter()
+r = merge(paths, 'lego', out, params={'k': k, 'backend': backend}, device='cpu', force=True)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.fidelity['overall']['rel_error'])
+"""
+
+
+def run(code: str, *args: str) -> list[float]:
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return [float(x) for x in res.stdout.strip().splitlines()[-1].split()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--mem-layers", type=int, default=2, help="second layer count for the peak-RSS comparison")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--backends", default="torch,faiss,sklearn")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lego-bench"))
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to write the results to")
+    a = ap.parse_args()
+    rows = []
+    for layers in (a.layers, a.mem_layers):
+        paths = make_adapters(a.workdir, a.adapters, layers, a.hidden, a.intermediate, a.rank)
+        size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
+        joined = ",".join(str(p) for p in paths)
+        floor_s, floor_rss = run(FLOOR, joined, str(a.workdir / "floor.safetensors"), str(a.k))
+        rows.append((layers, "I/O floor", floor_s, floor_rss, None, size))
+        for b in (a.backends.split(",") if layers == a.layers else ["torch"]):
+            s, rss, err = run(RUN, joined, str(a.workdir / f"out-{b}"), str(a.k), b)
+            rows.append((layers, b, s, rss, err, size))
+            print(f"layers={layers} {b}: {s:.2f} s ({s / floor_s:.2f}× floor {floor_s:.2f} s), "
+                  f"peak RSS {rss:.0f} MiB, rel. error {err:.3f}", flush=True)
+    lines = [f"# LoRA-LEGO benchmark (`cluster -k {a.k}`)", "",
+             f"{a.adapters} synthetic rank-{a.rank} fp32 adapters, Llama layout (q,k,v,o {a.hidden}×{a.hidden}; "
+             f"gate,up {a.intermediate}×{a.hidden}; down {a.hidden}×{a.intermediate}); CPU, "
+             f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+             "n_init 3, max_iter 100, reweight paper.  Each row is a fresh process; times exclude imports.", "",
+             "| layers | inputs (MiB) | run | seconds | × I/O floor | peak RSS (MiB) | rel. error |",
+             "|---|---|---|---|---|---|---|"]
+    floors = {r[0]: r[2] for r in rows if r[1] == "I/O floor"}
+    for layers, name, s, rss, err, size in rows:
+        lines.append(f"| {layers} | {size:.0f} | {name} | {s:.2f} | {s / floors[layers]:.2f} | {rss:.0f} | "
+                     f"{'-' if err is None else f'{err:.3f}'} |")
+    lines += ["", f"Command: `{' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

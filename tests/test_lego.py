@@ -1,0 +1,253 @@
+"""LoRA-LEGO: the paper's properties, planted clusters, reweighting optimality, PEFT loading, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import make_peft_adapter, peft_deltas, rel
+from sklearn.metrics import adjusted_rand_score
+from typer.testing import CliRunner
+
+from mergekit_lora import load_adapter, merge
+from mergekit_lora.kmeans import kmeans
+from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
+from mergekit_lora.units import RankUnits
+
+lego = get_algorithm("lego")
+CTX = ModuleContext("layers.0.q_proj", 0, torch.device("cpu"))
+
+
+def P(**kw):
+    return parse_params(lego, kw)
+
+
+def rand_units(r, d_out=10, d_in=8, seed=0, source=0):
+    g = torch.Generator().manual_seed(seed)
+    return RankUnits.from_factors(torch.randn(r, d_in, generator=g, dtype=torch.float64),
+                                  torch.randn(d_out, r, generator=g, dtype=torch.float64), source=source)
+
+
+def target(units, w):
+    return RankUnits.concat([u.scaled(x) for u, x in zip(units, w)]).delta()
+
+
+def planted_units(groups=4, per=6, d_out=10, d_in=8, noise=0.03, seed=0):
+    """Units around `groups` directions, each with a random scale split c·b, a/c (c in [0.05, 20])
+    and a random sign flip (−b)(−a)ᵀ; group g is tagged as input g (source) so the pool remembers it.
+
+    Each a-direction has one clearly dominant entry: the canonical sign rule (largest |a| entry
+    positive) is only stable when the top two |entries| differ by more than the noise (see README)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi in range(groups):
+        b0, a0 = torch.randn(d_out, generator=g), torch.randn(d_in, generator=g)
+        a0[gi % d_in] = 3.0 * a0.abs().max() * (1 if gi % 2 else -1)
+        c = torch.exp(torch.empty(per).uniform_(math.log(0.05), math.log(20), generator=g))
+        s = torch.where(torch.rand(per, generator=g) < 0.5, -1.0, 1.0)
+        B = (b0[:, None] + noise * torch.randn(d_out, per, generator=g)) * (c * s)[None, :]
+        A = (a0[None, :] + noise * torch.randn(per, d_in, generator=g)) * (s / c)[:, None]
+        out.append(RankUnits.from_factors(A.double(), B.double(), source=gi))
+    return out
+
+
+# ---------------------------------------------------------------- paper properties
+def test_invariant_to_unit_permutation_and_input_order():
+    us = [rand_units(4, seed=1, source=0), rand_units(6, seed=2, source=1), rand_units(3, seed=3, source=2)]
+    w = [1.0, 0.5, 2.0]
+    p = P(k=5)
+    ref = lego.merge_module(us, w, p, CTX).delta()
+    perm = [us[0].permuted(torch.tensor([2, 0, 3, 1])), us[1].permuted(torch.tensor([5, 4, 3, 2, 1, 0])), us[2]]
+    assert rel(lego.merge_module(perm, w, p, CTX).delta(), ref) < 1e-10
+    assert rel(lego.merge_module([us[2], us[0], us[1]], [2.0, 1.0, 0.5], p, CTX).delta(), ref) < 1e-10
+
+
+@pytest.mark.parametrize("reweight", ["paper", "lsq", "none"])
+def test_k_equal_to_pool_is_exact(reweight):
+    us = [rand_units(4, seed=1), rand_units(8, seed=2, source=1)]
+    w = [0.7, -1.3]
+    for p in (P(k=12, reweight=reweight), P(k=40, reweight=reweight), P(k_ratio=1.0, reweight=reweight)):
+        out = lego.merge_module(us, w, p, CTX)
+        assert out.rank == 12
+        assert rel(out.delta(), target(us, w)) < 1e-12
+
+
+@pytest.mark.parametrize("reweight", ["paper", "none"])
+def test_k_equal_to_rank_on_identical_inputs_reproduces_the_input(reweight):
+    u = rand_units(3, seed=4)
+    one = u.select(torch.tensor([0]))
+    out1 = lego.merge_module([one, one], [1.0, 1.0], P(k=1, reweight=reweight), CTX)
+    assert rel(out1.delta(), one.delta()) < 1e-12
+    out3 = lego.merge_module([u, u, u], [1.0, 1.0, 1.0], P(k=3, reweight=reweight), CTX)
+    assert out3.rank == 3 and rel(out3.delta(), u.delta()) < 1e-12
+
+
+# ---------------------------------------------------------------- planted clusters
+def _pool_ari(units, canonical):
+    from mergekit_lora.algorithms.lego.pool import build_pool
+
+    pool = build_pool(units, [1.0] * len(units), canonical=canonical, generator=CTX.generator("o"),
+                      device=torch.device("cpu"))
+    res = kmeans(pool.V[None], len(units), generators=[CTX.generator("k")], n_init=3)
+    return adjusted_rand_score(pool.source, res.labels[0])
+
+
+def test_planted_recovery_needs_canonicalisation():
+    for seed in range(3):
+        units = planted_units(seed=seed)
+        assert _pool_ari(units, canonical=True) == 1.0
+        assert _pool_ari(units, canonical=False) < 0.5  # raw [b;a] clusters scales and signs, not directions
+
+
+def test_planted_merge_report_and_backends_agree(tmp_path):
+    from mergekit_lora.adapter import Adapter, AdapterMeta
+
+    units = planted_units(seed=7)
+    ads = [Adapter.from_units({"layers.0.q_proj": u}, AdapterMeta("memory"), label=f"in{i}")
+           for i, u in enumerate(units)]
+    deltas = {}
+    for backend in ("torch", "sklearn", "faiss"):
+        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq"})
+        rep = json.loads((tmp_path / backend / "lego_report.json").read_text())["modules"]["layers.0.q_proj"]
+        assert sorted(rep["sizes"]) == [6, 6, 6, 6]
+        for row in rep["input_by_cluster"].values():  # each planted group fills exactly one cluster
+            assert sorted(row) == [0, 0, 0, 6]
+        assert min(rep["cos_to_centroid_min"]) > 0.95
+        deltas[backend] = load_adapter(tmp_path / backend).units("layers.0.q_proj").delta()
+        assert r.fidelity["overall"]["rel_error"] < 0.1
+    assert rel(deltas["sklearn"], deltas["torch"]) < 1e-6 and rel(deltas["faiss"], deltas["torch"]) < 1e-6
+    assert (tmp_path / "torch" / "lego_report.md").read_text().startswith("# LoRA-LEGO cluster report")
+
+
+# ---------------------------------------------------------------- reweighting
+def test_lsq_is_the_dense_least_squares_optimum_and_beats_none():
+    for seed in range(3):
+        us = [rand_units(5, seed=seed), rand_units(7, seed=seed + 10, source=1)]
+        w = [1.0, 0.6]
+        T = target(us, w)
+        raw = lego.merge_module(us, w, P(k=4, reweight="none"), CTX)
+        lsq = lego.merge_module(us, w, P(k=4, reweight="lsq"), CTX)
+        paper = lego.merge_module(us, w, P(k=4, reweight="paper"), CTX)
+        # dense solve over the same centroid units: columns vec(b_j a_jᵀ)
+        cols = torch.stack([torch.outer(raw.B[:, j], raw.A[j]).flatten() for j in range(raw.rank)], 1)
+        s = torch.linalg.lstsq(cols, T.flatten()[:, None]).solution
+        dense_err = float((cols @ s).flatten().sub(T.flatten()).norm())
+        e_lsq = float((lsq.delta() - T).norm())
+        assert e_lsq == pytest.approx(dense_err, rel=1e-9)
+        assert e_lsq <= float((raw.delta() - T).norm()) + 1e-12
+        assert e_lsq <= float((paper.delta() - T).norm()) + 1e-12
+
+
+def test_paper_reweighting_formula():
+    """s_j = ρ_j² √(r/k): centroid vectors scaled to their members' mean norm, output by √(r/k)."""
+    from mergekit_lora.algorithms.lego.reweight import centroids
+
+    units = planted_units(groups=2, per=4, noise=0.3, seed=2)
+    raw = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="none"), CTX)
+    paper = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="paper"), CTX)
+    V = torch.cat([torch.cat([u.canonical().B.T, u.canonical().A], 1) for u in units])
+    c = centroids(V, torch.arange(8) // 4, 2, 10)  # the two planted groups (recovered, see the test above)
+    norms = V.norm(dim=1)
+    want_rho = torch.stack([norms[:4].mean() / V[:4].mean(0).norm(), norms[4:].mean() / V[4:].mean(0).norm()])
+    assert torch.allclose(c.rho, want_rho)
+    assert bool((c.rho > 1).all())  # norm decay: averaging shrinks the norm, ρ restores it
+    # same clusters for both options, so the unit-norm ratios are the scales s_j (in cluster order)
+    ratios = sorted((paper.unit_norms() / raw.unit_norms()).tolist())
+    assert ratios == pytest.approx(sorted((c.rho ** 2 * math.sqrt(4 / 2)).tolist()), rel=1e-9)
+
+
+# ---------------------------------------------------------------- batching, edge cases
+def test_batch_equals_module_by_module_and_respects_module_seeds():
+    mods = [[rand_units(4, seed=s), rand_units(4, seed=s + 50, source=1)] for s in range(3)]
+    ctxs = [ModuleContext(f"layers.{i}.q_proj", 0, torch.device("cpu")) for i in range(3)]
+    p = P(k=3, n_init=2)
+    batched = lego.merge_batch(mods, [[1.0, 0.5]] * 3, p, ctxs)
+    for u, c, b in zip(mods, ctxs, batched):
+        assert rel(b.delta(), lego.merge_module(u, [1.0, 0.5], p, c).delta()) < 1e-12
+
+
+def test_zero_and_duplicate_units_give_finite_rank_k_output():
+    u = rand_units(2, seed=9)
+    zero = RankUnits.from_factors(torch.zeros(3, 8, dtype=torch.float64), torch.zeros(10, 3, dtype=torch.float64))
+    for reweight in ("paper", "lsq", "none"):
+        out = lego.merge_module([u, u, zero], [1.0, 1.0, 1.0], P(k=4, reweight=reweight), CTX)
+        assert out.rank == 4 and torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
+    lsq = lego.merge_module([u, u, zero], [1.0, 1.0, 1.0], P(k=4, reweight="lsq"), CTX)
+    assert rel(lsq.delta(), 2 * u.delta()) < 1e-10  # 3 distinct units (2 + zero) fit in k=4 exactly
+    allzero = lego.merge_module([zero, zero], [1.0, 1.0], P(k=2), CTX)
+    assert float(allzero.delta().abs().max()) == 0.0
+
+
+def test_params_are_validated():
+    from mergekit_lora.errors import LoraMergeError
+
+    for bad in ({}, {"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"}):
+        with pytest.raises(LoraMergeError):
+            P(**bad)
+    assert P(k_ratio=0.25).k_for(12) == 3 and P(k_ratio=0.3).k_for(12) == 4
+
+
+# ---------------------------------------------------------------- real adapters: PEFT, CLI
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lego")
+    a = make_peft_adapter(d / "a", "llama", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    b = make_peft_adapter(d / "b", "llama", seed=2, r=8, lora_alpha=16, use_rslora=True,
+                          target_modules=["q_proj", "v_proj", "o_proj"])
+    return a, b
+
+
+def test_output_loads_in_peft_and_matches_our_delta(tmp_path, two_adapters):
+    out = tmp_path / "out"
+    merge(list(two_adapters), "lego", out, params={"k": 5, "reweight": "lsq"}, weights=[1.0, 0.5])
+    merged = load_adapter(out)
+    ours = {n: merged.units(n).delta_weight() for n in merged.module_names()}
+    theirs = peft_deltas(out)
+    assert len(theirs) == len(ours)  # PEFT sees a non-zero update on every merged module
+    for n, d in ours.items():
+        key = next(k for k in theirs if k.endswith(n))
+        assert rel(theirs[key], d) < 1e-5
+    assert all(merged.modules[n].rank == 5 for n in merged.module_names())
+    card = (out / "README.md").read_text()
+    assert "LoRA-LEGO reweighting" in card and "| paper | **lsq** | none |" in card
+
+
+def test_same_seed_same_bytes(tmp_path, two_adapters):
+    for name in ("x", "y"):
+        merge(list(two_adapters), "lego", tmp_path / name, params={"k": 3}, seed=5)
+    assert (tmp_path / "x" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "y" / "adapter_model.safetensors").read_bytes()
+
+
+def test_cli_cluster_k16_on_examples_is_exact_and_reports(tmp_path):
+    from mergekit_lora.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "lego"
+    res = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", "-k", "16",
+                              "-o", str(out), "--report"])
+    assert res.exit_code == 0, res.output
+    a, b = load_adapter("examples/tiny-llama-shift"), load_adapter("examples/tiny-llama-double")
+    m = load_adapter(out)
+    for n in a.module_names():
+        assert rel(m.units(n).delta(), a.units(n).delta() + b.units(n).delta()) < 1e-6
+    rep = json.loads((out / "lego_report.json").read_text())
+    mod = next(iter(rep["modules"].values()))
+    assert mod["exact"] and mod["pool"] == 12 and sum(mod["sizes"]) == 12
+    # errors: one line, exit 2, nothing written
+    for args in (["-o", str(tmp_path / "e1")], ["-k", "4", "--backend", "nope", "-o", str(tmp_path / "e2")],
+                 ["-k", "4", "-o", str(out)]):
+        r = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", *args])
+        assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+    r = runner.invoke(app, ["merge", "examples/tiny-llama-shift", "examples/tiny-llama-double", "--method", "lego",
+                            "-p", "k=3", "-p", "reweight=none", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert load_adapter(tmp_path / "m").modules["model.layers.0.self_attn.q_proj"].rank == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tmp_path, two_adapters):
+    cpu = merge(list(two_adapters), "lego", tmp_path / "cpu", params={"k": 4}, device="cpu")
+    gpu = merge(list(two_adapters), "lego", tmp_path / "gpu", params={"k": 4}, device="cuda")
+    assert gpu.fidelity["overall"]["rel_error"] == pytest.approx(cpu.fidelity["overall"]["rel_error"], rel=1e-3)
