@@ -63,4 +63,6 @@ def merge(
         load_options={"allow_pickle": allow_pickle, "ignore_modules_to_save": ignore_modules_to_save},
     )
     print_fidelity(result.fidelity)
+    for k, v in result.report.items():
+        console.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
     console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -62,11 +62,16 @@ class Algorithm:
                      ctx: ModuleContext) -> RankUnits:
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """Optional numbers about the last merge for the model card and the CLI (e.g. a refactorisation error)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Name, description and the parameters from the Params model (for `loramerge methods`)."""
         fields = {}
         for fname, f in self.Params.model_fields.items():
-            fields[fname] = {
+            fields[f.alias or fname] = {
+                "required": f.is_required(),
                 "default": None if f.is_required() else f.default,
                 "type": getattr(f.annotation, "__name__", str(f.annotation)),
                 "help": f.description or "",
