@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapter import AdapterMeta
 from ..units import RankUnits
 from .peft_read import PEFT_PREFIX
+from .tensors import save_safetensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -120,6 +120,6 @@ def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: Ad
         tensors.update(peft_tensors(name, u, dtype))
         ranks[name] = max(u.rank, 1)
     cfg = peft_config(ranks, meta, target_modules=target_modules)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+    save_safetensors(tensors, out_dir / WEIGHTS_NAME, metadata={"format": "pt", **(metadata or {})})
     (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg

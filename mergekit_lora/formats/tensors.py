@@ -86,3 +86,30 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in at least float32; float64 inputs keep float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a byte-stable header.
+
+    safetensors serialises ``__metadata__`` from a hash map, so with two or more entries their order (and
+    the file's bytes) changes from run to run; we rewrite the header JSON with sorted keys — same
+    length, same content — so the same inputs and seed give identical bytes.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canon = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canon) > n:  # never happens for a reordering; refuse rather than corrupt the file
+            raise RuntimeError(f"{path}: cannot canonicalise the safetensors header")
+        f.seek(8)
+        f.write(canon + b" " * (n - len(canon)))
