@@ -124,5 +124,9 @@ def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "paramete
     try:
         return algo.Params(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or where}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or where}: "
+            + (f"required (give it as --{err['loc'][-1]} or -p {err['loc'][-1]}=VALUE)" if err["type"] == "missing"
+               else err["msg"])
+            for err in e.errors())
         raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {problems}") from None
