@@ -222,3 +222,15 @@ def test_same_seed_gives_identical_bytes(paths, tmp_path, method, params):
     assert run("b", 3) == first
     if method == "dare_ties":
         assert run("c", 4) != first
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,params", [("svd", {}), ("ties", {"density": 0.5, "exact_svd": True}),
+                                           ("dare_linear", {"density": 0.5, "exact_svd": True}), ("linear", {})])
+def test_cuda_merge_matches_cpu(paths, tmp_path, method, params):
+    w = [0.7, -0.4, 1.2]
+    merge(paths, method, tmp_path / "cpu", weights=w, params=params, device="cpu", seed=1)
+    merge(paths, method, tmp_path / "gpu", weights=w, params=params, device="cuda", seed=1)
+    a, b = load_adapter(tmp_path / "cpu"), load_adapter(tmp_path / "gpu")
+    for n in a.module_names():
+        assert rel(b.units(n).delta(), a.units(n).delta()) < 1e-4, n
