@@ -184,18 +184,19 @@ def main() -> None:
         f"hidden {args.hidden}, intermediate {inter}, all 7 projections ({7 * args.layers} modules), fp32, "
         f"weights 1/{args.adapters}.  PEFT side: `linear`→`linear`, `cat`→`cat`, `svd`→`svd`, `ties`→`ties_svd` "
         "(density 0.5; ours: randomised SVD refactorisation, default).  "
-        "Ours = read + merge + write + card.  PEFT merge = `add_weighted_adapter` only; PEFT total adds "
-        "`save_pretrained` (loading the base model and adapters is excluded from both PEFT columns).  "
+        "Ours = read + merge + write + card.  PEFT merge = `add_weighted_adapter` only; PEFT merge+save adds "
+        "`save_pretrained`; PEFT load is loading the base model and the adapters, which PEFT needs and we do not.  "
         f"Peak RSS is each subprocess's own; an idle interpreter with torch imported: {idle['peak_rss_mb']:.0f} MB.",
         "",
-        "| method | ours (s) | PEFT merge (s) | PEFT merge+save (s) | speed-up vs PEFT merge | ours peak RSS (MB) "
-        "| PEFT peak RSS (MB) | ours rel. error vs Σ wᵢΔWᵢ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | ours (s) | PEFT merge (s) | PEFT merge+save (s) | PEFT load (s) | speed-up vs PEFT merge "
+        "| speed-up vs PEFT load+merge+save | ours peak RSS (MB) | PEFT peak RSS (MB) | ours rel. error vs Σ wᵢΔWᵢ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, o, p in rows:
         lines.append(f"| `{m}` | {o['seconds']:.2f} | {p['merge_seconds']:.2f} | {p['seconds']:.2f} | "
-                     f"**{p['merge_seconds'] / o['seconds']:.1f}×** | {o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | "
-                     f"{o['rel_error']:.2e} |")
+                     f"{p['load_seconds']:.2f} | **{p['merge_seconds'] / o['seconds']:.1f}×** | "
+                     f"{(p['seconds'] + p['load_seconds']) / o['seconds']:.1f}× | {o['peak_rss_mb']:.0f} | "
+                     f"{p['peak_rss_mb']:.0f} | {o['rel_error']:.2e} |")
     ties = next((o for m, o, _ in rows if m == "ties"), None)
     if ties and ties.get("report"):
         lines += ["", "`ties` refactorisation (randomised SVD) error ‖D − D_k‖/‖D‖, incl. the rank-k truncation: "
@@ -207,6 +208,8 @@ def main() -> None:
         lines.append(f"| {L} | {7 * L} | " + " | ".join(f"{d[m]:.0f}" for m in ("linear", "svd", "ties")) + " |")
     lines.append("")
     Path(args.results).write_text("\n".join(lines))
+    Path(args.results).with_suffix(".json").write_text(json.dumps({"rows": rows, "memory": mem, "idle": idle},
+                                                                  indent=1, default=str))
     print("\n".join(lines))
 
 
