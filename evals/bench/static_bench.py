@@ -109,6 +109,17 @@ def child_idle(args: argparse.Namespace) -> dict:
     return {"seconds": 0.0}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (reset by exec, unlike ru_maxrss, which keeps the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_child(kind: str, method: str, work: Path, device: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--method", method, "--work", str(work), "--device", device,
            "--threads", str(threads)]
@@ -149,7 +160,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         res = {"ours": child_ours, "peft": child_peft, "idle": child_idle}[args.child](args)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
 
