@@ -10,8 +10,8 @@ from mergekit_lora.units import RankUnits
 class Cat(Algorithm):
     """Concatenation [w_1 B_1 … w_n B_n][A_1; …; A_n]: the FLoRA stacking aggregation.
 
-    Same ΔW as PEFT's ``cat`` combination (which also concatenates, with the weight on both A and B
-    under a square root split); the output rank is Σ r_i and every input unit is kept verbatim.
+    Same ΔW as PEFT's ``cat`` combination (which also concatenates, putting w_i and the scale on A_i
+    where we fold them into B_i); the output rank is Σ r_i and every input unit is kept verbatim.
     """
 
     name = "cat"

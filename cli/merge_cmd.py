@@ -84,4 +84,6 @@ def merge(
         recipe=recipe,
     )
     print_fidelity(result.fidelity)
+    for k, v in result.report.items():
+        console.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
     console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -29,7 +29,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     t.add_column("parameters (default)")
     for d in described:
         params = "\n".join(
-            f"{k}={v['default']!r}" + (f"  {v['help']}" if v["help"] else "") for k, v in d["parameters"].items()
+            (f"{k} (required)" if v.get("required") else f"{k}={v['default']!r}") + (f"  {v['help']}" if v["help"] else "")
+            for k, v in d["parameters"].items()
         )
         t.add_row(d["name"], d["description"], params or "-")
     console.print(t)

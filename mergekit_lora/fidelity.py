@@ -30,7 +30,9 @@ def weighted_target(units: list[RankUnits], weights: list[float]) -> RankUnits:
 
 def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFidelity:
     merged = merged.to(device=target.A.device)
-    return ModuleFidelity(name, target.norm(), merged.norm(), merged.distance(target))
+    m2, t2 = merged.norm_sq(), target.norm_sq()  # each Gram pair once (distance() would recompute both)
+    e2 = max(m2 - 2 * merged.inner(target) + t2, 0.0)
+    return ModuleFidelity(name, t2**0.5, m2**0.5, e2**0.5)
 
 
 def module_group(name: str) -> str:

@@ -73,6 +73,7 @@ class MergeResult:
     seconds: float
     rows: list[ModuleFidelity] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def progress_bar(enabled: bool) -> Progress:
@@ -183,13 +184,13 @@ def merge(
             config = write_adapter(fmt, tmp, stream, adapters, dtype=out_dtype, target_modules=targets,
                                    method=method, recipe={"params": p.model_dump(), "weights": w, "seed": seed})
             summary = summarize(rows)
+            sections = list(card_sections or []) + _report_section(algo.report())
             card = CardInfo(
-                method=method, params=p.model_dump(), seed=seed, base_model=plan.base_model,
+                method=method, params=p.model_dump(by_alias=True), seed=seed, base_model=plan.base_model,
                 sources=[SourceInfo(str(s if not isinstance(s, Adapter) else s.label), wi,
                                     a.meta.extra.get("resolved_revision") or a.meta.revision,
                                     _rank_summary(a)) for s, a, wi in zip(sources, adapters, w)],
-                fidelity=summary, recipe=recipe,
-                extra_sections=list(card_sections or []) + algo.card_sections(),
+                fidelity=summary, recipe=recipe, extra_sections=sections + algo.card_sections(),
                 library_name="peft" if fmt == "peft" else "diffusers",
             )
             (tmp / "README.md").write_text(render_card(card))
@@ -198,7 +199,15 @@ def merge(
             for fname, text in algo.artifacts().items():
                 (tmp / fname).write_text(text)
     return MergeResult(Path(out) if out else None, len(plan.modules), summarize(rows),
-                       time.perf_counter() - t0, rows, config)
+                       time.perf_counter() - t0, rows, config, algo.report())
+
+
+def _report_section(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The algorithm's own numbers (Algorithm.report) as a card section, when it has any."""
+    if not report:
+        return []
+    return [("Algorithm report", "\n".join(f"- {k}: {v:.3e}" if isinstance(v, float) else f"- {k}: {v}"
+                                            for k, v in report.items()))]
 
 
 def _rank_summary(a: Adapter) -> str:

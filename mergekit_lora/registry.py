@@ -84,11 +84,16 @@ class Algorithm:
         """Extra text files (name -> content) written into the output folder after a merge; default: none."""
         return {}
 
+    def report(self) -> dict[str, Any]:
+        """Optional numbers about the last merge for the model card and the CLI (e.g. a refactorisation error)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Name, description and the parameters from the Params model (for `loramerge methods`)."""
         fields = {}
         for fname, f in self.Params.model_fields.items():
-            fields[fname] = {
+            fields[f.alias or fname] = {
+                "required": f.is_required(),
                 "default": None if f.is_required() else f.default,
                 "type": getattr(f.annotation, "__name__", str(f.annotation)),
                 "help": f.description or "",
@@ -141,5 +146,9 @@ def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "paramete
     try:
         return algo.Params(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or where}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or where}: "
+            + (f"required (give it as --{err['loc'][-1]} or -p {err['loc'][-1]}=VALUE)" if err["type"] == "missing"
+               else err["msg"])
+            for err in e.errors())
         raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {problems}") from None
