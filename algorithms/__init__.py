@@ -5,3 +5,4 @@ The core finds this package through the entry-point group ``mergekit_lora.algori
 """
 
 from . import cat, linear  # noqa: F401  (registration side effects)
+from . import route  # noqa: F401,E402

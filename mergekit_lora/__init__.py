@@ -11,6 +11,8 @@ from .merge import merge
 from .preflight import check_compatible
 from .units import RankUnits
 
+from . import routing  # noqa: E402,I001  (registers the routed adapter format)
+
 __all__ = [
     "Adapter", "AdapterMeta", "ModuleInfo", "LoraMergeError", "RankUnits", "check_compatible", "load_adapter",
     "merge", "__version__",
