@@ -4,5 +4,4 @@ The core finds this package through the entry-point group ``mergekit_lora.algori
 ``pyproject.toml`` names it ``builtins``), the same way a third-party plugin is found.
 """
 
-from . import cat, linear  # noqa: F401  (registration side effects)
-from . import route  # noqa: F401,E402
+from . import cat, linear, route  # noqa: F401  (registration side effects)

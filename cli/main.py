@@ -11,6 +11,7 @@ from mergekit_lora import __version__
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
+from .route_cmd import route
 
 app = typer.Typer(
     name="loramerge",
@@ -38,6 +39,7 @@ def _root(
 app.command()(inspect)
 app.command()(methods)
 app.command()(merge)
+app.command()(route)
 
 
 def main() -> None:

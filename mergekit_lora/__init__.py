@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import routing  # noqa: I001  (last: registers the routed adapter format with the core)
 from .adapter import Adapter, AdapterMeta, ModuleInfo
 from .errors import LoraMergeError
 from .formats import load_adapter
@@ -11,9 +12,7 @@ from .merge import merge
 from .preflight import check_compatible
 from .units import RankUnits
 
-from . import routing  # noqa: E402,I001  (registers the routed adapter format)
-
 __all__ = [
     "Adapter", "AdapterMeta", "ModuleInfo", "LoraMergeError", "RankUnits", "check_compatible", "load_adapter",
-    "merge", "__version__",
+    "merge", "routing", "__version__",
 ]

@@ -184,7 +184,7 @@ def calibrate(model: nn.Module, attached: Attached, batches: Sequence[Batch], *,
                             load = (w[mask] != 0).float().mean(0) if mask.numel() == w.shape[0] else \
                                 (w != 0).float().mean(0)
                             layer.bias += bias_rate * torch.sign(load.mean() - load).to(layer.bias.dtype)
-                history.append(float(loss))
+                history.append(float(loss.detach()))
                 bar.advance(task)
     finally:
         for layer in layers:
