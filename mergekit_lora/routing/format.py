@@ -159,7 +159,7 @@ def write_routed(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], *, b
         kept.append((name, m))
     cfg = routing_config(kept, base_model, sources, info)
     save_file(tensors, str(Path(out_dir) / WEIGHTS_NAME),
-              metadata={"format": "pt", "mergekit_lora.format": FORMAT_TAG})
+              metadata={"mergekit_lora.format": FORMAT_TAG})  # one key: safetensors orders keys at random
     (Path(out_dir) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
