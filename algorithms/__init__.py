@@ -4,4 +4,4 @@ The core finds this package through the entry-point group ``mergekit_lora.algori
 ``pyproject.toml`` names it ``builtins``), the same way a third-party plugin is found.
 """
 
-from . import cat, dare, lego, linear, magnitude_prune, svd, ties  # noqa: F401  (registration side effects)
+from . import cat, dare, lego, linear, magnitude_prune, route, svd, ties  # noqa: F401  (registration side effects)

@@ -13,6 +13,7 @@ from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
 from .push_cmd import push
+from .route_cmd import route
 from .run_cmd import run
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app.command()(merge)
 app.command()(run)
 app.command()(push)
 app.command()(cluster)
+app.command()(route)
 
 
 def main() -> None:

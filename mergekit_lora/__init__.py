@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import hub  # noqa: F401  (registers the Hub source resolver)
+from . import hub, routing  # noqa: F401  (register the Hub source resolver and the routed format)
 from .adapter import Adapter, AdapterMeta, ModuleInfo
 from .errors import LoraMergeError
 from .formats import load_adapter
@@ -14,5 +14,5 @@ from .units import RankUnits
 
 __all__ = [
     "Adapter", "AdapterMeta", "ModuleInfo", "LoraMergeError", "RankUnits", "check_compatible", "load_adapter",
-    "merge", "__version__",
+    "merge", "routing", "__version__",
 ]

@@ -67,6 +67,11 @@ def render_card(info: CardInfo) -> str:
         lines += ["", f"## {title}", "", body.rstrip()]
     if info.recipe:
         lines += ["", "## Recipe", "", "```yaml", info.recipe.rstrip(), "```"]
+    if info.library_name == "mergekit-lora":  # a routed adapter: PEFT cannot run it
+        lines += ["", "## Usage", "", "```python", "from mergekit_lora.routing import load_routed",
+                  "from mergekit_lora.runtime import attach", "",
+                  "attach(base_model, load_routed(\"path/to/this/adapter\"))", "```", ""]
+        return "\n".join(lines)
     lines += ["", "## Usage", "", "```python", "from peft import PeftModel",
               "model = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")", "```", ""]
     return "\n".join(lines)

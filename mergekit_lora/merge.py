@@ -111,7 +111,7 @@ def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: Alg
                 outs = algorithm.merge_batch([b[1] for b in pending], [b[2] for b in pending], pending_params,
                                              [b[3] for b in pending])
             for (n, u, w, _), merged in zip(pending, outs):
-                if fidelity is not None:
+                if fidelity is not None and isinstance(merged, RankUnits):  # routed modules have no single ΔW
                     fidelity.append(module_fidelity(n, merged, weighted_target(u, w)))
                 yield n, merged.to("cpu")
                 bar.advance(task)
@@ -167,7 +167,10 @@ def merge(
     w = check_weights(weights, len(adapters))
     plan = check_compatible(adapters, missing)
     out_dtype = resolve_dtype(dtype, adapters)
-    fmt = output_format or default_output_format(adapters)
+    fmt = output_format or algo.output_format or default_output_format(adapters)
+    if algo.output_format and fmt != algo.output_format:
+        raise LoraMergeError(f"method {method!r} writes the {algo.output_format!r} format, not {fmt!r}; "
+                             "drop --format (see `loramerge route --export-static` for a static adapter)")
     if fmt not in WRITERS:
         raise LoraMergeError(f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
     rows: list[ModuleFidelity] = []
@@ -191,7 +194,7 @@ def merge(
                                     a.meta.extra.get("resolved_revision") or a.meta.revision,
                                     _rank_summary(a)) for s, a, wi in zip(sources, adapters, w)],
                 fidelity=summary, recipe=recipe, extra_sections=sections + algo.card_sections(),
-                library_name="peft" if fmt == "peft" else "diffusers",
+                library_name={"peft": "peft", "routed": "mergekit-lora"}.get(fmt, "diffusers"),
             )
             (tmp / "README.md").write_text(render_card(card))
             if recipe:

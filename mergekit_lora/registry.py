@@ -54,6 +54,8 @@ class Algorithm:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Params: ClassVar[type[AlgorithmParams]] = AlgorithmParams
+    # The output format this algorithm's results need (e.g. "routed"); None: any static LoRA format.
+    output_format: ClassVar[str | None] = None
 
     def prepare(self, adapters: Sequence[Adapter], weights: Sequence[float], params: AlgorithmParams) -> None:
         """Optional cross-module pass (global statistics, calibration); default: nothing."""

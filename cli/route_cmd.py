@@ -1,0 +1,67 @@
+"""``loramerge route``: a thin layer over :func:`mergekit_lora.routing.route`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.routing import route as run_route
+
+from .common import console, parse_floats, user_errors
+
+
+def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items or []:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key or not value.strip().isdigit():
+            raise LoraMergeError(f"--top-k-module takes MODULE=K, e.g. q_proj=2 (got {item!r})")
+        out[key.strip()] = int(value)
+    return out
+
+
+@user_errors
+def route(
+    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
+    router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free) or gate")] = "implicit",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="active units per token")] = ...,  # type: ignore[assignment]
+    top_k_module: Annotated[list[str] | None, typer.Option(help="per-module top-k: MODULE=K (suffix or regex)")] = None,
+    weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
+    temperature: Annotated[float, typer.Option(help="softmax temperature of the gate weights")] = 1.0,
+    calibrate: Annotated[Path | None, typer.Option(help="JSONL calibration data: {\"input_ids\": [...]} or "
+                                                        "{\"text\": ...} per line (optional \"labels\")")] = None,
+    base: Annotated[Path | None, typer.Option(help="base model folder (transformers) for --calibrate")] = None,
+    steps: Annotated[int, typer.Option(help="calibration steps")] = 200,
+    lr: Annotated[float, typer.Option(help="calibration learning rate (Adam)")] = 1e-2,
+    batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
+    max_length: Annotated[int, typer.Option(help="truncate calibration examples to this many tokens")] = 128,
+    balance: Annotated[float, typer.Option(help="weight of the load-balancing term (gate router)")] = 0.01,
+    bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
+    export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
+                                                     "as a PEFT adapter (needs --calibrate)")] = False,
+    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
+    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
+    if router not in ("implicit", "gate"):
+        raise LoraMergeError(f"--router must be implicit or gate (got {router!r})")
+    if missing not in ("union", "intersection", "error"):
+        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
+    res = run_route(
+        sources, out, top_k=top_k, router=router, weights=parse_floats(weights), temperature=temperature,
+        top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
+        batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
+        export_static=export_static, device=device, seed=seed, force=force, missing=missing,  # type: ignore[arg-type]
+        progress=True,
+    )
+    if res.calibration is not None:
+        c = res.calibration
+        console.print(f"calibration: loss {c.loss_before:.4f} -> {c.loss_after:.4f} ({c.steps} steps)")
+    console.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router {router}, "
+                  f"top-k {top_k}, {res.seconds:.2f} s)")

@@ -1,0 +1,150 @@
+"""``route()``: the public function behind ``loramerge route``.
+
+Training-free routing is the ``route`` algorithm through the ordinary merge driver.  With
+calibration data the routed modules are built in memory, attached to the base model, the router is
+fitted, activation statistics are measured, and the result (plus an optional static export in
+``OUT/static``) is written atomically with a model card.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter
+from ..atomic import atomic_output, check_output
+from ..card import CardInfo, SourceInfo, render_card
+from ..errors import LoraMergeError
+from ..formats import load_adapter
+from ..formats.peft_write import write_peft
+from ..formats.writers import output_meta
+from ..merge import check_weights, merge, merge_modules, resolve_device
+from ..preflight import MissingPolicy, check_compatible
+from ..registry import get_algorithm, parse_params
+from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
+from .format import RoutedAdapter, iter_static, write_routed
+
+STATIC_DIR = "static"
+
+
+@dataclass
+class RouteResult:
+    out: Path
+    modules: int
+    units: int
+    seconds: float
+    config: dict[str, Any]
+    calibration: CalibrationResult | None = None
+
+
+def load_base_model(base: str | Path, device: torch.device) -> torch.nn.Module:
+    """A transformers causal LM from a local folder, float32, frozen, in eval mode."""
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        raise LoraMergeError(f"--base {base}: not a transformers model folder (no config.json)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise LoraMergeError(f"--base {base}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def route(
+    sources: Sequence[str | Path | Adapter],
+    out: str | Path,
+    *,
+    top_k: int,
+    router: str = "implicit",
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    top_k_pattern: dict[str, int] | None = None,
+    calibrate_data: str | Path | None = None,
+    base: str | Path | None = None,
+    steps: int = 200,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    max_length: int = 128,
+    balance: float = 0.01,
+    bias_rate: float = 1e-3,
+    export_static: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    missing: MissingPolicy = "union",
+    progress: bool = False,
+    load_options: dict[str, Any] | None = None,
+) -> RouteResult:
+    """Pool the units of ``sources`` and write a routed adapter to ``out`` (calibrated when data is given)."""
+    t0 = time.perf_counter()
+    algo = get_algorithm("route")
+    params = parse_params(algo, {"router": router, "top_k": top_k, "temperature": temperature,
+                                 "top_k_pattern": top_k_pattern or {}})
+    if export_static and calibrate_data is None:
+        raise LoraMergeError("--export-static weights each unit by its activation frequency on data; "
+                             "pass --calibrate DATA and --base MODEL")
+    if calibrate_data is not None and base is None:
+        raise LoraMergeError("--calibrate needs the base model: pass --base MODEL (a transformers folder)")
+    for name, v in (("steps", steps), ("batch-size", batch_size), ("max-length", max_length)):
+        if v < (0 if name == "steps" else 1):
+            raise LoraMergeError(f"--{name} must be {'>= 0' if name == 'steps' else 'positive'} (got {v})")
+    if calibrate_data is None:
+        res = merge(sources, "route", out, weights=weights, params=params, missing=missing, device=device,
+                    seed=seed, force=force, progress=progress, load_options=load_options)
+        cfg = res.config
+        return RouteResult(Path(out), res.modules, sum(m["R"] for m in cfg["modules"].values()),
+                           time.perf_counter() - t0, cfg)
+
+    out = Path(out)
+    check_output(out, force)
+    dev = resolve_device(device)
+    adapters = [s if isinstance(s, Adapter) else load_adapter(s, **(load_options or {})) for s in sources]
+    w = check_weights(weights, len(adapters))
+    plan = check_compatible(adapters, missing)
+    model = load_base_model(base, dev)  # type: ignore[arg-type]
+    vocab = getattr(model.config, "vocab_size", None)
+    batches = make_batches(load_examples(calibrate_data, base=base, max_length=max_length, vocab_size=vocab),
+                           batch_size)
+    labels = [str(s if not isinstance(s, Adapter) else s.label) for s in sources]
+    routed = RoutedAdapter(dict(merge_modules(adapters, algo, params, w, plan, device=dev, seed=seed,
+                                              progress=progress)), plan.base_model, labels)
+    from ..runtime import attach, detach
+
+    handle = attach(model, routed)
+    try:
+        cal = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
+                        seed=seed, device=dev, progress=progress)
+        measure_activation(model, handle, batches, dev)
+        fitted = handle.routed(routed)
+    finally:
+        detach(model)
+    fitted.info = {"calibration": {"data": str(calibrate_data), "steps": steps, "lr": lr, "balance": balance,
+                                   "bias_rate": bias_rate, "seed": seed, "loss_before": cal.loss_before,
+                                   "loss_after": cal.loss_after}}
+    meta = output_meta(adapters)
+    with atomic_output(out, force) as tmp:
+        cfg = write_routed(tmp, fitted.modules.items(), base_model=plan.base_model, sources=labels,
+                           dtype=meta.dtype, info=fitted.info)
+        sections = [("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
+                                    f"{cal.loss_before:.4f} → {cal.loss_after:.4f}.")]
+        if export_static:
+            (tmp / STATIC_DIR).mkdir()
+            write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
+                       metadata={"mergekit_lora.method": "route-static"})
+            sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
+                                              "its mean activation on the calibration data."))
+        card = CardInfo(method="route", params=params.model_dump(), seed=seed, base_model=plan.base_model,
+                        sources=[SourceInfo(lab, wi, a.meta.extra.get("resolved_revision") or a.meta.revision)
+                                 for lab, a, wi in zip(labels, adapters, w)],
+                        extra_sections=sections, library_name="mergekit-lora")
+        (tmp / "README.md").write_text(render_card(card))
+    return RouteResult(out, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
+                       time.perf_counter() - t0, cfg, cal)
