@@ -73,15 +73,17 @@ RUN = """
 import sys, time, resource
 t0 = time.perf_counter()
 from mergekit_lora import merge
-paths, out, k, backend = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+paths, out, k, backend, device = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 t = time.perf_counter()
-r = merge(paths, 'lego', out, params={'k': k, 'backend': backend}, device='cpu', force=True)
+r = merge(paths, 'lego', out, params={'k': k, 'backend': backend}, device=device, force=True)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.fidelity['overall']['rel_error'])
 """
 
 
 def run(code: str, *args: str) -> list[float]:
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"benchmark child failed:\n{res.stderr[-3000:]}")
     return [float(x) for x in res.stdout.strip().splitlines()[-1].split()]
 
 
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--backends", default="torch,faiss,sklearn")
+    ap.add_argument("--device", default="cpu", help="cpu|cuda|auto (the torch backend batches on CUDA)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lego-bench"))
     ap.add_argument("--out", type=Path, default=None, help="markdown file to write the results to")
     a = ap.parse_args()
@@ -106,13 +109,14 @@ def main() -> None:
         floor_s, floor_rss = run(FLOOR, joined, str(a.workdir / "floor.safetensors"), str(a.k))
         rows.append((layers, "I/O floor", floor_s, floor_rss, None, size))
         for b in (a.backends.split(",") if layers == a.layers else ["torch"]):
-            s, rss, err = run(RUN, joined, str(a.workdir / f"out-{b}"), str(a.k), b)
+            s, rss, err = run(RUN, joined, str(a.workdir / f"out-{b}"), str(a.k), b, a.device)
             rows.append((layers, b, s, rss, err, size))
             print(f"layers={layers} {b}: {s:.2f} s ({s / floor_s:.2f}× floor {floor_s:.2f} s), "
                   f"peak RSS {rss:.0f} MiB, rel. error {err:.3f}", flush=True)
     lines = [f"# LoRA-LEGO benchmark (`cluster -k {a.k}`)", "",
              f"{a.adapters} synthetic rank-{a.rank} fp32 adapters, Llama layout (q,k,v,o {a.hidden}×{a.hidden}; "
-             f"gate,up {a.intermediate}×{a.hidden}; down {a.hidden}×{a.intermediate}); CPU, "
+             f"gate,up {a.intermediate}×{a.hidden}; down {a.hidden}×{a.intermediate}); device {a.device} "
+             f"({torch.cuda.get_device_name(0) if a.device != 'cpu' and torch.cuda.is_available() else 'CPU'}), "
              f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
              "n_init 3, max_iter 100, reweight paper.  Each row is a fresh process; times exclude imports.", "",
              "| layers | inputs (MiB) | run | seconds | × I/O floor | peak RSS (MiB) | rel. error |",

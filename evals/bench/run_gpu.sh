@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1  # never import the source tree: the installed package maps cli/, algorithms/
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -22,12 +22,12 @@ if run tests; then
   python3 -m pytest tests -q -p no:cacheprovider -k "not hub" 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
 fi
 if run lego; then
-  python3 evals/bench/lego_bench.py --layers 32 --mem-layers 8 --backends torch --out "$OUT/RESULTS-lego-gpu.md"
+  python3 evals/bench/lego_bench.py --layers 32 --mem-layers 8 --backends torch --device cuda --out "$OUT/RESULTS-lego-gpu.md"
   CUDA_VISIBLE_DEVICES= python3 evals/bench/lego_bench.py --layers 32 --mem-layers 8 --backends torch,faiss,sklearn \
-    --out "$OUT/RESULTS-lego-cpu16.md"
+    --device cpu --out "$OUT/RESULTS-lego-cpu16.md"
 fi
 if run static; then
-  python3 evals/bench/static_bench.py --device cuda --layers 16 --hidden 2048 --threads 16 \
+  python3 evals/bench/static_bench.py --device cuda --layers 8 --hidden 2048 --threads 16 \
     --workdir /tmp/bench-static --results "$OUT/RESULTS-static-gpu.md"
 fi
 if run routing; then
