@@ -8,6 +8,7 @@ import typer
 
 from mergekit_lora import __version__
 
+from .eval_cmd import eval_app
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
@@ -38,6 +39,7 @@ def _root(
 app.command()(inspect)
 app.command()(methods)
 app.command()(merge)
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

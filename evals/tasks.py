@@ -166,32 +166,45 @@ def pad_id_of(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
 
 
+def encode_suite(tokenizer, tasks: Sequence[str], examples: int | None, max_text_tokens: int = 64
+                 ) -> dict[str, EncodedTask]:
+    """The first ``examples`` test examples of each suite task, tokenised once for every variant."""
+    from .suite.data import get_task
+
+    out = {}
+    for name in tasks:
+        t = get_task(name)
+        out[name] = encode_task(t, tokenizer, t.test(examples), max_text_tokens)
+    return out
+
+
+def evaluate_variant(model: nn.Module, adapter: str | Path | None, encoded: dict[str, EncodedTask], *,
+                     batch_size: int = 16, device: torch.device, pad_id: int = 0) -> dict[str, dict[str, float]]:
+    """{task: {accuracy, loss, n}} for the base model with ``adapter`` attached (``None``: the base alone)."""
+    def run(m: nn.Module) -> dict[str, dict[str, float]]:
+        return {name: score(m, enc, batch_size=batch_size, device=device, pad_id=pad_id).as_dict()
+                for name, enc in encoded.items()}
+
+    if adapter is None:
+        return run(model)
+    with attached(model, adapter) as m:
+        return run(m)
+
+
 def evaluate_matrix(model: nn.Module, tokenizer, adapters: dict[str, str | Path], tasks: Sequence[str], *,
                     examples: int | None = 100, batch_size: int = 16, device: torch.device,
                     max_text_tokens: int = 64, include_base: bool = True,
                     progress: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """{variant: {task: {accuracy, loss, n}}} for the base model (``"base"``) and every adapter."""
-    from .suite.data import get_task
-
-    encoded = {}
-    for name in tasks:
-        t = get_task(name)
-        encoded[name] = encode_task(t, tokenizer, t.test(examples), max_text_tokens)
-    pad = pad_id_of(tokenizer)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-
-    def run(variant: str, m: nn.Module) -> None:
-        out[variant] = {}
-        for name, enc in encoded.items():
-            if progress:
-                progress(f"{variant} on {name}")
-            out[variant][name] = score(m, enc, batch_size=batch_size, device=device, pad_id=pad).as_dict()
-
-    if include_base:
-        run("base", model)
-    for variant, path in adapters.items():
-        with attached(model, path) as m:
-            run(variant, m)
+    encoded = encode_suite(tokenizer, tasks, examples, max_text_tokens)
+    variants: dict[str, str | Path | None] = {"base": None} if include_base else {}
+    variants.update(adapters)
+    out = {}
+    for variant, path in variants.items():
+        if progress:
+            progress(variant)
+        out[variant] = evaluate_variant(model, path, encoded, batch_size=batch_size, device=device,
+                                        pad_id=pad_id_of(tokenizer))
     return out
 
 

@@ -4,8 +4,9 @@ Every task is framed as next-token prediction of a label word after a prompt (" 
 " positive", " Spanish", …), so the base model's LM head stays shared and frozen and only the LoRA
 weights differ between tasks — which is what makes merging them meaningful.
 
-Splits are fixed: the examples are shuffled with a fixed seed, the first ``TEST_SIZE`` are the
-held-out test set (evaluation takes its first ``n``), the rest are for training.
+Splits are fixed: exact duplicate texts are dropped (BBC News holds ~100 repeated articles, which
+would otherwise leak from training into the test set), the examples are shuffled with a fixed seed,
+the first ``TEST_SIZE`` are the held-out test set (evaluation takes its first ``n``), the rest train.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.util
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from mergekit_lora.errors import LoraMergeError
@@ -146,9 +147,14 @@ TASKS: dict[str, Task] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shuffled(name: str) -> list[Example]:
-    ex = list(TASKS[name].load())
+    seen: set[str] = set()
+    ex = []
+    for e in TASKS[name].load():
+        if e.text not in seen:
+            seen.add(e.text)
+            ex.append(e)
     random.Random(SPLIT_SEED).shuffle(ex)
     return ex
 
