@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 from helpers import make_peft_adapter
+from mergekit_lora.cli.main import app
+from mergekit_lora.evals.fidelity import effective_rank, fidelity_report
 from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter, merge
 from mergekit_lora.adapter import Adapter, AdapterMeta
-from mergekit_lora.cli.main import app
-from mergekit_lora.evals.fidelity import effective_rank, fidelity_report
 from mergekit_lora.units import RankUnits
 
 

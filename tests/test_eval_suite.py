@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from mergekit_lora.evals.suite.data import TASKS, TEST_SIZE, get_task
+
 from mergekit_lora.errors import LoraMergeError
 
 ROOT = Path(__file__).resolve().parents[1]

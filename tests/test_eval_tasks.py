@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import VOCAB, make_peft_adapter, tiny_llama
-from typer.testing import CliRunner
-
 from mergekit_lora.cli.main import app
-from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.evals.tasks import (
     EncodedTask,
     adapter_kind,
@@ -17,6 +14,9 @@ from mergekit_lora.evals.tasks import (
     pad_left,
     score,
 )
+from typer.testing import CliRunner
+
+from mergekit_lora.errors import LoraMergeError
 
 LABELS = torch.tensor([5, 17, 42])
 
