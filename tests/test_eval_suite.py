@@ -70,3 +70,22 @@ def test_suite_smoke_real_model(tmp_path):
     assert "error" in rows["broken"] and "rank" in rows["broken"]["error"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.png", "report.json"}
     assert "| linear |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_cli_eval_tasks_json():
+    """`loramerge eval tasks` end to end on one task × 8 examples (base + the task's own adapter)."""
+    import json
+
+    from mergekit_lora.cli.main import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["eval", "tasks", "--base", "smollm2-135m", "--adapter",
+                                 f"language={ROOT / 'examples/suite/language'}", "--task", "language", "-n", "8",
+                                 "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert set(out["matrix"]) == {"base", "language"} and out["own"] == {"language": "language"}
+    assert out["matrix"]["language"]["language"]["n"] == 8
+    assert out["matrix"]["language"]["language"]["loss"] < out["matrix"]["base"]["language"]["loss"]
+    r = CliRunner().invoke(app, ["eval", "tasks", "--base", "smollm2-135m", "--task", "nope"])
+    assert r.exit_code == 2 and "unknown task" in r.output
