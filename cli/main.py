@@ -9,6 +9,7 @@ import typer
 from mergekit_lora import __version__
 
 from .cluster_cmd import cluster
+from .eval_cmd import eval_app
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
@@ -46,6 +47,7 @@ app.command()(run)
 app.command()(push)
 app.command()(cluster)
 app.command()(route)
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

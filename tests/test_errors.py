@@ -178,8 +178,9 @@ def test_existing_output_needs_force_and_survives_failure(tmp_path, good):
 
 def test_real_process_exit_code_and_no_traceback(tmp_path, good):
     edit_tensors(good, _nan)
-    exe = Path(sys.executable).parent / "loramerge"
-    p = subprocess.run([str(exe), "merge", str(good), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    # the real entry point in a real process (also where no `loramerge` script sits beside the interpreter)
+    cmd = [sys.executable, "-m", "mergekit_lora.cli.main", "merge", str(good), "-o", str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error:") and "Traceback" not in p.stderr + p.stdout
     assert Q_B in " ".join(p.stderr.split())

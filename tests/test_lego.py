@@ -107,7 +107,8 @@ def test_planted_merge_report_and_backends_agree(tmp_path):
            for i, u in enumerate(units)]
     deltas = {}
     for backend in ("torch", "sklearn", "faiss"):
-        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq"})
+        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq"},
+                  device="cpu")  # the CPU backends compared; CUDA has its own tests
         rep = json.loads((tmp_path / backend / "lego_report.json").read_text())["modules"]["layers.0.q_proj"]
         assert sorted(rep["sizes"]) == [6, 6, 6, 6]
         for row in rep["input_by_cluster"].values():  # each planted group fills exactly one cluster

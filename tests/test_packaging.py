@@ -1,7 +1,8 @@
 """A non-editable install must ship every subpackage: pyproject lists packages explicitly."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,151 @@
+"""Method comparison: merge the same inputs with every registered method, evaluate fidelity and tasks.
+
+A small YAML/JSON config names the base model, the input adapters (an adapter named like a suite
+task is that task's *individual* adapter), the tasks, the methods (``all`` = every registered
+method, found through the registry, so new algorithms appear without changes here) and their
+parameters.  A method that fails is recorded with its error; the report still gets written.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mergekit_lora.atomic import atomic_output, check_output
+from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.merge import merge, resolve_device
+from mergekit_lora.registry import available
+
+from .fidelity import fidelity_report
+from .tasks import encode_suite, evaluate_variant, load_base, normalized_accuracy, pad_id_of
+
+
+class MethodSpec(BaseModel):
+    """One merge to run: a method with its parameters and (optionally) its own weights and label."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    method: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: list[float] | None = None
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    base: str = "smollm2-135m"
+    adapters: dict[str, str]
+    tasks: list[str] | None = None
+    methods: list[str | MethodSpec] = Field(default_factory=lambda: ["all"])
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    weights: list[float] | None = None
+    examples: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_text_tokens: int = Field(64, ge=1)
+    device: str = "auto"
+    seed: int = 0
+
+
+def load_config(path: str | Path) -> tuple[CompareConfig, Path]:
+    """(config, folder that relative adapter paths are resolved against)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoraMergeError(f"{p}: no such config file")
+    try:
+        raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise LoraMergeError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if isinstance(raw, dict) and raw.get("methods") == "all":
+        raw["methods"] = ["all"]
+    try:
+        return CompareConfig.model_validate(raw), p.parent
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise LoraMergeError(f"{p}: {problems}") from None
+
+
+def expand_methods(cfg: CompareConfig) -> list[MethodSpec]:
+    specs: list[MethodSpec] = []
+    for m in cfg.methods:
+        if m == "all":
+            specs += [MethodSpec(method=name, params=cfg.params.get(name, {})) for name in available()]
+        elif isinstance(m, str):
+            specs.append(MethodSpec(method=m, params=cfg.params.get(m, {})))
+        else:
+            specs.append(m)
+    labels = [s.label or s.method for s in specs]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise LoraMergeError(f"methods: label {sorted(dup)[0]!r} is used twice; give each entry a distinct `label`")
+    return specs
+
+
+def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = False,
+                log=print) -> dict[str, Any]:
+    """Merge with every method, evaluate fidelity and tasks, write report.{json,md,png} into ``out``."""
+    from .suite.data import TASKS
+
+    check_output(out, force)
+    device = resolve_device(cfg.device)
+    paths = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.adapters.items()}
+    for n, p in paths.items():
+        if not p.exists():
+            raise LoraMergeError(f"adapters.{n}: {p} does not exist")
+    tasks = cfg.tasks or [n for n in cfg.adapters if n in TASKS]
+    if not tasks:
+        raise LoraMergeError("no tasks: name them under `tasks:` or name adapters after suite tasks "
+                             f"({', '.join(TASKS)})")
+    own = {t: t for t in tasks if t in cfg.adapters}
+    n = len(paths)
+    weights = cfg.weights or [1.0 / n] * n
+    if len(weights) != n:
+        raise LoraMergeError(f"weights: {len(weights)} weights for {n} adapters")
+    specs = expand_methods(cfg)
+    model, tok = load_base(cfg.base, device)
+    encoded = encode_suite(tok, tasks, cfg.examples, cfg.max_text_tokens)
+    ev = dict(batch_size=cfg.batch_size, device=device, pad_id=pad_id_of(tok))
+    rows: list[dict[str, Any]] = []
+    log("evaluating base")
+    rows.append({"variant": "base", "kind": "base", "tasks": evaluate_variant(model, None, encoded, **ev)})
+    for name, p in paths.items():
+        log(f"evaluating adapter {name}")
+        rows.append({"variant": name, "kind": "individual", "tasks": evaluate_variant(model, p, encoded, **ev)})
+    with tempfile.TemporaryDirectory(prefix="loramerge-compare-") as tmp:
+        for spec in specs:
+            label = spec.label or spec.method
+            w = spec.weights or weights
+            row: dict[str, Any] = {"variant": label, "kind": "merge", "method": spec.method, "params": spec.params,
+                                   "weights": w}
+            log(f"merging with {label}")
+            try:
+                t0 = time.perf_counter()
+                res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
+                            device=cfg.device, seed=cfg.seed)
+                row["merge_seconds"] = time.perf_counter() - t0
+                fid = fidelity_report(Path(tmp) / label, list(paths.values()), w)
+                row["fidelity"] = fid.overall
+                row["rank"] = max((m.rank for m in fid.modules), default=0)
+                row["modules"] = res.modules
+                log(f"evaluating {label}")
+                row["tasks"] = evaluate_variant(model, Path(tmp) / label, encoded, **ev)
+            except Exception as e:  # a failing method is a row in the report, not the end of the run
+                row["error"] = f"{type(e).__name__}: {e}"
+                log(f"  {label} failed: {row['error']}")
+            rows.append(row)
+    for row in rows:
+        if "tasks" in row:
+            accs = [row["tasks"][t]["accuracy"] for t in tasks]
+            row["mean_accuracy"] = sum(accs) / len(accs)
+            matrix = {r["variant"]: r["tasks"] for r in rows if "tasks" in r}
+            row["normalized_accuracy"] = normalized_accuracy(matrix, row["variant"], own)
+    report = {"config": cfg.model_dump(), "device": str(device), "tasks": tasks, "own": own, "rows": rows}
+    from .report import write_report
+
+    with atomic_output(out, force) as tmp_out:
+        write_report(report, tmp_out)
+    return report
