@@ -141,6 +141,22 @@ def attach_peft(model: nn.Module, path: Path) -> Iterator[nn.Module]:
 register_attacher("peft", lambda p: (p / "adapter_config.json").is_file(), attach_peft)
 
 
+@contextmanager
+def attach_routed(model: nn.Module, path: Path) -> Iterator[nn.Module]:
+    """Attach a routed adapter (``loramerge route`` output) with the torch runtime; detach on exit."""
+    from mergekit_lora.routing.format import load_routed
+    from mergekit_lora.runtime import attach, detach
+
+    attach(model, load_routed(path))
+    try:
+        yield model
+    finally:
+        detach(model)
+
+
+register_attacher("routed", lambda p: (p / "routing_config.json").is_file(), attach_routed)
+
+
 def attached(model: nn.Module, path: str | Path) -> AbstractContextManager[nn.Module]:
     """The model with the adapter at ``path`` attached, whatever its kind."""
     p = Path(path)

@@ -119,3 +119,27 @@ def test_cuda_scores_match_cpu():
     gpu = score(model.to("cuda"), task, batch_size=8, device=torch.device("cuda"))
     assert gpu.accuracy == cpu.accuracy
     assert gpu.loss == pytest.approx(cpu.loss, rel=1e-4)
+
+
+def test_routed_adapters_attach_through_the_harness(tmp_path):
+    """A `route` output (top-k = all units) evaluates like the `cat` merge in PEFT; detach restores the base."""
+    from helpers import peft_model
+
+    from mergekit_lora import merge
+
+    a = make_peft_adapter(tmp_path / "a", seed=5, scale_b=0.3)
+    b = make_peft_adapter(tmp_path / "b", seed=6, scale_b=0.3, r=2)
+    merge([a, b], "route", tmp_path / "routed", params={"top_k": 6}, device="cpu")
+    merge([a, b], "cat", tmp_path / "cat", device="cpu")
+    assert adapter_kind(tmp_path / "routed") == "routed"
+    model = tiny_llama(0)
+    x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=x).logits.clone()
+        with attached(model, tmp_path / "routed") as m:
+            routed = m(input_ids=x).logits.clone()
+        after = model(input_ids=x).logits
+        cat = peft_model(tmp_path / "cat")(input_ids=x).logits
+    assert torch.equal(before, after)
+    assert float((routed - cat).norm() / cat.norm()) < 1e-5
+    assert float((routed - before).abs().max()) > 1e-3
