@@ -9,8 +9,10 @@ import typer
 
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.merge import merge as run_merge
+from mergekit_lora.recipe import recipe_from_cli
 
 from .common import console, parse_floats, user_errors
+from .merge_cmd import emit
 from .report import print_fidelity
 
 
@@ -34,16 +36,21 @@ def cluster(
     output_format: Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
+    emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     if missing not in ("union", "intersection", "error"):
         raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
               "n_init": n_init, "max_iter": max_iter, "report": report}
+    w = parse_floats(weights)
+    recipe = recipe_from_cli(sources, "lego", out, weights=w, params=params, seed=seed, missing=missing, device=device,
+                             dtype=dtype, output_format=output_format, allow_pickle=allow_pickle)
+    emit(recipe, emit_recipe)
     result = run_merge(
-        sources, "lego", out, weights=parse_floats(weights), params=params, missing=missing,  # type: ignore[arg-type]
+        sources, "lego", out, weights=w, params=params, missing=missing,  # type: ignore[arg-type]
         device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
-        load_options={"allow_pickle": allow_pickle},
+        load_options={"allow_pickle": allow_pickle}, recipe=recipe,
     )
     print_fidelity(result.fidelity)
     if report:

@@ -298,3 +298,14 @@ def test_safetensors_writer_is_byte_deterministic(tmp_path):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(tmp_path / "0.safetensors"))["a"], t["a"])
+
+
+def test_cluster_emit_recipe_reproduces_the_lego_output(work):
+    r = cli("cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", "-k", "6", "--reweight", "lsq",
+            "--seed", "3", "-o", "out", "--emit-recipe", "r.yaml")
+    assert r.exit_code == 0, r.output
+    assert "method: lego" in Path("r.yaml").read_text()
+    shutil.move("out", "out-cli")
+    assert cli("run", "r.yaml").exit_code == 0
+    for f in ("adapter_config.json", "adapter_model.safetensors", "README.md", "recipe.yaml"):
+        assert (work / "out" / f).read_bytes() == (work / "out-cli" / f).read_bytes(), f

@@ -173,6 +173,22 @@ def test_cli_merge_two_kohya_files_writes_kohya_with_metadata(tmp_path):
     assert (tmp_path / "again" / "lora.safetensors").read_bytes() == (tmp_path / "cat" / "lora.safetensors").read_bytes()
 
 
+def test_cluster_on_two_kohya_files_writes_kohya(tmp_path):
+    """LoRA-LEGO through `loramerge cluster` keeps the kohya family; k ≥ pool is the exact sum (conv units too)."""
+    sda, sdb = kohya_state_dict(seed=1, alpha=2.0), kohya_state_dict(seed=2, r=2, alpha=None)
+    a, b = save(tmp_path / "a.safetensors", sda, SD1), save(tmp_path / "b.safetensors", sdb, SD1)
+    r = runner.invoke(app, ["cluster", str(a), str(b), "-k", "16", "--weights", "0.5,1", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    m = load_adapter(tmp_path / "c" / "lora.safetensors")
+    assert m.meta.format == "kohya" and m.meta.extra["base_family"] == "sd1"
+    for n in m.modules:
+        want = 0.5 * kohya_delta(sda, n) + kohya_delta(sdb, n)
+        assert (m.units(n).delta_weight() - want).norm() / want.norm() < 1e-6
+    r = runner.invoke(app, ["cluster", str(a), str(b), "-k", "2", "-o", str(tmp_path / "c2")])
+    assert r.exit_code == 0, r.output
+    assert {i.rank for i in load_adapter(tmp_path / "c2" / "lora.safetensors").modules.values()} == {2}
+
+
 def test_sdxl_and_sd15_merge_is_a_preflight_error(tmp_path):
     a = save(tmp_path / "a.safetensors", kohya_state_dict(seed=1), SD1)
     b = save(tmp_path / "b.safetensors", kohya_state_dict(seed=2), {**SD1, "ss_base_model_version": "sdxl_base_v1-0"})
