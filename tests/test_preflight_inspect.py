@@ -70,3 +70,12 @@ def test_version_and_methods():
     assert run_cli("--version").output.strip().startswith("loramerge ")
     out = json.loads(run_cli("methods", "--json").output)
     assert {"linear", "cat"} <= {m["name"] for m in out}
+
+
+def test_typo_in_a_local_path_says_it_is_not_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = run_cli("inspect", "adapters/nope")
+    assert r.exit_code == 2
+    assert "adapters/nope: no such local file or folder (and as a Hub repo:" in " ".join(r.output.split())

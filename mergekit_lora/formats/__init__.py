@@ -57,7 +57,13 @@ def resolve_source_meta(source: str | Path, *, allow_pickle: bool = False) -> tu
     if p.exists():
         return p, {}
     for resolve in SOURCE_RESOLVERS:
-        found = resolve(str(source), allow_pickle=allow_pickle)
+        try:
+            found = resolve(str(source), allow_pickle=allow_pickle)
+        except LoraMergeError as e:
+            if len(p.parts) > 1 and Path(p.parts[0]).exists():  # e.g. a typo in examples/…: say both readings
+                raise LoraMergeError(f"{source}: no such local file or folder (and as a Hub repo: "
+                                     f"{str(e).removeprefix(f'{source}: ')})") from None
+            raise
         if found is not None:
             return found if isinstance(found, tuple) else (found, {})
     raise LoraMergeError(f"{source}: no such file or folder")
