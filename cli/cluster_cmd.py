@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.merge import merge as run_merge
 from mergekit_lora.recipe import recipe_from_cli
 
@@ -39,8 +38,6 @@ def cluster(
     emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
-    if missing not in ("union", "intersection", "error"):
-        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
               "n_init": n_init, "max_iter": max_iter, "report": report}
     w = parse_floats(weights)

@@ -69,8 +69,6 @@ def merge(
     emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
-    if missing not in ("union", "intersection", "error"):
-        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
     w = parse_floats(weights)
     recipe = recipe_from_cli(sources, method, out, weights=w, params=params, seed=seed, missing=missing, device=device,

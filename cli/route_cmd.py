@@ -51,8 +51,6 @@ def route(
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
     if router not in ("implicit", "gate"):
         raise LoraMergeError(f"--router must be implicit or gate (got {router!r})")
-    if missing not in ("union", "intersection", "error"):
-        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
     res = run_route(
         sources, out, top_k=top_k, router=router, weights=parse_floats(weights), temperature=temperature,
         top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,

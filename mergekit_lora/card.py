@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +74,3 @@ def render_card(info: CardInfo) -> str:
     lines += ["", "## Usage", "", "```python", "from peft import PeftModel",
               "model = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")", "```", ""]
     return "\n".join(lines)
-
-
-def sources_table(labels: Sequence[str], weights: Sequence[float], ranks: Sequence[str],
-                  revisions: Sequence[str | None]) -> list[SourceInfo]:
-    return [SourceInfo(s, w, rev, r) for s, w, r, rev in zip(labels, weights, ranks, revisions)]

@@ -23,7 +23,7 @@ from .fidelity import ModuleFidelity, module_fidelity, summarize, weighted_targe
 from .formats import load_adapter
 from .formats.peft_write import carried_target_modules
 from .formats.writers import WRITERS, default_output_format, write_adapter
-from .preflight import MergePlan, MissingPolicy, align_names, check_compatible
+from .preflight import MergePlan, MissingPolicy, align_names, check_compatible, check_missing
 from .registry import Algorithm, AlgorithmParams, ModuleContext, get_algorithm, parse_params
 from .units import RankUnits
 
@@ -158,6 +158,7 @@ def merge(
     compatible) runs before the first tensor is read.
     """
     t0 = time.perf_counter()
+    check_missing(missing)
     algo = get_algorithm(method)
     p = params if isinstance(params, AlgorithmParams) else parse_params(algo, dict(params or {}))
     if out is not None:

@@ -43,11 +43,18 @@ def _norm_base(b: str | None) -> str | None:
     return b.rstrip("/").lower() if b else None
 
 
+def check_missing(missing: str) -> None:
+    """The missing-module policy must be one of union|intersection|error (checked before any read)."""
+    if missing not in ("union", "intersection", "error"):
+        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
+
+
 def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "union") -> MergePlan:
     """Same base model (when recorded), same shape per shared module; decide partial modules.
 
     Raises one :class:`LoraMergeError` naming the first offending modules.  Reads headers only.
     """
+    check_missing(missing)
     if not adapters:
         raise LoraMergeError("no input adapters given")
     bases = {a.label: a.meta.base_model for a in adapters if a.meta.base_model}

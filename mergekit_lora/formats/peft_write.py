@@ -59,7 +59,7 @@ def peft_config(ranks: dict[str, int], meta: AdapterMeta, *,
         "alpha_pattern": dict(pattern),
         "use_rslora": False,
         "use_dora": False,
-        "target_modules": _target_modules(names, meta, target_modules),
+        "target_modules": _target_modules(names, target_modules),
         "fan_in_fan_out": bool(meta.fan_in_fan_out),
         "bias": "none",
         "lora_dropout": 0.0,
@@ -79,7 +79,8 @@ def _pattern_key(name: str, names: list[str]) -> str:
     return name
 
 
-def _target_modules(names: list[str], meta: AdapterMeta, given: Sequence[str] | str | None) -> list[str] | str:
+def _target_modules(names: list[str], given: Sequence[str] | str | None) -> list[str] | str:
+    """The carried target_modules when given, else every module's full name (always exact)."""
     if given is not None:
         return given if isinstance(given, str) else sorted(set(given))
     return sorted(names)
