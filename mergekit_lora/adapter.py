@@ -46,9 +46,9 @@ class AdapterMeta:
 class Adapter:
     """Module name -> :class:`RankUnits`, with metadata.
 
-    Readers give an :class:`Adapter` whose ``loader`` reads one module's tensors on demand (via
-    ``safetensors.safe_open``), so a 7B-sized adapter is never fully materialised when one module is
-    needed.  ``units(name)`` validates and returns the module's units with the scale folded in.
+    Readers give an :class:`Adapter` whose ``loader`` reads one module's tensors on demand (byte
+    ranges of a header validated by ``safetensors.safe_open``, see ``formats/tensors.py``), so a
+    7B-sized adapter is never fully materialised when one module is needed.  ``units(name)`` validates and returns the module's units with the scale folded in.
     """
 
     def __init__(

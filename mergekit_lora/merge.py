@@ -23,7 +23,7 @@ from .fidelity import ModuleFidelity, module_fidelity, summarize, weighted_targe
 from .formats import load_adapter
 from .formats.peft_write import carried_target_modules
 from .formats.writers import WRITERS, default_output_format, write_adapter
-from .preflight import MergePlan, MissingPolicy, align_names, check_compatible, check_missing
+from .preflight import MergePlan, MissingPolicy, ModulePlan, align_names, check_compatible, check_missing
 from .registry import Algorithm, AlgorithmParams, ModuleContext, get_algorithm, parse_params
 from .units import RankUnits
 
@@ -89,48 +89,58 @@ def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: Alg
                   weights: Sequence[float], plan: MergePlan, *, device: torch.device, seed: int = 0,
                   fidelity: list[ModuleFidelity] | None = None, progress: bool = False,
                   overrides: ModuleOverride | None = None) -> Iterator[tuple[str, RankUnits]]:
-    """Yield (module, merged units) one module at a time; inputs are read per module and dropped.
+    """Yield (module, merged units) batch by batch; inputs are read per batch and dropped.
 
     A module missing from an input counts as ΔW = 0 for that input.  When ``fidelity`` is a list,
     each module's error against Σ w_i ΔW_i is appended to it (factor space, cheap).  ``overrides``
     gives per-module parameters and weights (recipes); default: ``params`` and ``weights`` everywhere.
+    Algorithms with ``batch_limit > 1`` get modules of identical shapes, weights and parameters
+    together (grouped across layers from the file headers, so a batch can fill up), at most
+    ``batch_limit`` at a time: memory stays bounded by the batch, not the number of layers.
     """
     algorithm.prepare(adapters, weights, params)
-    pending: list[tuple[str, list[RankUnits], list[float], ModuleContext]] = []
-    pending_key: tuple | None = None
-    pending_params = params
     with progress_bar(progress) as bar:
         task = bar.add_task(f"merging ({algorithm.name})", total=len(plan.modules))
-
-        def flush() -> Iterator[tuple[str, RankUnits]]:
-            # Same-shape consecutive modules with identical params/weights go through merge_batch together.
-            if len(pending) == 1:
-                n, u, w, c = pending[0]
-                outs = [algorithm.merge_module(u, w, pending_params, c)]
+        for batch, p in _batches(adapters, algorithm, params, weights, plan, overrides):
+            loaded = [([adapters[i].units(mp.name, source=i).to(device) for i in mp.present], w)
+                      for mp, w in batch]
+            ctxs = [ModuleContext(mp.name, seed, device) for mp, _ in batch]
+            if len(batch) == 1:
+                outs = [algorithm.merge_module(loaded[0][0], loaded[0][1], p, ctxs[0])]
             else:
-                outs = algorithm.merge_batch([b[1] for b in pending], [b[2] for b in pending], pending_params,
-                                             [b[3] for b in pending])
-            for (n, u, w, _), merged in zip(pending, outs):
+                outs = algorithm.merge_batch([u for u, _ in loaded], [w for _, w in loaded], p, ctxs)
+            for (mp, _), (u, w), merged in zip(batch, loaded, outs):
                 if fidelity is not None and isinstance(merged, RankUnits):  # routed modules have no single ΔW
-                    fidelity.append(module_fidelity(n, merged, weighted_target(u, w)))
-                yield n, merged.to("cpu")
+                    row = algorithm.known_fidelity(mp.name)
+                    fidelity.append(row if row is not None else module_fidelity(mp.name, merged, weighted_target(u, w)))
+                yield mp.name, merged.to("cpu")
                 bar.advance(task)
-            pending.clear()
 
-        for mp in plan.modules:
-            p, all_w = overrides(mp.name) if overrides else (params, weights)
-            units = [adapters[i].units(mp.name, source=i).to(device) for i in mp.present]
-            w = [float(all_w[i]) for i in mp.present]
-            limit = algorithm.batch_limit(p)
-            key = (mp.present, tuple(w), p, tuple((u.rank, u.d_out, u.d_in, u.kind, u.A.dtype) for u in units))
-            if pending and key != pending_key:
-                yield from flush()
-            pending.append((mp.name, units, w, ModuleContext(mp.name, seed, device)))
-            pending_key, pending_params = key, p
-            if len(pending) >= limit:
-                yield from flush()
-        if pending:
-            yield from flush()
+
+def _batches(adapters: Sequence[Adapter], algorithm: Algorithm, params: AlgorithmParams, weights: Sequence[float],
+             plan: MergePlan, overrides: ModuleOverride | None
+             ) -> Iterator[tuple[list[tuple[ModulePlan, list[float]]], AlgorithmParams]]:
+    """The plan cut into merge batches: plan order for one-at-a-time algorithms; otherwise modules
+    grouped by (inputs present, weights, params, every input's rank/shape/kind/dtype) in order of first
+    appearance, each group in chunks of ``batch_limit``."""
+    groups: dict[tuple, tuple[list[tuple[ModulePlan, list[float]]], AlgorithmParams]] = {}
+    for mp in plan.modules:
+        p, all_w = overrides(mp.name) if overrides else (params, weights)
+        w = [float(all_w[i]) for i in mp.present]
+        limit = algorithm.batch_limit(p)
+        if limit <= 1:
+            yield [(mp, w)], p
+            continue
+        infos = [adapters[i].modules[mp.name] for i in mp.present]
+        key = (mp.present, tuple(w), p, tuple((f.rank, f.d_out, f.d_in, f.kind, f.dtype) for f in infos))
+        members, _ = groups.setdefault(key, ([], p))
+        members.append((mp, w))
+        if len(members) >= limit:
+            yield list(members), p
+            members.clear()
+    for members, p in groups.values():
+        if members:
+            yield members, p
 
 
 def merge(

@@ -22,6 +22,7 @@ from .errors import LoraMergeError
 
 if TYPE_CHECKING:
     from .adapter import Adapter
+    from .fidelity import ModuleFidelity
     from .units import RankUnits
 
 ENTRY_POINT_GROUP = "mergekit_lora.algorithms"
@@ -63,6 +64,11 @@ class Algorithm:
     def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
                      ctx: ModuleContext) -> RankUnits:
         raise NotImplementedError
+
+    def known_fidelity(self, name: str) -> ModuleFidelity | None:
+        """Module ``name``'s fidelity row when the algorithm already has it from its own factor-space
+        products (the driver then skips its own Gram pass); None, the default: the driver measures it."""
+        return None
 
     def batch_limit(self, params: AlgorithmParams) -> int:
         """How many consecutive same-shape modules the driver may hand to :meth:`merge_batch` at once.

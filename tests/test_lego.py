@@ -10,7 +10,6 @@ from sklearn.metrics import adjusted_rand_score
 from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter, merge
-from mergekit_lora.kmeans import kmeans
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.units import RankUnits
 
@@ -83,20 +82,43 @@ def test_k_equal_to_rank_on_identical_inputs_reproduces_the_input(reweight):
 
 
 # ---------------------------------------------------------------- planted clusters
-def _pool_ari(units, canonical):
-    from mergekit_lora.algorithms.lego.pool import build_pool
+def _pool_ari(units, canonical, signs="invariant"):
+    from mergekit_lora.algorithms.lego.pool import build_pools
+    from mergekit_lora.kmeans import kmeans_gram
 
-    pool = build_pool(units, [1.0] * len(units), canonical=canonical, generator=CTX.generator("o"),
-                      device=torch.device("cpu"))
-    res = kmeans(pool.V[None], len(units), generators=[CTX.generator("k")], n_init=3)
-    return adjusted_rand_score(pool.source, res.labels[0])
+    pool = build_pools([units], [[1.0] * len(units)], canonical=canonical, signs=signs,
+                       generators=[CTX.generator("o")], device=torch.device("cpu"))
+    res = kmeans_gram(pool.K("concat"), len(units), generators=[CTX.generator("k")], n_init=3,
+                      sign_invariant=canonical and signs == "invariant")
+    return adjusted_rand_score(pool.source[0], res.labels[0])
 
 
 def test_planted_recovery_needs_canonicalisation():
     for seed in range(3):
         units = planted_units(seed=seed)
         assert _pool_ari(units, canonical=True) == 1.0
+        assert _pool_ari(units, canonical=True, signs="rule") == 1.0  # one clearly dominant |a| entry
         assert _pool_ari(units, canonical=False) < 0.5  # raw [b;a] clusters scales and signs, not directions
+
+
+def test_sign_invariant_clustering_survives_near_tied_sign_rule():
+    """Units whose a-direction has two entries of (nearly) equal magnitude and opposite sign: noise decides
+    which is the largest, so the sign rule flips half of each group to the antipode and k-means on
+    rule-signed vectors splits groups; sign-invariant k-means (v ~ −v) recovers every group."""
+    g = torch.Generator().manual_seed(3)
+    units = []
+    for gi in range(3):
+        b0, a0 = torch.randn(10, generator=g), 0.3 * torch.randn(8, generator=g)
+        a0[2 * gi], a0[2 * gi + 1] = 2.0, -2.0  # the top two |entries| tie
+        per = 8
+        s = torch.where(torch.rand(per, generator=g) < 0.5, -1.0, 1.0)
+        B = (b0[:, None] + 0.02 * torch.randn(10, per, generator=g)) * s[None, :]
+        A = (a0[None, :] + 0.02 * torch.randn(per, 8, generator=g)) * s[:, None]
+        units.append(RankUnits.from_factors(A.double(), B.double(), source=gi))
+    assert _pool_ari(units, canonical=True) == 1.0
+    assert _pool_ari(units, canonical=True, signs="rule") < 0.8
+    out = lego.merge_module(units, [1.0] * 3, P(k=3, reweight="lsq"), CTX)
+    assert rel(out.delta(), target(units, [1.0] * 3)) < 0.05  # one sign-aligned centroid per group
 
 
 def test_planted_merge_report_and_backends_agree(tmp_path):
@@ -141,13 +163,15 @@ def test_lsq_is_the_dense_least_squares_optimum_and_beats_none():
 
 def test_paper_reweighting_formula():
     """s_j = ρ_j² √(r/k): centroid vectors scaled to their members' mean norm, output by √(r/k)."""
-    from mergekit_lora.algorithms.lego.reweight import centroids
+    from mergekit_lora.algorithms.lego.reweight import cluster_stats
 
     units = planted_units(groups=2, per=4, noise=0.3, seed=2)
     raw = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="none"), CTX)
     paper = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="paper"), CTX)
-    V = torch.cat([torch.cat([u.canonical().B.T, u.canonical().A], 1) for u in units])
-    c = centroids(V, torch.arange(8) // 4, 2, 10)  # the two planted groups (recovered, see the test above)
+    can = [u.canonical() for u in units]  # sign rule is stable here (one dominant |a| entry per group)
+    V = torch.cat([torch.cat([u.B.T, u.A], 1) for u in can])
+    Acat, Bcat = torch.cat([u.A for u in can]), torch.cat([u.B for u in can], 1)
+    c = cluster_stats(Acat @ Acat.T, Bcat.T @ Bcat, torch.arange(8) // 4, torch.ones(8, dtype=torch.float64), 2)
     norms = V.norm(dim=1)
     want_rho = torch.stack([norms[:4].mean() / V[:4].mean(0).norm(), norms[4:].mean() / V[4:].mean(0).norm()])
     assert torch.allclose(c.rho, want_rho)

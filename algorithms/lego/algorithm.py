@@ -7,14 +7,15 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_lora.adapter import Adapter
-from mergekit_lora.kmeans import kmeans, resolve_backend
+from mergekit_lora.fidelity import ModuleFidelity
+from mergekit_lora.kmeans import kmeans_gram, resolve_backend
 from mergekit_lora.registry import Algorithm, ModuleContext, register
 from mergekit_lora.units import RankUnits
 
 from .params import LegoParams
-from .pool import Pool, build_pool
+from .pool import PoolBatch, build_pools
 from .report import ModuleRecord, fidelity_section, report_files
-from .reweight import centroids, option_scales
+from .reweight import REWEIGHTS, cluster_stats, option_scales
 
 
 @register
@@ -22,15 +23,17 @@ class Lego(Algorithm):
     """Rank-wise k-means over the pooled canonical rank units of all inputs; centroids become units.
 
     Per module: every rank unit of every input (after its input weight) is one vector [b_i; a_i] in
-    canonical form (``pool.py``); k-means (k-means++ seeds from the module's seeded generator,
+    canonical form (``pool.py``: balanced; the sign is either left to k-means, which treats v and −v as
+    the same unit, or fixed by a rule); k-means (k-means++ seeds from the module's seeded generator,
     ``n_init`` restarts, Lloyd, deterministic empty-cluster re-seeding) groups them into k clusters
-    (``space``: whole vector as in the paper, or the A-/B-part); each cluster's mean vector is one unit
-    b̄_j ā_jᵀ of the merged rank-k module; then ``reweight`` (``reweight.py``): the paper's dual
-    reweighting, exact least-squares scales, or none.  Choices the paper leaves open, all parameters:
-    canonical form (balance + sign), the pool order (sorted by content, so results do not depend on
-    input order), empty clusters (re-seeded with the farthest point; when fewer distinct units than k
-    exist they stay empty and become zero units, so the rank is always k).  k ≥ pooled rank keeps the
-    pool itself (exact Σ wᵢ ΔWᵢ, no reweighting).  Same-shape modules are clustered as one batch.
+    (``space``: whole vector as in the paper, or the A-/B-part); each cluster's mean vector (members
+    sign-aligned) is one unit b̄_j ā_jᵀ of the merged rank-k module; then ``reweight``
+    (``reweight.py``): the paper's dual reweighting, exact least-squares scales, or none.  Choices the
+    paper leaves open, all parameters: canonical form, the pool order (sorted by content, so results do
+    not depend on input order), empty clusters (re-seeded with the farthest point; when fewer distinct
+    units than k exist they stay empty and become zero units, so the rank is always k).  k ≥ pooled
+    rank keeps the pool itself (exact Σ wᵢ ΔWᵢ, no reweighting).  Same-shape modules are clustered as
+    one batch, and everything but the final centroids is computed from the pool's N×N Gram matrices.
     """
 
     name = "lego"
@@ -42,15 +45,20 @@ class Lego(Algorithm):
         self.labels: list[str] = []
         self.meta: dict = {}
         self._params: LegoParams | None = None
+        self._fidelity: dict[str, ModuleFidelity] = {}
 
     def prepare(self, adapters: Sequence[Adapter], weights: Sequence[float], params: LegoParams) -> None:  # type: ignore[override]
-        self.records, self.labels = [], [a.label for a in adapters]
+        self.records, self.labels, self._fidelity = [], [a.label for a in adapters], {}
         self.meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}",
-                     "reweight": params.reweight, "space": params.space, "backend": params.backend}
+                     "reweight": params.reweight, "space": params.space, "backend": params.backend,
+                     "signs": params.signs}
         self._params = params
 
     def batch_limit(self, params: LegoParams) -> int:  # type: ignore[override]
         return params.batch_modules
+
+    def known_fidelity(self, name: str) -> ModuleFidelity | None:
+        return self._fidelity.pop(name, None)
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LegoParams,  # type: ignore[override]
                      ctx: ModuleContext) -> RankUnits:
@@ -60,52 +68,66 @@ class Lego(Algorithm):
                     ctxs: list[ModuleContext]) -> list[RankUnits]:
         self._params = params
         device = ctxs[0].device
-        pools = [build_pool(u, w, canonical=params.canonical, generator=c.generator("lego-order"), device=device)
-                 for u, w, c in zip(units, weights, ctxs)]
-        out_dtype = [RankUnits.concat(u).A.dtype for u in units]
-        sizes = {p.size for p in pools}
-        if len(sizes) != 1:  # the driver batches same shapes only; stay correct if called otherwise
-            return [r for i in range(len(pools)) for r in
-                    self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
-        n = sizes.pop()
+        if len({sum(u.rank for u in us) for us in units}) != 1:  # the driver batches same shapes only
+            return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
+        pool = build_pools(units, weights, canonical=params.canonical, signs=params.signs,
+                           generators=[c.generator("lego-order") for c in ctxs], device=device)
+        out_dtype = [_dtype_of(us) for us in units]
+        n = pool.size
         k = params.k_for(n)
         if k >= n:
-            return [self._exact(p, c.name, dt) for p, c, dt in zip(pools, ctxs, out_dtype)]
-        backend = resolve_backend(params.backend, device)
-        X = torch.stack([p.features(params.space) for p in pools])
-        res = kmeans(X, k, generators=[c.generator("lego-kmeans") for c in ctxs], backend=backend,
-                     n_init=params.n_init, max_iter=params.max_iter, device=device)
-        return [self._assemble(p, res.labels[m], k, params, c.name, dt)
-                for m, (p, c, dt) in enumerate(zip(pools, ctxs, out_dtype))]
+            labels = torch.arange(n).expand(len(units), n)
+            signs = torch.ones(len(units), n, dtype=torch.float64)
+        else:
+            res = kmeans_gram(pool.K(params.space), k, generators=[c.generator("lego-kmeans") for c in ctxs],
+                              backend=resolve_backend(params.backend, device), n_init=params.n_init,
+                              max_iter=params.max_iter, device=device,
+                              sign_invariant=params.canonical and params.signs == "invariant")
+            labels, signs = res.labels, res.signs_or_ones()
+        kk = min(k, n)
+        stats = [cluster_stats(pool.KA[m], pool.KB[m], labels[m], signs[m], kk) for m in range(len(units))]
+        scales = []
+        for m, (st, ctx) in enumerate(zip(stats, ctxs)):
+            t2 = float(pool.target_norm2[m])
+            if k >= n:
+                s, err2 = torch.ones(n, dtype=torch.float64), {o: 0.0 for o in REWEIGHTS}
+            else:
+                opts, err2 = option_scales(st, pool.mean_rank[m], t2)
+                s = opts[params.reweight]
+            scales.append(s)
+            m2 = float(s @ st.G @ s)
+            self._fidelity[ctx.name] = ModuleFidelity(ctx.name, t2**0.5, max(m2, 0.0) ** 0.5,
+                                                      err2[params.reweight] ** 0.5)
+            self._record(ModuleRecord(ctx.name, n, kk, k >= n, t2, err2, st.sizes.tolist()), pool.source[m],
+                         labels[m], st.cos, kk)
+        return self._assemble(pool, stats, scales, out_dtype)
 
-    # ------------------------------------------------------------------ per module
-    def _exact(self, pool: Pool, name: str, dtype: torch.dtype) -> RankUnits:
-        n = pool.size
-        self._record(ModuleRecord(name, n, n, True, pool.target.norm_sq(), {o: 0.0 for o in ("paper", "lsq", "none")}),
-                     pool, torch.arange(n), torch.ones(n), n)
-        return pool.target.to(dtype=dtype)
+    def _assemble(self, pool: PoolBatch, stats: list, scales: list[torch.Tensor],
+                  out_dtype: list[torch.dtype]) -> list[RankUnits]:
+        """The merged factors of the whole batch: ā_j = Σ_i W_ij a'_i, b̄_j = s_j Σ_i W_ij b'_i (two bmm)."""
+        dt = pool.A.dtype
+        W = pool.unsort(torch.stack([st.W for st in stats]))  # [M, N, k] over the input-order units
+        S = torch.stack(scales).to(device=W.device, dtype=dt)
+        A_out = torch.bmm((W * pool.ca[:, :, None]).transpose(1, 2), pool.A)
+        B_out = torch.bmm(pool.B, W * pool.cb[:, :, None] * S[:, None, :])
+        out = []
+        for m, st in enumerate(stats):
+            lab_src = pool.source[m]
+            src = torch.full((st.W.shape[1],), -1, dtype=torch.long)
+            for j in range(st.W.shape[1]):
+                members = lab_src[st.W[:, j].cpu() != 0].unique()
+                if len(members) == 1:
+                    src[j] = members[0]
+            merged = pool.template[m].with_factors(A_out[m], B_out[m], src).canonical()
+            out.append(merged.to(dtype=out_dtype[m]))
+        return out
 
-    def _assemble(self, pool: Pool, labels: torch.Tensor, k: int, params: LegoParams, name: str,
-                  dtype: torch.dtype) -> RankUnits:
-        c = centroids(pool.V, labels, k, pool.d_out)
-        t2 = pool.target.norm_sq()
-        scales, err2 = option_scales(c, pool.target.A, pool.target.B, pool.mean_rank, t2)
-        s = scales[params.reweight].to(c.B.dtype)
-        src = torch.full((k,), -1, dtype=torch.long)
-        for j in range(k):
-            members = pool.source[labels == j].unique()
-            if len(members) == 1:
-                src[j] = members[0]
-        merged = pool.target.with_factors(c.A, c.B * s[None, :], src).canonical()
-        self._record(ModuleRecord(name, pool.size, k, False, t2, err2, c.sizes.tolist()), pool, labels, c.cos, k)
-        return merged.to(dtype=dtype)
-
-    def _record(self, rec: ModuleRecord, pool: Pool, labels: torch.Tensor, cos: torch.Tensor, k: int) -> None:
+    def _record(self, rec: ModuleRecord, source: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, k: int) -> None:
         if self._params is not None and self._params.report:
             onehot = torch.nn.functional.one_hot(labels.cpu(), k)
             rec.sizes = onehot.sum(0).tolist()
-            for i in pool.source.unique().tolist():
-                rec.input_by_cluster[i] = onehot[pool.source == i].sum(0).tolist()
+            for i in source.unique().tolist():
+                rec.input_by_cluster[i] = onehot[source == i].sum(0).tolist()
             for j in range(k):
                 cj = cos[labels.cpu() == j]
                 rec.cos_mean.append(float(cj.mean()) if len(cj) else 1.0)
@@ -122,3 +144,11 @@ class Lego(Algorithm):
         if not self.records or self._params is None or not self._params.report:
             return {}
         return report_files(self.records, self.labels, self.meta)
+
+
+def _dtype_of(units: list[RankUnits]) -> torch.dtype:
+    """The dtype RankUnits.concat would give the pooled units."""
+    dt = units[0].A.dtype
+    for u in units:
+        dt = torch.promote_types(dt, torch.promote_types(u.A.dtype, u.B.dtype))
+    return dt

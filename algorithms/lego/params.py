@@ -22,8 +22,11 @@ class LegoParams(AlgorithmParams):
     n_init: int = Field(3, ge=1, description="k-means restarts (lowest inertia wins)")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations at most")
     canonical: bool = Field(True, description="canonicalise units before clustering (off only for ablations)")
+    signs: Literal["invariant", "rule"] = Field(
+        "invariant", description="invariant: k-means treats v and -v as the same unit; rule: fix each unit's "
+                                 "sign first (largest |a| entry positive; unstable on near-ties)")
     report: bool = Field(False, description="write lego_report.json/.md (cluster sizes, input×cluster, spread)")
-    batch_modules: int = Field(32, ge=1, description="same-shape modules clustered together (bounds memory)")
+    batch_modules: int = Field(8, ge=1, description="same-shape modules clustered together (bounds memory)")
 
     @model_validator(mode="after")
     def _one_k(self) -> LegoParams:

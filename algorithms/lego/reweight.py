@@ -1,8 +1,10 @@
-"""Centroids -> merged units, and the three reweighting options, all in factor space.
+"""Centroids -> merged units, and the three reweighting options, all from the pool's Gram matrices.
 
 For centroid units c_j = b_j a_jᵀ and the target T = Σ_i w_i ΔW_i (the pooled units p_i = β_i α_iᵀ):
 G_jl = ⟨c_j, c_l⟩ = (b_jᵀb_l)(a_jᵀa_l) and h_j = ⟨c_j, T⟩ = Σ_i (b_jᵀβ_i)(a_jᵀα_i), so for scales s
-‖Σ_j s_j c_j − T‖²_F = sᵀGs − 2sᵀh + ‖T‖²: every option's error costs a k×k and a k×N product.
+‖Σ_j s_j c_j − T‖²_F = sᵀGs − 2sᵀh + ‖T‖².  A centroid is a weighted sum of pooled vectors
+(weights W: sign / cluster size), so every one of these numbers is a product of W with the N×N
+pool Grams: the options and their errors cost O(N²k), not O(N·d).
 
 - ``none``: s_j = 1 (the raw centroids).
 - ``paper`` (dual reweighting, Zhao et al. 2025).  The paper's exact equations were not available to us
@@ -28,40 +30,48 @@ REWEIGHTS = ("paper", "lsq", "none")
 
 
 @dataclass(frozen=True)
-class Centroids:
-    A: torch.Tensor  # [k, d_in]
-    B: torch.Tensor  # [d_out, k]
+class ClusterStats:
+    """One module's clusters, in the sorted pool order; float64 on the CPU except ``W``."""
+
+    W: torch.Tensor  # [N, k] centroid j = Σ_i W_ij v'_i (sign_i / |C_j| for members, else 0)
+    G: torch.Tensor  # [k, k] ⟨c_j, c_l⟩ of the centroid units
+    h: torch.Tensor  # [k] ⟨c_j, T⟩
     sizes: torch.Tensor  # [k] members per cluster (0: empty cluster -> zero unit)
     rho: torch.Tensor  # [k] parameter-reweighting factor (mean member norm / centroid norm)
-    cos: torch.Tensor  # [N] cosine of each pooled vector to its centroid
+    cos: torch.Tensor  # [N] cosine of each (signed) pooled vector to its centroid
 
 
-def centroids(V: torch.Tensor, labels: torch.Tensor, k: int, d_out: int) -> Centroids:
-    """Member means of the full vectors [b; a] (also when clustering used the A- or B-part only)."""
-    lab = labels.to(V.device)
-    onehot = torch.nn.functional.one_hot(lab, k).to(V.dtype)  # [N, k]
-    sizes = onehot.sum(0)
-    C = (onehot.T @ V) / sizes.clamp_min(1)[:, None]
-    vnorm = V.norm(dim=1)
-    mean_norm = (onehot.T @ vnorm) / sizes.clamp_min(1)
-    cnorm = C.norm(dim=1)
+def cluster_stats(KA: torch.Tensor, KB: torch.Tensor, labels: torch.Tensor, signs: torch.Tensor,
+                  k: int) -> ClusterStats:
+    """Centroids of the full vectors [b; a] (also when clustering used the A- or B-part only), from the
+    canonical Grams KA, KB [N, N] of one module; ``labels``/``signs`` [N] from k-means."""
+    dt = KA.dtype
+    lab = labels.to(KA.device)
+    H = torch.nn.functional.one_hot(lab, k).to(dt)  # [N, k]
+    sizes = H.sum(0)
+    W = H * signs.to(KA.device, dt)[:, None] / sizes.clamp_min(1)[None, :]
+    KAW, KBW = KA @ W, KB @ W  # [N, k]
+    CA, CB = (W.T @ KAW).double(), (W.T @ KBW).double()  # centroid Grams ā_jᵀā_l, b̄_jᵀb̄_l
+    G = CA * CB
+    h = (KAW.double() * KBW.double()).sum(0)  # Σ_i (ā_jᵀa'_i)(b̄_jᵀb'_i): signs and balance cancel per unit
+    vnorm = torch.diagonal(KA + KB).double().clamp_min(0).sqrt()
+    cnorm = torch.diagonal(CA + CB).clamp_min(0).sqrt()
+    mean_norm = (H.double().T @ vnorm) / sizes.double().clamp_min(1)
     rho = torch.where(cnorm > 0, mean_norm / torch.where(cnorm > 0, cnorm, 1), torch.zeros_like(cnorm))
-    Cm = C[lab]
-    denom = vnorm * Cm.norm(dim=1)
-    cos = torch.where(denom > 0, (V * Cm).sum(1) / torch.where(denom > 0, denom, 1), torch.ones_like(denom))
-    return Centroids(C[:, d_out:], C[:, :d_out].T, sizes.long().cpu(), rho, cos.cpu())
+    dots = (KAW + KBW).double().gather(1, lab[:, None])[:, 0] * signs.to(KA.device).double()
+    denom = vnorm * cnorm[lab]
+    cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1), torch.ones_like(denom))
+    return ClusterStats(W, G.cpu(), h.cpu(), sizes.long().cpu(), rho.cpu(), cos.cpu())
 
 
-def option_scales(c: Centroids, pool_A: torch.Tensor, pool_B: torch.Tensor, mean_rank: float,
-                  target_norm2: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def option_scales(st: ClusterStats, mean_rank: float, target_norm2: float
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Scales s [k] and the squared error ‖Σ s_j c_j − T‖² for each option (float64)."""
-    A, B = c.A.double(), c.B.double()
-    G = (B.T @ B) * (A @ A.T)
-    h = ((B.T @ pool_B.double()) * (A @ pool_A.double().T)).sum(1)
-    k = A.shape[0]
+    G, h = st.G, st.h
+    k = G.shape[0]
     scales = {
-        "none": torch.ones(k, dtype=torch.float64, device=A.device),
-        "paper": c.rho.double() ** 2 * (mean_rank / k) ** 0.5,
+        "none": torch.ones(k, dtype=torch.float64),
+        "paper": st.rho ** 2 * (mean_rank / k) ** 0.5,
         "lsq": torch.linalg.pinv(G, hermitian=True) @ h,
     }
     err2 = {name: max(float(s @ G @ s - 2 * s @ h) + target_norm2, 0.0) for name, s in scales.items()}

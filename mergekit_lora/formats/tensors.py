@@ -32,6 +32,7 @@ class TensorSource:
         self.dtypes = dtypes
         self.metadata = metadata
         self._tensors = tensors
+        self._reader: _RangeReader | None = None
 
     @classmethod
     def open(cls, path: Path, *, allow_pickle: bool = False) -> TensorSource:
@@ -67,19 +68,59 @@ class TensorSource:
             t = self._tensors[key]
         else:
             try:
-                with safe_open(str(self.path), framework="pt") as f:
-                    t = f.get_tensor(key)
-            except (SafetensorError, OSError) as e:
+                if self._reader is None:
+                    self._reader = _RangeReader(self.path)
+                t = self._reader.read(key, self.dtypes[key], self.shapes[key])
+            except (SafetensorError, OSError, ValueError) as e:
                 raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({e})") from None
         if t.is_floating_point() and not all_finite(t):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return t
 
 
+class _RangeReader:
+    """Reads one tensor's byte range with plain file reads.
+
+    The file was validated by ``safe_open`` when the source was opened; reading ranges through one
+    kept file descriptor avoids re-parsing the header per tensor (safe_open) and keeps no mapping
+    alive, so resident memory stays one module's tensors however large the file is.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the source's lifetime
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(n))
+        self._base = 8 + n
+        self._ranges = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        start, end = self._ranges[key]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize != end - start:
+            raise ValueError(f"{end - start} bytes do not hold {dtype} {tuple(shape)}")
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())  # no zero-fill: read straight into it
+        self._file.seek(self._base + start)
+        got = 0
+        while got < len(view):
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise OSError(f"unexpected end of file reading {key}")
+            got += n
+        return out
+
+    def __del__(self) -> None:
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """True when no entry is NaN/Inf: one summing pass (a NaN/Inf entry makes the sum non-finite);
-    only a non-finite sum (or float32 overflow) pays for the exact elementwise check."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    """True when no entry is NaN/Inf: one summing pass in the tensor's own dtype (a NaN/Inf entry makes
+    the sum non-finite); only a non-finite sum (or an overflowing one) pays for the exact check."""
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 

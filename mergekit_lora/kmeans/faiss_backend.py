@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraMergeError
+from .torch_backend import initial_centres
 
 
 def make_lloyd(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -18,9 +19,9 @@ def make_lloyd(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.
         raise LoraMergeError("--backend faiss on CUDA needs faiss-gpu (pip install 'mergekit-lora[gpu]'); "
                              "use --backend torch or --device cpu")
 
-    def lloyd(X: torch.Tensor, K: torch.Tensor, seeds: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lloyd(X: torch.Tensor, K: torch.Tensor, init: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
         Xn = np.ascontiguousarray(X.detach().float().cpu().numpy())
-        Cn = np.ascontiguousarray(X[torch.arange(X.shape[0])[:, None], seeds.to(X.device)].detach().float().cpu().numpy())
+        Cn = np.ascontiguousarray(initial_centres(X, init).float().cpu().numpy())
         M, N, D = Xn.shape
         k = Cn.shape[1]
         labels = np.empty((M, N), dtype=np.int64)

@@ -7,13 +7,15 @@ import warnings
 import numpy as np
 import torch
 
+from .torch_backend import initial_centres
 
-def lloyd(X: torch.Tensor, K: torch.Tensor, seeds: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def lloyd(X: torch.Tensor, K: torch.Tensor, init: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
     Xn = X.detach().double().cpu().numpy()
-    Cn = X[torch.arange(X.shape[0])[:, None], seeds.to(X.device)].detach().double().cpu().numpy()
+    Cn = initial_centres(X, init).double().cpu().numpy()
     labels = np.empty(Xn.shape[:2], dtype=np.int64)
     inertia = np.empty(Xn.shape[0], dtype=np.float64)
     for m in range(Xn.shape[0]):
