@@ -25,6 +25,7 @@ def cluster(
     backend: Annotated[str, typer.Option(help="k-means backend: auto|torch|faiss|sklearn")] = "auto",
     reweight: Annotated[str, typer.Option(help="paper (dual reweighting) | lsq | none")] = "paper",
     space: Annotated[str, typer.Option(help="cluster [b;a] (concat, the paper), or the a / b part")] = "concat",
+    signs: Annotated[str, typer.Option(help="invariant (k-means treats v and -v as one unit) | rule (fix signs first)")] = "invariant",
     n_init: Annotated[int, typer.Option(help="k-means restarts")] = 3,
     max_iter: Annotated[int, typer.Option(help="Lloyd iterations at most")] = 100,
     seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
@@ -39,7 +40,7 @@ def cluster(
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
-              "n_init": n_init, "max_iter": max_iter, "report": report}
+              "signs": signs, "n_init": n_init, "max_iter": max_iter, "report": report}
     w = parse_floats(weights)
     recipe = recipe_from_cli(sources, "lego", out, weights=w, params=params, seed=seed, missing=missing, device=device,
                              dtype=dtype, output_format=output_format, allow_pickle=allow_pickle)

@@ -107,7 +107,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
         G = G.gather(1, od[:, :, None].expand(M, N, N)).gather(2, od[:, None, :].expand(M, N, N))
         return G * s[:, :, None] * s[:, None, :]
 
-    source = torch.stack([torch.cat([u.source for u in us]) for us in units]).gather(1, order)
+    source = torch.stack([torch.cat([u.source.cpu() for u in us]) for us in units]).gather(1, order)
     target_norm2 = (GA.double() * GB.double()).sum((1, 2)).clamp_min(0).cpu()
     mean_rank = [float(sum(u.rank for u in us)) / max(len(us), 1) for us in units]
     return PoolBatch(A, B, ca, cb, order, sorted_gram(GA, sa), sorted_gram(GB, sb), source, target_norm2,

@@ -2,8 +2,9 @@
 
 Writes N synthetic rank-r PEFT adapters with a Llama-7B layout (per layer q,k,v,o: hidden×hidden;
 gate, up: intermediate×hidden; down: hidden×intermediate) and times, each in a fresh subprocess:
-the I/O floor (read every input tensor + write an output of the merged size), and the lego merge
-with each k-means backend.  Peak RSS is measured per subprocess; the torch backend is also run at
+the I/O floor (read every input tensor + write an output of the merged size), the compute floor
+(only the two N×N Gram products per module, N = pooled rank, that exact k-means distances and the
+fidelity need), and the lego merge with each k-means backend.  Peak RSS is measured per subprocess; the torch backend is also run at
 a second layer count to show whether memory grows with the number of layers.
 
 Full size (the issue's target, ~1.3 GB of fp32 inputs): --layers 32 --hidden 4096 --intermediate 11008.
@@ -69,6 +70,27 @@ save_file(outt, out)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
+GRAM = """
+import sys, time, torch, resource
+from safetensors import safe_open
+paths = sys.argv[1].split(',')
+blocks = {}
+with safe_open(paths[0] + '/adapter_model.safetensors', 'pt') as f:
+    for key in f.keys():
+        if 'lora_A' in key:
+            mod = key[: -len('.lora_A.weight')]
+            blocks[mod] = (f.get_slice(key).get_shape(), f.get_slice(mod + '.lora_B.weight').get_shape())
+n = len(paths)
+torch.manual_seed(0)
+total = 0.0
+for (r, d_in), (d_out, _) in blocks.values():      # random factors of the pooled shapes, made outside the clock
+    A, B = torch.randn(n * r, d_in), torch.randn(d_out, n * r)
+    t = time.perf_counter()
+    GA, GB = A @ A.T, B.T @ B                         # the two N x N Grams exact k-means distances need
+    total += time.perf_counter() - t
+print(total, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
 RUN = """
 import sys, time, resource
 t0 = time.perf_counter()
@@ -108,6 +130,10 @@ def main() -> None:
         joined = ",".join(str(p) for p in paths)
         floor_s, floor_rss = run(FLOOR, joined, str(a.workdir / "floor.safetensors"), str(a.k))
         rows.append((layers, "I/O floor", floor_s, floor_rss, None, size))
+        if layers == a.layers:
+            gram_s, gram_rss = run(GRAM, joined)
+            rows.append((layers, "Gram floor (compute)", gram_s, gram_rss, None, size))
+            print(f"layers={layers} Gram products alone: {gram_s:.2f} s ({gram_s / floor_s:.2f}× I/O floor)", flush=True)
         for b in (a.backends.split(",") if layers == a.layers else ["torch"]):
             s, rss, err = run(RUN, joined, str(a.workdir / f"out-{b}"), str(a.k), b, a.device)
             rows.append((layers, b, s, rss, err, size))
