@@ -276,3 +276,40 @@ def test_cuda_matches_cpu(tmp_path, two_adapters):
     cpu = merge(list(two_adapters), "lego", tmp_path / "cpu", params={"k": 4}, device="cpu")
     gpu = merge(list(two_adapters), "lego", tmp_path / "gpu", params={"k": 4}, device="cuda")
     assert gpu.fidelity["overall"]["rel_error"] == pytest.approx(cpu.fidelity["overall"]["rel_error"], rel=1e-3)
+
+
+def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapters):
+    """batch_modules only changes how modules are grouped (q/v/o interleave per layer, the driver groups
+    same shapes across layers): the merge is the same; LEGO's own fidelity rows equal a fresh
+    factor-space measurement of the written output against Σ wᵢ ΔWᵢ."""
+    from mergekit_lora.fidelity import module_fidelity, weighted_target
+
+    seen = []
+    cls = type(lego)
+    orig = cls.merge_batch
+
+    def spy(self, units, weights, params, ctxs):
+        seen.append([c.name for c in ctxs])
+        return orig(self, units, weights, params, ctxs)
+
+    cls.merge_batch = spy
+    try:
+        r8 = merge(list(two_adapters), "lego", tmp_path / "b8", params={"k": 5, "batch_modules": 8}, weights=[1.0, 0.5])
+    finally:
+        cls.merge_batch = orig
+    r1 = merge(list(two_adapters), "lego", tmp_path / "b1", params={"k": 5, "batch_modules": 1}, weights=[1.0, 0.5])
+    a8, a1 = load_adapter(tmp_path / "b8"), load_adapter(tmp_path / "b1")
+    ins = [load_adapter(p) for p in two_adapters]
+    layer = {n: n.split(".layers.")[1].split(".")[0] for n in a8.module_names()}
+    assert any(len({layer[n] for n in b}) > 1 for b in seen)  # batches span layers
+    for b in seen:  # and hold one shape each
+        assert len({(ins[0].modules[n].d_out, ins[0].modules[n].d_in) for n in b}) == 1
+    rows = {row.name: row for row in r8.rows}
+    assert len(rows) == len(a8.module_names())
+    for n in a8.module_names():
+        assert rel(a8.units(n).delta(), a1.units(n).delta()) < 1e-5
+        fresh = module_fidelity(n, a8.units(n).to(dtype=torch.float64),
+                                weighted_target([i.units(n).to(dtype=torch.float64) for i in ins], [1.0, 0.5]))
+        assert rows[n].error_norm == pytest.approx(fresh.error_norm, rel=1e-4)
+        assert rows[n].target_norm == pytest.approx(fresh.target_norm, rel=1e-5)
+    assert r1.fidelity["overall"]["rel_error"] == pytest.approx(r8.fidelity["overall"]["rel_error"], rel=1e-5)
