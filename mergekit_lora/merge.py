@@ -196,7 +196,8 @@ def merge(
                                          [m.name for m in plan.modules])
         with atomic_output(Path(out), force) as tmp:
             config = write_adapter(fmt, tmp, stream, adapters, dtype=out_dtype, target_modules=targets,
-                                   method=method, recipe={"params": p.model_dump(), "weights": w, "seed": seed})
+                                   method=method, recipe={"params": p.model_dump(), "weights": w, "seed": seed},
+                                   module_names=[m.name for m in plan.modules])
             summary = summarize(rows)
             sections = list(card_sections or []) + _report_section(algo.report())
             card = CardInfo(

@@ -1,4 +1,4 @@
-"""The range reader behind TensorSource.get: byte-exact against safetensors' own loader."""
+"""Our safetensors IO against the safetensors library: the range reader and the streaming writer."""
 
 import pytest
 import torch
@@ -37,3 +37,54 @@ def test_truncated_file_is_one_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])  # cut after the header was read
     with pytest.raises(LoraMergeError, match="cannot read tensor x"):
         src.get("x")
+
+
+def test_streaming_writer_round_trips_and_is_byte_deterministic(tmp_path):
+    """safetensors 0.8 orders __metadata__ from a HashMap; our writer must not inherit that randomness."""
+    from mergekit_lora.formats.safetensors_stream import SafetensorsStream
+
+    g = torch.Generator().manual_seed(1)
+    t = {"z.w": torch.randn(3, 4, generator=g), "a.h": torch.randn(5, generator=g).half(),
+         "m.empty": torch.zeros(0, 3), "b.bf": torch.randn(2, 2, generator=g).bfloat16(),
+         "c.t": torch.randn(4, 3, generator=g).T}  # non-contiguous input
+    meta = {"format": "pt", "mergekit_lora.method": "linear", "z": "ü"}
+    blobs = set()
+    for i in range(4):
+        with SafetensorsStream(tmp_path / f"{i}.safetensors", meta) as st:
+            for k, v in t.items():
+                st.add(k, v)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.safetensors" for i in range(4)]  # no temp left
+    back = load_file(str(tmp_path / "0.safetensors"))
+    assert sorted(back) == sorted(t) and all(torch.equal(back[k], v) for k, v in t.items())
+    assert TensorSource.open(tmp_path / "0.safetensors").metadata == meta
+
+
+def test_streaming_writer_leaves_nothing_on_error(tmp_path):
+    from mergekit_lora.formats.safetensors_stream import SafetensorsStream
+
+    with pytest.raises(ValueError, match="already written"), SafetensorsStream(tmp_path / "x.safetensors") as st:
+        st.add("a", torch.ones(2))
+        st.add("a", torch.ones(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("budget", ["bound", "too-small"])
+def test_streaming_writer_with_a_reserved_header(tmp_path, budget):
+    """With a header budget the data goes straight behind a reserved (space-padded) header; a budget
+    that turns out too small falls back to moving the data.  Either way safetensors reads it back."""
+    from mergekit_lora.formats.safetensors_stream import SafetensorsStream, header_budget
+
+    t = {f"base_model.model.layers.{i}.q_proj.lora_{ab}.weight": torch.randn(4, 6) for i in range(5) for ab in "AB"}
+    meta = {"format": "pt"}
+    n = header_budget(list(t), meta) if budget == "bound" else 16
+    with SafetensorsStream(tmp_path / "x.safetensors", meta, header_budget=n) as st:
+        for k, v in t.items():
+            st.add(k, v)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in t.items())
+    size = (tmp_path / "x.safetensors").stat().st_size
+    data = sum(v.numel() * 4 for v in t.values())
+    assert (size - data - 8) % 8 == 0 and (size - data - 8 <= n + 8 if budget == "bound" else True)

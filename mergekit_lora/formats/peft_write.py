@@ -14,7 +14,7 @@ import torch
 from ..adapter import AdapterMeta
 from ..units import RankUnits
 from .peft_read import PEFT_PREFIX
-from .tensors import save_safetensors
+from .safetensors_stream import SafetensorsStream, header_budget
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -110,17 +110,25 @@ def carried_target_modules(metas: Sequence[AdapterMeta], input_modules: Sequence
 
 def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: AdapterMeta, *,
                dtype: torch.dtype | None = None, target_modules: Sequence[str] | str | None = None,
-               metadata: dict[str, str] | None = None) -> dict[str, Any]:
+               metadata: dict[str, str] | None = None, expected_modules: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (an existing folder,
-    normally the temp folder of :func:`mergekit_lora.atomic.atomic_output`).  Returns the config."""
+    normally the temp folder of :func:`mergekit_lora.atomic.atomic_output`).  Returns the config.
+
+    ``expected_modules`` (the names ``modules`` will yield) lets the tensors stream straight into the
+    file behind a reserved header instead of through a temp file."""
     out_dir = Path(out_dir)
     dtype = dtype or meta.dtype
-    tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    for name, u in modules:
-        tensors.update(peft_tensors(name, u, dtype))
-        ranks[name] = max(u.rank, 1)
+    md = {"format": "pt", **(metadata or {})}
+    budget = None
+    if expected_modules is not None:  # the longest key form a module can take (embedding keys)
+        budget = header_budget([f"{PEFT_PREFIX}{n}.lora_embedding_{ab}" for n in expected_modules for ab in "AB"], md)
+    # streamed: each module's tensors go to disk as they arrive, so memory does not grow with the output
+    with SafetensorsStream(out_dir / WEIGHTS_NAME, metadata=md, header_budget=budget) as st:
+        for name, u in modules:
+            for key, t in peft_tensors(name, u, dtype).items():
+                st.add(key, t)
+            ranks[name] = max(u.rank, 1)
     cfg = peft_config(ranks, meta, target_modules=target_modules)
-    save_safetensors(tensors, out_dir / WEIGHTS_NAME, metadata={"format": "pt", **(metadata or {})})
     (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from ..errors import LoraMergeError
 
@@ -155,18 +155,8 @@ def _sorted_header(raw: bytes) -> bytes:
     return out + b" " * (len(raw) - len(out))
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` with a deterministic header (rewritten in place)."""
-    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        f.seek(8)
-        f.write(_sorted_header(raw))
-
-
 def canonical_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """The bytes :func:`save_safetensors` would write (for hashing before writing)."""
+    """A whole safetensors file as bytes with a deterministic header (hashed before writing: SD formats)."""
     blob = save(dict(tensors), dict(metadata))
     (n,) = struct.unpack("<Q", blob[:8])
     return blob[:8] + _sorted_header(blob[8:8 + n]) + blob[8 + n:]

@@ -14,15 +14,17 @@ from ..units import RankUnits
 from .peft_write import write_peft
 
 # A writer: (out_dir, modules, input adapters, dtype, target_modules, method, **extra) -> config dict.
-# ``extra`` may hold ``recipe`` (params, weights, seed) for formats that record it in their header.
+# ``extra`` may hold ``recipe`` (params, weights, seed) for formats that record it in their header, and
+# ``module_names`` (the modules that will arrive, in plan order) for writers that can use it.
 Writer = Callable[..., dict[str, Any]]
 
 
 def _peft_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                 dtype: torch.dtype, target_modules: list[str] | None, method: str, **_: Any) -> dict[str, Any]:
+                 dtype: torch.dtype, target_modules: list[str] | None, method: str,
+                 module_names: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
     meta = output_meta(adapters)
     return write_peft(out_dir, modules, meta, dtype=dtype, target_modules=target_modules,
-                      metadata={"mergekit_lora.method": method})
+                      metadata={"mergekit_lora.method": method}, expected_modules=module_names)
 
 
 WRITERS: dict[str, Writer] = {"peft": _peft_writer}
@@ -56,9 +58,11 @@ def default_output_format(adapters: Sequence[Adapter]) -> str:
 
 def write_adapter(fmt: str, out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter],
                   *, dtype: torch.dtype, target_modules: list[str] | None = None, method: str = "",
-                  recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+                  recipe: dict[str, Any] | None = None, module_names: Sequence[str] | None = None) -> dict[str, Any]:
     if fmt not in WRITERS:
         raise LoraMergeError(f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
-    extra = {"recipe": recipe} if recipe is not None else {}
+    extra: dict[str, Any] = {"recipe": recipe} if recipe is not None else {}
+    if module_names is not None:
+        extra["module_names"] = list(module_names)
     return WRITERS[fmt](out_dir, modules, adapters, dtype=dtype, target_modules=target_modules, method=method,
                         **extra)

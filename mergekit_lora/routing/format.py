@@ -285,7 +285,7 @@ def iter_static(modules: Iterable[tuple[str, RoutedUnits]]) -> Iterator[tuple[st
 
 def routed_writer(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], adapters: Sequence[Adapter], *,
                   dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                  recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+                  recipe: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
     """The driver's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card."""
     from ..formats.writers import output_meta
 
