@@ -102,11 +102,22 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
+REPEAT = 1
+
+
 def run(code: str, *args: str) -> list[float]:
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"benchmark child failed:\n{res.stderr[-3000:]}")
-    return [float(x) for x in res.stdout.strip().splitlines()[-1].split()]
+    """The child's numbers; with --repeat N the run with the lowest time of N fresh processes (the
+    shared development machine's noise is one-sided: other load only ever adds time)."""
+    best: list[float] | None = None
+    for _ in range(REPEAT):
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"benchmark child failed:\n{res.stderr[-3000:]}")
+        got = [float(x) for x in res.stdout.strip().splitlines()[-1].split()]
+        if best is None or got[0] < best[0]:
+            best = got
+    assert best is not None
+    return best
 
 
 def main() -> None:
@@ -122,7 +133,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu|cuda|auto (the torch backend batches on CUDA)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lego-bench"))
     ap.add_argument("--out", type=Path, default=None, help="markdown file to write the results to")
+    ap.add_argument("--repeat", type=int, default=1, help="fresh processes per row; the fastest is kept")
     a = ap.parse_args()
+    global REPEAT
+    REPEAT = a.repeat
     rows = []
     for layers in (a.layers, a.mem_layers):
         paths = make_adapters(a.workdir, a.adapters, layers, a.hidden, a.intermediate, a.rank)
@@ -144,7 +158,8 @@ def main() -> None:
              f"gate,up {a.intermediate}×{a.hidden}; down {a.hidden}×{a.intermediate}); device {a.device} "
              f"({torch.cuda.get_device_name(0) if a.device != 'cpu' and torch.cuda.is_available() else 'CPU'}), "
              f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-             "n_init 3, max_iter 100, reweight paper.  Each row is a fresh process; times exclude imports.", "",
+             f"n_init 3, max_iter 100, reweight paper.  Each row is the fastest of {a.repeat} fresh process(es); "
+             "times exclude imports.", "",
              "| layers | inputs (MiB) | run | seconds | × I/O floor | peak RSS (MiB) | rel. error |",
              "|---|---|---|---|---|---|---|"]
     floors = {r[0]: r[2] for r in rows if r[1] == "I/O floor"}
