@@ -75,7 +75,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
         at = 0
         for u, w in zip(us, ws):
             A[m, at:at + u.rank].copy_(u.A)
-            torch.mul(u.B, w, out=B[m, :, at:at + u.rank])
+            torch.mul(u.B.to(dt), w, out=B[m, :, at:at + u.rank])  # in the work dtype, not the input
             at += u.rank
     GA = torch.bmm(A, A.transpose(1, 2))
     GB = torch.bmm(B.transpose(1, 2), B)
