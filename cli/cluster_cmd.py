@@ -10,7 +10,19 @@ import typer
 from mergekit_lora.merge import merge as run_merge
 from mergekit_lora.recipe import recipe_from_cli
 
-from .common import console, parse_floats, user_errors
+from .common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmitRecipeOpt,
+    ForceOpt,
+    FormatOpt,
+    MissingOpt,
+    SeedOpt,
+    console,
+    parse_floats,
+    user_errors,
+)
 from .merge_cmd import emit
 from .report import print_fidelity
 
@@ -28,15 +40,15 @@ def cluster(
     signs: Annotated[str, typer.Option(help="invariant (k-means treats v and -v as one unit) | rule (fix signs first)")] = "invariant",
     n_init: Annotated[int, typer.Option(help="k-means restarts")] = 3,
     max_iter: Annotated[int, typer.Option(help="Lloyd iterations at most")] = 100,
-    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
+    seed: SeedOpt = 0,
     report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
-    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")] = None,
-    output_format: Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
-    emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
+    missing: MissingOpt = "union",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output_format: FormatOpt = None,
+    force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    emit_recipe: EmitRecipeOpt = None,
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,

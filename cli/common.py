@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -52,3 +52,14 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = yaml.safe_load(v)
     return out
+
+
+# Options shared by the commands that write an adapter (one definition, one help text).
+SeedOpt = Annotated[int, typer.Option(help="seed for everything random")]
+MissingOpt = Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")]
+DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda")]
+DtypeOpt = Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")]
+ForceOpt = Annotated[bool, typer.Option(help="replace an existing output")]
+AllowPickleOpt = Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")]
+EmitRecipeOpt = Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")]

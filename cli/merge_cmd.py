@@ -12,7 +12,20 @@ from mergekit_lora.merge import merge as run_merge
 from mergekit_lora.recipe import recipe_from_cli
 from mergekit_lora.registry import get_algorithm
 
-from .common import console, parse_floats, parse_kv, user_errors
+from .common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmitRecipeOpt,
+    ForceOpt,
+    FormatOpt,
+    MissingOpt,
+    SeedOpt,
+    console,
+    parse_floats,
+    parse_kv,
+    user_errors,
+)
 from .report import print_fidelity
 
 # Shortcut flags -> parameter names; passed only when set, and only to a method that takes them.
@@ -58,15 +71,15 @@ def merge(
     density: Annotated[float | None, typer.Option(help="fraction of entries kept (ties, dare, magnitude_prune)")] = None,
     lambda_: Annotated[float | None, typer.Option("--lambda", help="scale of the merged update (ties)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any method parameter: key=value")] = None,
-    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
-    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")] = None,
-    output_format: Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
+    seed: SeedOpt = 0,
+    missing: MissingOpt = "union",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output_format: FormatOpt = None,
+    force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     ignore_modules_to_save: Annotated[bool, typer.Option(help="drop modules_to_save tensors instead of refusing")] = False,
-    emit_recipe: Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")] = None,
+    emit_recipe: EmitRecipeOpt = None,
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)

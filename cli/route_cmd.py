@@ -10,7 +10,7 @@ import typer
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.routing import route as run_route
 
-from .common import console, parse_floats, user_errors
+from .common import DeviceOpt, ForceOpt, MissingOpt, SeedOpt, console, parse_floats, user_errors
 
 
 def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
@@ -43,10 +43,10 @@ def route(
     bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
     export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
                                                      "as a PEFT adapter (needs --calibrate)")] = False,
-    seed: Annotated[int, typer.Option(help="seed for everything random")] = 0,
-    missing: Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")] = "union",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    seed: SeedOpt = 0,
+    missing: MissingOpt = "union",
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
     if router not in ("implicit", "gate"):

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mergekit_lora.recipe_plan import ResolvedRecipe, load_recipe, run_recipe
 
-from .common import console, user_errors
+from .common import ForceOpt, console, user_errors
 from .report import print_fidelity
 
 
@@ -59,7 +59,7 @@ def print_plan(resolved: ResolvedRecipe) -> None:
 def run(
     recipe: Annotated[Path, typer.Argument(help="a YAML merge recipe")],
     dry_run: Annotated[bool, typer.Option(help="validate and print the resolved plan; merge nothing")] = False,
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Run a YAML merge recipe (validated up front: every problem is listed with its line)."""
     resolved = load_recipe(recipe, force=force or dry_run, check_token=not dry_run)
