@@ -13,9 +13,9 @@ from mergekit_lora.registry import Algorithm, ModuleContext, register
 from mergekit_lora.units import RankUnits
 
 from .params import LegoParams
-from .pool import PoolBatch, build_pools
+from .pool import PoolBatch, build_pools, pooled_dtype
 from .report import ModuleRecord, fidelity_section, report_files
-from .reweight import REWEIGHTS, cluster_stats, option_scales
+from .reweight import REWEIGHTS, ClusterStats, cluster_stats, option_scales
 
 
 @register
@@ -72,7 +72,7 @@ class Lego(Algorithm):
             return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
         pool = build_pools(units, weights, canonical=params.canonical, signs=params.signs,
                            generators=[c.generator("lego-order") for c in ctxs], device=device)
-        out_dtype = [_dtype_of(us) for us in units]
+        out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
         k = params.k_for(n)
         if k >= n:
@@ -102,7 +102,7 @@ class Lego(Algorithm):
                          labels[m], st.cos, kk)
         return self._assemble(pool, stats, scales, out_dtype)
 
-    def _assemble(self, pool: PoolBatch, stats: list, scales: list[torch.Tensor],
+    def _assemble(self, pool: PoolBatch, stats: list[ClusterStats], scales: list[torch.Tensor],
                   out_dtype: list[torch.dtype]) -> list[RankUnits]:
         """The merged factors of the whole batch: ā_j = Σ_i W_ij a'_i, b̄_j = s_j Σ_i W_ij b'_i (two bmm)."""
         dt = pool.A.dtype
@@ -112,10 +112,10 @@ class Lego(Algorithm):
         B_out = torch.bmm(pool.B, W * pool.cb[:, :, None] * S[:, None, :])
         out = []
         for m, st in enumerate(stats):
-            lab_src = pool.source[m]
-            src = torch.full((st.W.shape[1],), -1, dtype=torch.long)
-            for j in range(st.W.shape[1]):
-                members = lab_src[st.W[:, j].cpu() != 0].unique()
+            member = st.W.cpu() != 0  # [N, k]
+            src = torch.full((member.shape[1],), -1, dtype=torch.long)
+            for j in range(member.shape[1]):
+                members = pool.source[m][member[:, j]].unique()
                 if len(members) == 1:
                     src[j] = members[0]
             merged = pool.template[m].with_factors(A_out[m], B_out[m], src).canonical()
@@ -145,10 +145,3 @@ class Lego(Algorithm):
             return {}
         return report_files(self.records, self.labels, self.meta)
 
-
-def _dtype_of(units: list[RankUnits]) -> torch.dtype:
-    """The dtype RankUnits.concat would give the pooled units."""
-    dt = units[0].A.dtype
-    for u in units:
-        dt = torch.promote_types(dt, torch.promote_types(u.A.dtype, u.B.dtype))
-    return dt

@@ -7,8 +7,8 @@ balance the same direction appears at any split c·b, a/c, and k-means clusters 
 
 Everything LEGO needs — k-means distances, centroid norms, reweighting Grams, fidelity — is a
 function of the two N×N Gram matrices GA = A Aᵀ and GB = BᵀB of the raw pooled factors, because
-balancing and signs are diagonal scalings of them.  So a module costs two N²·d products (the I/O
-floor's order of work); centroids are one k·N·d product at the end.
+balancing and signs are diagonal scalings of them.  So a module costs two N²·d products; the
+centroids are one k·N·d product at the end.
 
 The pool is ordered by content (sort key: ‖v_i‖², then |⟨v_i, r⟩| for a seeded random r), so the
 merge does not depend on the order of units or inputs for a given seed.
@@ -55,6 +55,14 @@ class PoolBatch:
         return out
 
 
+def pooled_dtype(units: list[RankUnits]) -> torch.dtype:
+    """The dtype RankUnits.concat gives these units (the merged module's output dtype)."""
+    dt = units[0].A.dtype
+    for u in units:
+        dt = torch.promote_types(dt, torch.promote_types(u.A.dtype, u.B.dtype))
+    return dt
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The inputs' own precision, at least float32 (float64 inputs keep float64)."""
     return torch.promote_types(dtype, torch.float32)
@@ -64,10 +72,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
                 generators: list[torch.Generator], device: torch.device) -> PoolBatch:
     """Weight and pool each module's units, then the canonical sorted Grams (``generators``: sort keys)."""
     first = units[0][0]
-    dt = first.A.dtype
-    for u in (u for us in units for u in us):
-        dt = torch.promote_types(dt, torch.promote_types(u.A.dtype, u.B.dtype))
-    dt = work_dtype(dt)
+    dt = work_dtype(pooled_dtype([u for us in units for u in us]))
     M, N, d_in, d_out = len(units), sum(u.rank for u in units[0]), first.d_in, first.d_out
     A = torch.empty(M, N, d_in, dtype=dt, device=device)
     B = torch.empty(M, d_out, N, dtype=dt, device=device)

@@ -41,12 +41,10 @@ class SafetensorsStream:
         self.path = Path(path)
         self._metadata = dict(sorted((metadata or {}).items()))
         self._reserved = None if header_budget is None else header_budget + (-header_budget % 8)
-        if self._reserved is None:
-            self._data_path = self.path.with_name(self.path.name + ".data.tmp")
-            self._data = open(self._data_path, "w+b")  # noqa: SIM115 - closed in close()/abort()
-        else:
-            self._data_path = self.path
-            self._data = open(self.path, "w+b")  # noqa: SIM115
+        self._tmp_path = self.path.with_name(self.path.name + ".data.tmp")
+        self._data_path = self._tmp_path if self._reserved is None else self.path  # where the data goes
+        self._data = open(self._data_path, "w+b")  # noqa: SIM115 - closed in close()/abort()
+        if self._reserved is not None:
             self._data.seek(8 + self._reserved)
         self._entries: dict[str, dict[str, Any]] = {}
         self._offset = 0
@@ -78,8 +76,8 @@ class SafetensorsStream:
             self._data.close()
             return
         if self._reserved is not None:  # the header outgrew its budget: move the data behind it
-            os.replace(self.path, self._data_path.with_name(self.path.name + ".data.tmp"))
-            self._data_path = self.path.with_name(self.path.name + ".data.tmp")
+            os.replace(self.path, self._tmp_path)
+            self._data_path = self._tmp_path
         self._data.seek(0 if self._reserved is None else 8 + self._reserved)
         with open(self.path, "wb") as out:
             out.write(struct.pack("<Q", len(raw)))

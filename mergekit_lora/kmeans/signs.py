@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .torch_backend import sq_dist
-
 
 def flip_step(Ks: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flip [M, N] bool, centre weights W [M, N, k]) for the labelled signed points."""
     H = torch.nn.functional.one_hot(labels, k).to(Ks.dtype)
     W = H / H.sum(1).clamp_min(1)[:, None, :]
     kd = torch.diagonal(Ks, dim1=1, dim2=2)
-    keep = sq_dist(Ks, kd, W).min(-1).values
     KW = torch.bmm(Ks, W)
     cc = (W * KW).sum(1)
-    flipped = (kd[:, :, None] + 2 * KW + cc[:, None, :]).clamp_min(0).min(-1).values
+    keep = (kd[:, :, None] - 2 * KW + cc[:, None, :]).clamp_min(0).min(-1).values  # ‖x − c‖², nearest c
+    flipped = (kd[:, :, None] + 2 * KW + cc[:, None, :]).clamp_min(0).min(-1).values  # ‖−x − c‖²
     scale = kd + cc.max(-1, keepdim=True).values
     return flipped < keep - 1e-9 * scale, W
