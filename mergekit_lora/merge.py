@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import checks  # reliability checks (issue 14); the plan step will own these calls
 from .adapter import Adapter
 from .atomic import atomic_output, check_output
 from .card import CardInfo, SourceInfo, render_card
@@ -171,11 +172,19 @@ def merge(
     check_missing(missing)
     algo = get_algorithm(method)
     p = params if isinstance(params, AlgorithmParams) else parse_params(algo, dict(params or {}))
+    checks.finite_numbers("parameters", p)  # issue 14 (plan step)
+    checks.finite_numbers("weights", list(weights or []))  # issue 14 (plan step)
     if out is not None:
+        checks.output_not_input(out, [s for s in sources if not isinstance(s, Adapter)])  # issue 14 (plan step)
+        checks.output_path_ok(out)  # issue 14 (plan step)
         check_output(Path(out), force)
     dev = resolve_device(device)
     adapters = align_names([s if isinstance(s, Adapter) else load_adapter(s, **(load_options or {})) for s in sources])
+    if out is not None:  # issue 14 (plan step): hub sources resolve to local files only now
+        checks.output_not_input(out, [q for a in adapters if a.path is not None for q in checks.input_locations(a.path)])
     w = check_weights(weights, len(adapters))
+    if overrides is not None:  # issue 14 (plan step): per-module recipe values are finite too
+        overrides = _checked_overrides(overrides)
     plan = check_compatible(adapters, missing)
     out_dtype = resolve_dtype(dtype, adapters)
     fmt = output_format or algo.output_format or default_output_format(adapters)
@@ -187,6 +196,7 @@ def merge(
     rows: list[ModuleFidelity] = []
     stream = merge_modules(adapters, algo, p, w, plan, device=dev, seed=seed, fidelity=rows, progress=progress,
                            overrides=overrides)
+    stream = checks.finite_units(stream, out_dtype)  # issue 14: every output tensor finite before the rename
     config: dict[str, Any] = {}
     if out is None:
         for _ in stream:
@@ -215,6 +225,16 @@ def merge(
                 (tmp / fname).write_text(text)
     return MergeResult(Path(out) if out else None, len(plan.modules), summarize(rows),
                        time.perf_counter() - t0, rows, config, algo.report())
+
+
+def _checked_overrides(overrides: ModuleOverride) -> ModuleOverride:
+    """Issue 14: the recipe's per-module parameters and weights are refused when not finite."""
+    def checked(name: str) -> tuple[AlgorithmParams, Sequence[float]]:
+        p, w = overrides(name)
+        checks.finite_numbers(f"parameters of {name}", p)
+        checks.finite_numbers(f"weights of {name}", list(w))
+        return p, w
+    return checked
 
 
 def _report_section(report: dict[str, Any]) -> list[tuple[str, str]]:
