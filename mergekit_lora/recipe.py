@@ -30,7 +30,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import LoraMergeError
-from .yaml_lines import Loc, format_loc, line_of, load_yaml_with_lines
+from .yaml_lines import Loc, format_loc, line_of, load_yaml_with_lines, read_text_utf8
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -94,6 +94,9 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
+MAX_SHOWN = 50  # problems printed; the rest are counted
+
+
 class Problems:
     """Collects ``path (line N): message`` problems; raised together as one :class:`LoraMergeError`."""
 
@@ -101,19 +104,25 @@ class Problems:
         self.name = name
         self.lines = lines
         self.items: list[tuple[int, str, str]] = []
+        self._seen: set[tuple[int, str, str]] = set()  # linear de-duplication (issue 14)
 
     def add(self, loc: Loc, message: str) -> None:
         item = (line_of(self.lines, loc), format_loc(loc), message)
-        if item not in self.items:
+        if item not in self._seen:
+            self._seen.add(item)
             self.items.append(item)
 
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        rows = [f"{path} (line {line}): {msg}" for line, path, msg in sorted(self.items, key=lambda x: x[0])]
-        if len(rows) == 1:
+        ordered = sorted(self.items, key=lambda x: x[0])
+        rows = [f"{path} (line {line}): {msg}" for line, path, msg in ordered[:MAX_SHOWN]]
+        if len(ordered) == 1:
             raise LoraMergeError(f"{self.name}: {rows[0]}")
-        raise LoraMergeError(f"{self.name}: {len(rows)} problems in the recipe:\n" + "\n".join(f"  - {r}" for r in rows))
+        more = len(ordered) - len(rows)
+        tail = f"\n  … and {more} more (fix these first)" if more else ""
+        raise LoraMergeError(f"{self.name}: {len(ordered)} problems in the recipe:\n"
+                             + "\n".join(f"  - {r}" for r in rows) + tail)
 
 
 def _pydantic_message(err: dict[str, Any]) -> str:
@@ -138,7 +147,7 @@ def read_recipe_text(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
         raise LoraMergeError(f"{p}: no such recipe file")
-    return p.read_text()
+    return read_text_utf8(p)  # issue 14: non-UTF-8 bytes are one error
 
 
 def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
