@@ -7,18 +7,19 @@ either succeed with finite output tensors or end with one `error:` line and exit
 never another exception, never more than 10 s (hypothesis' deadline).
 
 A fixed seed (``derandomize``) and 300 examples by default; ``pytest --fuzz-long tests/test_fuzz.py``
-runs 10,000.
+runs 10,000 (``LORAMERGE_FUZZ_EXAMPLES=N`` any count, ``LORAMERGE_FUZZ_SEED=N`` another sequence).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from reliab_helpers import PEFT_W, diffusers_tensors, kohya_tensors, peft_config, peft_tensors, write_peft
 from safetensors import safe_open
@@ -155,17 +156,18 @@ def finite_output(folder: Path) -> None:
 
 
 def fuzz_settings(request_examples: int):
-    return settings(max_examples=request_examples, deadline=10_000, derandomize=True, database=None,
+    # LORAMERGE_FUZZ_SEED=N explores another sequence (reproducible with the same N); default: derandomized
+    return settings(max_examples=request_examples, deadline=10_000, database=None,
+                    derandomize="LORAMERGE_FUZZ_SEED" not in os.environ,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture], print_blob=True)
 
 
 def _examples() -> int:
-    import os
-
     return int(os.environ.get("LORAMERGE_FUZZ_EXAMPLES", "300"))
 
 
+@seed(int(os.environ.get("LORAMERGE_FUZZ_SEED", "0")))
 @fuzz_settings(_examples())
 @given(m=mutation(), method=st.sampled_from([["linear"], ["cat"], ["ties", "--density", "0.5"], ["svd", "-p", "rank=2"]]))
 def test_mutated_adapters_never_crash(m, method):
