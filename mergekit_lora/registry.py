@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import LoraMergeError
 
 if TYPE_CHECKING:
+    from .adapter import ModuleInfo
     from .fidelity import ModuleFidelity
     from .units import RankUnits
 
@@ -97,6 +98,11 @@ class Algorithm(Generic[P]):
         of layers.
         """
         return 1
+
+    def check_module(self, name: str, infos: Sequence[ModuleInfo], params: P) -> str | None:
+        """Why module ``name`` cannot be merged with ``params``, from its inputs' headers (``plan`` asks this
+        before any tensor is read); None: it can.  Default: every module can."""
+        return None
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
                      ctx: ModuleContext) -> MergedModule:

@@ -262,6 +262,12 @@ def _module_table(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams |
         holders = present[name]
         out.append(ModulePlan(name, holders, adapters[holders[0]].modules[name], p,
                               tuple(float(at(x, t)) for x in w), layer, t, idx))
+    for mp in out:
+        why = algo.check_module(mp.name, [adapters[i].modules[mp.name] for i in mp.present], mp.params)
+        if why:
+            problems.append(LoraMergeError(why, field="params"))
+            if len(problems) >= 5:  # enough to act on; the rest are the same kind
+                break
     for i, count in matched.items():
         if count == 0:
             problems.append(LoraMergeError(
