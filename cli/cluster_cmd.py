@@ -9,7 +9,7 @@ import typer
 
 from mergekit_lora.options import MergeOptions
 
-from .common import console, parse_floats, user_errors
+from .common import console, err_console, parse_floats, user_errors
 from .merge_cmd import run_and_report
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 
@@ -17,7 +17,7 @@ from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 @user_errors
 @with_options(*WRITE_OPTIONS)
 def cluster(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
+    sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank")] = None,
     k_ratio: Annotated[float | None, typer.Option(help="k as a fraction of the pooled rank (instead of -k)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
@@ -39,4 +39,5 @@ def cluster(
     run_and_report(sources, "lego", params, parse_floats(weights), options.model_copy(update={"out": out}),
                    emit_recipe)
     if report:
-        console.print(f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")
+        (err_console if emit_recipe == "-" else console).print(
+            f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")

@@ -10,7 +10,7 @@ import typer
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
-from .common import console, emit, parse_floats, parse_kv, user_errors
+from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 from .report import print_fidelity
 
@@ -44,16 +44,17 @@ def run_and_report(sources: list[str], method: str, params: dict[str, Any], weig
     p = plan(sources, method, params, weights, options.model_copy(update={"progress": True}), recipe=recipe)
     emit(recipe, emit_recipe)
     result = execute(p)
-    print_fidelity(result.fidelity)
+    out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
+    print_fidelity(result.fidelity, out)
     for k, v in result.report.items():
-        console.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
-    console.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
+        out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
+    out.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
 
 
 @user_errors
 @with_options(*WRITE_OPTIONS)
 def merge(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
+    sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `loramerge methods`)")] = "linear",
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,

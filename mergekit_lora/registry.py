@@ -133,7 +133,7 @@ class Algorithm(Generic[P]):
         for fname, f in self.Params.model_fields.items():
             fields[f.alias or fname] = {
                 "required": f.is_required(),
-                "default": None if f.is_required() else f.default,
+                "default": None if f.is_required() else f.get_default(call_default_factory=True),
                 "type": _type_label(f.annotation),
                 "help": f.description or "",
             }
