@@ -59,7 +59,8 @@ def finite_numbers(name: str, values: Any) -> None:
     data = values.model_dump() if hasattr(values, "model_dump") else values
     hit = _non_finite(data, name)
     if hit is not None:
-        raise LoraMergeError(f"{hit} is not a finite number; NaN and Inf cannot be merged, give a finite value")
+        raise LoraMergeError(f"{hit} is not a finite number; NaN and Inf cannot be merged, give a finite value",
+                             field=name.split("[")[0].split(" ")[0])
 
 
 def _resolved(p: str | Path) -> Path:
@@ -78,11 +79,11 @@ def output_not_input(out: str | Path, input_paths: Iterable[str | Path]) -> None
     """
     raw = str(out)
     if raw.strip() in ("", ".", "./") or raw.strip().rstrip("/") in ("", "."):
-        raise LoraMergeError(f"output path {raw!r} is the current folder; name a new folder for the merged adapter")
+        raise LoraMergeError(f"output path {raw!r} is the current folder; name a new folder for the merged adapter", field="out")
     o = _resolved(out)
     if o == _resolved(Path.cwd()) or o == Path(o.anchor):
         raise LoraMergeError(f"output path {raw!r} is the current folder or a filesystem root; "
-                             "name a new folder for the merged adapter")
+                             "name a new folder for the merged adapter", field="out")
     for src in input_paths:
         s = Path(str(src))
         if not s.exists():
@@ -91,10 +92,10 @@ def output_not_input(out: str | Path, input_paths: Iterable[str | Path]) -> None
         if _inside(o, si):
             what = "is" if o == si else "is inside"
             raise LoraMergeError(f"output path {raw!r} {what} the input {src}; writing there would replace the "
-                                 "input, choose another output")
+                                 "input, choose another output", field="out")
         if _inside(si, o):
             raise LoraMergeError(f"output path {raw!r} contains the input {src}; replacing it would delete the "
-                                 "input, choose another output")
+                                 "input, choose another output", field="out")
 
 
 def input_locations(weights_file: str | Path) -> list[Path]:
@@ -112,20 +113,21 @@ def output_path_ok(out: str | Path) -> None:
         limit = os.pathconf(_nearest_existing(o), "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    # the temp folder beside the output adds ``.`` + ``.tmp-`` + 8 random characters
+    # the temp folder beside the output is ``.NAME.tmp-PID-`` + 8 random characters (PID: up to 7 digits)
     for part in o.parts[1:]:
         if len(part.encode()) > limit:
             raise LoraMergeError(f"output path {str(out)!r}: the name {part[:20]}… is {len(part.encode())} bytes, "
-                                 f"longer than the {limit} this filesystem allows; choose a shorter name")
-    if len(o.name.encode()) + 14 > limit:
+                                 f"longer than the {limit} this filesystem allows; choose a shorter name", field="out")
+    if len(o.name.encode()) + 24 > limit:
         raise LoraMergeError(f"output path {str(out)!r}: the name is {len(o.name.encode())} bytes, too long for "
-                             f"its temp folder on this filesystem (at most {limit - 14}); choose a shorter name")
+                             f"its temp folder on this filesystem (at most {limit - 24}); choose a shorter name",
+                              field="out")
     existing = _nearest_existing(o.parent)
     if not existing.is_dir():
-        raise LoraMergeError(f"output path {str(out)!r}: {existing} is a file, not a folder; choose another output")
+        raise LoraMergeError(f"output path {str(out)!r}: {existing} is a file, not a folder; choose another output", field="out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise LoraMergeError(f"output path {str(out)!r}: the folder {existing} is not writable; "
-                             "choose an output in a folder you can write to")
+                             "choose an output in a folder you can write to", field="out")
 
 
 def _nearest_existing(p: Path) -> Path:

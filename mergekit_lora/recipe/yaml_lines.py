@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraMergeError
+from ..errors import LoraMergeError
 
 Loc = tuple[str | int, ...]
 MAX_DEPTH = 64
