@@ -20,7 +20,7 @@ from mergekit_lora import LoraMergeError
 from mergekit_lora.atomic import atomic_output, remove_stale
 from mergekit_lora.cli.main import app
 
-merge_mod = importlib.import_module("mergekit_lora.merge")
+output_mod = importlib.import_module("mergekit_lora.pipeline.output")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,7 +100,7 @@ def test_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- disk full
-def _enospc_writer(fmt, tmp, stream, *args, **kwargs):
+def _enospc_writer(tmp, stream, *args, **kwargs):
     for _ in stream:  # consume some modules, write some bytes, then the disk is full
         pass
     (Path(tmp) / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
@@ -112,7 +112,10 @@ def test_disk_full_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypat
     out = tmp_path / "merged"
     assert CliRunner().invoke(app, ["merge", str(a), str(b), "-o", str(out)]).exit_code == 0
     before = snapshot(out, a, b)
-    monkeypatch.setattr(merge_mod, "write_adapter", _enospc_writer)
+    from dataclasses import replace
+
+    real = output_mod.get_writer
+    monkeypatch.setattr(output_mod, "get_writer", lambda fmt: replace(real(fmt), write=_enospc_writer))
     result = CliRunner().invoke(app, ["merge", str(a), str(b), "-o", str(out), "--force"])
     flat = assert_one_error(result, ["no space left on the filesystem at", str(out), "4,096 bytes written",
                                      "bytes free", "choose an output on another filesystem"], out=out)
@@ -124,15 +127,15 @@ def test_disk_full_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypat
 # ---------------------------------------------------------------- SIGTERM mid-merge (a real process)
 SLOW_MERGE = textwrap.dedent("""
     import sys, time, importlib
+    from dataclasses import replace
     from pathlib import Path
-    m = importlib.import_module("mergekit_lora.merge")
-    real = m.write_adapter
-    def slow(fmt, tmp, stream, *a, **k):
+    m = importlib.import_module("mergekit_lora.pipeline.output")
+    real = m.get_writer
+    def slow(tmp, stream, *a, **k):
         (Path(tmp) / "partial.safetensors").write_bytes(b"x" * 1000)
         print("writing", flush=True)
         time.sleep(60)
-        return real(fmt, tmp, stream, *a, **k)
-    m.write_adapter = slow
+    m.get_writer = lambda fmt: replace(real(fmt), write=slow)
     from mergekit_lora.cli.main import main
     sys.argv = ["loramerge", *sys.argv[1:]]
     main()

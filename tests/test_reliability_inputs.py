@@ -170,7 +170,7 @@ def test_input_modified_in_place_during_a_run_is_refused(tmp_path, monkeypatch):
     """Same size, zeroed data, written after the plan read the headers: refused, nothing written."""
     import importlib
 
-    merge_mod = importlib.import_module("mergekit_lora.merge")
+    merge_mod = importlib.import_module("mergekit_lora.pipeline.plan")
 
     a, b = write_peft(tmp_path / "a", 0), write_peft(tmp_path / "b", 1)
     real = merge_mod.check_compatible

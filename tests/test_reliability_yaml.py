@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from mergekit_lora import LoraMergeError
 from mergekit_lora.cli.main import app
-from mergekit_lora.recipe import MAX_SHOWN, Problems, validate_recipe
-from mergekit_lora.yaml_lines import MAX_DEPTH, load_yaml_with_lines
+from mergekit_lora.recipe import validate_recipe
+from mergekit_lora.recipe.problems import MAX_SHOWN, Problems
+from mergekit_lora.recipe.yaml_lines import MAX_DEPTH, load_yaml_with_lines
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "

@@ -136,9 +136,9 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
             f"method {method!r} writes the {algo.output_format!r} format, not {opts.output_format!r}; drop "
             "«output_format» (a routed adapter can be exported as a static one: route's export_static)",
             field="output_format"))
-    if opts.out is not None:
+    _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
+    if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, _check_out, Path(opts.out), opts.force)
-    _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14
     top = _collect(problems, _top_params, algo, params) if algo is not None else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
