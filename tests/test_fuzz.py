@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from mergekit_lora.cli.main import app
 
-DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "U32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "XYZ", ""]
+DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "U32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "F8_E8M0", "F4", "C64",
+          "XYZ", ""]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=12),

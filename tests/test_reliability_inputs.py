@@ -90,6 +90,7 @@ SD_CASES = {
     "kohya-rank0": ("kohya", KD, "F32", [0, 16], [KD, "zero dimension"]),
     "kohya-alpha-empty": ("kohya", KA, "F32", [0], [KA, "alpha must be one number"]),
     "kohya-alpha-U32": ("kohya", KA, "U32", [], [KA, "alpha must be a number"]),
+    "kohya-alpha-F8_E8M0": ("kohya", KA, "F8_E8M0", [], [KA, "dtype F8_E8M0", "alpha must be a number"]),
     "diffusers-I32-B": ("diffusers", DB, "I32", None, [DB, "dtype I32"]),
     "diffusers-0d-B": ("diffusers", DB, "F32", [], [DB, "matrix"]),
 }
@@ -99,7 +100,8 @@ SD_CASES = {
 def test_bad_sd_factors(tmp_path, case):
     fmt, key, dtype, shape, fragments = SD_CASES[case]
     tensors = kohya_tensors() if fmt == "kohya" else diffusers_tensors()
-    bad = raw_safetensors(tmp_path / f"{fmt}.safetensors", retype(tensors, key, dtype, shape, 2 if dtype == "I16" else 4))
+    bad = raw_safetensors(tmp_path / f"{fmt}.safetensors", retype(tensors, key, dtype, shape,
+                                                                            {"I16": 2, "F8_E8M0": 1}.get(dtype, 4)))
     check_refused(tmp_path, [bad], [bad, *fragments])
 
 

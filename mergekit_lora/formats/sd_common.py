@@ -46,11 +46,15 @@ def _shape_info(f: Any, name: str, e: Entry, src: TensorSource) -> tuple[int, in
     return r, d_out, int(math.prod(ds[1:])), (d_out, *ds[1:]), "conv"
 
 
+_ALPHA_NAMES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
+_ALPHA_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8}
+
+
 def _alpha(src: TensorSource, key: str) -> float:
     """A module's alpha scalar: one finite number (any numeric dtype), else refused by key."""
-    if src.dtypes[key] not in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
-                               torch.int32, torch.int16, torch.int8, torch.uint8) or src.dtype_names.get(key) in (
-                                   "U16", "U32", "U64"):
+    name = src.dtype_names.get(key)
+    if (name is not None and name not in _ALPHA_NAMES) or src.dtypes[key] not in _ALPHA_DTYPES:
         raise LoraMergeError(f"{src.path}: tensor {key} has dtype {src.dtype_name(key)}; alpha must be a number "
                              "(F32, F16, BF16, F64 or an integer)")
     t = src.get(key)
