@@ -110,6 +110,22 @@ def _mixed_ranks(src: Path, out: Path) -> Path:
     return out
 
 
+def _random_mlp_lora(model, out: Path, seed: int = 0) -> Path:
+    """A seeded random rank-4 PEFT LoRA on the MLP (gate/up/down_proj) of ``model``: the suite adapters only
+    touch attention, this variant checks the ffn names in llama.cpp.  ``model`` is left unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(str(out))
+    pm.unload()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "clients" / "RESULTS-llama-cpp.md")
@@ -146,7 +162,8 @@ def main() -> None:
     merge([suite / "topic", suite / "genre"], "linear", merged, weights=[1.0, 1.0])
     mixed = _mixed_ranks(suite / "topic", work / "mixed")
     variants = {"topic (suite adapter)": suite / "topic", "linear(topic, genre) merge": merged,
-                "topic, ranks 4/8 mixed (rank_pattern)": mixed}
+                "topic, ranks 4/8 mixed (rank_pattern)": mixed,
+                "random rank-4 LoRA on the MLP (gate/up/down)": _random_mlp_lora(model, work / "mlp")}
     ggufs = {name: G.export_gguf(p, work / f"{i}.gguf", base_gguf)["file"] for i, (name, p) in enumerate(variants.items())}
     # negative control: the same adapter without the llama Q/K row permutation
     saved = G.ARCHITECTURES["llama"]
