@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.formats.gguf import export_gguf, gguf_tensor_name, gguf_writer
+from mergekit_lora.formats.gguf import export_gguf, gguf_tensor_name, gguf_writer, read_base, read_header
 
 gguf = pytest.importorskip("gguf")
 
@@ -112,6 +112,33 @@ def test_writer_signature_and_refusals(tmp_path, src):
     with pytest.raises(LoraMergeError, match="qkv_proj"):
         gguf_tensor_name("model.layers.0.self_attn.qkv_proj", "llama")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "h.gguf").exists()
+    with pytest.raises(LoraMergeError, match="already exists"):
+        export_gguf(a, tmp_path / "adapter.gguf", architecture="qwen2")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(LoraMergeError, match="not a readable GGUF"):
+        export_gguf(a, tmp_path / "q.gguf", tmp_path / "bad.gguf")
+    with pytest.raises(LoraMergeError, match="has no general.architecture"):
+        read_base(_header_only(tmp_path / "noarch.gguf"))
+
+
+def _header_only(path):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.kv_data[0].pop("general.architecture")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_fast_header_reader_equals_gguf_reader(tmp_path, src):
+    """read_header (skips arrays) gives GGUFReader's scalars and tensor shapes."""
+    out = tmp_path / "a.gguf"
+    export_gguf(src, out, architecture="llama", head_count=N_HEAD, head_count_kv=N_KV, dtype=torch.float16)
+    kv, ne = read_header(out)
+    r = gguf.GGUFReader(str(out))
+    assert ne == {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    assert kv == {k: v for k, v in _fields(r).items()}
 
 
 def _smollm2():
@@ -133,7 +160,12 @@ def test_suite_adapter_names_fit_the_real_smollm2_gguf(tmp_path):
                              ["export", str(topic), "--base-gguf", str(base), "-o", str(tmp_path / "t.gguf")])
     assert res.exit_code == 0, res.output
     kv, tensors = _read(tmp_path / "t.gguf")
-    base_tensors = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(str(base)).tensors}
+    ref = gguf.GGUFReader(str(base))
+    base_tensors = {t.name: tuple(int(x) for x in t.shape) for t in ref.tensors}
+    parsed = read_base(base)  # the writer's fast header reader agrees with GGUFReader on the real file
+    assert parsed.tensors == base_tensors
+    assert (parsed.head_count, parsed.head_count_kv) == (ref.fields["llama.attention.head_count"].contents(),
+                                                         ref.fields["llama.attention.head_count_kv"].contents())
     assert kv["general.architecture"] == "llama"
     assert len(tensors) == 2 * len(load_adapter(topic))
     for name, t in tensors.items():
