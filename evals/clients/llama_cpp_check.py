@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def cpp_logits(model_path: Path, lora: Path | None, rows: list[list[int]], threa
     from llama_cpp import Llama
 
     kw = dict(lora_path=str(lora), lora_scale=1.0) if lora is not None else {}
-    llm = Llama(model_path=str(model_path), n_ctx=512, n_batch=512, n_threads=threads, logits_all=False,
+    llm = Llama(model_path=str(model_path), n_ctx=512, n_batch=512, n_threads=threads, logits_all=True,
                 verbose=False, seed=0, **kw)
     out = []
     for ids in rows:
@@ -129,7 +130,7 @@ def _random_mlp_lora(model, out: Path, seed: int = 0) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "clients" / "RESULTS-llama-cpp.md")
-    ap.add_argument("--examples", type=int, default=16, help="test prompts per task")
+    ap.add_argument("--examples", type=int, default=4, help="test prompts per task")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -173,10 +174,15 @@ def main() -> None:
     finally:
         G.ARCHITECTURES["llama"] = saved
 
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    log(f"{len(rows)} prompts, {sum(map(len, rows))} tokens; llama.cpp base")
     cpp0 = cpp_logits(base_gguf, None, rows, args.threads)
     hf0 = hf_logits(model, None, rows, pad)
     table = [("base (no LoRA)", compare(cpp0, hf0), None, cpp0, hf0)]
     for name, path in variants.items():
+        log(name)
         c, h = cpp_logits(base_gguf, Path(ggufs[name]), rows, args.threads), hf_logits(model, path, rows, pad)
         table.append((name, compare(c, h), effect(c, cpp0, h, hf0), c, h))
     c = cpp_logits(base_gguf, Path(control), rows, args.threads)
