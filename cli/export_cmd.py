@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import AllowPickleOpt, ForceOpt, console, user_errors
+from .common import console, user_errors
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -15,7 +15,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 
 @user_errors
 def export(
-    source: Annotated[str, typer.Argument(help="adapter folder, file or Hub id")],
+    source: Annotated[str, typer.Argument(metavar="ADAPTER", help="adapter folder, file or Hub id")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output file (.gguf)")],
     fmt: Annotated[str, typer.Option("--format", help="target format: gguf (llama.cpp / Ollama)")] = "gguf",
     base_gguf: Annotated[Path | None, typer.Option(
@@ -23,8 +23,8 @@ def export(
     architecture: Annotated[str | None, typer.Option(
         help="llama.cpp architecture when no base GGUF is given (llama, qwen2, qwen3)")] = None,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
-    force: ForceOpt = False,
-    allow_pickle: AllowPickleOpt = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
 ) -> None:
     """Convert an adapter into another runtime's format (today: a llama.cpp LoRA GGUF)."""
     import torch
