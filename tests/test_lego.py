@@ -267,6 +267,22 @@ def test_paper_features_average_raw_units_canonical_average_balanced_ones():
     assert _pool_ari([u, v], "paper", signs="none") == 1.0 and _pool_ari([u, v], "canonical") == 1.0
 
 
+def test_balance_inputs_counts_each_input_once_per_cluster():
+    """k = 1 over input 0 (rank 3) and input 1 (rank 1): the plain mean weighs input 0 three times as much;
+    balance_inputs averages input 0's units first, then the two inputs.  Member max-abs norms are averaged
+    with the same weights (paper reweighting)."""
+    u0, u1 = rand_units(3, seed=5), rand_units(1, seed=6, source=1)
+    V0, V1 = torch.cat([u0.A, u0.B.T], 1), torch.cat([u1.A, u1.B.T], 1)
+    plain, bal = torch.cat([V0, V1]).mean(0), (V0.mean(0) + V1[0]) / 2
+    for mu, flag in ((plain, False), (bal, True)):
+        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag), CTX)
+        assert rel(out.delta(), torch.outer(mu[8:], mu[:8])) < 1e-12
+    linf = (V0.abs().amax(1).mean() + V1.abs().amax()) / 2
+    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True), CTX)
+    want = (linf / bal.abs().max()) ** 2 * math.sqrt(2 / 1) * torch.outer(bal[8:], bal[:8])  # r = mean rank 2
+    assert rel(out.delta(), want) < 1e-12
+
+
 # ---------------------------------------------------------------- batching, edge cases
 def test_batch_equals_module_by_module_and_respects_module_seeds():
     mods = [[rand_units(4, seed=s), rand_units(4, seed=s + 50, source=1)] for s in range(3)]

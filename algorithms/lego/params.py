@@ -29,6 +29,8 @@ class LegoParams(AlgorithmParams):
     reweight: Literal["paper", "lsq", "none"] = Field(
         "paper", description="paper: dual reweighting (L∞ parameter rescale, output × √(r/k)); "
                              "lsq: exact least-squares unit scales against the weighted average; none")
+    balance_inputs: bool = Field(
+        False, description="cluster means weight every input present in a cluster equally (not every unit)")
     n_init: int = Field(3, ge=1, description="k-means restarts (lowest inertia wins)")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations at most")
     signs: Signs | None = Field(

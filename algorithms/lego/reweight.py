@@ -44,24 +44,37 @@ class ClusterStats:
     cos: torch.Tensor  # [N] cosine of each (signed) pooled vector to its centroid
 
 
+def member_weights(H: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """[N, k] weight of each member in its cluster mean: 1/|C_j|, or with ``source`` (the input of each
+    unit) input-balanced: 1 / (inputs in C_j × members of that input in C_j), so every input present in a
+    cluster counts once however many of its units landed there."""
+    if source is None:
+        return H / H.sum(0).clamp_min(1)[None, :]
+    S = torch.nn.functional.one_hot(source.to(H.device).long()).to(H.dtype)  # [N, n_inputs]
+    per_input = S.T @ H  # [n_inputs, k] members of input t in cluster j
+    n_inputs = (per_input > 0).sum(0).to(H.dtype)  # [k]
+    own = (S @ per_input).clamp_min(1)  # [N, k] members of unit i's input in cluster j
+    return H / own / n_inputs.clamp_min(1)[None, :]
+
+
 def cluster_stats(KA: torch.Tensor, KB: torch.Tensor, labels: torch.Tensor, signs: torch.Tensor, k: int,
-                  linf: torch.Tensor, target_scale: float) -> ClusterStats:
+                  linf: torch.Tensor, target_scale: float, source: torch.Tensor | None = None) -> ClusterStats:
     """Centroids of the whole vectors [a; b] (also when clustering used a part only), from the sorted
     Grams KA, KB [N, N] of one module's averaged vectors; ``labels``/``signs`` [N] from k-means,
-    ``linf`` [N] the members' max-abs norms, T = ``target_scale`` × (sum of the pooled units)."""
+    ``linf`` [N] the members' max-abs norms, T = ``target_scale`` × (sum of the pooled units);
+    ``source`` [N]: input-balanced cluster means (:func:`member_weights`)."""
     dt = KA.dtype
     lab = labels.to(KA.device)
     H = torch.nn.functional.one_hot(lab, k).to(dt)  # [N, k]
     sizes = H.sum(0)
-    W = H * signs.to(KA.device, dt)[:, None] / sizes.clamp_min(1)[None, :]
+    W = member_weights(H, source) * signs.to(KA.device, dt)[:, None]
     KAW, KBW = KA @ W, KB @ W  # [N, k]
     CA, CB = (W.T @ KAW).double(), (W.T @ KBW).double()  # centroid Grams ā_jᵀā_l, b̄_jᵀb̄_l
     G = CA * CB
     h = target_scale * (KAW.double() * KBW.double()).sum(0)  # Σ_i (ā_jᵀa_i)(b̄_jᵀb_i): signs cancel per unit
     vnorm = torch.diagonal(KA + KB).double().clamp_min(0).sqrt()
     cnorm = torch.diagonal(CA + CB).clamp_min(0).sqrt()
-    Hc = H.double().cpu()
-    member_linf = (Hc.T @ linf.double().cpu()) / Hc.sum(0).clamp_min(1)
+    member_linf = W.abs().double().cpu().T @ linf.double().cpu()  # the same (weighted) mean as the centroid
     dots = (KAW + KBW).double().gather(1, lab[:, None])[:, 0] * signs.to(KA.device).double()
     denom = vnorm * cnorm[lab]
     cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1), torch.ones_like(denom))
