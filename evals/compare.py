@@ -59,6 +59,7 @@ class CompareConfig(BaseModel):
     references: dict[str, str] = Field(default_factory=dict)  # evaluated like inputs, never merged
     validation: int = Field(50, ge=1)  # validation examples per task for tuned (grid) rows
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals (0: none)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (1 on a busy shared machine); None: torch's default
     cache: bool = True  # reuse scores of the base model and input/reference adapters (see score_cache)
 
 
@@ -111,6 +112,10 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
 
     check_output(out, force)
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     paths = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.adapters.items()}
     for n, p in paths.items():
         if not p.exists():

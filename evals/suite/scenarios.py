@@ -54,7 +54,7 @@ def config(adapters: dict[str, str], r: int, *, tuned: bool, references: dict[st
     cfg = {"base": "smollm2-135m", "adapters": adapters, "tasks": [t for t in adapters],
            "methods": method_list if method_list is not None else methods(r, tuned=tuned),
            "examples": 300, "validation": 40, "batch_size": 32, "individual": "own", "bootstrap": 1000,
-           "device": "auto", "seed": 0}
+           "device": "auto", "threads": 1, "seed": 0}
     if references:
         cfg["references"] = references
     return cfg
