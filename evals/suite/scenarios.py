@@ -5,7 +5,8 @@
 Scenarios (each a row group of evals/RESULTS.md):
   a   all 8 task adapters (r = 8) merged;
   b2  fixed pairs, b4  fixed quadruples (r = 8);
-  c   heterogeneous ranks: script r=4, polarity r=8, region r=16, subject r=16 merged together;
+  c   heterogeneous ranks: script r=4, polarity r=8, region r=16, subject r=16 merged together
+      (c3: the first three only);
   d   pruning: one r = 16 adapter re-ranked to 8 and 4 by ``lego`` and ``svd`` (the r = 8 / r = 4
       adapters trained on the same task are reference rows, not merged).
 Every method runs at its documented defaults (weights 1/n, density 0.5, output rank / k / top-k = the
@@ -70,10 +71,15 @@ def scenarios() -> dict[str, tuple[str, dict]]:
             out[f"v2-b2-{i}{sfx}"] = (f"(b) pair {i}: {' + '.join(pair)}, r = 8", config(r8(pair), 8, tuned=tuned))
         for i, quad in enumerate((NEW, OLD, ["topic", "polarity", "language", "script"]), 1):
             out[f"v2-b4-{i}{sfx}"] = (f"(b) four tasks {i}: {', '.join(quad)}, r = 8", config(r8(quad), 8, tuned=tuned))
+        out[f"v2-b3{sfx}"] = ("(b) three tasks: script, polarity, region, all r = 8 (the equal-rank twin of v2-c3)",
+                              config(r8(["script", "polarity", "region"]), 8, tuned=tuned))
         hetero = {"script": f"{EX}/r4/script", "polarity": f"{EX}/polarity", "region": f"{EX}/r16/region",
                   "subject": f"{EX}/r16/subject"}
         out[f"v2-c{sfx}"] = ("(c) heterogeneous ranks: script r4, polarity r8, region r16, subject r16 "
                              "(compare with v2-b4-1: the same tasks, all r8)", config(hetero, 16, tuned=tuned))
+        three = {t: hetero[t] for t in ("script", "polarity", "region")}
+        out[f"v2-c3{sfx}"] = ("(c) heterogeneous ranks, three tasks: script r4, polarity r8, region r16",
+                              config(three, 16, tuned=tuned))
     for task in ("region", "polarity"):
         prune = [{"method": m, "label": f"{m}-{k}", "params": {p: k}}
                  for k in (8, 4) for m, p in (("svd", "rank"), ("lego", "k"))]
