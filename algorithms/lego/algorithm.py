@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -110,6 +111,13 @@ class Lego(Algorithm[LegoParams]):
         return out
 
     # ------------------------------------------------------------------ after the merge
+    def report(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> dict[str, Any]:
+        """Says when k ≥ the pooled rank left modules unclustered (the merge is then the plain weighted pool)."""
+        kept = sum(1 for _, n in notes if n["record"].exact)
+        if not kept:
+            return {}
+        return {"modules not clustered (k ≥ their pooled rank: units kept as they are)": f"{kept} of {len(notes)}"}
+
     def card_sections(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> list[tuple[str, str]]:
         records = [n["record"] for _, n in notes]
         return [fidelity_section(records, params.reweight)] if records else []
