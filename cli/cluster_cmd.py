@@ -25,7 +25,9 @@ def cluster(
     backend: Annotated[str, typer.Option(help="k-means backend: auto|torch|faiss|sklearn")] = "auto",
     reweight: Annotated[str, typer.Option(help="paper (dual reweighting) | lsq | none")] = "paper",
     space: Annotated[str, typer.Option(help="cluster [b;a] (concat, the paper), or the a / b part")] = "concat",
-    signs: Annotated[str, typer.Option(help="invariant (k-means treats v and -v as one unit) | rule (fix signs first)")] = "invariant",
+    features: Annotated[str | None, typer.Option(help="paper (cluster [a/|a|; b/|b|], average raw units) | canonical (balanced units) | raw; default: the method's")] = None,
+    signs: Annotated[str | None, typer.Option(help="none (units as stored) | invariant (k-means treats v and -v as one unit) | rule (fix signs first); default: the features' own")] = None,
+    balance_inputs: Annotated[bool, typer.Option(help="every input in a cluster counts once in its mean")] = False,
     n_init: Annotated[int, typer.Option(help="k-means restarts")] = 3,
     max_iter: Annotated[int, typer.Option(help="Lloyd iterations at most")] = 100,
     report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
@@ -35,7 +37,8 @@ def cluster(
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
-              "signs": signs, "n_init": n_init, "max_iter": max_iter, "report": report}
+              "signs": signs, "n_init": n_init, "max_iter": max_iter, "report": report,
+              "balance_inputs": balance_inputs, **({"features": features} if features else {})}
     run_and_report(sources, "lego", params, parse_floats(weights), options.model_copy(update={"out": out}),
                    emit_recipe)
     if report:
