@@ -213,17 +213,17 @@ def test_paper_parameter_reweighting_by_hand():
                                 torch.tensor([[1.0], [1.0]], dtype=torch.float64), source=1)
     want = torch.outer(torch.tensor([2.5, 0.0]), torch.tensor([1.875, 1.25])).double()
     for w in ([1.0, 1.0], [0.5, 0.5], [7.0, 7.0]):
-        out = lego.merge_module([u1, u2], w, P(k=1, reweight="paper"), CTX)
+        out = lego.merge_module([u1, u2], w, P(k=1, reweight="paper", features="paper"), CTX)
         assert torch.allclose(out.delta(), want, rtol=0, atol=1e-12)
     want31 = 1.3**2 * torch.outer(torch.tensor([2.5, -0.5]), torch.tensor([1.5, 1.0])).double()
-    out = lego.merge_module([u1, u2], [3.0, 1.0], P(k=1, reweight="paper"), CTX)
+    out = lego.merge_module([u1, u2], [3.0, 1.0], P(k=1, reweight="paper", features="paper"), CTX)
     assert torch.allclose(out.delta(), want31, rtol=0, atol=1e-12)
     # none: the raw centroid; lsq: the best multiple of it for the weighted average (u1 + u2)/2
-    none = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="none"), CTX).delta()
+    none = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="none", features="paper"), CTX).delta()
     c = torch.outer(torch.tensor([2.0, 0.0]), torch.tensor([1.5, 1.0])).double()
     assert torch.allclose(none, c, rtol=0, atol=1e-12)
     T = (u1.delta() + u2.delta()) / 2
-    lsq = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="lsq"), CTX).delta()
+    lsq = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="lsq", features="paper"), CTX).delta()
     assert torch.allclose(lsq, (c * T).sum() / (c * c).sum() * c, rtol=0, atol=1e-12)
 
 
@@ -250,8 +250,9 @@ def test_paper_merge_equals_a_dense_reimplementation_with_output_factor():
         want *= math.sqrt(4 / 3)
         # ρ ≥ 1 always (‖mean‖∞ ≤ mean ‖·‖∞), = 1 when every member peaks at the same entry; here some differ
         assert min(rhos) >= 1 - 1e-12 and max(rhos) > 1.05
-        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3), CTX).delta(), want) < 1e-12
-        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, reweight="none"), CTX).delta(), raw) < 1e-12
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, features="paper"), CTX).delta(), want) < 1e-12
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, reweight="none", features="paper"), CTX).delta(),
+                   raw) < 1e-12
 
 
 def test_paper_features_average_raw_units_canonical_average_balanced_ones():
@@ -275,10 +276,11 @@ def test_balance_inputs_counts_each_input_once_per_cluster():
     V0, V1 = torch.cat([u0.A, u0.B.T], 1), torch.cat([u1.A, u1.B.T], 1)
     plain, bal = torch.cat([V0, V1]).mean(0), (V0.mean(0) + V1[0]) / 2
     for mu, flag in ((plain, False), (bal, True)):
-        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag), CTX)
+        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag, features="paper"),
+                                CTX)
         assert rel(out.delta(), torch.outer(mu[8:], mu[:8])) < 1e-12
     linf = (V0.abs().amax(1).mean() + V1.abs().amax()) / 2
-    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True), CTX)
+    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True, features="paper"), CTX)
     want = (linf / bal.abs().max()) ** 2 * math.sqrt(2 / 1) * torch.outer(bal[8:], bal[:8])  # r = mean rank 2
     assert rel(out.delta(), want) < 1e-12
 
@@ -313,7 +315,8 @@ def test_params_are_validated():
         with pytest.raises(LoraMergeError):
             P(**bad)
     assert P(k_ratio=0.25).k_for(12) == 3 and P(k_ratio=0.3).k_for(12) == 4
-    assert P(k=2).sign_mode == "none" and P(k=2, features="canonical").sign_mode == "invariant"
+    # default: canonical features (the best measured variant, README), sign-invariant k-means
+    assert P(k=2).sign_mode == "invariant" and P(k=2, features="paper").sign_mode == "none"
     assert P(k=2, signs="rule").sign_mode == "rule"
 
 

@@ -26,10 +26,11 @@ class Lego(Algorithm[LegoParams]):
     them into k clusters; each cluster's mean is one unit b̄_j ā_jᵀ of the merged rank-k module; then
     ``reweight`` (``reweight.py``) scales the units.
 
-    ``features="paper"`` (default) is the published method (both public implementations agree): k-means on
+    ``features="paper"`` is the published method (both public implementations agree): k-means on
     [a_i/‖a_i‖ ; b_i/‖b_i‖], centroids the mean of the members' raw [a_i ; b_i], ``reweight="paper"``: each
     centroid vector × mean_i ‖u_i‖_∞ / ‖centroid‖_∞, the merged ΔW × √(r/k).  ``features="canonical"``
-    clusters and averages balanced units (‖a‖ = ‖b‖) instead, with sign-invariant k-means by default.
+    clusters and averages balanced units (‖a‖ = ‖b‖) instead, with sign-invariant k-means by default; it is
+    the default (the best measured variant on a validation slice, README).
 
     Weights: LoRA-LEGO has none (every unit counts once).  Here weights are *relative*: input t's units
     enter the pool as ω_t b_i a_iᵀ with ω_t = n·w_t / Σ_s |w_s|, so equal weights of any size (1, or the

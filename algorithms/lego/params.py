@@ -19,7 +19,7 @@ class LegoParams(AlgorithmParams):
     k: int | None = Field(None, ge=1, description="clusters per module = rank of the merged module")
     k_ratio: float | None = Field(None, gt=0, le=1, description="k as a fraction of the pooled rank (ceil)")
     features: Features = Field(
-        "paper", description="what k-means clusters and centroids average: paper = features [a/‖a‖; b/‖b‖], "
+        "canonical", description="what k-means clusters and centroids average: paper = features [a/‖a‖; b/‖b‖], "
                              "centroids of the raw units [a; b] (the published method); canonical = balanced "
                              "units (‖a‖ = ‖b‖) for both; raw = raw [a; b] for both (ablation only)")
     space: Literal["concat", "a", "b"] = Field(
