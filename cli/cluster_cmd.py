@@ -24,6 +24,7 @@ from .common import (
     user_errors,
 )
 from .merge_cmd import emit
+from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 from .report import print_fidelity
 
 
@@ -49,6 +50,9 @@ def cluster(
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
     emit_recipe: EmitRecipeOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
@@ -61,6 +65,7 @@ def cluster(
         sources, "lego", out, weights=w, params=params, missing=missing,  # type: ignore[arg-type]
         device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
         load_options={"allow_pickle": allow_pickle}, recipe=recipe,
+        ray=ray_options(ray, ray_address, ray_workers),
     )
     print_fidelity(result.fidelity)
     if report:

@@ -26,6 +26,7 @@ from .common import (
     parse_kv,
     user_errors,
 )
+from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 from .report import print_fidelity
 
 # Shortcut flags -> parameter names; passed only when set, and only to a method that takes them.
@@ -80,6 +81,9 @@ def merge(
     allow_pickle: AllowPickleOpt = False,
     ignore_modules_to_save: Annotated[bool, typer.Option(help="drop modules_to_save tensors instead of refusing")] = False,
     emit_recipe: EmitRecipeOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
@@ -92,7 +96,7 @@ def merge(
         sources, method, out, weights=w, params=params, missing=missing,  # type: ignore[arg-type]
         device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
         load_options={"allow_pickle": allow_pickle, "ignore_modules_to_save": ignore_modules_to_save},
-        recipe=recipe,
+        recipe=recipe, ray=ray_options(ray, ray_address, ray_workers),
     )
     print_fidelity(result.fidelity)
     for k, v in result.report.items():

@@ -161,11 +161,13 @@ def merge(
     card_sections: list[tuple[str, str]] | None = None,
     load_options: dict[str, Any] | None = None,
     overrides: ModuleOverride | None = None,
+    ray: Any = None,
 ) -> MergeResult:
     """Merge ``sources`` with ``method`` and write the result to ``out`` (atomically), with a model card.
 
     Every check that can fail on user input (method, parameters, weights, output exists, adapters
-    compatible) runs before the first tensor is read.
+    compatible) runs before the first tensor is read.  ``ray``: a
+    :class:`mergekit_lora.distributed.ray_merge.RayOptions` to merge the module batches as Ray tasks.
     """
     t0 = time.perf_counter()
     check_missing(missing)
@@ -187,6 +189,11 @@ def merge(
     rows: list[ModuleFidelity] = []
     stream = merge_modules(adapters, algo, p, w, plan, device=dev, seed=seed, fidelity=rows, progress=progress,
                            overrides=overrides)
+    if ray is not None:  # issue 16 hook: the same batches as Ray tasks, streamed back in the same order
+        from .distributed.ray_merge import ray_merge_modules
+
+        stream = ray_merge_modules(sources, adapters, algo, p, w, plan, ray, missing=missing, load_options=load_options,
+                                   device=dev, seed=seed, fidelity=rows, progress=progress, overrides=overrides)
     config: dict[str, Any] = {}
     if out is None:
         for _ in stream:
