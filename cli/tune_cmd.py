@@ -62,7 +62,8 @@ def tune(
                      weights=parse_floats(weights), ranges=parse_ranges(range_), missing=missing, device=device,
                      dtype=dtype, output_format=output_format, allow_pickle=allow_pickle)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[best]}"), console=err_console, transient=True) as bar:
+                  TextColumn("{task.fields[best]}"), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
         task = bar.add_task(f"tuning {method}", total=budget, best="")
 
         def on_trial(row: dict, best: dict | None) -> None:
