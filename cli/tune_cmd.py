@@ -34,7 +34,7 @@ def tune(
     method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `loramerge methods`)")] = "linear",
     search: Annotated[str, typer.Option(help="what to search, comma-separated: weights and/or parameter names")] = "weights",
     budget: Annotated[int, typer.Option(help="number of trials")] = 32,
-    optimizer: Annotated[str, typer.Option(help="nevergrad (NGOpt), nevergrad:NAME (e.g. CMA) or optuna (TPE)")] = "nevergrad",
+    optimizer: Annotated[str, typer.Option(help="nevergrad (CMA-ES), nevergrad:NAME (e.g. TwoPointsDE) or optuna (TPE)")] = "nevergrad",
     workers: Annotated[int, typer.Option(help="trials evaluated in parallel (one ask/tell batch)")] = 1,
     use_ray: Annotated[bool, typer.Option("--ray/--no-ray", help="trials on Ray actors (default) or in this process")] = True,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")] = None,

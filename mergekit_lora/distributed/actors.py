@@ -20,6 +20,9 @@ class RayTrialPool:
                  address: str | None = None, device: str = "auto") -> None:
         from mergekit_lora.tune.evaluator import Evaluator
 
+        from .session import import_ray
+
+        self.started = not import_ray().is_initialized()  # shut down on close only what this pool started
         self.ray = ensure_ray(address, workers)
         gpus = cluster_gpus(self.ray)
         if str(device).startswith("cuda") and gpus == 0:
@@ -51,6 +54,8 @@ class RayTrialPool:
     def close(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+        if self.started:
+            self.ray.shutdown()
 
 
 def _cause(e: BaseException) -> str:

@@ -1,4 +1,8 @@
-"""Ask/tell optimisers over a :class:`SearchSpace`: Nevergrad (default, LoraHub's choice) and Optuna TPE.
+"""Ask/tell optimisers over a :class:`SearchSpace`: Nevergrad (default: CMA-ES, as mergekit-evolve) and Optuna TPE.
+
+Nevergrad's ``NGOpt`` (LoraHub's choice) is not the default: with numpy 2 its MetaModel step raises
+``TypeError: only 0-dimensional arrays can be converted to Python scalars`` after ~20 trials
+(nevergrad 1.0.12); ``nevergrad:NAME`` still selects any registered optimiser, NGOpt included.
 
 Both are seeded and see the start point (the untuned settings) as their first candidate, so the
 trial sequence depends only on (space, seed, budget, workers) and the scores told back: a resumed
@@ -27,7 +31,7 @@ class Optimizer:
 
 
 class NevergradOptimizer(Optimizer):
-    def __init__(self, space: SearchSpace, *, seed: int, budget: int, workers: int, name: str = "NGOpt") -> None:
+    def __init__(self, space: SearchSpace, *, seed: int, budget: int, workers: int, name: str = "CMA") -> None:
         import nevergrad as ng
         import numpy as np
 
@@ -85,8 +89,8 @@ class OptunaOptimizer(Optimizer):
 
 def make_optimizer(name: str, space: SearchSpace, *, seed: int, budget: int, workers: int) -> Optimizer:
     if name == "nevergrad" or name.startswith("nevergrad:"):
-        algo = name.split(":", 1)[1] if ":" in name else "NGOpt"
+        algo = name.split(":", 1)[1] if ":" in name else "CMA"
         return NevergradOptimizer(space, seed=seed, budget=budget, workers=workers, name=algo)
     if name == "optuna":
         return OptunaOptimizer(space, seed=seed, budget=budget, workers=workers)
-    raise LoraMergeError(f"unknown optimizer {name!r}; use nevergrad (default), nevergrad:NAME or optuna")
+    raise LoraMergeError(f"unknown optimizer {name!r}; use nevergrad (CMA-ES, default), nevergrad:NAME or optuna")
