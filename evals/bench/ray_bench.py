@@ -90,7 +90,7 @@ if cfg["workers"]:
         except OSError:
             continue
         mb = int(hwm[0].split()[1]) / 1024 if hwm else 0.0
-        if cmd.startswith("ray::") and "IDLE" not in cmd or "default_worker.py" in cmd:
+        if cmd.startswith("ray::") and "Agent" not in cmd:  # task workers (ray::IDLE once their task is done)
             workers.append(mb)
         elif any(s in cmd for s in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "monitor.py")):
             system += mb
