@@ -8,14 +8,15 @@ this algorithm is the training-free part (also usable from recipes as ``method: 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.formats.peft_read import pattern_value
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.adapter import ModuleInfo
+from mergekit_lora.names import pattern_value
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate
 from mergekit_lora.units import RankUnits
@@ -29,8 +30,7 @@ class RouteParams(AlgorithmParams):
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights")
 
 
-@register
-class Route(Algorithm):
+class Route(Algorithm[RouteParams]):
     """Pool the weighted units of all inputs per module; a router activates top-k of them per token.
 
     With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.
@@ -41,17 +41,20 @@ class Route(Algorithm):
     Params = RouteParams
     output_format = "routed"
 
+    def check_module(self, name: str, infos: Sequence[ModuleInfo], params: RouteParams) -> str | None:
+        kinds = {i.kind for i in infos} - {"linear"}
+        if kinds:
+            return (f"module {name} is a {kinds.pop()} LoRA; routing supports linear (and GPT-2 Conv1D) modules "
+                    "only; drop it from the inputs or use a static method")
+        k = pattern_value(params.top_k_pattern, name, params.top_k)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            return f"top_k_pattern gives {k!r} for module {name}; use a positive integer"
+        return None
+
     def merge_module(self, units: list[RankUnits], weights: list[float], params: RouteParams,
-                     ctx: ModuleContext) -> RoutedUnits:
-        for u in units:
-            if u.kind != "linear":
-                raise LoraMergeError(f"module {ctx.name} is a {u.kind} LoRA; routing supports linear (and GPT-2 "
-                                     "Conv1D) modules only; drop it from the inputs or use a static method")
+                     ctx: ModuleContext) -> MergedModule:
         pooled = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
-        k = pattern_value(params.top_k_pattern, ctx.name, params.top_k)
-        if not isinstance(k, int) or k < 1:
-            raise LoraMergeError(f"top_k_pattern gives {k!r} for module {ctx.name}; use a positive integer")
-        k = min(k, pooled.rank)
+        k = min(pattern_value(params.top_k_pattern, ctx.name, params.top_k), pooled.rank)
         gate = init_gate(pooled) if params.router == "gate" else None
-        return RoutedUnits(pooled, params.router, k, params.temperature,
-                           torch.zeros(pooled.rank, dtype=torch.float32), gate)
+        return MergedModule(RoutedUnits(pooled, params.router, k, params.temperature,
+                                        torch.zeros(pooled.rank, dtype=torch.float32), gate))

@@ -10,23 +10,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.options import MergeOptions
 
-from .common import (
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    FormatOpt,
-    MissingOpt,
-    SeedOpt,
-    console,
-    err_console,
-    parse_floats,
-    parse_kv,
-    user_errors,
-)
+from .common import console, err_console, parse_floats, parse_kv, user_errors
+from .options import with_options
 
 
 @user_errors
+@with_options("seed", "missing", "device", "dtype", "output_format", "allow_pickle")
 def tune(
     sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
     objective: Annotated[Path, typer.Option(help="objective YAML: base model, few-shot tasks, metric, l1")],
@@ -43,12 +34,8 @@ def tune(
     range_: Annotated[list[str] | None, typer.Option("--range", help="bounds of a searched parameter: NAME=LO:HI")] = None,
     resume: Annotated[bool, typer.Option(help="continue the search recorded in OUT/trials.jsonl")] = False,
     force: Annotated[bool, typer.Option(help="discard an existing search in OUT")] = False,
-    seed: SeedOpt = 0,
-    missing: MissingOpt = "union",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
-    output_format: FormatOpt = None,
-    allow_pickle: AllowPickleOpt = False,
+    *,
+    options: MergeOptions,
 ) -> None:
     """Search METHOD's parameters and per-adapter weights against an objective; write the best merge."""
     from mergekit_lora.tune.search import TuneSettings, run_tune
@@ -58,9 +45,10 @@ def tune(
         raise LoraMergeError("--resume and --force exclude each other")
     s = TuneSettings(sources=list(sources), method=method, objective=str(objective), out=str(out),
                      search=[x.strip() for x in search.split(",") if x.strip()], budget=budget, optimizer=optimizer,
-                     workers=workers, use_ray=use_ray, ray_address=ray_address, seed=seed, params=parse_kv(param),
-                     weights=parse_floats(weights), ranges=parse_ranges(range_), missing=missing, device=device,
-                     dtype=dtype, output_format=output_format, allow_pickle=allow_pickle)
+                     workers=workers, use_ray=use_ray, ray_address=ray_address, seed=options.seed,
+                     params=parse_kv(param), weights=parse_floats(weights), ranges=parse_ranges(range_),
+                     missing=options.missing, device=options.device, dtype=options.dtype,
+                     output_format=options.output_format, allow_pickle=options.allow_pickle)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[best]}"), console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:

@@ -2,10 +2,11 @@
 
 The driver cuts the plan into the local driver's merge batches (:func:`core.plan_batches`), packs
 consecutive batches into tasks of about ``modules_per_task`` modules and keeps at most
-``2 × workers`` tasks in flight.  A worker loads the inputs' headers once per process (cached by
-the source list), reads only its modules' tensors (byte ranges), merges them with
-:func:`core.merge_batch_list` and returns the merged factors on the CPU.  Results are consumed in
-submission order, so the writer sees the same modules in the same order as a local run: same bytes.
+``2 × CPUs`` tasks in flight.  The plan (headers only, a few KB per input) travels once through the
+object store; a worker reads only its modules' tensors (byte ranges), merges them with
+:func:`core.merge_batch_list` and returns the merged factors, fidelity rows and notes on the CPU.
+Results are consumed in submission order, so the writer sees the same modules in the same order as a
+local run: same bytes, same card.
 
 Workers must see the inputs under the same paths as the driver (a shared filesystem, or the same
 Hub cache on every node).
@@ -14,17 +15,14 @@ Hub cache on every node).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
-from mergekit_lora.merge import progress_bar
-from mergekit_lora.preflight import MergePlan
-from mergekit_lora.registry import Algorithm, AlgorithmParams
+from mergekit_lora.pipeline import MergePlan
+from mergekit_lora.progress import progress_bar
+from mergekit_lora.registry import Notes
 from mergekit_lora.units import RankUnits
 
 from . import core
@@ -41,35 +39,20 @@ class RayOptions:
     modules_per_task: int = 16
 
 
-_INPUTS: dict[Any, core.Inputs] = {}  # per worker process: inputs loaded once per source list
+def merge_task(p: MergePlan, batches: list[list[str]]
+               ) -> list[tuple[str, RankUnits, ModuleFidelity | None, Notes | None]]:
+    """The body of one Ray task (a plain function: also callable without Ray)."""
+    return core.merge_batch_list(p, batches)
 
 
-def _worker_inputs(sources: Sequence[Any], missing: str, load_options: dict[str, Any] | None) -> core.Inputs:
-    key = (tuple(str(s) if not isinstance(s, Adapter) else id(s) for s in sources), missing,
-           tuple(sorted((load_options or {}).items())))
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        _INPUTS[key] = core.load_inputs(sources, missing, load_options)  # type: ignore[arg-type]
-    return _INPUTS[key]
-
-
-def merge_task(sources: Sequence[Any], missing: str, load_options: dict[str, Any] | None, method: str,
-               batches: list[core.Batch], weights: list[float], seed: int, device: str,
-               prepare_params: AlgorithmParams) -> list[tuple[str, RankUnits, ModuleFidelity | None]]:
-    """The body of one Ray task (plain function: also callable without Ray)."""
-    inputs = _worker_inputs(sources, missing, load_options)
-    return core.merge_batch_list(inputs, method, batches, weights, seed=seed, device=device,
-                                 prepare_params=prepare_params)
-
-
-def pack(batches: Sequence[core.Batch], modules_per_task: int) -> list[list[core.Batch]]:
+def pack(batches: Sequence[list[str]], modules_per_task: int) -> list[list[list[str]]]:
     """Consecutive batches grouped into tasks of at least ``modules_per_task`` modules (the last may be short)."""
-    tasks: list[list[core.Batch]] = []
-    cur: list[core.Batch] = []
+    tasks: list[list[list[str]]] = []
+    cur: list[list[str]] = []
     n = 0
     for b in batches:
         cur.append(b)
-        n += len(b[0])
+        n += len(b)
         if n >= modules_per_task:
             tasks.append(cur)
             cur, n = [], 0
@@ -78,34 +61,35 @@ def pack(batches: Sequence[core.Batch], modules_per_task: int) -> list[list[core
     return tasks
 
 
-def ray_merge_modules(sources: Sequence[Any], adapters: Sequence[Adapter], algorithm: Algorithm,
-                      params: AlgorithmParams, weights: Sequence[float], plan: MergePlan, options: RayOptions, *,
-                      missing: str = "union", load_options: dict[str, Any] | None = None,
-                      device: torch.device, seed: int = 0, fidelity: list[ModuleFidelity] | None = None,
-                      progress: bool = False, overrides=None) -> Iterator[tuple[str, RankUnits]]:
-    """Same contract as :func:`mergekit_lora.merge.merge_modules`, the batches merged by Ray tasks."""
-    ray = ensure_ray(options.address, options.workers)
-    inputs = core.Inputs(list(adapters), plan)
-    tasks = pack(core.plan_batches(inputs, algorithm, params, weights, overrides), max(1, options.modules_per_task))
-    remote = ray.remote(merge_task).options(num_cpus=1, num_gpus=1 if device.type == "cuda" else 0,
-                                            max_retries=1)
-    src_ref = ray.put(list(sources))
-    window = 2 * max(1, int(ray.available_resources().get("CPU", 1)))
-    pending: deque = deque()
-    it = iter(tasks)
-    with progress_bar(progress) as bar:
-        bar_task = bar.add_task(f"merging ({algorithm.name}, Ray)", total=len(plan.modules))
-        while True:
-            while len(pending) < window:
-                nxt = next(it, None)
-                if nxt is None:
+def ray_stream(options: RayOptions) -> Callable[..., Iterator[tuple[str, Any]]]:
+    """A drop-in for :func:`mergekit_lora.pipeline.merge_stream` that merges on Ray."""
+
+    def stream(p: MergePlan, rows: list[ModuleFidelity] | None = None,
+               notes: list[tuple[str, Notes]] | None = None) -> Iterator[tuple[str, Any]]:
+        ray = ensure_ray(options.address, options.workers)
+        tasks = pack(core.plan_batches(p), max(1, options.modules_per_task))
+        remote = ray.remote(merge_task).options(num_cpus=1, num_gpus=1 if p.device.type == "cuda" else 0,
+                                                max_retries=1)
+        plan_ref = ray.put(p)
+        window = 2 * max(1, int(ray.available_resources().get("CPU", 1)))
+        pending: deque = deque()
+        it = iter(tasks)
+        with progress_bar(p.options.progress) as bar:
+            bar_task = bar.add_task(f"merging ({p.method}, Ray)", total=len(p.modules))
+            while True:
+                while len(pending) < window:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    pending.append(remote.remote(plan_ref, nxt))
+                if not pending:
                     break
-                pending.append(remote.remote(src_ref, missing, load_options, algorithm.name, nxt, list(weights),
-                                             seed, str(device), params))
-            if not pending:
-                break
-            for name, units, row in ray.get(pending.popleft()):
-                if fidelity is not None and row is not None:
-                    fidelity.append(row)
-                yield name, units
-                bar.advance(bar_task)
+                for name, units, row, note in ray.get(pending.popleft()):
+                    if rows is not None and row is not None:
+                        rows.append(row)
+                    if notes is not None and note:
+                        notes.append((name, note))
+                    yield name, units
+                    bar.advance(bar_task)
+
+    return stream

@@ -16,6 +16,7 @@ import torch
 
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.options import MergeOptions
 
 from .objective import Objective, encode_objective
 
@@ -46,17 +47,18 @@ class Evaluator:
     """Scores trials: ``run(trial) -> row`` (never raises for a trial's own failure: an error row)."""
 
     def __init__(self, objective: Objective, root: str | Path, sources: list[Any], method: str,
-                 fixed_params: dict[str, Any], *, missing: str = "union", load_options: dict[str, Any] | None = None,
-                 device: str = "auto", seed: int = 0, worker: str = "local") -> None:
-        from mergekit_lora.merge import resolve_device
+                 start: dict[str, Any], *, options: MergeOptions, worker: str = "local") -> None:
+        from mergekit_lora.pipeline import resolve_device
 
-        self.obj, self.method, self.fixed, self.seed, self.worker = objective, method, dict(fixed_params), seed, worker
-        self.device = resolve_device(device)
+        self.obj, self.method, self.worker, self.start_params = objective, method, worker, dict(start["params"])
+        self.device = resolve_device(options.device)
+        opts = options.model_copy(update={"out": None, "progress": False, "device": str(self.device)})
         with self._threads():
             self.model, tok = load_model(objective.base, self.device)
             self.tasks = encode_objective(objective, Path(root), tok)
         self.pad_id = int(getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0)
-        self.inputs = core.load_inputs(sources, missing, load_options)  # type: ignore[arg-type]
+        # the inputs' headers are read once; every trial re-plans these adapters with its own settings
+        self.plan = core.make_plan(sources, method, start["params"], start["weights"], opts)
 
     def _threads(self):
         obj = self
@@ -79,9 +81,8 @@ class Evaluator:
         row: dict[str, Any] = {"trial": trial["trial"], "params": trial["params"], "weights": trial["weights"]}
         try:
             with self._threads():
-                params = {**self.fixed, **trial["params"]}
-                units = core.merged_units(self.inputs, self.method, params, trial["weights"], seed=self.seed,
-                                          device=self.device)
+                params = {**self.start_params, **trial["params"]}
+                units = core.merged_units(self.plan, params, trial["weights"])
                 from .attach import attached_units
 
                 with torch.no_grad(), attached_units(self.model, units) as m:

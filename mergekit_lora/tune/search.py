@@ -65,28 +65,42 @@ class TuneResult:
     adapter: Path
 
 
-def pooled_rank(inputs: core.Inputs) -> int:
-    return max(sum(a.modules[m.name].rank for a in (inputs.adapters[i] for i in m.present)) for m in inputs.plan.modules)
+def pooled_rank(adapters: list) -> int:
+    """The largest summed input rank of any module (the natural upper bound of rank/k/top_k)."""
+    names = {n for a in adapters for n in a.modules}
+    return max(sum(a.modules[n].rank for a in adapters if n in a.modules) for n in names)
+
+
+def merge_options(s: TuneSettings, out: Path | None = None):
+    from mergekit_lora.options import make_options
+
+    return make_options(out=out, device=s.device, dtype=s.dtype, output_format=s.output_format, seed=s.seed,
+                        missing=s.missing, allow_pickle=s.allow_pickle)
 
 
 def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
              log: Callable[[str], None] = lambda m: None,
              on_trial: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None) -> TuneResult:
     """Run (or resume) the search; ``on_trial(row, best_so_far)`` after every trial (progress display)."""
-    from mergekit_lora.merge import check_weights, resolve_device
+    from mergekit_lora.formats import load_adapter
+    from mergekit_lora.pipeline import resolve_device
+    from mergekit_lora.registry import get_algorithm
 
     if s.budget < 1 or s.workers < 1:
         raise LoraMergeError("budget and workers must be at least 1")
     obj, root = load_objective(s.objective)
     if not s.use_ray:
         resolve_device(s.device)  # cuda without CUDA: one clear error before anything loads
-    algo = core.get_algorithm(s.method)
-    load_options = {"allow_pickle": s.allow_pickle}
-    inputs = core.load_inputs(s.sources, s.missing, load_options)  # type: ignore[arg-type]
-    check_weights(s.weights, len(inputs.adapters))
-    space = build_space(algo, s.search, len(inputs.adapters), pooled_rank=pooled_rank(inputs), ranges=s.ranges,
+    algo = get_algorithm(s.method)
+    opts = merge_options(s)
+    adapters = [load_adapter(src, allow_pickle=s.allow_pickle) for src in s.sources]  # headers only
+    if s.weights is not None and len(s.weights) != len(adapters):
+        raise LoraMergeError(f"got {len(s.weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    space = build_space(algo, s.search, len(adapters), pooled_rank=pooled_rank(adapters), ranges=s.ranges,
                         fixed=s.params, weights=s.weights)
-    core.resolve_params(s.method, {**s.params, **{d.name: d.init for d in space.dims}})  # the start point is valid
+    start = {"params": {**s.params, **{d.name: d.init for d in space.dims}}, "weights": list(space.fixed_weights)
+             if not space.n_weights else list(space.init_weights)}
+    core.make_plan(s.sources, s.method, start["params"], start["weights"], opts)  # every check, before any trial
 
     out = Path(s.out)
     path = out / "trials.jsonl"
@@ -107,8 +121,8 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
         log(f"resuming: {len(done)} of {s.budget} trials recorded")
 
     opt = make_optimizer(s.optimizer, space, seed=s.seed, budget=s.budget, workers=s.workers)
-    ev_args = (obj, str(root), list(s.sources), s.method, dict(s.params))
-    ev_kwargs = {"missing": s.missing, "load_options": load_options, "device": s.device, "seed": s.seed}
+    ev_args = (obj, str(root), list(s.sources), s.method, start)
+    ev_kwargs = {"options": opts}
     pool = _make_pool(s, ev_args, ev_kwargs) if len(done) < s.budget else None
     rows: list[dict[str, Any]] = []
     worst: list[float] = []
@@ -212,14 +226,14 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
 
 def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
     """The best trial merged and written like ``merge`` (card with the search summary, recipe.yaml)."""
-    from mergekit_lora.merge import merge
-    from mergekit_lora.recipe import recipe_from_cli
+    from mergekit_lora.pipeline import execute, plan
+    from mergekit_lora.recipe import recipe_yaml
 
     dest = out / "best"
     params = {**s.params, **best["params"]}
-    recipe = recipe_from_cli(s.sources, s.method, dest, weights=best["weights"], params=params, seed=s.seed,
-                             missing=s.missing, device=s.device, dtype=s.dtype, output_format=s.output_format,
-                             allow_pickle=s.allow_pickle)
+    opts = merge_options(s, dest).model_copy(update={"force": True})
+    recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
+    execute(plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe))
     start = rows[0]
     fmt = lambda v: "failed" if v is None else f"{v:.6g}"  # noqa: E731
     summary = "\n".join([
@@ -230,8 +244,6 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
         f"- failed trials: {sum(r['score'] is None for r in rows)}",
         "- every trial is in `trials.jsonl` next to this folder; `recipe.yaml` reproduces this adapter",
     ])
-    merge(s.sources, s.method, dest, weights=best["weights"], params=params, missing=s.missing,  # type: ignore[arg-type]
-          device="cpu" if s.device == "auto" else s.device, dtype=s.dtype, seed=s.seed, force=True,
-          output_format=s.output_format, recipe=recipe, card_sections=[("Tuned with loramerge tune", summary)],
-          load_options={"allow_pickle": s.allow_pickle})
+    card = dest / "README.md"
+    card.write_text(card.read_text().rstrip("\n") + "\n\n## Tuned with loramerge tune\n\n" + summary + "\n")
     return dest

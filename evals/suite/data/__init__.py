@@ -1,0 +1,1 @@
+"""Data files of the evaluation suite (shipped as package data, with their licences)."""
