@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from pydantic import ConfigDict, Field
 
+from mergekit_lora.determinism import one_thread, svd_lowrank
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext, Notes
 from mergekit_lora.units import RankUnits
 
@@ -99,14 +100,15 @@ def low_rank_svd(dense: torch.Tensor, k: int, params: DenseParams, ctx: ModuleCo
     m, n = dense.shape
     k = min(k, m, n)
     if params.exact_svd:
-        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        with one_thread(dense.device):  # issue 14: LAPACK bits depend on the thread count
+            U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k].T
     q = min(k + params.oversample, m, n)
     seed = ctx.generator("svd_lowrank").initial_seed()
     devices = [dense.device.index or 0] if dense.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(dense, q=q, niter=params.niter)
+        U, S, V = svd_lowrank(dense, q=q, niter=params.niter)  # issue 14: torch's, QRs on one thread
     return U[:, :k], S[:k], V[:, :k]
 
 

@@ -10,6 +10,7 @@ from mergekit_lora import __version__
 
 from .cluster_cmd import cluster
 from .eval_cmd import eval_app
+from .export_cmd import export
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
@@ -50,6 +51,7 @@ app.command()(push)
 app.command()(cluster)
 app.command()(route)
 app.command()(tune)
+app.command()(export)
 app.add_typer(eval_app, name="eval")
 
 

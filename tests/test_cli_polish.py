@@ -31,7 +31,7 @@ def test_help_fits_80_columns_and_keeps_every_word():
         assert max(len(line) for line in r.stdout.splitlines()) <= 80, cmd
         assert "…" not in r.stdout, cmd  # nothing cut
     r = _cli("cluster", "--help")
-    assert "cluster [b;a] (concat" in " ".join(r.stdout.split())  # markup used to eat "[b;a]"
+    assert "([a/‖a‖; b/‖b‖] features" in " ".join(r.stdout.split())  # rich markup used to eat "[...]"
     assert "--ignore-modules-to-save" in r.stdout  # the shared options are the same everywhere
     route = _cli("route", "--help").stdout
     assert "--top-k" in route and "-k," not in route and "--dtype" in route and "--emit-recipe" in route
@@ -79,3 +79,12 @@ def test_card_lists_only_parameters_that_are_set(tmp_path):
     assert r.exit_code == 0, r.output
     card = (tmp_path / "o" / "README.md").read_text()
     assert "rank: `None`" not in card and "- method: `linear`" in card
+
+
+def test_cluster_says_when_k_leaves_modules_unclustered(tmp_path):
+    """Rank-4 and rank-8 inputs pool 12 units per module: -k 16 clusters nothing, and the terminal says so."""
+    r = runner.invoke(app, ["cluster", SHIFT, DOUBLE, "-k", "16", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "modules not clustered" in r.output
+    r = runner.invoke(app, ["cluster", SHIFT, DOUBLE, "-k", "2", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 0 and "modules not clustered" not in r.output

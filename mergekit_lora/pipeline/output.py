@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import checks
 from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..card import CardInfo, SourceInfo, render_card
@@ -26,6 +27,7 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
     spec = get_writer(plan.output_format)
     assert spec.write is not None
     algo = plan.algorithm
+    modules = checks.finite_units(modules, plan.out_dtype)  # issue 14: finite before the rename
     with atomic_output(Path(opts.out), opts.force) as tmp:
         config = spec.write(tmp, modules, list(plan.adapters), dtype=plan.out_dtype,
                             target_modules=plan.target_modules, method=plan.method,

@@ -38,7 +38,7 @@ from ..options import DTYPE_NAMES, MergeOptions
 from ..registry import available
 from .gradients import check_parameters
 from .problems import Problems
-from .yaml_lines import Loc, load_yaml_with_lines
+from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -158,7 +158,7 @@ def read_recipe_text(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
         raise LoraMergeError(f"{p}: no such recipe file")
-    return p.read_text()
+    return read_text_utf8(p)  # issue 14: non-UTF-8 bytes are one error
 
 
 def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
