@@ -55,9 +55,10 @@ CHILD = r"""
 import json, os, sys, time, resource
 from pathlib import Path
 cfg = json.loads(sys.argv[1])
-from mergekit_lora.merge import merge
+from mergekit_lora.options import MergeOptions
+from mergekit_lora.pipeline import execute, plan
 res = {"ray_init_s": 0.0}
-ray_opts = None
+stream = None
 if cfg["workers"]:
     import ray
     t = time.perf_counter()
@@ -71,10 +72,11 @@ if cfg["workers"]:
     for _ in range(50):
         ray.get(noop.remote())
     res["noop_roundtrip_ms"] = (time.perf_counter() - t) / 50 * 1e3
-    from mergekit_lora.distributed.ray_merge import RayOptions
-    ray_opts = RayOptions(workers=cfg["workers"], modules_per_task=cfg["modules_per_task"])
+    from mergekit_lora.distributed.ray_merge import RayOptions, ray_stream
+    stream = ray_stream(RayOptions(workers=cfg["workers"], modules_per_task=cfg["modules_per_task"]))
 t = time.perf_counter()
-r = merge(cfg["paths"], cfg["method"], cfg["out"], params=cfg["params"], device="cpu", force=True, ray=ray_opts)
+opts = MergeOptions(out=cfg["out"], device="cpu", force=True)
+r = execute(plan(cfg["paths"], cfg["method"], cfg["params"], None, opts), stream)
 res["merge_s"] = time.perf_counter() - t
 res["modules"] = r.modules
 res["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
