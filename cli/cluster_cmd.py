@@ -12,6 +12,7 @@ from mergekit_lora.options import MergeOptions
 from .common import console, err_console, parse_floats, user_errors
 from .merge_cmd import run_and_report
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
+from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 
 
 @user_errors
@@ -33,6 +34,9 @@ def cluster(
     max_iter: Annotated[int | None, typer.Option(help="Lloyd iterations at most")] = None,
     report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
     emit_recipe: EmitRecipeOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     *,
     options: MergeOptions,
 ) -> None:
@@ -46,7 +50,7 @@ def cluster(
              "report": report or None}
     params = {key: v for key, v in given.items() if v is not None}
     run_and_report(sources, "lego", params, parse_floats(weights), options.model_copy(update={"out": out}),
-                   emit_recipe)
+                   emit_recipe, ray_options(ray, ray_address, ray_workers))
     if report:
         (err_console if emit_recipe == "-" else console).print(
             f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")

@@ -17,6 +17,7 @@ from .methods_cmd import methods
 from .push_cmd import push
 from .route_cmd import route
 from .run_cmd import run
+from .tune_cmd import tune
 
 app = typer.Typer(
     name="loramerge",
@@ -49,6 +50,7 @@ app.command()(run)
 app.command()(push)
 app.command()(cluster)
 app.command()(route)
+app.command()(tune)
 app.command()(export)
 app.add_typer(eval_app, name="eval")
 

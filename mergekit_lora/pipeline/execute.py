@@ -36,12 +36,14 @@ class MergeResult:
     merged: dict[str, Any] | None = None  # name -> merged units, when nothing was written
 
 
-def execute(plan: MergePlan) -> MergeResult:
-    """Merge as planned; write to ``plan.options.out`` (atomically) or keep the modules in memory."""
+def execute(plan: MergePlan, stream_fn: Any = None) -> MergeResult:
+    """Merge as planned; write to ``plan.options.out`` (atomically) or keep the modules in memory.
+
+    ``stream_fn``: a drop-in for :func:`merge_stream` (``distributed.ray_merge.ray_stream``: Ray tasks)."""
     t0 = time.perf_counter()
     rows: list[ModuleFidelity] = []
     notes: list[tuple[str, Notes]] = []
-    stream = merge_stream(plan, rows, notes)
+    stream = (stream_fn or merge_stream)(plan, rows, notes)  # issue 16 hook
     merged: dict[str, Any] | None = None
     config: dict[str, Any] = {}
     out = plan.options.out
