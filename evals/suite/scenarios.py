@@ -80,6 +80,10 @@ def scenarios() -> dict[str, tuple[str, dict]]:
         three = {t: hetero[t] for t in ("script", "polarity", "region")}
         out[f"v2-c3{sfx}"] = ("(c) heterogeneous ranks, three tasks: script r4, polarity r8, region r16",
                               config(three, 16, tuned=tuned))
+    core = [m for m in methods(16, tuned=False) if m["method"] in ("linear", "svd", "ties", "lego", "route")]
+    out["v2-c3-core"] = ("(c) heterogeneous ranks, three tasks, five methods (linear, svd, ties, lego, route: "
+                         "the subset that fit the CPU time of 2026-11-26; cat = linear exactly)",
+                         config(out["v2-c3"][1]["adapters"], 16, tuned=False, method_list=core))
     for task in ("region", "polarity"):
         prune = [{"method": m, "label": f"{m}-{k}", "params": {p: k}}
                  for k in (8, 4) for m, p in (("svd", "rank"), ("lego", "k"))]
