@@ -325,6 +325,7 @@ def inspect_routing(a: Adapter, report: dict[str, Any]) -> None:
         "units": sum(m["R"] for m in cfg["modules"].values()),
         "sources": len(cfg.get("sources", [])),
         "calibrated": bool(cfg.get("calibrated")),
+        **({k: cfg.get(k) for k in (*HIER_KEYS, "profiled")} if cfg["router"] == "hierarchical" else {}),
         "per_module": {n: {"R": m["R"], "top_k": m["top_k"]} for n, m in cfg["modules"].items()},
     }
 
