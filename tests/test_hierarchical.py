@@ -194,3 +194,22 @@ def test_choose_sources_top_m_and_mass():
     assert choose_sources(ev, mass=0.85).tolist() == [[True, True, False], [False, True, True]]
     assert choose_sources(ev, mass=0.95).tolist() == [[True, True, True], [True, True, True]]
     assert choose_sources(ev, mass=1.0).all()
+
+
+def test_profiles_through_the_base_model_differ_only_after_the_first_update(tmp_path, two_domains):
+    """The first routed module's input comes before any update: the same profile either way; deeper ones
+    see the chosen adapter's effect only when profiled through it."""
+    a, b, data = two_domains
+    merge([a, b], "route", tmp_path / "r", params={"top_k": 4, "router": "hierarchical"})
+    m = planted_llama()
+    handle = attach(m, load_routed(tmp_path / "r"))
+    base = fit_profiles(m, handle, data, through="base")
+    thru = fit_profiles(m, handle, data, through="adapter")
+    first, deep = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    assert base[first][0].shape == (2, 32) and not torch.equal(base[first][0][0], base[first][0][1])
+    assert rel(base[first][0], thru[first][0]) < 1e-6 and rel(base[first][1], thru[first][1]) < 1e-5
+    assert rel(base[deep][0], thru[deep][0]) > 1e-2
+    pooled = fit_profiles(m, handle, data, covariance="pooled")
+    assert torch.equal(pooled[deep][1][0], pooled[deep][1][1]) and torch.equal(pooled[deep][0], thru[deep][0])
+    with pytest.raises(ValueError, match="through"):
+        fit_profiles(m, handle, data, through="nowhere")

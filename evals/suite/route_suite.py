@@ -188,6 +188,14 @@ def main() -> None:
             c = json.loads((p / "routing_config.json").read_text())["calibration"]
             timing[f"calibrate-{k}-loss"] = [c["loss_before"], c["loss_after"]]  # type: ignore[assignment]
             print(f"calibrated k={k}: loss {c['loss_before']:.3f} -> {c['loss_after']:.3f}", flush=True)
+        elif kind == "hierpool":  # the hier-k profiles with one pooled diagonal covariance
+            src = load_routed(build(f"hier-{k}"))
+            mods = {}
+            for n, m in src.modules.items():
+                v = m.profile_var.mean(0, keepdim=True).expand_as(m.profile_var).clone()
+                mods[n] = replace(m, profile_var=v)
+            p.mkdir()
+            write_routed(p, mods.items(), base_model=src.base_model, sources=src.sources)
         elif kind == "hier" and any((work / f"hier-{j}").exists() for j in (4, 8, 16, 32)):
             done = next(work / f"hier-{j}" for j in (4, 8, 16, 32) if (work / f"hier-{j}").exists())
             fitted = load_routed(done)  # the profiles do not depend on k: reuse them
@@ -211,6 +219,34 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown variant {v}")
         return p
+
+    def chosen_on(v: str, enc: dict) -> dict[str, list[int]]:
+        routed = load_routed(build(v))
+        h = attach(model, routed)
+        out: dict[str, list[int]] = {}
+        try:
+            for t in TASKS:
+                ch: list[int] = []
+                for s in range(0, len(enc[t]), 16):
+                    ids, mask, _ = pad_left(enc[t].ids[s:s + 16], pad)
+                    ch += select_adapter(model, h, ids, mask).tolist()
+                out[t] = ch
+        finally:
+            detach(model)
+        return out
+
+    def validate(variants: list[str]) -> None:
+        """Selection accuracy on held-out *train* examples (per-task ones after the profile data): picks the
+        profile variant without looking at the test set."""
+        val = {t: encode_task(get_task(t), tok, get_task(t).split()[0][args.per_task:2 * args.per_task])
+               for t in TASKS}
+        accs = {}
+        for v in variants:
+            ch = chosen_on(v, val)
+            accs[v] = {t: sum(c == i for c in ch[t]) / len(ch[t]) for i, t in enumerate(TASKS)}
+            print(f"validation selection accuracy {v}: {accs[v]}", flush=True)
+        timing["validation-selection"] = accs  # type: ignore[assignment]
+        save()
 
     def select(k: int) -> None:
         """Pick the adapter per request from the profiles, then serve it with that adapter's own LoRA."""
@@ -251,6 +287,10 @@ def main() -> None:
 
     for v in args.variants:
         if v in results:
+            continue
+        if v.startswith("val-"):
+            if "validation-selection" not in timing:
+                validate([f"hier-{v.split('-')[1]}", f"hierpool-{v.split('-')[1]}"])
             continue
         if v.startswith("select-"):
             if "select" not in results:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraMergeError
+from ..merge import progress_bar
 from ..runtime import Attached, RoutedLoraLayer
 from .calibrate import Batch, load_examples, make_batches
 from .hierarchical import HierContext
@@ -39,17 +40,22 @@ def _hier_layers(attached: Attached) -> tuple[HierContext, list[RoutedLoraLayer]
 def fit_profiles(model: nn.Module, attached: Attached,
                  data_per_adapter: Sequence[Sequence[Batch]] | Mapping[int, Sequence[Batch]], *,
                  device: torch.device | None = None, through: str = "adapter", var_floor: float = 0.05,
-                 progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 covariance: str = "diag", progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fit μ_s, σ²_s [S, d_in] of every hierarchical layer's input per source s, in place.
 
     ``data_per_adapter[s]``: batches of unlabeled examples of source s's domain (s = the index of the
     input adapter, in the order of the routed adapter's sources).  ``through="adapter"`` profiles
     source s with exactly adapter s active in every routed module; ``"base"`` with no update (the
-    base model's inputs).  σ²_s gets a floor of ``var_floor`` × its mean over dimensions.  Returns
+    base model's inputs).  σ²_s gets a floor of ``var_floor`` × its mean over dimensions;
+    ``covariance="pooled"`` gives every source the mean of the S variances (a shared diagonal
+    covariance: the choice becomes a nearest-mean rule in that metric, and a source with broad inputs
+    no longer wins every atypical sequence).  Returns
     module name -> (mean, var); ``attached.routed(...)`` then carries them into the routed file.
     """
     if through not in ("adapter", "base"):
         raise ValueError(f"through={through!r} must be 'adapter' or 'base'")
+    if covariance not in ("diag", "pooled"):
+        raise ValueError(f"covariance={covariance!r} must be 'diag' or 'pooled'")
     if not var_floor > 0:
         raise ValueError("var_floor must be positive")
     ctx, layers = _hier_layers(attached)
@@ -65,15 +71,17 @@ def fit_profiles(model: nn.Module, attached: Attached,
         la.prof_stats = {}
     try:
         ctx.profiling = True
-        for s in range(S):
-            ctx.force = s if through == "adapter" else -1
-            for b in data[s]:
-                b = b.to(device)
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-            # statistics were collected under key ctx.force; file them under s
-            for la in layers:
-                if ctx.force != s and ctx.force in la.prof_stats:
-                    la.prof_stats[s] = la.prof_stats.pop(ctx.force)
+        with progress_bar(progress) as bar:
+            task = bar.add_task("profiling adapters", total=sum(len(data[s]) for s in range(S)))
+            for s in range(S):
+                ctx.force = s if through == "adapter" else -1
+                for b in data[s]:
+                    b = b.to(device)
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                    bar.advance(task)
+                for la in layers:  # statistics were collected under key ctx.force; file them under s
+                    if ctx.force != s and ctx.force in la.prof_stats:
+                        la.prof_stats[s] = la.prof_stats.pop(ctx.force)
     finally:
         ctx.profiling = False
         ctx.force = None
@@ -89,8 +97,11 @@ def fit_profiles(model: nn.Module, attached: Attached,
             var = var + var_floor * var.mean().clamp_min(1e-12)
             means.append(mu.float())
             vars_.append(var.float())
+        var_s = torch.stack(vars_)
+        if covariance == "pooled":
+            var_s = var_s.mean(0, keepdim=True).expand_as(var_s).clone()
         la.profile_mean = torch.stack(means).to(la.unit_A.device)
-        la.profile_var = torch.stack(vars_).to(la.unit_A.device)
+        la.profile_var = var_s.to(la.unit_A.device)
         la.prof_stats = {}
         out[names[id(la)]] = (la.profile_mean.cpu(), la.profile_var.cpu())
     return out
