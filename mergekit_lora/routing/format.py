@@ -313,7 +313,7 @@ def sniff_routed(keys: list[str], metadata: dict[str, str]) -> bool:
 
 
 def inspect_routing(a: Adapter, report: dict[str, Any]) -> None:
-    """``loramerge inspect``: the routing config of a routed adapter (INSPECTORS hook)."""
+    """``loramerge inspect``: the routing config of a routed adapter (the routed FormatSpec's inspector)."""
     cfg = a.meta.extra.get("routing")
     if a.meta.format != FORMAT_TAG or not cfg:
         return

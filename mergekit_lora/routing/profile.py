@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraMergeError
-from ..merge import progress_bar
+from ..progress import progress_bar
 from ..runtime import Attached, RoutedLoraLayer
 from .calibrate import Batch, load_examples, make_batches
 from .hierarchical import HierContext
