@@ -218,10 +218,11 @@ def test_search_space_from_params_bounds_and_choices():
     assert d["majority_sign"].choices == ("total", "frequency")
     assert (d["rank"].low, d["rank"].high) == (1, 12)  # ge=1, upper: the pooled input rank
     assert ties.n_weights == 3 and ties.init_weights == (1 / 3, 1 / 3, 1 / 3)
-    lego = build_space(get_algorithm("lego"), ["k", "reweight", "canonical"], 2, pooled_rank=8, ranges={"k": (2, 6)})
+    lego = build_space(get_algorithm("lego"), ["k", "reweight", "balance_inputs"], 2, pooled_rank=8,
+                       ranges={"k": (2, 6)})
     d = {x.name: x for x in lego.dims}
     assert (d["k"].low, d["k"].high) == (2, 6) and d["reweight"].choices == ("paper", "lsq", "none")
-    assert d["canonical"].choices == (False, True) and lego.n_weights == 0
+    assert d["balance_inputs"].choices == (False, True) and lego.n_weights == 0
     with pytest.raises(LoraMergeError, match="has no parameter 'kk'"):
         build_space(get_algorithm("lego"), ["kk"], 2, pooled_rank=8)
     with pytest.raises(LoraMergeError, match="no upper bound; give one with range lambda=LO:HI|lambda_"):
