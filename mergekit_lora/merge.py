@@ -25,6 +25,7 @@ from .formats.peft_write import carried_target_modules
 from .formats.writers import WRITERS, default_output_format, write_adapter
 from .preflight import MergePlan, MissingPolicy, ModulePlan, align_names, check_compatible, check_missing
 from .registry import Algorithm, AlgorithmParams, ModuleContext, get_algorithm, parse_params
+from .threads import thread_policy
 from .units import RankUnits
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -99,7 +100,7 @@ def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: Alg
     ``batch_limit`` at a time: memory stays bounded by the batch, not the number of layers.
     """
     algorithm.prepare(adapters, weights, params)
-    with progress_bar(progress) as bar:
+    with thread_policy(None), progress_bar(progress) as bar:  # [perf] issue 15: thread policy (mergekit_lora/threads.py)
         task = bar.add_task(f"merging ({algorithm.name})", total=len(plan.modules))
         for batch, p in _batches(adapters, algorithm, params, weights, plan, overrides):
             loaded = [([adapters[i].units(mp.name, source=i).to(device) for i in mp.present], w)
