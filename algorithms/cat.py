@@ -17,6 +17,7 @@ class Cat(Algorithm):
     name = "cat"
     description = "concatenate all rank units (rank Σ rᵢ); exact weighted sum"
     Params = AlgorithmParams
+    exact = True  # ΔW = Σ w_i ΔW_i by construction: the driver skips measuring the (zero) error
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
                      ctx: ModuleContext) -> RankUnits:

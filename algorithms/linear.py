@@ -24,6 +24,8 @@ class Linear(Algorithm):
     name = "linear"
     description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or --rank k via exact SVD)"
     Params = LinearParams
+    # exact (ΔW = Σ w_i ΔW_i) unless re-ranked: the driver then skips measuring the (zero) error
+    exact = staticmethod(lambda params: params.rank is None)
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LinearParams,
                      ctx: ModuleContext) -> RankUnits:

@@ -19,7 +19,14 @@ from .adapter import Adapter
 from .atomic import atomic_output, check_output
 from .card import CardInfo, SourceInfo, render_card
 from .errors import LoraMergeError
-from .fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
+from .fidelity import (
+    ModuleFidelity,
+    declares_exact,
+    exact_fidelity,
+    module_fidelity,
+    summarize,
+    weighted_target,
+)
 from .formats import load_adapter
 from .formats.peft_write import carried_target_modules
 from .formats.writers import WRITERS, default_output_format, write_adapter
@@ -113,6 +120,8 @@ def merge_modules(adapters: Sequence[Adapter], algorithm: Algorithm, params: Alg
             for (mp, _), (u, w), merged in zip(batch, loaded, outs):
                 if fidelity is not None and isinstance(merged, RankUnits):  # routed modules have no single ΔW
                     row = algorithm.known_fidelity(mp.name)
+                    if row is None and declares_exact(algorithm, p):  # [perf] issue 15: known-zero error
+                        row = exact_fidelity(mp.name, weighted_target(u, w))
                     fidelity.append(row if row is not None else module_fidelity(mp.name, merged, weighted_target(u, w)))
                 yield mp.name, merged.to("cpu")
                 bar.advance(task)

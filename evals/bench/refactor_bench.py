@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import mergekit_lora.algorithms.dense as dense_mod  # EXACT_MIN_DIM is lowered to force the iteration
 from mergekit_lora.algorithms.dense import DenseParams, refactor_batch
 from mergekit_lora.algorithms.ties import TiesParams, ties_dense
 from mergekit_lora.units import RankUnits
@@ -34,11 +35,11 @@ def case(m: int, n_in: int = 4, r: int = 16, seed: int = 0) -> tuple[torch.Tenso
     return D, start
 
 
-def cpu_time(fn, repeat: int) -> float:
+def cpu_time(args: tuple, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         t = time.process_time()
-        fn()
+        refactor_batch(*args)
         best = min(best, time.process_time() - t)
     return best
 
@@ -67,15 +68,12 @@ def main() -> None:
         exact = DenseParams(density=1.0, exact_svd=True)
         Be, Ae, _, _ = refactor_batch(D, k, exact, start, gens)
         Dk = (Be[0] @ Ae[0]).double()
-        row = [f"{m} × {D.shape[2]}", f"{cpu_time(lambda: refactor_batch(D, k, exact, start, gens), args.repeat):.4f}"]
+        row = [f"{m} × {D.shape[2]}", f"{cpu_time((D, k, exact, start, gens), args.repeat):.4f}"]
         for it in niters:
             p = DenseParams(density=1.0, niter=it)
-            # force the iterative path whatever the size
-            import mergekit_lora.algorithms.dense as dense_mod
-
             old, dense_mod.EXACT_MIN_DIM = dense_mod.EXACT_MIN_DIM, 0
             try:
-                t = cpu_time(lambda p=p: refactor_batch(D, k, p, start, gens), args.repeat)
+                t = cpu_time((D, k, p, start, gens), args.repeat)
                 B, A, _, _ = refactor_batch(D, k, p, start, gens)
             finally:
                 dense_mod.EXACT_MIN_DIM = old
