@@ -83,42 +83,37 @@ def stacked(modules: Sequence[Sequence[RankUnits]], i: int, dtype: torch.dtype) 
 
 
 # ---------------------------------------------------------------------------------------- sign election
-class DisjointMean:
-    """Running TIES state over inputs x_i ([M, d_out, d_in] each, added in order).
+def _sum_(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Σ xs in order, into xs[0]."""
+    total = xs[0]
+    for x in xs[1:]:
+        total.add_(x)
+    return total
 
-    Elected sign per entry: sign of Σ_i x_i (``total``) or of Σ_i sign(x_i) (``frequency``), +1 on a
-    tie; result: the mean of the x_i agreeing with it (entries that are 0 never count).  Keeps Σ x, the
-    positive and negative parts and their counts: 5 tensors, whatever the number of inputs.
+
+def disjoint_mean(xs: list[torch.Tensor], method: SignMethod) -> torch.Tensor:
+    """TIES sign election and disjoint mean of the (weighted) tensors ``xs`` (consumed: modified in place).
+
+    e = sign of Σ x_i (``total``) or of Σ sign(x_i) (``frequency``), +1 on a tie; result: e · Σ relu(e·x_i)
+    / #{i: e·x_i > 0} — the mean of the entries agreeing with e (multiplying by ±1 is exact, so this is
+    the textbook formula's value).
     """
-
-    def __init__(self, method: SignMethod) -> None:
-        self.method = method
-        self.mass: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None
-        self.neg = self.npos = self.nneg = torch.empty(0)
-
-    def add(self, x: torch.Tensor) -> None:
-        pos, neg, gt, lt = x.clamp(min=0), x.clamp(max=0), x > 0, x < 0
-        if self.pos is None:
-            self.pos, self.neg, self.npos, self.nneg = pos, neg, gt.to(x.dtype), lt.to(x.dtype)
-            if self.method == "total":
-                self.mass = x.clone()
-            return
-        if self.mass is not None:
-            self.mass.add_(x)
-        self.pos.add_(pos)
-        self.neg.add_(neg)
-        self.npos.add_(gt)
-        self.nneg.add_(lt)
-
-    def result(self) -> torch.Tensor:
-        if self.pos is None:
-            raise ValueError("DisjointMean needs at least one input")
-        mass = self.mass if self.mass is not None else self.npos - self.nneg
-        up = mass >= 0
-        num = torch.where(up, self.pos, self.neg)
-        cnt = torch.where(up, self.npos, self.nneg).clamp_(min=1)
-        return num.div_(cnt)
+    if method == "total":
+        mass = xs[0].clone()
+        for x in xs[1:]:
+            mass.add_(x)
+    else:
+        mass = xs[0].sign()
+        for x in xs[1:]:
+            mass.add_(x.sign())
+    e = torch.where(mass >= 0, 1.0, -1.0).to(xs[0].dtype)
+    num = torch.zeros_like(xs[0])
+    cnt = torch.zeros_like(xs[0])
+    for x in xs:
+        y = x.mul_(e).relu_()
+        num.add_(y)
+        cnt.add_(y > 0)
+    return num.mul_(e).div_(cnt.clamp_(min=1))
 
 
 # ---------------------------------------------------------------------------------------- chunked combine
@@ -145,7 +140,7 @@ def _run_chunks(fn: Callable[[int, int], Any], chunks: Sequence[tuple[int, int]]
 
 
 def trim_thresholds(B: torch.Tensor, A: torch.Tensor, density: float, chunks: Sequence[tuple[int, int]],
-                    workers: int = 1, sample: int = 1 << 16) -> torch.Tensor:
+                    workers: int = 1, sample: int = 1 << 14) -> torch.Tensor:
     """Exact per-module magnitude thresholds of ΔW = B @ A ([M, d_out, r] @ [M, r, d_in]) without forming it.
 
     The k-th largest |ΔW| (k = int(density · numel)) per module: a bracket from a sample of entries
@@ -233,8 +228,7 @@ def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[floa
     rescale = 1.0 / density if (drop is not None and density < 1) else 1.0
 
     def chunk(a: int, b: int) -> None:
-        acc = DisjointMean(combine) if combine != "sum" else None
-        total: torch.Tensor | None = None
+        xs = []
         for i, ((B, A), w) in enumerate(zip(factors, weights)):
             x = torch.bmm(B[:, a:b], A)
             t, mk = thr[i], masks[i]
@@ -242,13 +236,8 @@ def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[floa
                 x.mul_(x.abs() >= t)
             elif mk is not None:
                 x.mul_(mk[:, a:b])
-            x.mul_(w * rescale)
-            if acc is not None:
-                acc.add(x)
-            else:
-                total = x if total is None else total.add_(x)
-        res = acc.result() if acc is not None else total
-        assert res is not None
+            xs.append(x.mul_(w * rescale))
+        res = disjoint_mean(xs, combine) if combine != "sum" else _sum_(xs)
         D[:, a:b] = res.mul_(scale) if scale != 1.0 else res
 
     _run_chunks(chunk, chunks, workers)
