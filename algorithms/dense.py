@@ -6,21 +6,21 @@ the dense result D into k rank units by a truncated SVD.  Everything is written 
 a *batch* of M same-shape modules (tensors [M, d_out, d_in]); the class plumbing at the bottom only
 routes the driver's calls to them.
 
-Work per batch, input by input (never a stack of all inputs' dense tensors):
+Work per batch of M modules (:func:`dense_combine`), row chunk by row chunk (CHUNK_ELEMENTS per
+chunk, so every temporary stays in cache; chunks may run on a small thread pool):
 
-1. ΔW_i for the M modules: one batched product [M, d_out, r] @ [M, r, d_in] (float32; float64 when
-   an input is float64) — big enough to get threads under :mod:`mergekit_lora.threads`;
-2. the elementwise step (trim: exact top-``int(ρ·numel)`` threshold, see :func:`trim_thresholds`; DARE:
-   Bernoulli masks from each module's own seeded CPU generator);
-3. fused accumulation: TIES keeps five running [M, d_out, d_in] sums (Σ x, positive/negative parts and
-   counts), so sign election and the disjoint mean need no [n, …] stack;
-4. refactorisation (:func:`refactor_batch`): the exact SVD for small matrices, else a range finder
+1. trim thresholds first (:func:`trim_thresholds`): the exact k-th largest |ΔW_i| per module from a
+   sampled bracket and one counting pass — no full sort or ``kthvalue`` of ΔW;
+2. per chunk and input: ΔW_i rows = B_i[rows] @ A_i (float32; float64 when an input is float64), the
+   trim or DARE mask, the weight; then the weighted sum or TIES sign election and disjoint mean
+   (:func:`disjoint_mean`) — never a stack of all inputs' full dense tensors;
+3. refactorisation (:func:`refactor_batch`): the exact SVD for small matrices, else a range finder
    seeded with the inputs' own column spaces [B_1 … B_n] plus ``oversample`` Gaussian columns and
    ``niter`` power iterations, then Rayleigh–Ritz.  D's dominant part lies in span(B_1 … B_n) (trimming
    adds a flat noise floor below it), so this converges in a few iterations where a Gaussian start with
-   k + 8 columns does not: ≤ 1.2e-4 relative to the exact rank-k SVD on the benchmark layout
-   (RESULTS-dense.md).  Each module's error ‖D − D_k‖² = ‖D‖² − Σ_{j≤k} σ_j² (exact for the Ritz
-   projection) is returned for the report.
+   k + 8 columns does not: ≤ 3e-4 relative to the exact rank-k SVD on random adapters (the hard, flat
+   case; RESULTS-refactor.md).  Each module's error ‖D − D_k‖² = ‖D‖² − Σ_{j≤k} σ_j² (exact for the
+   Ritz projection) is returned for the report.
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ CHUNK_ELEMENTS = 1 << 17
 Combine = Literal["sum", "total", "frequency"]
 
 
-def _row_chunks(M: int, m: int, n: int) -> list[tuple[int, int]]:
+def _row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """Row ranges of ~CHUNK_ELEMENTS elements over the batch; on CUDA one chunk (kernels are big enough)."""
+    if device is not None and device.type == "cuda":
+        return [(0, m)]
     rows = max(1, CHUNK_ELEMENTS // max(M * n, 1))
     return [(r, min(r + rows, m)) for r in range(0, m, rows)]
 
@@ -213,7 +216,7 @@ def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[floa
     factors = [stacked(modules, i, dtype) for i in range(n_in)]
     M, m, _ = factors[0][0].shape
     n = factors[0][1].shape[2]
-    chunks = _row_chunks(M, m, n)
+    chunks = _row_chunks(M, m, n, factors[0][0].device)
     thr: list[torch.Tensor | None] = [None] * n_in
     masks: list[torch.Tensor | None] = [None] * n_in
     if drop is not None and density < 1:
@@ -264,7 +267,7 @@ def sq_norms(D: torch.Tensor) -> torch.Tensor:
     """‖D[j]‖² per module ([M, m, n] -> [M] float64), summed chunk by chunk in a fixed order."""
     M, m, n = D.shape
     out = torch.zeros(M, dtype=torch.float64, device=D.device)
-    for a, b in _row_chunks(M, m, n):
+    for a, b in _row_chunks(M, m, n, D.device):
         out += D[:, a:b].square().sum((1, 2), dtype=torch.float64)
     return out
 

@@ -41,6 +41,7 @@ METHODS = {
     "ties": ("ties_svd", {"density": 0.5}),
 }
 PRESET = ""  # set from --preset in main (children get it on their command line)
+OURS_ONLY = {"lego": {"k": 16}}  # methods without a PEFT counterpart (scaling_bench.py)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,7 +83,8 @@ def build(work: Path, layers: int, hidden: int, n_adapters: int, rank: int, with
     return paths
 
 
-def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: str) -> list[Path]:
+def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: str, hidden: int = 0,
+                 with_base: bool = True) -> list[Path]:
     """A bf16 base of zeros (saved by transformers) and PEFT adapter folders written directly (no
     1.1 B-parameter PEFT model in memory): keys and adapter_config.json exactly as PEFT saves them."""
     import torch
@@ -90,9 +92,9 @@ def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: st
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    cfg = llama_config(layers, 0, preset)
+    cfg = llama_config(layers, hidden, preset)
     paths = [work / f"adapter{i}" for i in range(n_adapters)]
-    if not (work / "base" / "config.json").exists():
+    if with_base and not (work / "base" / "config.json").exists():
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         model = model.to_empty(device="cpu").to(torch.bfloat16)
@@ -108,6 +110,7 @@ def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: st
               "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
               "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
               "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    dtype = torch.bfloat16 if preset == "tinyllama" else torch.float32
     for i, p in enumerate(paths):
         if (p / "adapter_model.safetensors").exists():
             continue
@@ -116,12 +119,12 @@ def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: st
         for layer in range(layers):
             for mod, (d_in, d_out) in shapes.items():
                 key = f"base_model.model.model.layers.{layer}.{mod}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * 0.02).to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(torch.bfloat16)
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * 0.02).to(dtype)
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(dtype)
         p.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(p / "adapter_model.safetensors"), metadata={"format": "pt"})
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                   base_model_name_or_path=str((work / "base").resolve())).save_pretrained(str(p))
+                   base_model_name_or_path=str((work / "base").resolve()) if with_base else None).save_pretrained(str(p))
     return paths
 
 
@@ -132,7 +135,8 @@ def child_ours(args: argparse.Namespace) -> dict:
     w = [1.0 / len(paths)] * len(paths)
     t0 = time.perf_counter()
     res = merge(paths, args.method, Path(args.work) / f"out-ours-{args.method}", weights=w,
-                params=METHODS[args.method][1], device=args.device, force=True)
+                params=METHODS[args.method][1] if args.method in METHODS else OURS_ONLY[args.method],
+                device=args.device, force=True)
     return {"seconds": time.perf_counter() - t0, "report": res.report,
             "rel_error": res.fidelity["overall"]["rel_error"]}
 
@@ -200,15 +204,15 @@ def machine() -> str:
 
 
 def timed(cmd: list[str], threads: int) -> dict:
-    """Wall seconds and peak RSS (MB, from /usr/bin/time) of one whole process."""
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one whole process (/usr/bin/time)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "TIMED %M", *cmd], capture_output=True, text=True, env=env)
+    r = subprocess.run(["/usr/bin/time", "-f", "TIMED %M %U %S", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode:
         raise RuntimeError(f"{cmd} failed:\n{r.stderr[-3000:]}")
-    rss = next(int(x.split()[1]) for x in reversed(r.stderr.splitlines()) if x.startswith("TIMED"))
-    return {"seconds": wall, "peak_rss_mb": rss / 1024}
+    _, rss, user, system = next(x.split() for x in reversed(r.stderr.splitlines()) if x.startswith("TIMED"))
+    return {"seconds": wall, "cpu_seconds": float(user) + float(system), "peak_rss_mb": int(rss) / 1024}
 
 
 def output_rel_error(ours: Path, peft: Path) -> float:
@@ -225,6 +229,13 @@ def output_rel_error(ours: Path, peft: Path) -> float:
         e2 += ua.distance(ub) ** 2
         t2 += ub.norm_sq()
     return (e2 / t2) ** 0.5 if t2 else 0.0
+
+
+def fastest(runs: list[dict]) -> dict:
+    """Wall and CPU seconds: the minimum of each over the runs (on a shared machine the least-disturbed
+    run is the best estimate of each); peak RSS: the largest."""
+    return {"seconds": min(r["seconds"] for r in runs), "cpu_seconds": min(r["cpu_seconds"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
 
 
 def whole_process_main(args: argparse.Namespace) -> None:
@@ -244,12 +255,14 @@ def whole_process_main(args: argparse.Namespace) -> None:
         extra = [f"--density={METHODS[m][1]['density']}"] if "density" in METHODS[m][1] else []
         cmd = [sys.executable, "-m", "mergekit_lora.cli.main", "merge", *map(str, paths), "-m", m, "-o", str(out_ours),
                "--weights", w, "--device", args.device, "--force", *extra]
-        ours = min((timed(cmd, args.threads) for _ in range(args.repeat)), key=lambda r: r["seconds"])
-        print(f"{m}: ours {ours['seconds']:.2f} s, {ours['peak_rss_mb']:.0f} MB", flush=True)
+        ours = fastest([timed(cmd, args.threads) for _ in range(args.repeat)])
+        print(f"{m}: ours {ours['seconds']:.2f} s ({ours['cpu_seconds']:.2f} CPU s), {ours['peak_rss_mb']:.0f} MB",
+              flush=True)
         pcmd = [sys.executable, __file__, "--child", "peft", "--method", m, "--work", str(work), "--device", args.device,
                 "--threads", str(args.threads), "--preset", args.preset]
-        peft = min((timed(pcmd, args.threads) for _ in range(args.peft_repeat)), key=lambda r: r["seconds"])
-        print(f"{m}: peft {peft['seconds']:.2f} s, {peft['peak_rss_mb']:.0f} MB", flush=True)
+        peft = fastest([timed(pcmd, args.threads) for _ in range(args.peft_repeat)])
+        print(f"{m}: peft {peft['seconds']:.2f} s ({peft['cpu_seconds']:.2f} CPU s), {peft['peak_rss_mb']:.0f} MB",
+              flush=True)
         rel = output_rel_error(out_ours, work / f"out-peft-{m}")
         rows.append((m, ours, peft, rel))
     cfg = llama_config(layers, args.hidden, args.preset)
@@ -260,17 +273,20 @@ def whole_process_main(args: argparse.Namespace) -> None:
         f"--repeat {args.repeat} --peft-repeat {args.peft_repeat} --threads {args.threads}`", "",
         f"Machine: {machine()}, shared with other jobs (load average ≫ 2 during the runs); OMP_NUM_THREADS="
         f"{args.threads} for both sides.  Wall time of the whole process (start-up, imports, reading, merging, "
-        "writing) and its peak RSS (`/usr/bin/time`); ours fastest of "
+        "writing), its CPU time (user + system: what the merge costs, less sensitive to the other jobs than wall time) "
+        "and its peak RSS (`/usr/bin/time`); ours fastest of "
         f"{args.repeat}, PEFT fastest of {args.peft_repeat}.", "",
         f"Inputs: {args.adapters} rank-{args.rank} PEFT adapters ({'bf16' if args.preset else 'fp32'}) on all 7 "
         f"projections of a {layers}-layer Llama (hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}"
         f"{', TinyLlama-1.1B shapes, bf16 base built from a config' if args.preset else ''}), weights 1/{args.adapters}. "
         "PEFT: `linear`→`linear`, `cat`→`cat`, `svd`→`svd`, `ties`→`ties_svd` (density 0.5).  "
         "rel. error = ‖ΔW_ours − ΔW_PEFT‖/‖ΔW_PEFT‖ over all modules (PEFT's `linear` is not Σ wᵢΔWᵢ, see README).", "",
-        "| method | ours (s) | PEFT (s) | speed-up | ours peak RSS (MB) | PEFT peak RSS (MB) | rel. error vs PEFT |",
-        "|---|---|---|---|---|---|---|"]
+        "| method | ours wall (s) | PEFT wall (s) | speed-up (wall) | ours CPU (s) | PEFT CPU (s) | speed-up (CPU) "
+        "| ours peak RSS (MB) | PEFT peak RSS (MB) | rel. error vs PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for m, o, p, rel in rows:
         lines.append(f"| `{m}` | {o['seconds']:.2f} | {p['seconds']:.2f} | **{p['seconds'] / o['seconds']:.1f}×** | "
+                     f"{o['cpu_seconds']:.2f} | {p['cpu_seconds']:.2f} | **{p['cpu_seconds'] / o['cpu_seconds']:.1f}×** | "
                      f"{o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | {rel:.2e} |")
     lines.append("")
     Path(args.results).write_text("\n".join(lines))
