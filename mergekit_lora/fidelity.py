@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 from .names import module_group
+from .threads import single_thread
 from .units import RankUnits
 
 
@@ -28,11 +31,42 @@ def weighted_target(units: list[RankUnits], weights: list[float]) -> RankUnits:
     return RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
 
 
+# module_fidelity first works in the inputs' precision (float32 Grams); when the error it finds is below
+# this fraction of ‖target‖ + ‖merged‖ — where float32 cancellation in m² − 2⟨m,t⟩ + t² (~1e-7 of the
+# norms², i.e. an error resolution of ~3e-4 of the norms) would matter — it recomputes in float64.
+# Tolerance: a reported rel. error ≥ 3e-2 is accurate to ≤ 1e-3 relative; smaller ones are float64.
+FLOAT32_MIN_REL_ERROR = 3e-2
+
+
+def _grams(x: RankUnits, y: RankUnits, dtype: torch.dtype) -> float:
+    """⟨ΔW_x, ΔW_y⟩_F = Σ (B_xᵀB_y) ⊙ (A_x A_yᵀ), products in ``dtype``, the final sum in float64."""
+    bb = x.B.to(dtype).T @ y.B.to(dtype)
+    aa = x.A.to(dtype) @ y.A.to(dtype).T
+    return float((bb * aa).sum(dtype=torch.float64))
+
+
 def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFidelity:
+    """‖merged − target‖, ‖target‖, ‖merged‖ in factor space (no dense ΔW); see FLOAT32_MIN_REL_ERROR."""
     merged = merged.to(device=target.A.device)
-    m2, t2 = merged.norm_sq(), target.norm_sq()  # each Gram pair once (distance() would recompute both)
-    e2 = max(m2 - 2 * merged.inner(target) + t2, 0.0)
+    with single_thread():  # r×r products: never worth threads; same bits whatever the budget
+        for dtype in (torch.float32, torch.float64):
+            if dtype == torch.float32 and torch.float64 in (merged.A.dtype, merged.B.dtype, target.A.dtype,
+                                                            target.B.dtype):
+                continue
+            m2, t2 = max(_grams(merged, merged, dtype), 0.0), max(_grams(target, target, dtype), 0.0)
+            e2 = max(m2 - 2 * _grams(merged, target, dtype) + t2, 0.0)
+            if dtype == torch.float64 or e2 >= (FLOAT32_MIN_REL_ERROR * (m2**0.5 + t2**0.5)) ** 2:
+                break
     return ModuleFidelity(name, t2**0.5, m2**0.5, e2**0.5)
+
+
+def exact_fidelity(name: str, target: RankUnits) -> ModuleFidelity:
+    """The row of an exact method (merged ΔW = target by construction): error 0 without computing it;
+    only ‖target‖ is measured (one Gram pair, float32 products, float64 sum) for the energy columns."""
+    with single_thread():
+        t = max(_grams(target, target, torch.float32 if target.A.dtype != torch.float64 else torch.float64),
+                0.0) ** 0.5
+    return ModuleFidelity(name, t, t, 0.0)
 
 
 def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:
