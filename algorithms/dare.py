@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, DenseParams, SignParams, dare_drop, dense_deltas, elect_and_mean
@@ -24,8 +24,7 @@ def _dropped(units: list[RankUnits], density: float, ctx: ModuleContext) -> list
     return [dare_drop(d, density, gen) for d in dense_deltas(units)]
 
 
-@register
-class DareLinear(DenseAlgorithm):
+class DareLinear(DenseAlgorithm[DareLinearParams]):
     """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ with M_i ~ Bernoulli(ρ) per entry, refactored to rank k.
 
     The masks come from a generator seeded by (``--seed``, module name), drawn for the inputs in order,
@@ -43,8 +42,7 @@ class DareLinear(DenseAlgorithm):
         return sum(w * d for d, w in zip(_dropped(units, params.density, ctx), weights))  # type: ignore[return-value]
 
 
-@register
-class DareTies(DenseAlgorithm):
+class DareTies(DenseAlgorithm[DareTiesParams]):
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ): DARE instead of magnitude trimming, then TIES.
 
     Masks as in ``dare_linear``; sign election and disjoint mean as in ``ties`` (on the weighted
@@ -53,7 +51,7 @@ class DareTies(DenseAlgorithm):
     """
 
     name = "dare_ties"
-    description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × --lambda; rank k"
+    description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × lambda; rank k"
     Params = DareTiesParams
 
     def dense(self, units: list[RankUnits], weights: list[float], params: DareTiesParams,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import ConfigDict, Field
 
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext
+from mergekit_lora.determinism import one_thread, svd_lowrank
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext, Notes
 from mergekit_lora.units import RankUnits
 
 SignMethod = Literal["total", "frequency"]
@@ -32,6 +33,9 @@ class DenseParams(AlgorithmParams):
     exact_svd: bool = Field(False, description="refactor with the exact dense SVD instead of the randomised one")
     oversample: int = Field(8, ge=0, description="randomised SVD: extra columns beyond k in the range finder")
     niter: int = Field(2, ge=0, description="randomised SVD: power iterations")
+
+
+P = TypeVar("P", bound=DenseParams)
 
 
 class SignParams(DenseParams):
@@ -96,14 +100,15 @@ def low_rank_svd(dense: torch.Tensor, k: int, params: DenseParams, ctx: ModuleCo
     m, n = dense.shape
     k = min(k, m, n)
     if params.exact_svd:
-        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        with one_thread(dense.device):  # issue 14: LAPACK bits depend on the thread count
+            U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k].T
     q = min(k + params.oversample, m, n)
     seed = ctx.generator("svd_lowrank").initial_seed()
     devices = [dense.device.index or 0] if dense.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(dense, q=q, niter=params.niter)
+        U, S, V = svd_lowrank(dense, q=q, niter=params.niter)  # issue 14: torch's, QRs on one thread
     return U[:, :k], S[:k], V[:, :k]
 
 
@@ -120,47 +125,35 @@ def refactor(dense: torch.Tensor, like: RankUnits, k: int, params: DenseParams, 
     return units, err, float(dense.double().norm())
 
 
-class DenseAlgorithm(Algorithm):
-    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense`, the pre-truncation ΔW."""
+class DenseAlgorithm(Algorithm[P]):
+    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense`, the pre-truncation ΔW.
+
+    Each module's notes carry its refactorisation error² and ‖D‖²; :meth:`report` sums them.
+    """
 
     Params = DenseParams
 
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._err2 = 0.0
-        self._norm2 = 0.0
-        self._worst = 0.0
-        self._modules = 0
-        self._params: DenseParams | None = None
-
-    def prepare(self, adapters: Any, weights: Any, params: AlgorithmParams) -> None:
-        self._reset()
-        self._params = params
-
-    def dense(self, units: list[RankUnits], weights: list[float], params: Any, ctx: ModuleContext) -> torch.Tensor:
+    def dense(self, units: list[RankUnits], weights: list[float], params: P, ctx: ModuleContext) -> torch.Tensor:
         """The combined dense update D before refactorisation ([d_out, d_in])."""
         raise NotImplementedError
 
-    def merge_module(self, units: list[RankUnits], weights: list[float], params: Any,
-                     ctx: ModuleContext) -> RankUnits:
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
+                     ctx: ModuleContext) -> MergedModule:
         d = self.dense(units, weights, params, ctx)
-        k = params.rank or max(u.rank for u in units)
-        out, err, norm = refactor(d, units[0], k, params, ctx)
-        self._err2 += err * err
-        self._norm2 += norm * norm
-        self._worst = max(self._worst, err / norm if norm > 0 else 0.0)
-        self._modules += 1
-        return out
+        k = params.rank or max(u.rank for u in units)  # type: ignore[attr-defined]
+        out, err, norm = refactor(d, units[0], k, params, ctx)  # type: ignore[arg-type]
+        return MergedModule(out, notes={"err2": err * err, "norm2": norm * norm})
 
-    def report(self) -> dict[str, Any]:
+    def report(self, notes: Sequence[tuple[str, Notes]], params: P) -> dict[str, Any]:
         """The refactorisation error ‖D − D_k‖/‖D‖ over all modules (root of summed squares) and the worst."""
-        if not self._modules:
+        if not notes:
             return {}
-        p = self._params
-        how = ("exact dense SVD" if p is not None and p.exact_svd else "randomised SVD"
-               + (f" (oversample {p.oversample}, {p.niter} power iterations)" if p is not None else ""))
+        err2 = sum(n["err2"] for _, n in notes)
+        norm2 = sum(n["norm2"] for _, n in notes)
+        worst = max(((n["err2"] / n["norm2"]) ** 0.5 if n["norm2"] > 0 else 0.0) for _, n in notes)
+        p: DenseParams = params  # type: ignore[assignment]
+        how = ("exact dense SVD" if p.exact_svd else "randomised SVD"
+               + f" (oversample {p.oversample}, {p.niter} power iterations)")
         return {"refactorisation": how,
-                "refactor rel. error ‖D−D_k‖/‖D‖ (overall, incl. rank-k truncation)": math.sqrt(self._err2 / self._norm2) if self._norm2 else 0.0,
-                "refactor rel. error (worst module)": self._worst}
+                "refactor rel. error ‖D−D_k‖/‖D‖ (overall, incl. rank-k truncation)": math.sqrt(err2 / norm2) if norm2 else 0.0,
+                "refactor rel. error (worst module)": worst}

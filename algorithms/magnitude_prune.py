@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, DenseParams, dense_deltas, magnitude_trim
@@ -14,8 +14,7 @@ class MagnitudePruneParams(DenseParams):
     pass
 
 
-@register
-class MagnitudePrune(DenseAlgorithm):
+class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
     """D = Σ w_i · trim_ρ(ΔW_i) (top ``int(ρ·numel)`` entries of each dense ΔW_i by magnitude), rank k.
 
     PEFT's ``magnitude_prune`` prunes A and B separately and sums them (cross terms, not pruning of
@@ -24,7 +23,7 @@ class MagnitudePrune(DenseAlgorithm):
     """
 
     name = "magnitude_prune"
-    description = "keep the top --density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
+    description = "keep the top density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
     Params = MagnitudePruneParams
 
     def dense(self, units: list[RankUnits], weights: list[float], params: MagnitudePruneParams,

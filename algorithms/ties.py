@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, SignParams, dense_deltas, elect_and_mean, magnitude_trim
@@ -14,8 +14,7 @@ class TiesParams(SignParams):
     pass
 
 
-@register
-class Ties(DenseAlgorithm):
+class Ties(DenseAlgorithm[TiesParams]):
     """D = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)), refactored to rank k by a truncated SVD.
 
     trim_ρ keeps the top ``int(ρ·numel)`` entries of each input's dense ΔW_i by magnitude; the sign s of
@@ -28,7 +27,7 @@ class Ties(DenseAlgorithm):
     """
 
     name = "ties"
-    description = "TIES: trim to --density by magnitude, elect sign, disjoint mean, × --lambda; refactor to rank k"
+    description = "TIES: trim to density by magnitude, elect sign, disjoint mean, × lambda; refactor to rank k"
     Params = TiesParams
 
     def dense(self, units: list[RankUnits], weights: list[float], params: TiesParams,

@@ -19,10 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_lora.atomic import atomic_output, check_output
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.merge import merge, resolve_device
+from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
 
 from .fidelity import fidelity_report
+from .report import write_report
+from .stats import add_intervals
 from .tasks import encode_suite, evaluate_variant, load_base, normalized_accuracy, pad_id_of
 
 
@@ -202,12 +204,8 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
             accs = [row["tasks"][t]["accuracy"] for t in tasks]
             row["mean_accuracy"] = sum(accs) / len(accs)
             row["normalized_accuracy"] = normalized_accuracy(matrix, row["variant"], own)
-    from .stats import add_intervals
-
     add_intervals(rows, tasks, own, resamples=cfg.bootstrap, seed=cfg.seed)
     report = {"config": cfg.model_dump(), "device": str(device), "tasks": tasks, "own": own, "rows": rows}
-    from .report import write_report
-
     with atomic_output(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report

@@ -7,24 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def _f(x: Any, fmt: str = ".3f") -> str:
-    return "–" if x is None else format(x, fmt)
-
-
-def variant_name(r: dict[str, Any]) -> str:
-    """The row's label; tuned rows (best of a grid on the validation slice) carry a ``*``."""
-    return r["variant"] + ("*" if r.get("tuned") else "")
-
-
-def ci_text(r: dict[str, Any]) -> str:
-    ci = r.get("norm_ci")
-    return "–" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def paired_text(r: dict[str, Any]) -> str:
-    p = r.get("paired")
-    return "–" if not p else f"{p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+from .report_html import html
+from .report_text import ci_text, number, paired_text, variant_name
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -38,12 +22,12 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             rows.append([variant_name(r), *(["–"] * (len(tasks) + 7)), f"failed: {r['error']}"])
             continue
         fid = r.get("fidelity") or {}
-        accs = [_f(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "–" for t in tasks]
+        accs = [number(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "–" for t in tasks]
         rows.append([
-            variant_name(r), *accs, _f(r.get("mean_accuracy")),
-            _f(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
-            _f(fid.get("rel_error"), ".2e") if fid else "–",
-            _f(fid.get("energy"), ".3f") if fid else "–", str(r.get("rank") or "–"), _f(r.get("merge_seconds"), ".2f"),
+            variant_name(r), *accs, number(r.get("mean_accuracy")),
+            number(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
+            number(fid.get("rel_error"), ".2e") if fid else "–",
+            number(fid.get("energy"), ".3f") if fid else "–", str(r.get("rank") or "–"), number(r.get("merge_seconds"), ".2f"),
         ])
     return head, rows
 
@@ -121,6 +105,4 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "report.md").write_text(markdown(report))
     plot(report, folder / "report.png")
-    from .report_html import html
-
     (folder / "report.html").write_text(html(report), encoding="utf-8")

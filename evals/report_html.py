@@ -13,7 +13,7 @@ import math
 from html import escape
 from typing import Any
 
-from .report import ci_text, paired_text, variant_name
+from .report_text import ci_text, paired_text, variant_name
 
 COLORS = {"base": "#888888", "individual": "#4c72b0", "reference": "#55a868", "merge": "#dd8452"}
 

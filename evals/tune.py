@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.merge import merge
+from mergekit_lora.pipeline import merge
 
 from .tasks import encode_suite, evaluate_variant
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .names import module_group
 from .units import RankUnits
 
 
@@ -33,11 +33,6 @@ def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFi
     m2, t2 = merged.norm_sq(), target.norm_sq()  # each Gram pair once (distance() would recompute both)
     e2 = max(m2 - 2 * merged.inner(target) + t2, 0.0)
     return ModuleFidelity(name, t2**0.5, m2**0.5, e2**0.5)
-
-
-def module_group(name: str) -> str:
-    """Group key: the module path with layer indices replaced by ``*`` (``layers.*.self_attn.q_proj``)."""
-    return re.sub(r"\.\d+\.", ".*.", name)
 
 
 def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .determinism import one_thread
 from .units import RankUnits
 
 
@@ -15,10 +16,11 @@ def factor_svd(u: RankUnits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U [d_out, m], S [m], Vh [m, d_in]) with ΔW = U diag(S) Vh, computed in float64."""
     B = u.B.double()
     A = u.A.double()
-    qb, rb = torch.linalg.qr(B, mode="reduced")
-    qa, ra = torch.linalg.qr(A.T, mode="reduced")
-    core = rb @ ra.T
-    uc, s, vhc = torch.linalg.svd(core, full_matrices=False)
+    with one_thread(B.device):  # LAPACK bits depend on the thread count (mergekit_lora.determinism)
+        qb, rb = torch.linalg.qr(B, mode="reduced")
+        qa, ra = torch.linalg.qr(A.T, mode="reduced")
+        core = rb @ ra.T
+        uc, s, vhc = torch.linalg.svd(core, full_matrices=False)
     return qb @ uc, s, vhc @ qa.T
 
 
@@ -26,9 +28,10 @@ def singular_values(u: RankUnits) -> torch.Tensor:
     """Singular values of ΔW (float64), from the core only."""
     B = u.B.double()
     A = u.A.double()
-    rb = torch.linalg.qr(B, mode="r")[1]
-    ra = torch.linalg.qr(A.T, mode="r")[1]
-    return torch.linalg.svdvals(rb @ ra.T)
+    with one_thread(B.device):
+        rb = torch.linalg.qr(B, mode="r")[1]
+        ra = torch.linalg.qr(A.T, mode="r")[1]
+        return torch.linalg.svdvals(rb @ ra.T)
 
 
 def truncate(u: RankUnits, k: int) -> RankUnits:

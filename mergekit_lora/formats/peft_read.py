@@ -13,7 +13,9 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
+from ..names import natural_key, pattern_value
 from ..units import RankUnits
+from .peft_config import validate_config
 from .tensors import TensorSource, compute_dtype
 
 PEFT_PREFIX = "base_model.model."
@@ -24,14 +26,6 @@ _DORA = ".lora_magnitude_vector"
 
 def has_peft_keys(keys: list[str]) -> bool:
     return any(_LINEAR.match(k) or _EMBED.match(k) for k in keys)
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: first key matching ``(.*\\.)?(key)$``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
 
 
 @dataclass
@@ -77,11 +71,14 @@ def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path | None]:
 
 def _read_config(p: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraMergeError(f"{p}: not valid JSON ({e})") from None
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LoraMergeError(f"{p}: not valid JSON ({str(e)[:200]})") from None
+    except OSError as e:
+        raise LoraMergeError(f"{p}: cannot be read ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise LoraMergeError(f"{p}: expected a JSON object")
+    validate_config(cfg, p)
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise LoraMergeError(f"{p}: peft_type is {ptype}; only LoRA adapters can be read")
@@ -137,7 +134,7 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
     if saved_modules and not ignore_modules_to_save:
         raise LoraMergeError(
             f"{f}: holds {len(saved_modules)} full tensors from modules_to_save (e.g. {saved_modules[0]}); "
-            "these are not LoRA updates and cannot be merged; pass --ignore-modules-to-save to drop them"
+            "these are not LoRA updates and cannot be merged; pass «ignore_modules_to_save» to drop them"
         )
     bias_mode = config.get("bias", "none")
     if bias_mode not in (None, "none") and any(k.endswith(".bias") for k in unknown):
@@ -162,7 +159,7 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
     infos: dict[str, ModuleInfo] = {}
     keys_of: dict[str, _Pair] = {}
     dtype = None
-    for mod in sorted(pairs, key=_natural_key):
+    for mod in sorted(pairs, key=natural_key):
         p = pairs[mod]
         if p.a_key is None or p.b_key is None:
             present = p.a_key or p.b_key
@@ -214,10 +211,8 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
 
 
 def _module_info(f: Path, mod: str, p: _Pair, src: TensorSource, fan_in_fan_out: bool) -> ModuleInfo:
-    a_shape, b_shape = src.shapes[p.a_key], src.shapes[p.b_key]
+    a_shape, b_shape = src.check_factor(p.a_key), src.check_factor(p.b_key)
     dtype = src.dtypes[p.a_key]
-    if not dtype.is_floating_point:
-        raise LoraMergeError(f"{f}: tensor {p.a_key} has dtype {dtype}; LoRA factors must be floating point")
     if p.embedding:
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise LoraMergeError(f"{f}: {p.a_key} {a_shape} and {p.b_key} {b_shape} do not form an embedding LoRA pair")
@@ -244,11 +239,6 @@ def _is_saved_module(key: str, saved: list[str] | str) -> bool:
     names = [saved] if isinstance(saved, str) else list(saved)
     parts = key.split(".")
     return any(n in parts for n in names)
-
-
-def _natural_key(name: str) -> list:
-    """Sort layers.2 before layers.10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _label(f: Path) -> str:
