@@ -41,8 +41,12 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+# Bumped whenever what an entry holds changes (2: per-example outcomes "correct"), so old entries miss.
+ENTRY_VERSION = 2
+
+
 def score_key(base: Path, adapter: Path | None, task: EncodedTask, batch_size: int, device: str) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"scores-v{ENTRY_VERSION}".encode())
     h.update(folder_digest(base).encode())
     h.update((folder_digest(adapter) if adapter is not None else "base").encode())
     h.update(json.dumps([task.name, task.ids, task.gold.tolist(), task.label_tokens.tolist(), batch_size,

@@ -310,11 +310,12 @@ def test_zero_and_duplicate_units_give_finite_rank_k_output():
 def test_params_are_validated():
     from mergekit_lora.errors import LoraMergeError
 
-    for bad in ({}, {"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"},
+    for bad in ({"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"},
                 {"k": 2, "features": "x"}, {"k": 2, "signs": "x"}):
         with pytest.raises(LoraMergeError):
             P(**bad)
-    assert P(k_ratio=0.25).k_for(12) == 3 and P(k_ratio=0.3).k_for(12) == 4
+    assert P(k_ratio=0.25).k_for(12, 4) == 3 and P(k_ratio=0.3).k_for(12, 4) == 4
+    assert P().k_for(12, 4) == 4 and P(k=6).k_for(12, 4) == 6  # default k = r (the inputs' largest rank)
     # default: canonical features (the best measured variant, README), sign-invariant k-means
     assert P(k=2).sign_mode == "invariant" and P(k=2, features="paper").sign_mode == "none"
     assert P(k=2, signs="rule").sign_mode == "rule"
@@ -370,7 +371,7 @@ def test_cli_cluster_k16_on_examples_is_exact_with_lsq_and_reports(tmp_path):
     mod = next(iter(rep["modules"].values()))
     assert mod["exact"] and mod["pool"] == 12 and sum(mod["sizes"]) == 12
     # errors: one line, exit 2, nothing written
-    for args in (["-o", str(tmp_path / "e1")], ["-k", "4", "--backend", "nope", "-o", str(tmp_path / "e2")],
+    for args in (["-k", "2", "--k-ratio", "0.5", "-o", str(tmp_path / "e1")], ["-k", "4", "--backend", "nope", "-o", str(tmp_path / "e2")],
                  ["-k", "4", "-o", str(out)]):
         r = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", *args])
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
@@ -424,3 +425,13 @@ def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapt
         assert rows[n].error_norm == pytest.approx(fresh.error_norm, rel=1e-4)
         assert rows[n].target_norm == pytest.approx(fresh.target_norm, rel=1e-5)
     assert r1.fidelity["overall"]["rel_error"] == pytest.approx(r8.fidelity["overall"]["rel_error"], rel=1e-5)
+
+
+def test_default_k_is_the_inputs_largest_rank(tmp_path):
+    """Like the paper's k = r: rank-4 and rank-8 inputs give rank-8 modules when -k is not given."""
+    from mergekit_lora.cli.main import app
+
+    res = CliRunner().invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double",
+                              "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert {i.rank for i in load_adapter(tmp_path / "o").modules.values()} == {8}

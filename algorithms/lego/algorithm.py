@@ -67,7 +67,7 @@ class Lego(Algorithm[LegoParams]):
                            generators=[c.generator("lego-order") for c in ctxs], device=device)
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
-        k = params.k_for(n)
+        k = params.k_for(n, max(u.rank for u in units[0]))
         if k >= n:  # every unit its own cluster (the formulas still apply: ρ = 1, output × √(r/k))
             labels = torch.arange(n).expand(len(units), n)
             signs = torch.ones(len(units), n, dtype=torch.float64)
@@ -127,7 +127,8 @@ class Lego(Algorithm[LegoParams]):
                   labels: Sequence[str]) -> dict[str, str]:
         if not notes or not params.report:
             return {}
-        meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}", "reweight": params.reweight,
+        k = params.k if params.k is not None else (f"ratio {params.k_ratio}" if params.k_ratio else "input rank")
+        meta = {"k": k, "reweight": params.reweight,
                 "features": params.features, "space": params.space, "backend": params.backend,
                 "signs": params.sign_mode, "balance_inputs": params.balance_inputs}
         return report_files([n["record"] for _, n in notes], list(labels), meta)
