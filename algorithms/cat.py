@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
 
-@register
-class Cat(Algorithm):
+class Cat(Algorithm[AlgorithmParams]):
     """Concatenation [w_1 B_1 … w_n B_n][A_1; …; A_n]: the FLoRA stacking aggregation.
 
     Same ΔW as PEFT's ``cat`` combination (which also concatenates, putting w_i and the scale on A_i
@@ -20,5 +19,5 @@ class Cat(Algorithm):
     exact = True  # ΔW = Σ w_i ΔW_i by construction: the driver skips measuring the (zero) error
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
-                     ctx: ModuleContext) -> RankUnits:
-        return RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
+                     ctx: ModuleContext) -> MergedModule:
+        return MergedModule(RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)]))

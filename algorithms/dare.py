@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, DenseParams, SignParams, chunk_workers, dense_combine
@@ -36,8 +36,7 @@ def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[fl
                          workers=chunk_workers(modules))
 
 
-@register
-class DareLinear(DenseAlgorithm):
+class DareLinear(DenseAlgorithm[DareLinearParams]):
     """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ with M_i ~ Bernoulli(ρ) per entry, refactored to rank k.
 
     The masks come from a generator seeded by (``--seed``, module name), drawn for the inputs in order,
@@ -52,8 +51,7 @@ class DareLinear(DenseAlgorithm):
     dense_batch = staticmethod(dare_linear_dense)
 
 
-@register
-class DareTies(DenseAlgorithm):
+class DareTies(DenseAlgorithm[DareTiesParams]):
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ): DARE instead of magnitude trimming, then TIES.
 
     Masks as in ``dare_linear``; sign election and disjoint mean as in ``ties`` (on the weighted
@@ -62,6 +60,6 @@ class DareTies(DenseAlgorithm):
     """
 
     name = "dare_ties"
-    description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × --lambda; rank k"
+    description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × lambda; rank k"
     Params = DareTiesParams
     dense_batch = staticmethod(dare_ties_dense)

@@ -28,12 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import ConfigDict, Field
 
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext, Notes
 from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
@@ -55,6 +55,9 @@ class DenseParams(AlgorithmParams):
                                                "for small matrices, else the subspace iteration)")
     oversample: int = Field(8, ge=0, description="subspace iteration: Gaussian columns added to the inputs' B columns")
     niter: int = Field(3, ge=0, description="subspace iteration: power iterations")
+
+
+P = TypeVar("P", bound=DenseParams)
 
 
 class SignParams(DenseParams):
@@ -336,7 +339,7 @@ def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]],
     return out
 
 
-def report_notes(notes: Sequence[dict[str, float]], params: DenseParams | None) -> dict[str, Any]:
+def report_notes(notes: Sequence[Notes], params: DenseParams | None) -> dict[str, Any]:
     """The refactorisation error ‖D − D_k‖/‖D‖ over all modules (root of summed squares) and the worst."""
     if not notes:
         return {}
@@ -353,18 +356,13 @@ def report_notes(notes: Sequence[dict[str, float]], params: DenseParams | None) 
             "refactor rel. error (worst module)": worst}
 
 
-class DenseAlgorithm(Algorithm):
-    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense_batch` (pure)."""
+class DenseAlgorithm(Algorithm[P]):
+    """Base of the dense-then-refactor methods: subclasses set :attr:`dense_batch` (a pure function).
+
+    Each module's notes carry its refactorisation error² and ‖D‖²; :meth:`report` sums them.
+    """
 
     Params = DenseParams
-
-    def __init__(self) -> None:
-        self._notes: list[dict[str, float]] = []
-        self._params: DenseParams | None = None
-
-    def prepare(self, adapters: Any, weights: Any, params: AlgorithmParams) -> None:
-        self._notes = []
-        self._params = params  # type: ignore[assignment]
 
     @staticmethod
     def dense_batch(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: Any,
@@ -372,24 +370,23 @@ class DenseAlgorithm(Algorithm):
         """The combined dense updates D [M, d_out, d_in] before refactorisation."""
         raise NotImplementedError
 
-    def dense(self, units: list[RankUnits], weights: list[float], params: Any, ctx: ModuleContext) -> torch.Tensor:
+    def dense(self, units: list[RankUnits], weights: list[float], params: P, ctx: ModuleContext) -> torch.Tensor:
         """One module's D ([d_out, d_in])."""
         return self.dense_batch([units], weights, params, [ctx], work_dtype(units))[0]
 
-    def batch_limit(self, params: AlgorithmParams) -> int:
+    def batch_limit(self, params: P) -> int:
         return 32
 
-    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: Any,
-                    ctxs: list[ModuleContext]) -> list[RankUnits]:
+    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: P,
+                    ctxs: list[ModuleContext]) -> list[MergedModule]:
         if any(list(w) != list(weights[0]) for w in weights):  # the driver groups equal weights; be safe
             return [self.merge_batch([u], [w], params, [c])[0] for u, w, c in zip(units, weights, ctxs)]
-        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)
-        self._notes.extend(n for _, n in res)
-        return [u for u, _ in res]
+        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)  # type: ignore[arg-type]
+        return [MergedModule(u, notes=n) for u, n in res]
 
-    def merge_module(self, units: list[RankUnits], weights: list[float], params: Any,
-                     ctx: ModuleContext) -> RankUnits:
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
+                     ctx: ModuleContext) -> MergedModule:
         return self.merge_batch([units], [weights], params, [ctx])[0]
 
-    def report(self) -> dict[str, Any]:
-        return report_notes(self._notes, self._params)
+    def report(self, notes: Sequence[tuple[str, Notes]], params: P) -> dict[str, Any]:
+        return report_notes([n for _, n in notes], params)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.lowrank import truncate
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
 
@@ -12,8 +13,7 @@ class LinearParams(AlgorithmParams):
     rank: int | None = Field(None, ge=1, description="re-rank the sum to this rank with the exact factor-space SVD")
 
 
-@register
-class Linear(Algorithm):
+class Linear(Algorithm[LinearParams]):
     """Exact weighted sum: ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n][A_1; …; A_n].
 
     Unlike PEFT's ``linear`` (which averages A's and B's separately, so the product carries cross
@@ -22,16 +22,14 @@ class Linear(Algorithm):
     """
 
     name = "linear"
-    description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or --rank k via exact SVD)"
+    description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or rank k via exact SVD)"
     Params = LinearParams
     # exact (ΔW = Σ w_i ΔW_i) unless re-ranked: the driver then skips measuring the (zero) error
     exact = staticmethod(lambda params: params.rank is None)
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LinearParams,
-                     ctx: ModuleContext) -> RankUnits:
+                     ctx: ModuleContext) -> MergedModule:
         total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
         if params.rank is not None and params.rank < total.rank:
-            from mergekit_lora.lowrank import truncate
-
-            return truncate(total, params.rank)
-        return total
+            return MergedModule(truncate(total, params.rank))
+        return MergedModule(total)

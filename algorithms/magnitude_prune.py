@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, DenseParams, chunk_workers, dense_combine
@@ -24,8 +24,7 @@ def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Seque
                          workers=chunk_workers(modules))
 
 
-@register
-class MagnitudePrune(DenseAlgorithm):
+class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
     """D = Σ w_i · trim_ρ(ΔW_i) (top ``int(ρ·numel)`` entries of each dense ΔW_i by magnitude), rank k.
 
     PEFT's ``magnitude_prune`` prunes A and B separately and sums them (cross terms, not pruning of
@@ -34,6 +33,6 @@ class MagnitudePrune(DenseAlgorithm):
     """
 
     name = "magnitude_prune"
-    description = "keep the top --density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
+    description = "keep the top density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
     Params = MagnitudePruneParams
     dense_batch = staticmethod(magnitude_prune_dense)

@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.formats.peft_read import pattern_value
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.names import pattern_value
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate
 from mergekit_lora.units import RankUnits
@@ -29,8 +29,7 @@ class RouteParams(AlgorithmParams):
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights")
 
 
-@register
-class Route(Algorithm):
+class Route(Algorithm[RouteParams]):
     """Pool the weighted units of all inputs per module; a router activates top-k of them per token.
 
     With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.
@@ -42,7 +41,7 @@ class Route(Algorithm):
     output_format = "routed"
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: RouteParams,
-                     ctx: ModuleContext) -> RoutedUnits:
+                     ctx: ModuleContext) -> MergedModule:
         for u in units:
             if u.kind != "linear":
                 raise LoraMergeError(f"module {ctx.name} is a {u.kind} LoRA; routing supports linear (and GPT-2 "
@@ -53,5 +52,5 @@ class Route(Algorithm):
             raise LoraMergeError(f"top_k_pattern gives {k!r} for module {ctx.name}; use a positive integer")
         k = min(k, pooled.rank)
         gate = init_gate(pooled) if params.router == "gate" else None
-        return RoutedUnits(pooled, params.router, k, params.temperature,
-                           torch.zeros(pooled.rank, dtype=torch.float32), gate)
+        return MergedModule(RoutedUnits(pooled, params.router, k, params.temperature,
+                                        torch.zeros(pooled.rank, dtype=torch.float32), gate))

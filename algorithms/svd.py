@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from mergekit_lora.lowrank import truncate
-from mergekit_lora.registry import Algorithm, AlgorithmParams, ModuleContext, register
+from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
 
@@ -13,8 +13,7 @@ class SvdParams(AlgorithmParams):
     rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
 
 
-@register
-class Svd(Algorithm):
+class Svd(Algorithm[SvdParams]):
     """ΔW_k = argmin_{rank ≤ k} ‖X − Σ w_i B_i A_i‖_F (Eckart–Young), k = ``rank`` or max r_i.
 
     The sum is formed exactly by concatenation ([w_1 B_1 … w_n B_n][A_1; …; A_n]); its SVD comes from a
@@ -25,10 +24,10 @@ class Svd(Algorithm):
     """
 
     name = "svd"
-    description = "best rank-k approximation of Σ wᵢ ΔWᵢ via exact factor-space SVD (k: --rank, default max rᵢ)"
+    description = "best rank-k approximation of Σ wᵢ ΔWᵢ via exact factor-space SVD (k: rank, default max rᵢ)"
     Params = SvdParams
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: SvdParams,
-                     ctx: ModuleContext) -> RankUnits:
+                     ctx: ModuleContext) -> MergedModule:
         total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
-        return truncate(total, params.rank or max(u.rank for u in units))
+        return MergedModule(truncate(total, params.rank or max(u.rank for u in units)))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_lora.registry import ModuleContext, register
+from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
 from .dense import DenseAlgorithm, SignParams, chunk_workers, dense_combine
@@ -23,8 +23,7 @@ def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
                          scale=params.lambda_, workers=chunk_workers(modules))
 
 
-@register
-class Ties(DenseAlgorithm):
+class Ties(DenseAlgorithm[TiesParams]):
     """D = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)), refactored to rank k by a truncated SVD.
 
     trim_ρ keeps the top ``int(ρ·numel)`` entries of each input's dense ΔW_i by magnitude; the sign s of
@@ -38,6 +37,6 @@ class Ties(DenseAlgorithm):
     """
 
     name = "ties"
-    description = "TIES: trim to --density by magnitude, elect sign, disjoint mean, × --lambda; refactor to rank k"
+    description = "TIES: trim to density by magnitude, elect sign, disjoint mean, × lambda; refactor to rank k"
     Params = TiesParams
     dense_batch = staticmethod(ties_dense)

@@ -1,4 +1,4 @@
-"""``loramerge cluster``: LoRA-LEGO, a thin layer over ``merge(..., method="lego")``."""
+"""``loramerge cluster``: LoRA-LEGO, a thin caller of the pipeline with ``method="lego"``."""
 
 from __future__ import annotations
 
@@ -7,29 +7,17 @@ from typing import Annotated
 
 import typer
 
-from mergekit_lora.merge import merge as run_merge
-from mergekit_lora.recipe import recipe_from_cli
+from mergekit_lora.options import MergeOptions
 
-from .common import (
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EmitRecipeOpt,
-    ForceOpt,
-    FormatOpt,
-    MissingOpt,
-    SeedOpt,
-    console,
-    parse_floats,
-    user_errors,
-)
-from .merge_cmd import emit
-from .report import print_fidelity
+from .common import console, parse_floats, user_errors
+from .merge_cmd import run_and_report
+from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 
 
 @user_errors
+@with_options(*WRITE_OPTIONS)
 def cluster(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
+    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
     k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank")] = None,
     k_ratio: Annotated[float | None, typer.Option(help="k as a fraction of the pooled rank (instead of -k)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
@@ -40,29 +28,15 @@ def cluster(
     signs: Annotated[str, typer.Option(help="invariant (k-means treats v and -v as one unit) | rule (fix signs first)")] = "invariant",
     n_init: Annotated[int, typer.Option(help="k-means restarts")] = 3,
     max_iter: Annotated[int, typer.Option(help="Lloyd iterations at most")] = 100,
-    seed: SeedOpt = 0,
     report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
-    missing: MissingOpt = "union",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
-    output_format: FormatOpt = None,
-    force: ForceOpt = False,
-    allow_pickle: AllowPickleOpt = False,
     emit_recipe: EmitRecipeOpt = None,
+    *,
+    options: MergeOptions,
 ) -> None:
     """Merge adapters with LoRA-LEGO: k-means over all rank units, centroids form a rank-k LoRA."""
     params = {"k": k, "k_ratio": k_ratio, "backend": backend, "reweight": reweight, "space": space,
               "signs": signs, "n_init": n_init, "max_iter": max_iter, "report": report}
-    w = parse_floats(weights)
-    recipe = recipe_from_cli(sources, "lego", out, weights=w, params=params, seed=seed, missing=missing, device=device,
-                             dtype=dtype, output_format=output_format, allow_pickle=allow_pickle)
-    emit(recipe, emit_recipe)
-    result = run_merge(
-        sources, "lego", out, weights=w, params=params, missing=missing,  # type: ignore[arg-type]
-        device=device, dtype=dtype, seed=seed, force=force, output_format=output_format, progress=True,
-        load_options={"allow_pickle": allow_pickle}, recipe=recipe,
-    )
-    print_fidelity(result.fidelity)
+    run_and_report(sources, "lego", params, parse_floats(weights), options.model_copy(update={"out": out}),
+                   emit_recipe)
     if report:
         console.print(f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")
-    console.print(f"[green]wrote[/] {out} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -1,16 +1,19 @@
-"""Shared CLI plumbing: one error line and exit code 2 for user errors, a shared console."""
+"""Shared CLI plumbing: one error line and exit code 2 for user errors, consoles, small parsers."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from mergekit_lora.errors import LoraMergeError
+
+from .options import flag
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,7 +28,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except LoraMergeError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(e.render(flag))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -54,12 +57,14 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-# Options shared by the commands that write an adapter (one definition, one help text).
-SeedOpt = Annotated[int, typer.Option(help="seed for everything random")]
-MissingOpt = Annotated[str, typer.Option(help="modules missing from some inputs: union|intersection|error")]
-DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda")]
-DtypeOpt = Annotated[str | None, typer.Option(help="output dtype (default: the inputs')")]
-FormatOpt = Annotated[str | None, typer.Option("--format", help="output format (default: the inputs')")]
-ForceOpt = Annotated[bool, typer.Option(help="replace an existing output")]
-AllowPickleOpt = Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")]
-EmitRecipeOpt = Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")]
+def emit(recipe: str, dest: str | None) -> None:
+    """``--emit-recipe``: '-' prints the recipe, a path gets it written (before the merge starts)."""
+    if dest is None:
+        return
+    if dest == "-":
+        typer.echo(recipe, nl=False)
+        return
+    try:
+        Path(dest).write_text(recipe)
+    except OSError as e:
+        raise LoraMergeError(f"--emit-recipe {dest}: cannot write the recipe ({e.strerror})") from None

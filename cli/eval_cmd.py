@@ -91,7 +91,7 @@ def tasks(
     """Accuracy and loss of the base model and each adapter on each task (the matrix)."""
     from mergekit_lora.evals.suite.data import TASKS, get_task
     from mergekit_lora.evals.tasks import evaluate_matrix, load_base
-    from mergekit_lora.merge import resolve_device
+    from mergekit_lora.pipeline import resolve_device
 
     names = task or list(TASKS)
     for n in names:

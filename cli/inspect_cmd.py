@@ -9,8 +9,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mergekit_lora.inspect import inspect_adapter
-
 from .common import console, user_errors
 
 
@@ -28,6 +26,8 @@ def inspect(
     modules: Annotated[bool, typer.Option("--modules", help="list every module, not only groups")] = False,
 ) -> None:
     """Show what an adapter holds: format, base model, ranks, scales, sizes, ‖ΔW‖ per module group."""
+    from mergekit_lora.inspect import inspect_adapter  # the core loads when a command runs (start-up time)
+
     reports = [inspect_adapter(p) for p in paths]
     if as_json:
         for r in reports:

@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergekit_lora.registry import available
-
 from .common import console, user_errors
 
 
 @user_errors
 def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable list")] = False) -> None:
     """List the registered merge methods with their parameters."""
+    from mergekit_lora.registry import available  # the core loads when a command runs (start-up time)
+
     described = [cls().describe() for cls in available().values()]
     if as_json:
         typer.echo(json.dumps(described, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""``loramerge route``: a thin layer over :func:`mergekit_lora.routing.route`."""
+"""``loramerge route``: a thin caller of :func:`mergekit_lora.routing.route` (the pipeline plus calibration)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.routing import route as run_route
+from mergekit_lora.options import MergeOptions
 
-from .common import DeviceOpt, ForceOpt, MissingOpt, SeedOpt, console, parse_floats, user_errors
+from .common import console, parse_floats, user_errors
+from .options import with_options
 
 
 def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
@@ -24,8 +25,9 @@ def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
 
 
 @user_errors
+@with_options("seed", "missing", "device", "dtype", "force", "allow_pickle", "ignore_modules_to_save")
 def route(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
+    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
     router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free) or gate")] = "implicit",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="active units per token")] = ...,  # type: ignore[assignment]
@@ -43,20 +45,19 @@ def route(
     bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
     export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
                                                      "as a PEFT adapter (needs --calibrate)")] = False,
-    seed: SeedOpt = 0,
-    missing: MissingOpt = "union",
-    device: DeviceOpt = "auto",
-    force: ForceOpt = False,
+    *,
+    options: MergeOptions,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
+    from mergekit_lora.routing.api import route as run_route
+
     if router not in ("implicit", "gate"):
         raise LoraMergeError(f"--router must be implicit or gate (got {router!r})")
     res = run_route(
         sources, out, top_k=top_k, router=router, weights=parse_floats(weights), temperature=temperature,
         top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
-        export_static=export_static, device=device, seed=seed, force=force, missing=missing,  # type: ignore[arg-type]
-        progress=True,
+        export_static=export_static, options=options.model_copy(update={"progress": True}),
     )
     if res.calibration is not None:
         c = res.calibration

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from mergekit_lora.recipe_plan import ResolvedRecipe, load_recipe, run_recipe
-
-from .common import ForceOpt, console, user_errors
+from .common import console, user_errors
 from .report import print_fidelity
 
+if TYPE_CHECKING:
+    from mergekit_lora.pipeline import MergePlan
+    from mergekit_lora.recipe import Recipe
 
-def _params_text(resolved: ResolvedRecipe, params: object) -> str:
+
+def _params_text(params: object) -> str:
     dumped = params.model_dump()  # type: ignore[attr-defined]
     return ", ".join(f"{k}={v}" for k, v in dumped.items()) or "-"
 
 
-def print_plan(resolved: ResolvedRecipe) -> None:
-    """The resolved plan: inputs (with resolved revisions), then per module params, weights, override."""
-    r = resolved.recipe
+def print_plan(r: Recipe, p: MergePlan) -> None:
+    """The plan: inputs (with resolved revisions), then per module params, weights, override."""
     inputs = Table(title=f"inputs ({r.method})", title_justify="left")
     for c in ("#", "source", "revision", "base model", "modules", "rank"):
         inputs.add_column(c)
-    for i, (spec, a) in enumerate(zip(r.adapters, resolved.adapters)):
+    for i, (spec, a) in enumerate(zip(r.adapters, p.adapters)):
         ranks = sorted({m.rank for m in a.modules.values()})
         rev = a.meta.extra.get("resolved_revision") or a.meta.revision or "-"
         inputs.add_row(str(i), spec.source, str(rev), str(a.meta.base_model or "-"), str(len(a)),
@@ -36,13 +38,13 @@ def print_plan(resolved: ResolvedRecipe) -> None:
         for c in ("#", "match", "modules matched"):
             ov.add_column(c)
         for i, o in enumerate(r.modules):
-            ov.add_row(f"modules[{i}]", o.match, str(resolved.matched.get(i, 0)))
+            ov.add_row(f"modules[{i}]", o.match, str(p.matched.get(i, 0)))
         console.print(ov)
-    t = Table(title=f"modules ({len(resolved.rows)})", title_justify="left")
+    t = Table(title=f"modules ({len(p.modules)})", title_justify="left")
     for c in ("module", "layer t", "parameters", "weights", "override"):
         t.add_column(c)
-    for row in resolved.rows.values():
-        t.add_row(row.name, "-" if row.layer is None else f"{row.t:.3g}", _params_text(resolved, row.params),
+    for row in p.modules:
+        t.add_row(row.name, "-" if row.layer is None else f"{row.t:.3g}", _params_text(row.params),
                   ", ".join(f"{w:g}" for w in row.weights),
                   "-" if row.override is None else f"modules[{row.override}]")
     console.print(t)
@@ -59,17 +61,22 @@ def print_plan(resolved: ResolvedRecipe) -> None:
 def run(
     recipe: Annotated[Path, typer.Argument(help="a YAML merge recipe")],
     dry_run: Annotated[bool, typer.Option(help="validate and print the resolved plan; merge nothing")] = False,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Run a YAML merge recipe (validated up front: every problem is listed with its line)."""
-    resolved = load_recipe(recipe, force=force or dry_run, check_token=not dry_run)
+    from mergekit_lora.pipeline import (  # the core loads when a command runs (start-up time)
+        execute,
+        plan_recipe,
+    )
+
+    r, p = plan_recipe(recipe, force=force or dry_run, check_token=not dry_run)
     if dry_run:
-        print_plan(resolved)
+        print_plan(r, p)
         console.print("[yellow]dry run:[/] nothing was merged or written")
         return
-    result = run_recipe(resolved, force=force, progress=True)
+    result = execute(replace(p, options=p.options.model_copy(update={"progress": True})))
     print_fidelity(result.fidelity)
-    out = resolved.recipe.output
+    out = r.output
     console.print(f"[green]wrote[/] {out.path} ({result.modules} modules, {result.seconds:.2f} s)")
     if out.push_to_hub:
         console.print(f"[green]pushed[/] to {out.push_to_hub}")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_lora.atomic import atomic_output, check_output
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.merge import merge, resolve_device
+from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
 
 from .fidelity import fidelity_report

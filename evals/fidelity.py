@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from mergekit_lora.adapter import Adapter
+from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from mergekit_lora.formats import load_adapter
 from mergekit_lora.lowrank import singular_values
-from mergekit_lora.merge import check_weights
 from mergekit_lora.units import RankUnits
 
 
@@ -108,7 +108,9 @@ def fidelity_report(merged: str | Path | Adapter, inputs: Sequence[str | Path | 
     """Compare ``merged`` with Σ wᵢ ΔWᵢ of ``inputs``, one module at a time (default weights: 1)."""
     mad = _load(merged)
     ins = [_load(a) for a in inputs]
-    w = check_weights(weights, len(ins))
+    if weights is not None and len(weights) != len(ins):
+        raise LoraMergeError(f"got {len(weights)} weights for {len(ins)} adapters; give one weight per adapter")
+    w = [float(x) for x in weights] if weights is not None else [1.0] * len(ins)
     names = list(dict.fromkeys([*mad.module_names(), *(n for a in ins for n in a.module_names())]))
     rows = []
     for name in names:

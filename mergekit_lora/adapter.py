@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,3 +104,22 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"Adapter({self.label!r}, format={self.meta.format}, modules={len(self.modules)})"
+
+
+def output_meta(adapters: Sequence[Adapter]) -> AdapterMeta:
+    """Metadata carried to a merge's output: the first input's, with fields that vary across inputs cleared."""
+    first = adapters[0].meta
+    bases = {a.meta.base_model for a in adapters if a.meta.base_model}
+    tasks = {a.meta.task_type for a in adapters if a.meta.task_type}
+    fifo = {a.meta.fan_in_fan_out for a in adapters}
+    return AdapterMeta(
+        format=first.format,
+        base_model=next(iter(bases)) if len(bases) == 1 else None,
+        revision=first.revision if len(adapters) == 1 else None,
+        task_type=next(iter(tasks)) if len(tasks) == 1 else None,
+        target_modules=None,
+        fan_in_fan_out=fifo == {True},
+        dtype=first.dtype,
+        config={},
+        extra=dict(first.extra),
+    )

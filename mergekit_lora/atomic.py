@@ -15,7 +15,7 @@ def check_output(out: Path, force: bool) -> None:
     """Fail early (before any heavy work) if ``out`` exists and ``force`` is not set."""
     out = Path(out)
     if out.exists() and not force:
-        raise LoraMergeError(f"{out} already exists; choose another output or pass --force to replace it")
+        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it")
     if out.exists() and not out.is_dir():
         raise LoraMergeError(f"{out} exists and is not a folder")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from .names import module_group
 from .units import RankUnits
 
 
@@ -77,11 +77,6 @@ def declares_exact(algorithm: object, params: object) -> bool:
     ``exact`` that is a bool or a callable ``exact(params) -> bool`` (e.g. linear: only without ``rank``)."""
     flag = getattr(algorithm, "exact", False)
     return bool(flag(params)) if callable(flag) else bool(flag)
-
-
-def module_group(name: str) -> str:
-    """Group key: the module path with layer indices replaced by ``*`` (``layers.*.self_attn.q_proj``)."""
-    return re.sub(r"\.\d+\.", ".*.", name)
 
 
 def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraMergeError
-from .formats import SOURCE_RESOLVERS
 
 ADAPTER_PATTERNS = ["adapter_config.json", "*.safetensors", "README.md"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
@@ -139,13 +138,13 @@ def download(hub: HubId, *, allow_pickle: bool = False) -> tuple[Path, dict[str,
         where = f"folder {hub.subfolder!r} of " if hub.subfolder else ""
         raise LoraMergeError(
             f"{hub}: no adapter files (adapter_config.json, *.safetensors) in the {where}repo {hub.repo_id}"
-            + ("" if allow_pickle else "; pickle files are skipped unless --allow-pickle")
+            + ("" if allow_pickle else "; pickle files are skipped unless «allow_pickle»")
         )
     return local, {"resolved_revision": snapshot.name, "hub_repo": hub.repo_id}
 
 
 def resolve_hub(source: str, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]] | None:
-    """Source resolver: Hub ids are downloaded (or found in the cache); anything else is not ours."""
+    """Hub ids are downloaded (or found in the cache); None for anything that is not a Hub id."""
     hub = parse_hub_id(source)
     if hub is None:
         return None
@@ -194,6 +193,3 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         hint = "check that HF_TOKEN has write access to it" if code in (401, 403) else "try again later"
         raise LoraMergeError(f"pushing to {repo_id} failed: the Hub answered HTTP {code}; {hint}") from None
     return str(info.commit_url)
-
-
-SOURCE_RESOLVERS.append(resolve_hub)

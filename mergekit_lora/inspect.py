@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter
-from .fidelity import module_group
 from .formats import load_adapter
-
-# Extra sections other formats (routed adapters, SD families) add to the report.
-INSPECTORS: list = []
+from .formats.registry import inspect_sections
+from .names import module_group
 
 
 def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict[str, Any]:
@@ -61,8 +59,7 @@ def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict
         "dropped_base_layers": a.meta.extra.get("dropped_base_layers", []),
         "per_module": per_module,
     }
-    for extend in INSPECTORS:
-        extend(a, report)
+    inspect_sections(a, report)
     return report
 
 

@@ -1,19 +1,33 @@
-"""The algorithm registry and plugin API.
+"""Merge algorithms: the plugin API (``Algorithm[P]``, ``AlgorithmParams``, ``MergedModule``) and the registry.
 
-An algorithm is a small class with a ``name``, a one-line ``description``, a frozen pydantic
-``Params`` model (the single source of CLI flags and YAML keys: defaults, bounds, help text) and
-``merge_module(units, weights, params, ctx) -> RankUnits``.  Built-ins and third-party packages
-register through the entry-point group ``mergekit_lora.algorithms``; an entry point may name an
-algorithm class or a module whose import registers classes with :func:`register`.
+An algorithm is a small stateless class with a ``name``, a one-line ``description``, a frozen pydantic
+``Params`` model (the single source of CLI flags, YAML keys, ``loramerge methods`` and search spaces)
+and ``merge_batch(units, weights, params, ctxs) -> list[MergedModule]`` (or the one-module
+convenience ``merge_module``).  Whatever an algorithm wants to say about the whole merge (errors,
+cluster reports) travels per module in ``MergedModule.notes``; the driver collects the notes and
+hands them back to :meth:`Algorithm.report`, :meth:`Algorithm.card_sections` and
+:meth:`Algorithm.artifacts` — no state is kept between calls.
+
+Built-ins and third-party packages are found through the entry-point group
+``mergekit_lora.algorithms``: an entry point names an algorithm class, or a list of them (our own
+``mergekit_lora.algorithms:BUILTINS``).  :func:`register` adds a class in-process (tests, notebooks).
+
+Example::
+
+    class Scale(Algorithm[ScaleParams]):
+        name = "scale"
+        Params = ScaleParams
+        def merge_module(self, units, weights, params, ctx):
+            return MergedModule(RankUnits.concat([u.scaled(w * params.factor) for u, w in zip(units, weights)]))
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,7 +35,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import LoraMergeError
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
     from .fidelity import ModuleFidelity
     from .units import RankUnits
 
@@ -32,6 +45,10 @@ class AlgorithmParams(BaseModel):
     """Base of every algorithm's parameters: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+P = TypeVar("P", bound=AlgorithmParams)
+Notes = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,22 @@ class ModuleContext:
         return g
 
 
-class Algorithm:
+@dataclass(frozen=True)
+class MergedModule:
+    """One merged module as an algorithm returns it.
+
+    ``units``: the merged rank units (a ``RoutedUnits`` for routing algorithms, whose output format is
+    ``routed``).  ``fidelity``: the algorithm's own exact row when it already has one from its factor-space
+    products (the driver then skips its own measurement).  ``notes``: per-module numbers the algorithm
+    wants back, all modules together, in :meth:`Algorithm.report` / ``card_sections`` / ``artifacts``.
+    """
+
+    units: Any
+    fidelity: ModuleFidelity | None = None
+    notes: Notes = field(default_factory=dict)
+
+
+class Algorithm(Generic[P]):
     """Base class of merge algorithms; subclasses set ``name``, ``description``, ``Params``."""
 
     name: ClassVar[str]
@@ -58,42 +90,35 @@ class Algorithm:
     # The output format this algorithm's results need (e.g. "routed"); None: any static LoRA format.
     output_format: ClassVar[str | None] = None
 
-    def prepare(self, adapters: Sequence[Adapter], weights: Sequence[float], params: AlgorithmParams) -> None:
-        """Optional cross-module pass (global statistics, calibration); default: nothing."""
-
-    def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
-                     ctx: ModuleContext) -> RankUnits:
-        raise NotImplementedError
-
-    def known_fidelity(self, name: str) -> ModuleFidelity | None:
-        """Module ``name``'s fidelity row when the algorithm already has it from its own factor-space
-        products (the driver then skips its own Gram pass); None, the default: the driver measures it."""
-        return None
-
-    def batch_limit(self, params: AlgorithmParams) -> int:
-        """How many consecutive same-shape modules the driver may hand to :meth:`merge_batch` at once.
+    def batch_limit(self, params: P) -> int:
+        """How many same-shape modules the driver may hand to :meth:`merge_batch` at once.
 
         1 (the default) means module by module.  The bound keeps peak memory independent of the number
         of layers.
         """
         return 1
 
-    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: AlgorithmParams,
-                    ctxs: list[ModuleContext]) -> list[RankUnits]:
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
+                     ctx: ModuleContext) -> MergedModule:
+        """Merge one module: ``units[i]`` are input i's units (scale folded in), ``weights[i]`` its weight."""
+        raise NotImplementedError
+
+    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: P,
+                    ctxs: list[ModuleContext]) -> list[MergedModule]:
         """Merge several modules whose inputs have identical shapes, weights and parameters (batched
         algorithms override this, e.g. k-means on a [modules, units, dim] tensor); default: one by one."""
         return [self.merge_module(u, w, params, c) for u, w, c in zip(units, weights, ctxs)]
 
-    def card_sections(self) -> list[tuple[str, str]]:
-        """Extra model-card sections (title, markdown) after a merge; default: none."""
-        return []
-
-    def artifacts(self) -> dict[str, str]:
-        """Extra text files (name -> content) written into the output folder after a merge; default: none."""
+    def report(self, notes: Sequence[tuple[str, Notes]], params: P) -> dict[str, Any]:
+        """Numbers about the whole merge from the modules' notes (model card and CLI); default: none."""
         return {}
 
-    def report(self) -> dict[str, Any]:
-        """Optional numbers about the last merge for the model card and the CLI (e.g. a refactorisation error)."""
+    def card_sections(self, notes: Sequence[tuple[str, Notes]], params: P) -> list[tuple[str, str]]:
+        """Extra model-card sections (title, markdown); default: none."""
+        return []
+
+    def artifacts(self, notes: Sequence[tuple[str, Notes]], params: P, labels: Sequence[str]) -> dict[str, str]:
+        """Extra text files (name -> content) for the output folder; ``labels`` names the inputs."""
         return {}
 
     def describe(self) -> dict[str, Any]:
@@ -103,49 +128,61 @@ class Algorithm:
             fields[f.alias or fname] = {
                 "required": f.is_required(),
                 "default": None if f.is_required() else f.default,
-                "type": getattr(f.annotation, "__name__", str(f.annotation)),
+                "type": _type_label(f.annotation),
                 "help": f.description or "",
             }
         return {"name": self.name, "description": self.description, "parameters": fields}
 
 
-_REGISTRY: dict[str, type[Algorithm]] = {}
-_loaded = False
+def _type_label(annotation: Any) -> str:
+    """A readable type for help texts: ``int``, ``int | None``, ``paper|lsq|none``."""
+    args = getattr(annotation, "__args__", None)
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and str(origin) == "typing.Literal":
+        return "|".join(str(a) for a in args)
+    if args and type(annotation).__name__ in ("UnionType", "_UnionGenericAlias"):
+        return " | ".join(_type_label(a) for a in args).replace("NoneType", "None")
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+_REGISTERED: dict[str, type[Algorithm]] = {}
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: add an algorithm under ``cls.name``."""
+    """Add an algorithm under ``cls.name`` in this process (plugins use the entry-point group instead)."""
     name = getattr(cls, "name", None)
     if not name or not isinstance(name, str):
         raise TypeError(f"{cls!r} needs a string `name`")
-    existing = _REGISTRY.get(name)
+    existing = _REGISTERED.get(name)
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"algorithm name {name!r} is already registered by {existing.__module__}")
-    _REGISTRY[name] = cls
+    _REGISTERED[name] = cls
     return cls
 
 
-def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+def _entry_point_classes() -> list[type[Algorithm]]:
+    found: list[type[Algorithm]] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, Algorithm):
-            register(obj)
+        obj = getattr(obj, "BUILTINS", obj)  # a module that lists its classes
+        items = obj if isinstance(obj, (list, tuple)) else [obj]
+        found.extend(c for c in items if isinstance(c, type) and issubclass(c, Algorithm))
+    return found
 
 
 def available() -> dict[str, type[Algorithm]]:
-    """All registered algorithms, by name (built-ins and plugins)."""
-    _load_plugins()
-    return dict(sorted(_REGISTRY.items()))
+    """All algorithms by name: the entry points' (built-ins first) and those added with :func:`register`."""
+    out: dict[str, type[Algorithm]] = {}
+    for cls in _entry_point_classes():
+        out.setdefault(cls.name, cls)
+    out.update(_REGISTERED)
+    return dict(sorted(out.items()))
 
 
 def get_algorithm(name: str) -> Algorithm:
     algos = available()
     if name not in algos:
-        raise LoraMergeError(f"unknown method {name!r}; available: {', '.join(algos) or 'none'}")
+        raise LoraMergeError(f"unknown method {name!r}; available: {', '.join(algos) or 'none'}", field="method")
     return algos[name]()
 
 
@@ -156,7 +193,6 @@ def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "paramete
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or where}: "
-            + (f"required (give it as --{err['loc'][-1]} or -p {err['loc'][-1]}=VALUE)" if err["type"] == "missing"
-               else err["msg"])
+            + ("required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, "))
             for err in e.errors())
-        raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {problems}") from None
+        raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {problems}", field="params") from None

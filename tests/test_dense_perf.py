@@ -100,7 +100,7 @@ def test_batched_merge_equals_module_by_module(method, params):
     batched = algo.merge_batch(mods, [w] * 3, p, ctxs)
     for j in range(3):
         single = algo.merge_module(mods[j], w, p, ctxs[j])
-        torch.testing.assert_close(batched[j].delta(), single.delta(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched[j].units.delta(), single.units.delta(), rtol=1e-4, atol=1e-5)
 
 
 def test_dense_bytes_do_not_depend_on_the_thread_count(monkeypatch):
@@ -116,7 +116,7 @@ def test_dense_bytes_do_not_depend_on_the_thread_count(monkeypatch):
         with thread_policy(n):
             assert threads.threads_for(1.0) == n
             u = algo.merge_module(units, [1.0, 1.0, 1.0], p, ctx)
-        outs.append((u.A.clone(), u.B.clone()))
+        outs.append((u.units.A.clone(), u.units.B.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 

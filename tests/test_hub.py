@@ -124,7 +124,7 @@ def test_online_pull_reuses_cache_and_maps_errors(hf, monkeypatch):
             "org/gated": "org/gated: the repo is gated; accept its terms on the Hub and set HF_TOKEN to a token with "
                          "access",
             "org/empty": "org/empty: no adapter files (adapter_config.json, *.safetensors) in the repo org/empty; "
-                         "pickle files are skipped unless --allow-pickle",
+                         "pickle files are skipped unless allow_pickle",
             "org/lora-a@nope": "org/lora-a@nope: the repo has no revision 'nope'; use a branch, tag or commit",
         }
         for src, msg in cases.items():

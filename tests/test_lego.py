@@ -13,12 +13,25 @@ from mergekit_lora import load_adapter, merge
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.units import RankUnits
 
-lego = get_algorithm("lego")
+_lego = get_algorithm("lego")
+
+
+class _UnitsOf:
+    """The LEGO algorithm, returning the merged units of its MergedModule results."""
+
+    def merge_module(self, *args):
+        return _lego.merge_module(*args).units
+
+    def merge_batch(self, *args):
+        return [m.units for m in _lego.merge_batch(*args)]
+
+
+lego = _UnitsOf()
 CTX = ModuleContext("layers.0.q_proj", 0, torch.device("cpu"))
 
 
 def P(**kw):
-    return parse_params(lego, kw)
+    return parse_params(_lego, kw)
 
 
 def rand_units(r, d_out=10, d_in=8, seed=0, source=0):
@@ -285,7 +298,7 @@ def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapt
     from mergekit_lora.fidelity import module_fidelity, weighted_target
 
     seen = []
-    cls = type(lego)
+    cls = type(_lego)
     orig = cls.merge_batch
 
     def spy(self, units, weights, params, ctxs):

@@ -29,9 +29,9 @@ def test_partial_modules_policies(tmp_path):
     b = load_adapter(make_peft_adapter(tmp_path / "b", "llama", target_modules=["q_proj", "k_proj"]))
     union = check_compatible([a, b], "union")
     inter = check_compatible([a, b], "intersection")
-    assert len(union.modules) == 6 and len(inter.modules) == 2
+    assert len(union.names) == 6 and len(inter.names) == 2
     assert sorted(union.partial)[:1] == ["model.layers.0.self_attn.k_proj"]
-    assert {m.present for m in inter.modules} == {(0, 1)}
+    assert {inter.present[n] for n in inter.names} == {(0, 1)}
     with pytest.raises(LoraMergeError, match="missing from some inputs"):
         check_compatible([a, b], "error")
 
@@ -84,9 +84,9 @@ def test_typo_in_a_local_path_says_it_is_not_local(tmp_path, monkeypatch):
 def test_bad_missing_policy_is_refused_by_the_driver_before_any_read(tmp_path):
     from mergekit_lora import merge
 
-    with pytest.raises(LoraMergeError, match=r"--missing must be union, intersection or error \(got 'bogus'\)"):
+    with pytest.raises(LoraMergeError, match=r"missing: must be union, intersection or error \(got 'bogus'\)"):
         merge([tmp_path / "does-not-exist"], "linear", tmp_path / "o", missing="bogus")  # type: ignore[arg-type]
     for cmd in (["merge"], ["cluster", "-k", "2"], ["route", "-k", "2"]):
         r = run_cli(*cmd, "examples/tiny-llama-shift", "--missing", "bogus", "-o", tmp_path / "o")
-        assert r.exit_code == 2 and "--missing must be union" in r.output, (cmd, r.output)
+        assert r.exit_code == 2 and "--missing: must be union" in r.output, (cmd, r.output)
     assert not (tmp_path / "o").exists()

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.formats.writers import WRITERS
+from mergekit_lora.formats.registry import writable
+from mergekit_lora.pipeline import execute, plan_recipe
 from mergekit_lora.recipe import validate_recipe
-from mergekit_lora.recipe_params import at
-from mergekit_lora.recipe_plan import load_recipe, resolve_recipe, run_recipe
+from mergekit_lora.recipe.gradients import at
 from mergekit_lora.registry import available
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -45,7 +45,7 @@ def cli(*args: str):
 
 def problems(text: str, **kw) -> str:
     with pytest.raises(LoraMergeError) as e:
-        resolve_recipe(textwrap.dedent(text).lstrip(), "r.yaml", **kw)
+        plan_recipe(textwrap.dedent(text).lstrip(), "r.yaml", **kw)
     return str(e.value)
 
 
@@ -147,7 +147,7 @@ BROKEN = [
 @pytest.mark.parametrize("text,expected", BROKEN)
 def test_broken_recipes_report_every_problem_with_lines(work, text, expected):
     # The lists of methods and formats grow as others register theirs.
-    expected = expected.replace("{METHODS}", ", ".join(available())).replace("{FORMATS}", ", ".join(sorted(WRITERS)))
+    expected = expected.replace("{METHODS}", ", ".join(available())).replace("{FORMATS}", ", ".join(sorted(writable())))
     assert problems(text) == expected
     assert not (work / "o").exists() and not (work / "out").exists()
 
@@ -212,8 +212,8 @@ def test_overrides_and_gradients_resolve_to_expected_table(tmp_path, monkeypatch
     five_layer_adapter(tmp_path / "a", 1)
     five_layer_adapter(tmp_path / "b", 2)
     (tmp_path / "r.yaml").write_text(GRADIENT_RECIPE)
-    res = load_recipe("r.yaml")
-    got = {n: (row.params.rank, row.weights, row.override) for n, row in res.rows.items()}
+    _, res = plan_recipe("r.yaml")
+    got = {row.name: (row.params.rank, row.weights, row.override) for row in res.modules}
     q, up = "model.layers.{}.self_attn.q_proj", "model.layers.{}.mlp.up_proj"
     expected = {
         q.format(0): (2, (1.0, 0.5), None), up.format(0): (1, (1.0, 0.5), 0),
@@ -226,7 +226,7 @@ def test_overrides_and_gradients_resolve_to_expected_table(tmp_path, monkeypatch
     assert res.matched == {0: 5, 1: 2}
 
     # The merge applies exactly these per-module ranks and weights.
-    run_recipe(res)
+    execute(res)
     out = load_adapter("merged")
     a, b = load_adapter("a"), load_adapter("b")
     for name, (rank, (wa, wb), _) in expected.items():

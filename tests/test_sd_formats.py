@@ -238,7 +238,7 @@ def test_format_choices_refuse_what_cannot_be_written(tmp_path):
     k = save(tmp_path / "k.safetensors", kohya_state_dict(only="unet.down_blocks.0.resnets"))
     with pytest.raises(LoraMergeError, match="kohya names cannot be mapped back"):
         merge([k], "linear", tmp_path / "d", output_format="diffusers")
-    with pytest.raises(LoraMergeError, match="--format kohya or --format diffusers"):
+    with pytest.raises(LoraMergeError, match="output_format kohya or output_format diffusers"):
         merge([k], "linear", tmp_path / "p", output_format="peft")
     assert not (tmp_path / "d").exists() and not (tmp_path / "p").exists()
     d = save(tmp_path / "d.safetensors", diffusers_state_dict())

@@ -13,7 +13,7 @@ from helpers import make_peft_adapter, outputs, peft_model, rel, tiny_llama
 from peft.utils import merge_utils
 
 from mergekit_lora import load_adapter
-from mergekit_lora.merge import merge
+from mergekit_lora.pipeline import merge
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -73,13 +73,12 @@ def ours(paths, method, weights, seed=0, **params):
     algo = get_algorithm(method)
     p = parse_params(algo, params)
     adapters = [load_adapter(x) for x in paths]
-    algo.prepare(adapters, weights, p)
     res = {}
     for n in adapters[0].module_names():
         units = [a.units(n, source=i) for i, a in enumerate(adapters)]
         ctx = ModuleContext(n, seed, torch.device("cpu"))
         dense = algo.dense(units, weights, p, ctx) if hasattr(algo, "dense") else None
-        res[n] = (dense, algo.merge_module(units, weights, p, ctx).delta())
+        res[n] = (dense, algo.merge_module(units, weights, p, ctx).units.delta())
     return res
 
 

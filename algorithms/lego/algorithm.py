@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
 from mergekit_lora.kmeans import kmeans_gram, resolve_backend
-from mergekit_lora.registry import Algorithm, ModuleContext, register
+from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
 from mergekit_lora.units import RankUnits
 
 from .params import LegoParams
@@ -18,8 +17,7 @@ from .report import ModuleRecord, fidelity_section, report_files
 from .reweight import REWEIGHTS, ClusterStats, cluster_stats, option_scales
 
 
-@register
-class Lego(Algorithm):
+class Lego(Algorithm[LegoParams]):
     """Rank-wise k-means over the pooled canonical rank units of all inputs; centroids become units.
 
     Per module: every rank unit of every input (after its input weight) is one vector [b_i; a_i] in
@@ -40,33 +38,15 @@ class Lego(Algorithm):
     description = "LoRA-LEGO: k-means over all inputs' rank units, centroids -> rank-k LoRA, dual reweighting"
     Params = LegoParams
 
-    def __init__(self) -> None:
-        self.records: list[ModuleRecord] = []
-        self.labels: list[str] = []
-        self.meta: dict = {}
-        self._params: LegoParams | None = None
-        self._fidelity: dict[str, ModuleFidelity] = {}
-
-    def prepare(self, adapters: Sequence[Adapter], weights: Sequence[float], params: LegoParams) -> None:  # type: ignore[override]
-        self.records, self.labels, self._fidelity = [], [a.label for a in adapters], {}
-        self.meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}",
-                     "reweight": params.reweight, "space": params.space, "backend": params.backend,
-                     "signs": params.signs}
-        self._params = params
-
-    def batch_limit(self, params: LegoParams) -> int:  # type: ignore[override]
+    def batch_limit(self, params: LegoParams) -> int:
         return params.batch_modules
 
-    def known_fidelity(self, name: str) -> ModuleFidelity | None:
-        return self._fidelity.pop(name, None)
-
-    def merge_module(self, units: list[RankUnits], weights: list[float], params: LegoParams,  # type: ignore[override]
-                     ctx: ModuleContext) -> RankUnits:
+    def merge_module(self, units: list[RankUnits], weights: list[float], params: LegoParams,
+                     ctx: ModuleContext) -> MergedModule:
         return self.merge_batch([units], [weights], params, [ctx])[0]
 
-    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,  # type: ignore[override]
-                    ctxs: list[ModuleContext]) -> list[RankUnits]:
-        self._params = params
+    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,
+                    ctxs: list[ModuleContext]) -> list[MergedModule]:
         device = ctxs[0].device
         if len({sum(u.rank for u in us) for us in units}) != 1:  # the driver batches same shapes only
             return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
@@ -86,7 +66,7 @@ class Lego(Algorithm):
             labels, signs = res.labels, res.signs_or_ones()
         kk = min(k, n)
         stats = [cluster_stats(pool.KA[m], pool.KB[m], labels[m], signs[m], kk) for m in range(len(units))]
-        scales = []
+        scales, rows, records = [], [], []
         for m, (st, ctx) in enumerate(zip(stats, ctxs)):
             t2 = float(pool.target_norm2[m])
             if k >= n:
@@ -96,11 +76,13 @@ class Lego(Algorithm):
                 s = opts[params.reweight]
             scales.append(s)
             m2 = float(s @ st.G @ s)
-            self._fidelity[ctx.name] = ModuleFidelity(ctx.name, t2**0.5, max(m2, 0.0) ** 0.5,
-                                                      err2[params.reweight] ** 0.5)
-            self._record(ModuleRecord(ctx.name, n, kk, k >= n, t2, err2, st.sizes.tolist()), pool.source[m],
-                         labels[m], st.cos, kk)
-        return self._assemble(pool, stats, scales, out_dtype)
+            rows.append(ModuleFidelity(ctx.name, t2**0.5, max(m2, 0.0) ** 0.5, err2[params.reweight] ** 0.5))
+            rec = ModuleRecord(ctx.name, n, kk, k >= n, t2, err2, st.sizes.tolist())
+            if params.report:
+                _detail(rec, pool.source[m], labels[m], st.cos, kk)
+            records.append(rec)
+        merged = self._assemble(pool, stats, scales, out_dtype)
+        return [MergedModule(u, fidelity=row, notes={"record": rec}) for u, row, rec in zip(merged, rows, records)]
 
     def _assemble(self, pool: PoolBatch, stats: list[ClusterStats], scales: list[torch.Tensor],
                   out_dtype: list[torch.dtype]) -> list[RankUnits]:
@@ -122,26 +104,27 @@ class Lego(Algorithm):
             out.append(merged.to(dtype=out_dtype[m]))
         return out
 
-    def _record(self, rec: ModuleRecord, source: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, k: int) -> None:
-        if self._params is not None and self._params.report:
-            onehot = torch.nn.functional.one_hot(labels.cpu(), k)
-            rec.sizes = onehot.sum(0).tolist()
-            for i in source.unique().tolist():
-                rec.input_by_cluster[i] = onehot[source == i].sum(0).tolist()
-            for j in range(k):
-                cj = cos[labels.cpu() == j]
-                rec.cos_mean.append(float(cj.mean()) if len(cj) else 1.0)
-                rec.cos_min.append(float(cj.min()) if len(cj) else 1.0)
-        self.records.append(rec)
-
     # ------------------------------------------------------------------ after the merge
-    def card_sections(self) -> list[tuple[str, str]]:
-        if not self.records:
-            return []
-        return [fidelity_section(self.records, self._params.reweight if self._params else "paper")]
+    def card_sections(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> list[tuple[str, str]]:
+        records = [n["record"] for _, n in notes]
+        return [fidelity_section(records, params.reweight)] if records else []
 
-    def artifacts(self) -> dict[str, str]:
-        if not self.records or self._params is None or not self._params.report:
+    def artifacts(self, notes: Sequence[tuple[str, Notes]], params: LegoParams,
+                  labels: Sequence[str]) -> dict[str, str]:
+        if not notes or not params.report:
             return {}
-        return report_files(self.records, self.labels, self.meta)
+        meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}", "reweight": params.reweight,
+                "space": params.space, "backend": params.backend, "signs": params.signs}
+        return report_files([n["record"] for _, n in notes], list(labels), meta)
 
+
+def _detail(rec: ModuleRecord, source: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, k: int) -> None:
+    """Fill the ``--report`` details of one module: cluster sizes, input × cluster counts, cosine spread."""
+    onehot = torch.nn.functional.one_hot(labels.cpu(), k)
+    rec.sizes = onehot.sum(0).tolist()
+    for i in source.unique().tolist():
+        rec.input_by_cluster[i] = onehot[source == i].sum(0).tolist()
+    for j in range(k):
+        cj = cos[labels.cpu() == j]
+        rec.cos_mean.append(float(cj.mean()) if len(cj) else 1.0)
+        rec.cos_min.append(float(cj.min()) if len(cj) else 1.0)

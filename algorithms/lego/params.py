@@ -31,7 +31,7 @@ class LegoParams(AlgorithmParams):
     @model_validator(mode="after")
     def _one_k(self) -> LegoParams:
         if (self.k is None) == (self.k_ratio is None):
-            raise ValueError("give exactly one of k (e.g. -k 16) or k_ratio (e.g. --k-ratio 0.5)")
+            raise ValueError("give exactly one of k (e.g. 16) or k_ratio (e.g. 0.5)")
         return self
 
     def k_for(self, pool_size: int) -> int:

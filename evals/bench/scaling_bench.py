@@ -1,7 +1,7 @@
 """Benchmark: how time and peak RSS scale with the number of adapters and of layers.
 
 Synthetic rank-r fp32 PEFT adapters on a Llama layout (all 7 projections, written directly as PEFT
-folders); each merge runs ``mergekit_lora.merge.merge`` in a fresh process (``static_bench.py``'s
+folders); each merge runs ``mergekit_lora.pipeline.merge`` in a fresh process (``static_bench.py``'s
 child: in-process wall seconds of read + merge + fidelity + write, and the process's peak RSS),
 fastest of ``--repeat``.  The tables give seconds per input MB, so "linear in input bytes" reads as
 a flat column, and RSS at growing layer counts, so "flat in layers" reads as a flat row.

@@ -3,7 +3,7 @@
 Synthetic rank-r adapters on a Llama-shaped model built from a config (all seven projections per
 layer), written as real PEFT folders by ``save_pretrained``.  Every measurement runs in its own
 subprocess, which reports its wall time and its own peak RSS (``resource.getrusage``), so methods do
-not pollute each other.  Ours: the full ``mergekit_lora.merge.merge`` (read, merge, write, card).
+not pollute each other.  Ours: the full ``mergekit_lora.merge`` (read, merge, write, card).
 PEFT: base model + adapters loaded once (timed apart), then ``add_weighted_adapter`` and
 ``save_pretrained`` of the result.  A second table shows our peak RSS at two layer counts.
 
@@ -129,7 +129,7 @@ def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: st
 
 
 def child_ours(args: argparse.Namespace) -> dict:
-    from mergekit_lora.merge import merge
+    from mergekit_lora.pipeline import merge
 
     paths = sorted(str(p) for p in Path(args.work).glob("adapter*"))
     w = [1.0 / len(paths)] * len(paths)
@@ -170,7 +170,7 @@ def child_peft(args: argparse.Namespace) -> dict:
 def child_idle(args: argparse.Namespace) -> dict:
     import torch  # noqa: F401  (the interpreter + torch baseline)
 
-    import mergekit_lora.merge  # noqa: F401
+    import mergekit_lora.pipeline  # noqa: F401
     return {"seconds": 0.0}
 
 

@@ -21,7 +21,7 @@ from mergekit_lora.atomic import atomic_output
 from mergekit_lora.evals.suite.data import TASKS, get_task
 from mergekit_lora.evals.suite.model import SMOLLM2, SMOLLM2_HUB_ID
 from mergekit_lora.evals.tasks import encode_task, last_logits, load_base, pad_id_of, score
-from mergekit_lora.merge import resolve_device
+from mergekit_lora.pipeline import resolve_device
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

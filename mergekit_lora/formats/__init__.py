@@ -1,78 +1,43 @@
-"""Adapter formats: detection, reading and writing.
+"""Adapter formats: where a source is (local path or Hub id), which family it is, and reading it.
 
-A reader is registered with a ``sniff(keys, metadata) -> bool`` test over a safetensors file's
-header; the first match reads the file.  PEFT folders are recognised by ``adapter_config.json``.
+``load_adapter`` is the one way in: a PEFT folder (``adapter_config.json``) is read as PEFT; a
+single safetensors file (or a folder holding exactly one) is sniffed on its header against the
+format registry (:mod:`mergekit_lora.formats.registry`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from .peft_read import has_peft_keys, read_peft
+from ..hub import parse_hub_id, resolve_hub
+from .peft_read import read_peft
+from .registry import sniff
 from .tensors import TensorSource
 
 
-@dataclass(frozen=True)
-class FileReader:
-    """A file format: ``sniff`` decides from the header, ``read`` builds the adapter."""
-
-    name: str
-    sniff: Callable[[list[str], dict[str, str]], bool]
-    read: Callable[..., Adapter]
-
-
-FILE_READERS: list[FileReader] = [
-    FileReader("peft", lambda keys, meta: has_peft_keys(keys), read_peft),
-]
-
-# Resolvers turn a non-local source string (e.g. a Hub id ``org/name@rev``) into a local path, or
-# into ``(path, extras)`` where ``extras`` is merged into ``adapter.meta.extra`` (e.g. the resolved
-# commit as ``resolved_revision``).  They are called as ``resolve(source, allow_pickle=...)`` and
-# return None for strings they do not handle.
-Resolved = Path | tuple[Path, dict[str, Any]]
-SOURCE_RESOLVERS: list[Callable[..., Resolved | None]] = []
-
-
-def register_reader(reader: FileReader, *, first: bool = False) -> None:
-    """Add a file format (SD formats, third-party)."""
-    if first:
-        FILE_READERS.insert(0, reader)
-    else:
-        FILE_READERS.append(reader)
-
-
-def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> Path:
-    """A local path for ``source``: itself if it exists, else the first resolver's answer."""
-    return resolve_source_meta(source, allow_pickle=allow_pickle)[0]
-
-
-def resolve_source_meta(source: str | Path, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Like :func:`resolve_source`, plus the metadata extras the resolver recorded (may be empty)."""
+def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
+    """A local path for ``source`` (itself if it exists, else the Hub snapshot) and metadata extras."""
     p = Path(source)
     if p.exists():
         return p, {}
-    for resolve in SOURCE_RESOLVERS:
+    if parse_hub_id(str(source)) is not None:
         try:
-            found = resolve(str(source), allow_pickle=allow_pickle)
+            return resolve_hub(str(source), allow_pickle=allow_pickle)
         except LoraMergeError as e:
             if len(p.parts) > 1 and Path(p.parts[0]).exists():  # e.g. a typo in examples/…: say both readings
                 raise LoraMergeError(f"{source}: no such local file or folder (and as a Hub repo: "
                                      f"{str(e).removeprefix(f'{source}: ')})") from None
             raise
-        if found is not None:
-            return found if isinstance(found, tuple) else (found, {})
     raise LoraMergeError(f"{source}: no such file or folder")
 
 
 def load_adapter(source: str | Path, *, allow_pickle: bool = False, ignore_modules_to_save: bool = False,
                  strict: bool = True) -> Adapter:
-    """Read an adapter from a folder or file (any registered format) into rank units, lazily."""
-    path, extras = resolve_source_meta(source, allow_pickle=allow_pickle)
+    """Read an adapter from a folder, a file or a Hub id (any registered format) into rank units, lazily."""
+    path, extras = resolve_source(source, allow_pickle=allow_pickle)
     adapter = _load_local(path, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save,
                           strict=strict)
     if extras:
@@ -93,9 +58,9 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
             )
         path = files[0]
     src = TensorSource.open(path, allow_pickle=allow_pickle)
-    for reader in FILE_READERS:
-        if reader.sniff(src.keys, src.metadata):
-            return reader.read(path, **opts)
+    spec = sniff(src.keys, src.metadata)
+    if spec is not None and spec.read is not None:
+        return spec.read(path, **opts)
     shown = ", ".join(src.keys[:3])
     raise LoraMergeError(
         f"{path}: not a recognised LoRA format (first keys: {shown or 'none'}); expected PEFT "
@@ -103,8 +68,4 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
     )
 
 
-__all__ = ["FileReader", "load_adapter", "register_reader", "resolve_source", "resolve_source_meta",
-           "SOURCE_RESOLVERS", "FILE_READERS"]
-
-# Stable Diffusion formats (kohya / diffusers) register their readers, writers and hooks on import.
-from . import sd as _sd  # noqa: E402,F401
+__all__ = ["load_adapter", "resolve_source"]

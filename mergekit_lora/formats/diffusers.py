@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
+from ..names import pattern_value
 from ..units import RankUnits
 from .peft_write import peft_config
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
@@ -120,8 +121,6 @@ def _check_metadata_alphas(a: Adapter, metadata: Mapping[str, str]) -> None:
         cfg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LoraMergeError(f"{a.path}: header entry {METADATA_KEY} is not valid JSON ({e})") from None
-    from .peft_read import pattern_value
-
     for name, info in list(a.modules.items()):
         comp, _, path = name.partition(".")
         alpha = cfg.get(f"{comp}.lora_alpha")
@@ -145,7 +144,7 @@ def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], ada
         if comp not in COMPONENTS or not path:
             raise LoraMergeError(
                 f"module {name} has no diffusers path (kohya names cannot be mapped back to diffusers paths "
-                "without the model); write it with --format kohya, which diffusers' load_lora_weights also reads"
+                "without the model); write it with «output_format» kohya, which diffusers' load_lora_weights also reads"
             )
         down, up = factors(u, dtype)
         tensors[f"{name}.lora_A.weight"] = down

@@ -72,7 +72,7 @@ def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
     sdxl = any(n.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_")) for n in names)
     out = {n: (n if n.startswith(("lora_", "lycoris_")) else kohya_name(n, sdxl=sdxl)) for n in names}
     if len(set(out.values())) != len(out):
-        raise LoraMergeError("two modules map to the same kohya name; write with --format diffusers instead")
+        raise LoraMergeError("two modules map to the same kohya name; write with «output_format» diffusers instead")
     return out
 
 

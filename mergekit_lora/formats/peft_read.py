@@ -13,6 +13,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
+from ..names import natural_key, pattern_value
 from ..units import RankUnits
 from .tensors import TensorSource, compute_dtype
 
@@ -24,14 +25,6 @@ _DORA = ".lora_magnitude_vector"
 
 def has_peft_keys(keys: list[str]) -> bool:
     return any(_LINEAR.match(k) or _EMBED.match(k) for k in keys)
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: first key matching ``(.*\\.)?(key)$``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
 
 
 @dataclass
@@ -137,7 +130,7 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
     if saved_modules and not ignore_modules_to_save:
         raise LoraMergeError(
             f"{f}: holds {len(saved_modules)} full tensors from modules_to_save (e.g. {saved_modules[0]}); "
-            "these are not LoRA updates and cannot be merged; pass --ignore-modules-to-save to drop them"
+            "these are not LoRA updates and cannot be merged; pass «ignore_modules_to_save» to drop them"
         )
     bias_mode = config.get("bias", "none")
     if bias_mode not in (None, "none") and any(k.endswith(".bias") for k in unknown):
@@ -162,7 +155,7 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
     infos: dict[str, ModuleInfo] = {}
     keys_of: dict[str, _Pair] = {}
     dtype = None
-    for mod in sorted(pairs, key=_natural_key):
+    for mod in sorted(pairs, key=natural_key):
         p = pairs[mod]
         if p.a_key is None or p.b_key is None:
             present = p.a_key or p.b_key
@@ -244,11 +237,6 @@ def _is_saved_module(key: str, saved: list[str] | str) -> bool:
     names = [saved] if isinstance(saved, str) else list(saved)
     parts = key.split(".")
     return any(n in parts for n in names)
-
-
-def _natural_key(name: str) -> list:
-    """Sort layers.2 before layers.10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _label(f: Path) -> str:

@@ -1,4 +1,4 @@
-"""Plug the Stable Diffusion formats into the shared mechanisms: readers, writers, naming, inspect.
+"""What the Stable Diffusion formats add to the format registry: name alignment, inspect rows, a PEFT refusal.
 
 Naming across families: kohya names are their own namespace.  When kohya and diffusers inputs are
 merged together, the diffusers inputs are renamed to kohya names (``unet.a.b`` -> ``lora_unet_a_b``,
@@ -15,15 +15,10 @@ from typing import Any
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
-from ..inspect import INSPECTORS
-from ..preflight import NAME_ALIGNERS
 from ..units import RankUnits
-from . import FileReader, register_reader
-from .diffusers import is_diffusers, read_diffusers, write_diffusers
-from .kohya import read_kohya, to_kohya_names, write_kohya
-from .sd_detect import is_kohya, sgm_style
+from .kohya import to_kohya_names
+from .sd_detect import sgm_style
 from .sd_meta import file_data_sha256
-from .writers import FAMILY_OUTPUT, WRITERS
 
 SD_NAMINGS = ("kohya", "diffusers")
 
@@ -72,19 +67,13 @@ def align_sd(adapters: list[Adapter]) -> list[Adapter]:
     return out
 
 
-def _peft_guard(writer: Any) -> Any:
-    """SD module names written as PEFT keys load nowhere: refuse instead of writing a useless file."""
-
-    def write(out_dir: Any, modules: Any, adapters: Sequence[Adapter], **kw: Any) -> Any:
-        sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
-        if sd:
-            raise LoraMergeError(
-                f"{sd[0]} is a Stable Diffusion LoRA; --format peft would write keys no SD loader reads — "
-                "use --format kohya or --format diffusers"
-            )
-        return writer(out_dir, modules, adapters, **kw)
-
-    return write
+def refuse_peft_output(adapters: Sequence[Adapter]) -> str | None:
+    """SD module names written as PEFT keys load nowhere: say so instead of writing a useless file."""
+    sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
+    if sd:
+        return (f"{sd[0]} is a Stable Diffusion LoRA; output format peft would write keys no SD loader reads — "
+                "use «output_format» kohya or «output_format» diffusers")
+    return None
 
 
 def inspect_sd(a: Adapter, report: dict[str, Any]) -> None:
@@ -102,25 +91,3 @@ def inspect_sd(a: Adapter, report: dict[str, Any]) -> None:
         actual = a.meta.extra.get("data_sha256") or file_data_sha256(a.path)
         sd["sshs_model_hash"] = md["sshs_model_hash"][:12] + ("" if md["sshs_model_hash"] == actual else " (stale)")
     report["sd"] = sd
-
-
-def install() -> None:
-    if any(r.name == "kohya" for r in _readers()):
-        return
-    register_reader(FileReader("diffusers", lambda keys, meta: is_diffusers(keys), read_diffusers), first=True)
-    register_reader(FileReader("kohya", lambda keys, meta: is_kohya(keys), read_kohya), first=True)
-    WRITERS["kohya"] = write_kohya
-    WRITERS["diffusers"] = write_diffusers
-    WRITERS["peft"] = _peft_guard(WRITERS["peft"])
-    FAMILY_OUTPUT.update({"kohya": "kohya", "diffusers": "diffusers"})
-    NAME_ALIGNERS.append(align_sd)
-    INSPECTORS.append(inspect_sd)
-
-
-def _readers() -> list[FileReader]:
-    from . import FILE_READERS
-
-    return FILE_READERS
-
-
-install()

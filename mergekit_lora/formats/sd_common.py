@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
+from ..names import natural_key
 from ..units import RankUnits
 from .sd_detect import base_family
 from .tensors import TensorSource, compute_dtype
@@ -31,10 +31,6 @@ class Parsed:
 
     entries: dict[str, Entry]
     unconsumed: list[str]
-
-
-def natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _shape_info(f: Any, name: str, e: Entry, src: TensorSource) -> tuple[int, int, int, tuple[int, ...], str]:

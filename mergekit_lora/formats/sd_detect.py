@@ -116,7 +116,7 @@ def kohya_name(module: str, *, sdxl: bool) -> str:
         return f"lora_te3_{flat}"
     raise LoraMergeError(
         f"module {module}: {comp} LoRAs have no deterministic kohya name (kohya uses the original model's "
-        "module names for FLUX/SD3); write them with --format diffusers instead"
+        "module names for FLUX/SD3); write them with «output_format» diffusers instead"
     )
 
 

@@ -43,7 +43,7 @@ class TensorSource:
             if not allow_pickle:
                 raise LoraMergeError(
                     f"{path}: pickle files can run code when loaded and are refused; convert it to "
-                    "safetensors, or pass --allow-pickle if you trust its origin"
+                    "safetensors, or pass «allow_pickle» if you trust its origin"
                 )
             return cls.from_tensors(path, _load_pickle(path))
         try:

@@ -1,30 +1,24 @@
 """Rank routing: FlyLoRA / SMoRA-style routed composition of frozen LoRAs.
 
-Importing this package registers the routed format with the readers (``load_adapter``), the
-writers (``merge(..., method="route")``) and ``loramerge inspect``.
+The routed format (``format.py``) is one entry of the format registry; ``route()`` (``api.py``) is a
+thin caller of the merge pipeline plus optional calibration.  Names are imported on first use, so
+importing this package costs nothing.
 """
 
 from __future__ import annotations
 
-from ..formats import FileReader, register_reader
-from ..formats.writers import WRITERS
-from ..inspect import INSPECTORS
-from .format import (
-    RoutedAdapter,
-    RoutedUnits,
-    inspect_routing,
-    load_routed,
-    read_routed_adapter,
-    routed_writer,
-    sniff_routed,
-    write_routed,
-)
+from importlib import import_module
+from typing import Any
 
-register_reader(FileReader("routed", sniff_routed, read_routed_adapter), first=True)
-WRITERS["routed"] = routed_writer
-if inspect_routing not in INSPECTORS:
-    INSPECTORS.append(inspect_routing)
+_EXPORTS = {
+    "RoutedAdapter": ".format", "RoutedUnits": ".format", "load_routed": ".format", "write_routed": ".format",
+    "RouteResult": ".api", "route": ".api",
+}
 
-from .api import RouteResult, route  # noqa: E402  (needs the registrations above)
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["RoutedAdapter", "RoutedUnits", "RouteResult", "load_routed", "route", "write_routed"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

@@ -1,6 +1,6 @@
 """``route()``: the public function behind ``loramerge route``.
 
-Training-free routing is the ``route`` algorithm through the ordinary merge driver.  With
+Training-free routing is the ``route`` algorithm through the ordinary pipeline (plan, execute).  With
 calibration data the routed modules are built in memory, attached to the base model, the router is
 fitted, activation statistics are measured, and the result (plus an optional static export in
 ``OUT/static``) is written atomically with a model card.
@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapter import Adapter
-from ..atomic import atomic_output, check_output
+from ..adapter import Adapter, output_meta
+from ..atomic import atomic_output
 from ..card import CardInfo, SourceInfo, render_card
 from ..errors import LoraMergeError
-from ..formats import load_adapter
 from ..formats.peft_write import write_peft
-from ..formats.writers import output_meta
-from ..merge import check_weights, merge, merge_modules, resolve_device
-from ..preflight import MissingPolicy, check_compatible
-from ..registry import get_algorithm, parse_params
+from ..options import MergeOptions
+from ..pipeline import execute, make_options, plan
+from ..runtime import attach, detach
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
 from .format import RoutedAdapter, iter_static, write_routed
 
@@ -46,13 +44,14 @@ def load_base_model(base: str | Path, device: torch.device) -> torch.nn.Module:
     """A transformers causal LM from a local folder, float32, frozen, in eval mode."""
     path = Path(base)
     if not (path / "config.json").is_file():
-        raise LoraMergeError(f"--base {base}: not a transformers model folder (no config.json)")
+        raise LoraMergeError(f"«base» {base}: not a transformers model folder (no config.json)", field="base")
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise LoraMergeError(f"--base {base}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+        raise LoraMergeError(f"«base» {base}: cannot load a causal language model ({str(e).splitlines()[0]})",
+                             field="base") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
@@ -60,7 +59,7 @@ def load_base_model(base: str | Path, device: torch.device) -> torch.nn.Module:
 
 def route(
     sources: Sequence[str | Path | Adapter],
-    out: str | Path,
+    out: str | Path | None = None,
     *,
     top_k: int,
     router: str = "implicit",
@@ -76,62 +75,56 @@ def route(
     balance: float = 0.01,
     bias_rate: float = 1e-3,
     export_static: bool = False,
-    device: str = "auto",
-    seed: int = 0,
-    force: bool = False,
-    missing: MissingPolicy = "union",
-    progress: bool = False,
-    load_options: dict[str, Any] | None = None,
+    options: MergeOptions | None = None,
+    **option_fields: Any,
 ) -> RouteResult:
-    """Pool the units of ``sources`` and write a routed adapter to ``out`` (calibrated when data is given)."""
+    """Pool the units of ``sources`` and write a routed adapter to ``out`` (calibrated when data is given).
+
+    Run options (device, seed, force, missing, …) come from ``options`` and/or keyword fields of
+    :class:`MergeOptions`, as for :func:`mergekit_lora.merge`.
+    """
     t0 = time.perf_counter()
-    algo = get_algorithm("route")
-    params = parse_params(algo, {"router": router, "top_k": top_k, "temperature": temperature,
-                                 "top_k_pattern": top_k_pattern or {}})
+    opts = make_options(options, out=Path(out) if out is not None else (options.out if options else None),
+                        **option_fields)
+    if opts.out is None:
+        raise LoraMergeError("a routed adapter needs an output folder («out»)", field="out")
+    params = {"router": router, "top_k": top_k, "temperature": temperature, "top_k_pattern": top_k_pattern or {}}
     if export_static and calibrate_data is None:
-        raise LoraMergeError("--export-static weights each unit by its activation frequency on data; "
-                             "pass --calibrate DATA and --base MODEL")
+        raise LoraMergeError("«export_static» weights each unit by its activation frequency on data; "
+                             "pass «calibrate_data» and «base»", field="export_static")
     if calibrate_data is not None and base is None:
-        raise LoraMergeError("--calibrate needs the base model: pass --base MODEL (a transformers folder)")
-    for name, v in (("steps", steps), ("batch-size", batch_size), ("max-length", max_length)):
+        raise LoraMergeError("«calibrate_data» needs the base model: pass «base» (a transformers folder)", field="base")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
         if v < (0 if name == "steps" else 1):
-            raise LoraMergeError(f"--{name} must be {'>= 0' if name == 'steps' else 'positive'} (got {v})")
+            raise LoraMergeError(f"«{name}» must be {'>= 0' if name == 'steps' else 'positive'} (got {v})", field=name)
+    p = plan(sources, "route", params, weights, opts)
     if calibrate_data is None:
-        res = merge(sources, "route", out, weights=weights, params=params, missing=missing, device=device,
-                    seed=seed, force=force, progress=progress, load_options=load_options)
+        res = execute(p)
         cfg = res.config
-        return RouteResult(Path(out), res.modules, sum(m["R"] for m in cfg["modules"].values()),
+        return RouteResult(Path(opts.out), res.modules, sum(m["R"] for m in cfg["modules"].values()),
                            time.perf_counter() - t0, cfg)
 
-    out = Path(out)
-    check_output(out, force)
-    dev = resolve_device(device)
-    adapters = [s if isinstance(s, Adapter) else load_adapter(s, **(load_options or {})) for s in sources]
-    w = check_weights(weights, len(adapters))
-    plan = check_compatible(adapters, missing)
-    model = load_base_model(base, dev)  # type: ignore[arg-type]
+    out_path = Path(opts.out)
+    model = load_base_model(base, p.device)  # type: ignore[arg-type]
     vocab = getattr(model.config, "vocab_size", None)
     batches = make_batches(load_examples(calibrate_data, base=base, max_length=max_length, vocab_size=vocab),
                            batch_size)
-    labels = [str(s if not isinstance(s, Adapter) else s.label) for s in sources]
-    routed = RoutedAdapter(dict(merge_modules(adapters, algo, params, w, plan, device=dev, seed=seed,
-                                              progress=progress)), plan.base_model, labels)
-    from ..runtime import attach, detach
-
+    in_memory = replace(p, options=opts.model_copy(update={"out": None, "push_to_hub": None}))
+    routed = RoutedAdapter(execute(in_memory).merged or {}, p.base_model, list(p.labels))
     handle = attach(model, routed)
     try:
         cal = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
-                        seed=seed, device=dev, progress=progress)
-        measure_activation(model, handle, batches, dev)
+                        seed=opts.seed, device=p.device, progress=opts.progress)
+        measure_activation(model, handle, batches, p.device)
         fitted = handle.routed(routed)
     finally:
         detach(model)
     fitted.info = {"calibration": {"data": str(calibrate_data), "steps": steps, "lr": lr, "balance": balance,
-                                   "bias_rate": bias_rate, "seed": seed, "loss_before": cal.loss_before,
+                                   "bias_rate": bias_rate, "seed": opts.seed, "loss_before": cal.loss_before,
                                    "loss_after": cal.loss_after}}
-    meta = output_meta(adapters)
-    with atomic_output(out, force) as tmp:
-        cfg = write_routed(tmp, fitted.modules.items(), base_model=plan.base_model, sources=labels,
+    meta = output_meta(p.adapters)
+    with atomic_output(out_path, opts.force) as tmp:
+        cfg = write_routed(tmp, fitted.modules.items(), base_model=p.base_model, sources=list(p.labels),
                            dtype=meta.dtype, info=fitted.info)
         sections = [("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
                                     f"{cal.loss_before:.4f} → {cal.loss_after:.4f}.")]
@@ -141,10 +134,10 @@ def route(
                        metadata={"mergekit_lora.method": "route-static"})
             sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
                                               "its mean activation on the calibration data."))
-        card = CardInfo(method="route", params=params.model_dump(), seed=seed, base_model=plan.base_model,
+        card = CardInfo(method="route", params=p.params.model_dump(), seed=opts.seed, base_model=p.base_model,
                         sources=[SourceInfo(lab, wi, a.meta.extra.get("resolved_revision") or a.meta.revision)
-                                 for lab, a, wi in zip(labels, adapters, w)],
+                                 for lab, a, wi in zip(p.labels, p.adapters, p.weights)],
                         extra_sections=sections, library_name="mergekit-lora")
         (tmp / "README.md").write_text(render_card(card))
-    return RouteResult(out, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
+    return RouteResult(out_path, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
                        time.perf_counter() - t0, cfg, cal)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraMergeError
-from ..merge import progress_bar
+from ..progress import progress_bar
 from ..runtime import Attached, RoutedLoraLayer
 
 
@@ -44,7 +44,7 @@ class CalibrationResult:
 
 def _tokenizer(base: Path | None, path: Path):  # noqa: ANN202 - a transformers tokenizer
     if base is None:
-        raise LoraMergeError(f"{path}: rows with \"text\" need a tokenizer; pass --base MODEL (a folder with one) "
+        raise LoraMergeError(f"{path}: rows with \"text\" need a tokenizer; pass «base» MODEL (a folder with one) "
                              "or give token ids as {\"input_ids\": [...]}")
     from transformers import AutoTokenizer
 

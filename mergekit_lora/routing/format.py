@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..adapter import Adapter, AdapterMeta, ModuleInfo
+from ..adapter import Adapter, AdapterMeta, ModuleInfo, output_meta
 from ..errors import LoraMergeError
 from ..units import RankUnits
 
@@ -146,7 +146,7 @@ def write_routed(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], *, b
     kept: list[tuple[str, RoutedUnits]] = []
     for name, m in modules:
         if not isinstance(m, RoutedUnits):
-            raise LoraMergeError(f"module {name}: the routed format holds routed modules only; use --method route")
+            raise LoraMergeError(f"module {name}: the routed format holds routed modules only; use the route method")
         u = m.units
         tensors[f"{name}.unit_A"] = u.A.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.unit_B"] = u.B.detach().to("cpu", dtype).contiguous()
@@ -287,7 +287,5 @@ def routed_writer(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], ada
                   dtype: torch.dtype, target_modules: list[str] | None, method: str,
                   recipe: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
     """The driver's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card."""
-    from ..formats.writers import output_meta
-
     labels = [str(a.path or a.label) for a in adapters]
     return write_routed(out_dir, modules, base_model=output_meta(adapters).base_model, sources=labels, dtype=dtype)

@@ -1,60 +1,34 @@
-"""Pre-flight compatibility check for a set of adapters, before any tensor is read."""
+"""Compatibility of a set of adapters, from their headers: one base, one family, one naming, same shapes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from .adapter import Adapter, ModuleInfo
-from .errors import LoraMergeError
-
-MissingPolicy = Literal["union", "intersection", "error"]
+from ..adapter import Adapter
+from ..errors import LoraMergeError
+from ..options import MissingPolicy
 
 
 @dataclass(frozen=True)
-class ModulePlan:
-    """One output module: its name, which inputs hold it, and its shape facts."""
+class SharedModules:
+    """The modules of the output: name -> which inputs hold it, in first-appearance order."""
 
-    name: str
-    present: tuple[int, ...]
-    info: ModuleInfo
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    modules: list[ModulePlan]
+    names: list[str]
+    present: dict[str, tuple[int, ...]]
     partial: list[str]  # modules present in only some inputs
     base_model: str | None
-
-
-# Hooks that bring the inputs into one module naming before planning (SD: diffusers paths -> kohya names).
-NAME_ALIGNERS: list[Callable[[list[Adapter]], list[Adapter]]] = []
-
-
-def align_names(adapters: Sequence[Adapter]) -> list[Adapter]:
-    out = list(adapters)
-    for align in NAME_ALIGNERS:
-        out = align(out)
-    return out
 
 
 def _norm_base(b: str | None) -> str | None:
     return b.rstrip("/").lower() if b else None
 
 
-def check_missing(missing: str) -> None:
-    """The missing-module policy must be one of union|intersection|error (checked before any read)."""
-    if missing not in ("union", "intersection", "error"):
-        raise LoraMergeError(f"--missing must be union, intersection or error (got {missing!r})")
-
-
-def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "union") -> MergePlan:
+def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "union") -> SharedModules:
     """Same base model (when recorded), same shape per shared module; decide partial modules.
 
     Raises one :class:`LoraMergeError` naming the first offending modules.  Reads headers only.
     """
-    check_missing(missing)
     if not adapters:
         raise LoraMergeError("no input adapters given")
     bases = {a.label: a.meta.base_model for a in adapters if a.meta.base_model}
@@ -71,7 +45,7 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
         listing = "; ".join(f"{k}: {v}" for k, v in namings.items())
         raise LoraMergeError(
             f"the inputs name their modules differently ({listing}) and would not line up; convert them to one "
-            "format first, e.g. `loramerge merge IN --method linear --format kohya -o OUT`"
+            "format first (a linear merge of each input alone, written with «output_format» kohya)"
         )
 
     order: list[str] = []
@@ -105,11 +79,10 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
     if partial and missing == "error":
         raise LoraMergeError(
             f"{len(partial)} modules are missing from some inputs (e.g. {partial[0]}, held by "
-            f"{', '.join(adapters[i].label for i in seen[partial[0]])}); use --missing union or intersection"
+            f"{', '.join(adapters[i].label for i in seen[partial[0]])}); use «missing» union or intersection"
         )
     keep = [n for n in order if missing == "union" or len(seen[n]) == n_in]
     if not keep:
-        raise LoraMergeError("the inputs share no module; nothing to merge (try --missing union)")
-    plans = [ModulePlan(n, tuple(seen[n]), adapters[seen[n][0]].modules[n]) for n in keep]
+        raise LoraMergeError("the inputs share no module; nothing to merge (try «missing» union)")
     base = next(iter(bases.values()), None)
-    return MergePlan(plans, partial, base)
+    return SharedModules(keep, {n: tuple(seen[n]) for n in keep}, partial, base)

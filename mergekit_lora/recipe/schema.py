@@ -15,22 +15,30 @@ A recipe is mergekit-like, but for adapters::
     seed: 0
 
 :func:`validate_recipe` checks everything that needs no tensor and no header (schema, method,
-parameters, weights counts, output, token for a push); :mod:`mergekit_lora.recipe_plan` then reads
-headers and resolves per-module parameters.  Each problem is ``path (line N): what to do``.
+parameters, weights counts, output, token for a push); the pipeline's ``plan`` then reads headers,
+checks the inputs and resolves per-module parameters, and its problems are reported at the recipe's
+lines too (:mod:`mergekit_lora.pipeline.recipe_plan`).  Each problem is ``path (line N): what to do``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import LoraMergeError
-from .yaml_lines import Loc, format_loc, line_of, load_yaml_with_lines
+from ..errors import LoraMergeError
+from ..formats.registry import writable
+from ..hub import env_token, parse_hub_id
+from ..options import DTYPE_NAMES, MergeOptions
+from ..registry import available
+from .gradients import check_parameters
+from .problems import Problems
+from .yaml_lines import Loc, load_yaml_with_lines
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -76,6 +84,8 @@ class OutputSpec(_Strict):
 
 
 class Recipe(_Strict):
+    """A serialised merge request: the inputs, the method and its parameters, overrides and options."""
+
     method: str
     base_model: str | None = None
     adapters: list[AdapterSpec] = Field(min_length=1)
@@ -88,32 +98,42 @@ class Recipe(_Strict):
     allow_pickle: bool = False
     ignore_modules_to_save: bool = False
 
+    @classmethod
+    def from_yaml(cls, text: str, name: str = "recipe", *, force: bool = False, check_token: bool = True) -> Recipe:
+        """Parse and validate (every problem at once, with YAML lines)."""
+        return validate_recipe(text, name, force=force, check_token=check_token)[0]
+
+    def to_yaml(self) -> str:
+        """YAML in a fixed key order: weights and seed always, everything else only when it is not the default."""
+        doc: dict[str, Any] = {"method": self.method}
+        if self.base_model:
+            doc["base_model"] = self.base_model
+        doc["adapters"] = [a.model_dump() for a in self.adapters]
+        if self.parameters:
+            doc["parameters"] = dict(self.parameters)
+        if self.modules:
+            doc["modules"] = [m.model_dump(exclude_defaults=True) for m in self.modules]
+        doc["output"] = {"path": self.output.path, **self.output.model_dump(exclude_defaults=True)}
+        doc["seed"] = self.seed
+        for key, default in (("missing", "union"), ("device", "auto"), ("allow_pickle", False),
+                             ("ignore_modules_to_save", False)):
+            if getattr(self, key) != default:
+                doc[key] = getattr(self, key)
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+    def options(self, **update: Any) -> MergeOptions:
+        """The run options this recipe asks for (``update`` overrides, e.g. ``force=True``)."""
+        out = self.output
+        return MergeOptions(**{
+            "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
+            "device": self.device, "seed": self.seed, "missing": self.missing, "allow_pickle": self.allow_pickle,
+            "ignore_modules_to_save": self.ignore_modules_to_save, "push_to_hub": out.push_to_hub,
+            "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
+
 
 _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     (): Recipe, ("adapters",): AdapterSpec, ("modules",): ModuleSpec, ("output",): OutputSpec,
 }
-
-
-class Problems:
-    """Collects ``path (line N): message`` problems; raised together as one :class:`LoraMergeError`."""
-
-    def __init__(self, name: str, lines: dict[Loc, int]) -> None:
-        self.name = name
-        self.lines = lines
-        self.items: list[tuple[int, str, str]] = []
-
-    def add(self, loc: Loc, message: str) -> None:
-        item = (line_of(self.lines, loc), format_loc(loc), message)
-        if item not in self.items:
-            self.items.append(item)
-
-    def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        rows = [f"{path} (line {line}): {msg}" for line, path, msg in sorted(self.items, key=lambda x: x[0])]
-        if len(rows) == 1:
-            raise LoraMergeError(f"{self.name}: {rows[0]}")
-        raise LoraMergeError(f"{self.name}: {len(rows)} problems in the recipe:\n" + "\n".join(f"  - {r}" for r in rows))
 
 
 def _pydantic_message(err: dict[str, Any]) -> str:
@@ -144,8 +164,6 @@ def read_recipe_text(path: str | Path) -> str:
 def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
                     check_token: bool = True) -> tuple[Recipe, dict[Loc, int]]:
     """Parse and validate a recipe without reading any adapter; raise one error listing every problem."""
-    from .registry import available
-
     data, lines, dups = load_yaml_with_lines(text, name)
     problems = Problems(name, lines)
     for loc, line in dups:
@@ -169,8 +187,6 @@ def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
 def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, Any], *, force: bool,
                      check_token: bool) -> None:
     """Checks beyond the schema, on the raw data so that they run even when other parts are broken."""
-    from .recipe_params import check_parameters
-
     adapters = data.get("adapters") if isinstance(data.get("adapters"), list) else None
     method = data.get("method")
     algo = None
@@ -185,8 +201,6 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
     for i, a in enumerate(adapters or []):
         src = a.get("source") if isinstance(a, dict) else None
         if isinstance(src, str) and not Path(src).exists():
-            from .hub import parse_hub_id
-
             if parse_hub_id(src) is None:
                 problems.add(("adapters", i, "source"), f"{src}: no such file or folder")
     modules = data.get("modules") if isinstance(data.get("modules"), list) else []
@@ -216,12 +230,10 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         _check_output(out, problems, force=force, check_token=check_token)
     dev = data.get("device")
     if isinstance(dev, str):
-        from .merge import resolve_device
-
         try:
-            resolve_device(dev)
-        except LoraMergeError as e:
-            problems.add(("device",), str(e).replace("--device ", "device "))
+            MergeOptions(device=dev)
+        except ValidationError as e:
+            problems.add(("device",), e.errors()[0]["msg"].removeprefix("Value error, "))
 
 
 def _n(k: int, word: str) -> str:
@@ -229,9 +241,6 @@ def _n(k: int, word: str) -> str:
 
 
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
-    from .formats.writers import WRITERS
-    from .merge import DTYPES
-
     path = out.get("path")
     if isinstance(path, str):
         p = Path(path)
@@ -240,15 +249,14 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
         elif p.exists() and not force:
             problems.add(("output", "path"), f"{path} already exists; choose another path or pass --force to replace it")
     fmt = out.get("format")
-    if isinstance(fmt, str) and fmt not in WRITERS:
-        problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(WRITERS))}")
+    formats = writable()
+    if isinstance(fmt, str) and fmt not in formats:
+        problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(formats))}")
     dtype = out.get("dtype")
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        problems.add(("output", "dtype"), f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+    if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
+        problems.add(("output", "dtype"), f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
     repo = out.get("push_to_hub")
     if isinstance(repo, str):
-        from .hub import env_token, parse_hub_id
-
         hub = parse_hub_id(repo)
         if hub is None or hub.subfolder or hub.revision:
             problems.add(("output", "push_to_hub"), f"{repo!r} is not a Hub repo id; use org/name")
@@ -257,32 +265,16 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
                          "pushing needs a token: set HF_TOKEN (a write token) or run `hf auth login`")
 
 
-def recipe_from_cli(sources: list[str], method: str, out: str | Path | None, *, weights: list[float] | None = None,
-                    params: dict[str, Any] | None = None, seed: int = 0, missing: str = "union",
-                    device: str = "auto", dtype: str | None = None, output_format: str | None = None,
-                    allow_pickle: bool = False, ignore_modules_to_save: bool = False,
-                    base_model: str | None = None) -> str:
-    """The recipe YAML equivalent to a ``loramerge merge``/``cluster`` call (same output bytes)."""
-    doc: dict[str, Any] = {"method": method}
-    if base_model:
-        doc["base_model"] = base_model
+def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, Any] | None, weights: Sequence[float] | None,
+                options: MergeOptions, base_model: str | None = None) -> str:
+    """The recipe YAML of a merge request (``--emit-recipe``; running it gives the same output bytes)."""
     w = weights if weights is not None else [1.0] * len(sources)
-    doc["adapters"] = [{"source": str(s), "weight": float(wi)} for s, wi in zip(sources, w)]
-    if params:
-        doc["parameters"] = {k: v for k, v in params.items() if v is not None}
-    output: dict[str, Any] = {"path": str(out) if out is not None else ""}
-    if output_format:
-        output["format"] = output_format
-    if dtype:
-        output["dtype"] = dtype
-    doc["output"] = output
-    doc["seed"] = int(seed)
-    if missing != "union":
-        doc["missing"] = missing
-    if device != "auto":
-        doc["device"] = device
-    if allow_pickle:
-        doc["allow_pickle"] = True
-    if ignore_modules_to_save:
-        doc["ignore_modules_to_save"] = True
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    o = options
+    return Recipe(
+        method=method, base_model=base_model,
+        adapters=[AdapterSpec(source=str(s), weight=float(wi)) for s, wi in zip(sources, w)],
+        parameters={k: v for k, v in (params or {}).items() if v is not None},
+        output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype),
+        seed=o.seed, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
+        ignore_modules_to_save=o.ignore_modules_to_save,
+    ).to_yaml()

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraMergeError
+from ..errors import LoraMergeError
 
 Loc = tuple[str | int, ...]
 

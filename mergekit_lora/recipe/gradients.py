@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter, ValidationError
 
 if TYPE_CHECKING:
-    from .recipe import Problems
-    from .registry import Algorithm
+    from ..registry import Algorithm
+    from .problems import Problems
     from .yaml_lines import Loc
 
 

@@ -1,0 +1,120 @@
+"""The format registry: one :class:`FormatSpec` per adapter family, in one explicit list.
+
+A spec bundles everything the pipeline needs to know about a family: how to recognise a safetensors
+file of it (``sniff``, on the header only), how to ``read`` it, how to ``write`` a merged result, which
+output format inputs of the family default to, how to ``align`` module names when it is mixed with
+another family, what it adds to ``loramerge inspect``, and which inputs it refuses to write.
+
+Built-ins are listed in :func:`builtin_formats`; third-party formats come through the entry-point
+group ``mergekit_lora.formats`` (an entry point names a FormatSpec or a list of them) or, in-process,
+:func:`register_format`.  Nothing here is filled in by importing another module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from ..adapter import Adapter
+from ..errors import LoraMergeError
+from ..routing import format as routed
+from . import diffusers, kohya, peft_read, sd, sd_detect, writers
+
+ENTRY_POINT_GROUP = "mergekit_lora.formats"
+
+# (out_dir, modules, input adapters, *, dtype, target_modules, method, recipe=..., module_names=...) -> config
+Writer = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One adapter family.  Every hook is optional except ``name``."""
+
+    name: str
+    sniff: Callable[[list[str], dict[str, str]], bool] | None = None  # (header keys, metadata) -> ours?
+    read: Callable[..., Adapter] | None = None  # (path, allow_pickle=, ignore_modules_to_save=, strict=)
+    write: Writer | None = None
+    output: str | None = None  # the output format inputs of this family default to
+    align: Callable[[list[Adapter]], list[Adapter]] | None = None  # bring mixed inputs to one naming
+    inspect: Callable[[Adapter, dict[str, Any]], None] | None = None  # add a section to the inspect report
+    refuse_inputs: Callable[[Sequence[Adapter]], str | None] | None = None  # why this writer cannot take them
+
+
+def builtin_formats() -> list[FormatSpec]:
+    """Our formats in sniffing order (the most specific header tests first)."""
+    return [
+        FormatSpec("routed", routed.sniff_routed, routed.read_routed_adapter, routed.routed_writer, "peft",
+                   inspect=routed.inspect_routing),
+        FormatSpec("kohya", lambda keys, meta: sd_detect.is_kohya(keys), kohya.read_kohya, kohya.write_kohya, "kohya",
+                   align=sd.align_sd, inspect=sd.inspect_sd),
+        FormatSpec("diffusers", lambda keys, meta: diffusers.is_diffusers(keys), diffusers.read_diffusers,
+                   diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
+        FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
+                   writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output),
+    ]
+
+
+_REGISTERED: list[FormatSpec] = []
+
+
+def register_format(spec: FormatSpec) -> None:
+    """Add a format in this process (plugins use the entry-point group)."""
+    if any(s.name == spec.name for s in _REGISTERED):
+        raise ValueError(f"format {spec.name!r} is already registered")
+    _REGISTERED.append(spec)
+
+
+def formats() -> list[FormatSpec]:
+    """Every format: built-ins, then entry points, then in-process registrations (later names shadow)."""
+    specs = builtin_formats()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        specs.extend(obj if isinstance(obj, (list, tuple)) else [obj])
+    specs.extend(_REGISTERED)
+    by_name: dict[str, FormatSpec] = {}
+    for s in specs:
+        by_name.pop(s.name, None)
+        by_name[s.name] = s
+    return list(by_name.values())
+
+
+def writable() -> dict[str, FormatSpec]:
+    return {s.name: s for s in formats() if s.write is not None}
+
+
+def get_writer(name: str) -> FormatSpec:
+    specs = writable()
+    if name not in specs:
+        raise LoraMergeError(f"unknown output format {name!r}; available: {', '.join(sorted(specs))}",
+                             field="output_format")
+    return specs[name]
+
+
+def sniff(keys: list[str], metadata: dict[str, str]) -> FormatSpec | None:
+    """The first readable format whose header test accepts (keys, metadata)."""
+    return next((s for s in formats() if s.sniff is not None and s.read is not None and s.sniff(keys, metadata)),
+                None)
+
+
+def default_output_format(adapters: Sequence[Adapter]) -> str:
+    """The inputs' family's output format, or ``peft`` when the families differ."""
+    by_name = {s.name: s for s in formats()}
+    fams = {(by_name[a.meta.format].output if a.meta.format in by_name else None) or "peft" for a in adapters}
+    return fams.pop() if len(fams) == 1 else "peft"
+
+
+def align_names(adapters: Sequence[Adapter]) -> list[Adapter]:
+    """Every family's aligner in turn (SD: diffusers names -> kohya names when both are present)."""
+    out = list(adapters)
+    for s in formats():
+        if s.align is not None:
+            out = s.align(out)
+    return out
+
+
+def inspect_sections(adapter: Adapter, report: dict[str, Any]) -> None:
+    for s in formats():
+        if s.inspect is not None:
+            s.inspect(adapter, report)

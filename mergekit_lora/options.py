@@ -1,0 +1,91 @@
+"""``MergeOptions``: every run-level choice of a merge in one frozen object (no method parameters).
+
+Built once — by the CLI (its shared flags are generated from these fields), by a recipe, or by a
+Python caller — and passed down unchanged: ``plan(sources, method, params, weights, options)``.
+Importing this module imports no torch.
+
+Example::
+
+    opts = MergeOptions(out="merged", dtype="bfloat16", seed=0)
+    opts.model_copy(update={"force": True})
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LoraMergeError, raise_all
+
+MissingPolicy = Literal["union", "intersection", "error"]
+# Output dtype names users may write -> torch dtype attribute names.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class MergeOptions(BaseModel):
+    """Run-level options shared by every entry point (merge, cluster, route, run, eval compare, tune)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path | None = Field(None, description="output folder (None: keep the merged modules in memory)")
+    output_format: str | None = Field(None, description="output format (default: the inputs' family)")
+    dtype: str | None = Field(None, description="output dtype (default: the inputs')")
+    device: str = Field("auto", description="where to compute: auto|cpu|cuda")
+    seed: int = Field(0, ge=0, description="seed for everything random")
+    missing: MissingPolicy = Field("union", description="modules missing from some inputs: union|intersection|error")
+    force: bool = Field(False, description="replace an existing output")
+    allow_pickle: bool = Field(False, description="read .bin/.pt pickle files (only if you trust them)")
+    ignore_modules_to_save: bool = Field(False, description="drop modules_to_save tensors instead of refusing")
+    threads: int | None = Field(None, ge=1, description="CPU threads for large dense work (default: all cores)")
+    progress: bool = Field(False, description="show a progress bar")
+    push_to_hub: str | None = Field(None, description="after writing, push the output to this Hub repo (org/name)")
+    private: bool = Field(False, description="create the Hub repo private")
+    revision: str | None = Field(None, description="Hub branch to push to")
+    commit_message: str | None = Field(None, description="Hub commit message")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
+        return v
+
+    @field_validator("missing", mode="before")
+    @classmethod
+    def _missing(cls, v: object) -> object:
+        if v not in ("union", "intersection", "error"):
+            raise ValueError("must be union, intersection or error")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu or cuda")
+        return v
+
+
+
+
+def make_options(base: MergeOptions | None = None, **fields: Any) -> MergeOptions:
+    """``base`` updated with ``fields``, validated; each invalid field is one problem naming it."""
+    values = {**(base.model_dump() if base is not None else {}), **fields}
+    try:
+        return MergeOptions(**values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "options"
+            if err["type"] == "extra_forbidden":
+                raise LoraMergeError(f"unknown option {name!r}; options are: {', '.join(MergeOptions.model_fields)}",
+                                     field=name) from None
+            got = err.get("input")
+            shown = f" (got {got!r})" if isinstance(got, (str, int, float)) else ""
+            problems.append(LoraMergeError(f"«{name}»: {err['msg'].removeprefix('Value error, ')}{shown}", field=name))
+        raise_all(problems)
+        raise

@@ -1,0 +1,13 @@
+"""One pipeline: ``plan`` (every check, headers only) then ``execute`` (stream, merge, write).
+
+``merge``, ``cluster``, ``route``, ``run`` (recipes), ``eval compare`` and the search are thin callers.
+"""
+
+from ..options import make_options
+from .api import merge
+from .execute import MergeResult, execute, merge_stream
+from .plan import MergePlan, ModulePlan, plan, resolve_device, resolve_dtype
+from .recipe_plan import plan_recipe
+
+__all__ = ["MergePlan", "MergeResult", "ModulePlan", "execute", "make_options", "merge", "merge_stream", "plan",
+           "plan_recipe", "resolve_device", "resolve_dtype"]

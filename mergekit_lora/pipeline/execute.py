@@ -1,0 +1,119 @@
+"""``execute(plan)``: stream the plan's modules through the algorithm, batch by batch, and write.
+
+Inputs are read per batch and dropped, so memory is bounded by one batch, not by the model.  With
+``options.out`` the result goes through the output format's writer into a temp folder that replaces
+the output atomically (with its model card, recipe and the algorithm's artifacts); without it the
+merged modules are kept in memory (``MergeResult.merged``), e.g. for evaluation or search.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fidelity import (
+    ModuleFidelity,
+    declares_exact,
+    exact_fidelity,
+    module_fidelity,
+    summarize,
+    weighted_target,
+)
+from ..progress import progress_bar
+from ..registry import ModuleContext, Notes
+from ..threads import thread_policy
+from ..units import RankUnits
+from .output import push_output, write_output
+from .plan import MergePlan, ModulePlan
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: output folder (or None), module count, fidelity per group, seconds, details."""
+
+    out: Path | None
+    modules: int
+    fidelity: dict[str, dict[str, float]]
+    seconds: float
+    rows: list[ModuleFidelity] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    merged: dict[str, Any] | None = None  # name -> merged units, when nothing was written
+
+
+def execute(plan: MergePlan) -> MergeResult:
+    """Merge as planned; write to ``plan.options.out`` (atomically) or keep the modules in memory."""
+    t0 = time.perf_counter()
+    rows: list[ModuleFidelity] = []
+    notes: list[tuple[str, Notes]] = []
+    stream = merge_stream(plan, rows, notes)
+    merged: dict[str, Any] | None = None
+    config: dict[str, Any] = {}
+    out = plan.options.out
+    if out is None:
+        merged = dict(stream)
+    else:
+        config = write_output(plan, stream, rows, notes)
+        if plan.options.push_to_hub:
+            push_output(plan)
+    report = plan.algorithm.report(notes, plan.params)
+    return MergeResult(Path(out) if out is not None else None, len(plan.modules), summarize(rows),
+                       time.perf_counter() - t0, rows, config, report, merged)
+
+
+def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
+                 notes: list[tuple[str, Notes]] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (module, merged units on the CPU) in batch order; append fidelity rows and notes as they come.
+
+    A module missing from an input counts as ΔW = 0 for that input.  The fidelity row is the
+    algorithm's own when it has one, else the factor-space error against Σ w_i ΔW_i (routed modules
+    have no single ΔW and get no row).
+    """
+    algo = plan.algorithm
+    # [perf] issue 15: one thread for small work, the budget for big GEMMs (mergekit_lora/threads.py)
+    with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
+        task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
+        for batch in _batches(plan):
+            p = batch[0].params
+            loaded = [[plan.adapters[i].units(mp.name, source=i).to(plan.device) for i in mp.present] for mp in batch]
+            weights = [[mp.weights[i] for i in mp.present] for mp in batch]
+            ctxs = [ModuleContext(mp.name, plan.options.seed, plan.device) for mp in batch]
+            if len(batch) == 1:
+                outs = [algo.merge_module(loaded[0], weights[0], p, ctxs[0])]
+            else:
+                outs = algo.merge_batch(loaded, weights, p, ctxs)
+            for mp, u, w, m in zip(batch, loaded, weights, outs):
+                if rows is not None and isinstance(m.units, RankUnits):
+                    rows.append(m.fidelity if m.fidelity is not None
+                                else exact_fidelity(mp.name, weighted_target(u, w)) if declares_exact(algo, p)
+                                else module_fidelity(mp.name, m.units, weighted_target(u, w)))
+                if notes is not None and m.notes:
+                    notes.append((mp.name, m.notes))
+                yield mp.name, m.units.to("cpu")
+                bar.advance(task)
+
+
+def _batches(plan: MergePlan) -> Iterator[list[ModulePlan]]:
+    """The plan cut into merge batches: plan order for one-at-a-time algorithms; otherwise modules grouped
+    by (inputs present, weights, params, every input's rank/shape/kind/dtype) in order of first
+    appearance, each group in chunks of ``batch_limit``."""
+    groups: dict[tuple, list[ModulePlan]] = {}
+    for mp in plan.modules:
+        limit = plan.algorithm.batch_limit(mp.params)
+        if limit <= 1:
+            yield [mp]
+            continue
+        infos = [plan.adapters[i].modules[mp.name] for i in mp.present]
+        w = tuple(mp.weights[i] for i in mp.present)
+        key = (mp.present, w, mp.params, tuple((f.rank, f.d_out, f.d_in, f.kind, f.dtype) for f in infos))
+        members = groups.setdefault(key, [])
+        members.append(mp)
+        if len(members) >= limit:
+            yield list(members)
+            members.clear()
+    for members in groups.values():
+        if members:
+            yield members

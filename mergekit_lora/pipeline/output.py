@@ -1,0 +1,72 @@
+"""Writing a planned merge: the format's writer inside an atomic folder, the model card, recipe, artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..adapter import Adapter
+from ..atomic import atomic_output
+from ..card import CardInfo, SourceInfo, render_card
+from ..fidelity import ModuleFidelity, summarize
+from ..formats.registry import get_writer
+from ..hub import push_folder
+from ..registry import Notes
+from .plan import MergePlan
+
+LIBRARY = {"peft": "peft", "routed": "mergekit-lora"}
+
+
+def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list[ModuleFidelity],
+                 notes: list[tuple[str, Notes]]) -> dict[str, Any]:
+    """Write ``modules`` (consumed here, in plan order) and the card into ``plan.options.out``; return the config."""
+    opts = plan.options
+    assert opts.out is not None
+    spec = get_writer(plan.output_format)
+    assert spec.write is not None
+    algo = plan.algorithm
+    with atomic_output(Path(opts.out), opts.force) as tmp:
+        config = spec.write(tmp, modules, list(plan.adapters), dtype=plan.out_dtype,
+                            target_modules=plan.target_modules, method=plan.method,
+                            recipe={"params": plan.params.model_dump(), "weights": list(plan.weights),
+                                    "seed": opts.seed},
+                            module_names=[m.name for m in plan.modules])
+        sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+        card = CardInfo(
+            method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
+            base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),
+            fidelity=summarize(rows), recipe=plan.recipe, extra_sections=sections,
+            library_name=LIBRARY.get(plan.output_format, "diffusers"),
+        )
+        (tmp / "README.md").write_text(render_card(card))
+        if plan.recipe:
+            (tmp / "recipe.yaml").write_text(plan.recipe)
+        for fname, text in algo.artifacts(notes, plan.params, [a.label for a in plan.adapters]).items():
+            (tmp / fname).write_text(text)
+    return config
+
+
+def push_output(plan: MergePlan) -> str:
+    o = plan.options
+    assert o.out is not None and o.push_to_hub is not None
+    return push_folder(o.out, o.push_to_hub, private=o.private, revision=o.revision, commit_message=o.commit_message)
+
+
+def source_rows(labels: Sequence[str], adapters: Sequence[Adapter], weights: Sequence[float]) -> list[SourceInfo]:
+    """The card's input table: label, weight, resolved revision, rank summary."""
+    return [SourceInfo(lab, w, a.meta.extra.get("resolved_revision") or a.meta.revision, _rank_summary(a))
+            for lab, a, w in zip(labels, adapters, weights)]
+
+
+def report_section(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The algorithm's own numbers (Algorithm.report) as a card section, when it has any."""
+    if not report:
+        return []
+    return [("Algorithm report", "\n".join(f"- {k}: {v:.3e}" if isinstance(v, float) else f"- {k}: {v}"
+                                            for k, v in report.items()))]
+
+
+def _rank_summary(a: Adapter) -> str:
+    ranks = sorted({i.rank for i in a.modules.values()})
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"

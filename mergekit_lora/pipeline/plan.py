@@ -1,0 +1,271 @@
+"""``plan()``: every check of a merge request, once, before any tensor is read.
+
+A plan is built from the sources' headers only.  In order: the options and the method's parameters
+(no I/O), then the sources (local paths or Hub ids; headers read), then everything that needs the
+inputs together — one module naming (the format registry's aligners), one base model and family,
+equal shapes, the output format and dtype, and each module's parameters and weights (recipe
+overrides and layer gradients resolved).  Problems of one stage are raised together
+(:class:`~mergekit_lora.errors.PlanErrors`); each names its field (an option name or a request path
+such as ``adapters[1].source``) so that recipes can point at their YAML line.
+
+Example::
+
+    p = plan(["a", "b"], "svd", {"rank": 8}, [0.5, 0.5], MergeOptions(out="merged"))
+    [m.name for m in p.modules][:2], p.output_format
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pydantic import ValidationError
+
+from ..adapter import Adapter, ModuleInfo
+from ..errors import LoraMergeError, raise_all
+from ..formats import load_adapter
+from ..formats.peft_write import carried_target_modules
+from ..formats.registry import align_names, default_output_format, get_writer
+from ..names import layer_index, matches
+from ..options import DTYPE_NAMES, MergeOptions
+from ..recipe.gradients import at, evaluate, gradient_fields
+from ..registry import Algorithm, AlgorithmParams, get_algorithm
+from .compat import check_compatible
+
+Source = str | Path | Adapter
+
+
+class Override(Protocol):
+    """A per-module override (a recipe's ``modules:`` entry): first matching override wins."""
+
+    match: str
+    parameters: dict[str, Any]
+    weights: list[Any] | None
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One output module: which inputs hold it, its header facts, its parameters and weights."""
+
+    name: str
+    present: tuple[int, ...]
+    info: ModuleInfo
+    params: AlgorithmParams
+    weights: tuple[float, ...]  # one per input
+    layer: int | None = None
+    t: float = 0.0  # relative layer position in [0, 1] (gradients)
+    override: int | None = None  # index of the override that matched
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything ``execute`` needs; built by :func:`plan`, never by hand."""
+
+    method: str
+    algorithm: Algorithm
+    params: AlgorithmParams  # the request's parameters at t = 0 (what the card lists)
+    weights: tuple[float, ...]  # the request's weights at t = 0
+    options: MergeOptions
+    adapters: tuple[Adapter, ...]
+    labels: tuple[str, ...]
+    modules: tuple[ModulePlan, ...]
+    partial: tuple[str, ...]
+    base_model: str | None
+    output_format: str
+    out_dtype: torch.dtype
+    device: torch.device
+    target_modules: list[str] | None
+    recipe: str | None = None  # the request as YAML, written beside the output
+    matched: Mapping[int, int] = field(default_factory=dict)  # override index -> modules matched
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is an error, not a fallback."""
+    d = str(device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraMergeError("«device» cuda was requested but CUDA is not available on this machine; use «device» cpu",
+                             field="device")
+    if d != "cpu" and not d.startswith("cuda"):
+        raise LoraMergeError(f"unknown device {d!r}; use auto, cpu or cuda", field="device")
+    return torch.device(d)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, adapters: Sequence[Adapter]) -> torch.dtype:
+    """The output dtype: the requested one, else the inputs' (promoted if they differ)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        if dtype not in DTYPE_NAMES:
+            raise LoraMergeError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}", field="dtype")
+        return getattr(torch, DTYPE_NAMES[dtype])
+    out = adapters[0].meta.dtype
+    for a in adapters[1:]:
+        out = torch.promote_types(out, a.meta.dtype)
+    return out
+
+
+def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | AlgorithmParams | None = None,
+         weights: Sequence[Any] | None = None, options: MergeOptions | None = None, *,
+         overrides: Sequence[Override] = (), base_model: str | None = None, recipe: str | None = None) -> MergePlan:
+    """Check a merge request completely and decide what ``execute`` will do (headers only).
+
+    ``params`` and ``weights`` may hold layer gradients (lists) and ``overrides`` per-module values, as a
+    recipe gives them; ``base_model`` (optional) must match the inputs' recorded base.  Raises
+    :class:`LoraMergeError` (or ``PlanErrors``) naming every problem of the first stage that has any.
+    """
+    opts = options or MergeOptions()
+    # Stage 1: the request itself (no I/O).
+    problems: list[LoraMergeError] = []
+    algo = _collect(problems, get_algorithm, method)
+    device = _collect(problems, resolve_device, opts.device)
+    if not sources:
+        problems.append(LoraMergeError("no input adapters given", field="adapters"))
+    if weights is not None and len(weights) != len(sources):
+        problems.append(LoraMergeError(f"got {len(weights)} weights for {len(sources)} adapters; give one weight per "
+                                       "adapter", field="weights"))
+    if opts.output_format is not None:
+        _collect(problems, get_writer, opts.output_format)
+    if algo is not None and algo.output_format and opts.output_format and opts.output_format != algo.output_format:
+        problems.append(LoraMergeError(
+            f"method {method!r} writes the {algo.output_format!r} format, not {opts.output_format!r}; drop "
+            "«output_format» (a routed adapter can be exported as a static one: route's export_static)",
+            field="output_format"))
+    if opts.out is not None:
+        _collect(problems, _check_out, Path(opts.out), opts.force)
+    top = _collect(problems, _top_params, algo, params) if algo is not None else None
+    raise_all(problems)
+    assert algo is not None and device is not None and top is not None
+    # Stage 2: the sources' headers.
+    adapters, labels = _load_sources(sources, opts)
+    # Stage 3: the inputs together.
+    adapters = align_names(adapters)
+    if base_model:
+        _check_base(base_model, adapters, labels)
+    shared = check_compatible(adapters, opts.missing)
+    fmt = algo.output_format or opts.output_format or default_output_format(adapters)
+    spec = get_writer(fmt)
+    refusal = spec.refuse_inputs(adapters) if spec.refuse_inputs is not None else None
+    if refusal:
+        raise LoraMergeError(refusal, field="output_format")
+    w = list(weights) if weights is not None else [1.0] * len(adapters)
+    modules, matched = _module_table(algo, params, w, overrides, adapters, shared.names, shared.present)
+    targets = carried_target_modules([a.meta for a in adapters], [a.module_names() for a in adapters],
+                                     [m.name for m in modules])
+    return MergePlan(
+        method=method, algorithm=algo, params=top, weights=tuple(float(at(x, 0.0)) for x in w), options=opts,
+        adapters=tuple(adapters), labels=tuple(labels), modules=tuple(modules), partial=tuple(shared.partial),
+        base_model=shared.base_model, output_format=fmt, out_dtype=resolve_dtype(opts.dtype, adapters),
+        device=device, target_modules=targets, recipe=recipe, matched=matched)
+
+
+def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:
+    """Call ``fn``; a LoraMergeError becomes a problem (and None the result)."""
+    try:
+        return fn(*args)
+    except LoraMergeError as e:
+        problems.append(e)
+        return None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LoraMergeError(f"{out} exists and is not a folder", field="out")
+    if out.exists() and not force:
+        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it",
+                             field="out")
+
+
+def _top_params(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams | None) -> AlgorithmParams:
+    """The request's parameters at layer position 0 (validated; gradients interpolated)."""
+    if isinstance(params, AlgorithmParams):
+        return params
+    return _validated(algo, evaluate(gradient_fields(algo, dict(params or {})), 0.0))
+
+
+def _validated(algo: Algorithm, values: dict[str, Any], where: str = "parameters") -> AlgorithmParams:
+    try:
+        return algo.Params(**values)
+    except ValidationError as e:
+        rows = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or where}: "
+                         + ("required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, "))
+                         for err in e.errors())
+        raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {rows}", field="params") from None
+
+
+def _load_sources(sources: Sequence[Source], opts: MergeOptions) -> tuple[list[Adapter], list[str]]:
+    problems: list[LoraMergeError] = []
+    adapters: list[Adapter] = []
+    labels: list[str] = []
+    for i, s in enumerate(sources):
+        if isinstance(s, Adapter):
+            adapters.append(s)
+            labels.append(s.label)
+            continue
+        try:
+            adapters.append(load_adapter(s, allow_pickle=opts.allow_pickle,
+                                         ignore_modules_to_save=opts.ignore_modules_to_save))
+            labels.append(str(s))
+        except LoraMergeError as e:
+            problems.append(LoraMergeError(e.template, field=f"adapters[{i}].source"))
+    raise_all(problems)
+    return adapters, labels
+
+
+def _check_base(base_model: str, adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
+    want = base_model.rstrip("/").lower()
+    problems = [LoraMergeError(f"the recipe says {base_model} but adapters[{i}] ({labels[i]}) was trained on "
+                               f"{a.meta.base_model}; fix base_model or the input", field="base_model")
+                for i, a in enumerate(adapters)
+                if a.meta.base_model and a.meta.base_model.rstrip("/").lower() != want]
+    raise_all(problems)
+
+
+def _module_table(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams | None, weights: list[Any],
+                  overrides: Sequence[Override], adapters: Sequence[Adapter], names: list[str],
+                  present: Mapping[str, tuple[int, ...]]) -> tuple[list[ModulePlan], dict[int, int]]:
+    """Each module's parameters and weights: first matching override, gradients at the module's layer."""
+    layers = [layer_index(n) for n in names]
+    n_layers = max((x for x in layers if x is not None), default=0) + 1
+    fixed = params if isinstance(params, AlgorithmParams) else None
+    top = {} if fixed is not None else dict(params or {})
+    cache: dict[tuple[Any, ...], AlgorithmParams] = {}
+    matched = {i: 0 for i in range(len(overrides))}
+    out: list[ModulePlan] = []
+    problems: list[LoraMergeError] = []
+    for name, layer in zip(names, layers):
+        t = 0.0 if layer is None or n_layers < 2 else layer / (n_layers - 1)
+        idx = next((i for i, o in enumerate(overrides) if matches(o.match, name)), None)
+        values, w = dict(top), list(weights)
+        if idx is not None:
+            matched[idx] += 1
+            values.update(overrides[idx].parameters)
+            if overrides[idx].weights is not None:
+                w = list(overrides[idx].weights)  # type: ignore[arg-type]
+        if fixed is not None and idx is None:
+            p = fixed
+        else:
+            base = fixed.model_dump(by_alias=True) if fixed is not None else {}
+            concrete = evaluate(gradient_fields(algo, {**base, **values}), t)
+            key = tuple(sorted((k, repr(v)) for k, v in concrete.items()))
+            if key not in cache:
+                try:
+                    cache[key] = _validated(algo, concrete)
+                except LoraMergeError as e:
+                    problems.append(e)
+                    cache[key] = algo.Params.model_construct()
+            p = cache[key]
+        holders = present[name]
+        out.append(ModulePlan(name, holders, adapters[holders[0]].modules[name], p,
+                              tuple(float(at(x, t)) for x in w), layer, t, idx))
+    for i, count in matched.items():
+        if count == 0:
+            problems.append(LoraMergeError(
+                f"{overrides[i].match!r} matches no module of the inputs; fix the pattern or remove the override "
+                "(see `loramerge inspect --modules`)", field=f"modules[{i}].match"))
+    raise_all(problems)
+    return out, matched
