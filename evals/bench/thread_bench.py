@@ -93,7 +93,7 @@ def main() -> None:
             burner.wait()
     lines = ["# Thread policy under contention", "",
              f"Command: `python evals/bench/thread_bench.py --layers {args.layers} --hidden {args.hidden} "
-             f"--adapters {args.adapters} --rank {args.rank} --repeat {args.repeat}"
+             f"--adapters {args.adapters} --rank {args.rank} --repeat {args.repeat} --methods {args.methods}"
              + (" --no-burner" if args.no_burner else "") + "`", "",
              f"Machine: {machine()}; shared with other jobs"
              + ("" if args.no_burner else "; plus one CPU-burning process (`while True: pass`) for the whole run")
