@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import mergekit_lora.threads as threads
-from mergekit_lora.fidelity import declares_exact, exact_fidelity, module_fidelity, weighted_target
+from mergekit_lora.fidelity import (
+    ModuleFidelity,
+    declares_exact,
+    exact_fidelity,
+    module_fidelity,
+    summarize,
+    weighted_target,
+)
 from mergekit_lora.registry import get_algorithm, parse_params
 from mergekit_lora.units import RankUnits
 
@@ -56,8 +65,14 @@ def test_exact_methods_are_declared_and_their_row_is_the_target_norm():
     assert not declares_exact(get_algorithm("svd"), None)
     target = weighted_target([_units(4, 1), _units(3, 2)], [0.5, -1.5])
     row = exact_fidelity("m", target)
-    dense = float(target.delta().double().norm())
-    assert row.error_norm == 0.0 and abs(row.target_norm - dense) <= 1e-6 * dense and row.merged_norm == row.target_norm
+    assert row.error_norm == 0.0 and math.isnan(row.target_norm)  # nothing measured
+    # a group of exact rows summarises to error 0 / energy 1; mixed with a measured row: not measurable
+    other = module_fidelity("layers.0.v", target, target)
+    rows = [exact_fidelity("layers.0.q", target), exact_fidelity("layers.1.q", target)]
+    summary = summarize(rows)
+    assert summary["overall"] == {"modules": 2, "rel_error": 0.0, "energy_ratio": 1.0}
+    bad = summarize(rows + [ModuleFidelity("layers.0.v", 1.0, 1.0, 0.5)])
+    assert math.isnan(bad["overall"]["rel_error"]) and summarize([other])["overall"]["rel_error"] <= 1e-3
 
 
 @pytest.mark.parametrize("noise", [0.5, 1e-2, 1e-6])
