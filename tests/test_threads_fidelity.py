@@ -85,3 +85,18 @@ def test_module_fidelity_matches_dense_float64_at_every_error_level(noise):
 
     e = float((d64(merged) - d64(target)).norm())
     assert abs(row.error_norm - e) <= 1e-3 * e + 1e-7 * float(d64(target).norm())
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_svd_fidelity_row_from_the_spectrum_equals_the_factor_space_measurement(rank):
+    import torch as _t
+
+    from mergekit_lora.registry import ModuleContext
+
+    units = [_units(4, 1), _units(3, 2)]
+    algo = get_algorithm("svd")
+    out = algo.merge_module(units, [0.7, -1.2], parse_params(algo, {"rank": rank}), ModuleContext("m", 0, _t.device("cpu")))
+    ref = module_fidelity("m", out.units, weighted_target(units, [0.7, -1.2]))
+    for a, b in ((out.fidelity.error_norm, ref.error_norm), (out.fidelity.target_norm, ref.target_norm),
+                 (out.fidelity.merged_norm, ref.merged_norm)):
+        assert abs(a - b) <= 1e-4 * ref.target_norm
