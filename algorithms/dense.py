@@ -357,7 +357,7 @@ def report_notes(notes: Sequence[Notes], params: DenseParams | None) -> dict[str
 
 
 class DenseAlgorithm(Algorithm[P]):
-    """Base of the dense-then-refactor methods: subclasses set :attr:`dense_batch` (a pure function).
+    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense_batch` (pure).
 
     Each module's notes carry its refactorisation error² and ‖D‖²; :meth:`report` sums them.
     """
@@ -381,7 +381,7 @@ class DenseAlgorithm(Algorithm[P]):
                     ctxs: list[ModuleContext]) -> list[MergedModule]:
         if any(list(w) != list(weights[0]) for w in weights):  # the driver groups equal weights; be safe
             return [self.merge_batch([u], [w], params, [c])[0] for u, w, c in zip(units, weights, ctxs)]
-        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)  # type: ignore[arg-type]
+        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)
         return [MergedModule(u, notes=n) for u, n in res]
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,

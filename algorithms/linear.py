@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from mergekit_lora.fidelity import exact_fidelity
 from mergekit_lora.lowrank import truncate
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
@@ -24,12 +25,10 @@ class Linear(Algorithm[LinearParams]):
     name = "linear"
     description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or rank k via exact SVD)"
     Params = LinearParams
-    # exact (ΔW = Σ w_i ΔW_i) unless re-ranked: the driver then skips measuring the (zero) error
-    exact = staticmethod(lambda params: params.rank is None)
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LinearParams,
                      ctx: ModuleContext) -> MergedModule:
         total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
         if params.rank is not None and params.rank < total.rank:
             return MergedModule(truncate(total, params.rank))
-        return MergedModule(total)
+        return MergedModule(total, fidelity=exact_fidelity(ctx.name, total))  # exact: the error is 0 by construction

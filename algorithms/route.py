@@ -8,12 +8,13 @@ this algorithm is the training-free part (also usable from recipes as ``method: 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.adapter import ModuleInfo
 from mergekit_lora.names import pattern_value
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.routing.format import RoutedUnits
@@ -22,17 +23,27 @@ from mergekit_lora.units import RankUnits
 
 
 class RouteParams(AlgorithmParams):
-    router: Literal["implicit", "gate"] = Field("implicit", description="implicit (|a·x|·‖b‖, training-free) or gate")
+    router: Literal["implicit", "gate", "hierarchical"] = Field(
+        "implicit", description="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical (sequence -> adapter "
+                                "-> unit; needs per-adapter profile data)")
     top_k: int = Field(..., ge=1, description="active units per token (capped at a module's unit count R)")
     top_k_pattern: dict[str, int] = Field(default_factory=dict,
                                           description="per-module top-k: module name suffix or regex -> k")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights "
+                                                      "(hierarchical: of the adapter posterior)")
+    top_m: int = Field(1, ge=1, description="hierarchical: adapters chosen per sequence")
+    mass: float | None = Field(None, gt=0, le=1, description="hierarchical: instead of top_m, the fewest adapters "
+                                                             "whose posterior probability reaches this mass")
+    evidence: Literal["depth", "module"] = Field("depth", description="hierarchical: sum the sequence evidence over "
+                                                                      "all routed modules so far, or per module")
 
 
 class Route(Algorithm[RouteParams]):
     """Pool the weighted units of all inputs per module; a router activates top-k of them per token.
 
-    With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.
+    With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.  The
+    hierarchical router's profiles are fitted afterwards (``routing.profile.fit_profiles``); without
+    them it routes like the implicit router.
     """
 
     name = "route"
@@ -40,17 +51,21 @@ class Route(Algorithm[RouteParams]):
     Params = RouteParams
     output_format = "routed"
 
+    def check_module(self, name: str, infos: Sequence[ModuleInfo], params: RouteParams) -> str | None:
+        kinds = {i.kind for i in infos} - {"linear"}
+        if kinds:
+            return (f"module {name} is a {kinds.pop()} LoRA; routing supports linear (and GPT-2 Conv1D) modules "
+                    "only; drop it from the inputs or use a static method")
+        k = pattern_value(params.top_k_pattern, name, params.top_k)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            return f"top_k_pattern gives {k!r} for module {name}; use a positive integer"
+        return None
+
     def merge_module(self, units: list[RankUnits], weights: list[float], params: RouteParams,
                      ctx: ModuleContext) -> MergedModule:
-        for u in units:
-            if u.kind != "linear":
-                raise LoraMergeError(f"module {ctx.name} is a {u.kind} LoRA; routing supports linear (and GPT-2 "
-                                     "Conv1D) modules only; drop it from the inputs or use a static method")
         pooled = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
-        k = pattern_value(params.top_k_pattern, ctx.name, params.top_k)
-        if not isinstance(k, int) or k < 1:
-            raise LoraMergeError(f"top_k_pattern gives {k!r} for module {ctx.name}; use a positive integer")
-        k = min(k, pooled.rank)
+        k = min(pattern_value(params.top_k_pattern, ctx.name, params.top_k), pooled.rank)
         gate = init_gate(pooled) if params.router == "gate" else None
         return MergedModule(RoutedUnits(pooled, params.router, k, params.temperature,
-                                        torch.zeros(pooled.rank, dtype=torch.float32), gate))
+                                        torch.zeros(pooled.rank, dtype=torch.float32), gate, top_m=params.top_m,
+                                        mass=params.mass, evidence=params.evidence))

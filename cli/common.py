@@ -39,9 +39,13 @@ def parse_floats(text: str | None, what: str = "weights") -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LoraMergeError(f"--{what} must be comma-separated numbers like 1,0.5 (got {text!r})") from None
+    from mergekit_lora.checks import finite_numbers
+
+    finite_numbers(f"--{what}", values)  # issue 14: before the recipe YAML is built from them
+    return values
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:

@@ -24,11 +24,17 @@ def fidelity(
     against: Annotated[list[str], typer.Option("--against", help="an input adapter (repeat, in merge order)")],
     weights: Annotated[str | None, typer.Option(help="the merge weights, comma-separated (default: 1 each)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (with every module)")] = False,
+    plot: Annotated[Path | None, typer.Option(help="also write a PNG: error and energy per layer and module type")] = None,
 ) -> None:
     """How faithfully MERGED reproduces Σ wᵢ ΔWᵢ of its inputs (factor space, no model needed)."""
     from mergekit_lora.evals.fidelity import fidelity_report
 
     rep = fidelity_report(merged, against, parse_floats(weights))
+    if plot is not None:
+        from mergekit_lora.evals.fidelity_plot import plot_fidelity
+
+        plot_fidelity(rep, plot)
+        err_console.print(f"wrote {plot}", style="dim")
     if as_json:
         typer.echo(json.dumps(rep.as_dict(), indent=2))
         return

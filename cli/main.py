@@ -10,12 +10,14 @@ from mergekit_lora import __version__
 
 from .cluster_cmd import cluster
 from .eval_cmd import eval_app
+from .export_cmd import export
 from .inspect_cmd import inspect
 from .merge_cmd import merge
 from .methods_cmd import methods
 from .push_cmd import push
 from .route_cmd import route
 from .run_cmd import run
+from .tune_cmd import tune
 
 app = typer.Typer(
     name="loramerge",
@@ -23,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # plain click help: readable at 80 columns, no markup eating "[b;a]"
 )
 
 
@@ -47,6 +50,8 @@ app.command()(run)
 app.command()(push)
 app.command()(cluster)
 app.command()(route)
+app.command()(tune)
+app.command()(export)
 app.add_typer(eval_app, name="eval")
 
 

@@ -10,8 +10,9 @@ import typer
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
-from .common import console, emit, parse_floats, parse_kv, user_errors
+from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
+from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 from .report import print_fidelity
 
 # Shortcut flags -> parameter names; passed only when set, and only to a method that takes them.
@@ -35,25 +36,27 @@ def collect_params(method: str, shortcuts: dict[str, Any], extra: list[str] | No
 
 
 def run_and_report(sources: list[str], method: str, params: dict[str, Any], weights: list[float] | None,
-                   options: MergeOptions, emit_recipe: str | None) -> None:
+                   options: MergeOptions, emit_recipe: str | None, ray: Any = None) -> None:
     """Plan (every check), emit the recipe if asked, execute, print the fidelity table (shared with cluster)."""
+    from mergekit_lora.distributed.ray_merge import ray_stream
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
     recipe = recipe_yaml(sources, method, params, weights, options)
     p = plan(sources, method, params, weights, options.model_copy(update={"progress": True}), recipe=recipe)
     emit(recipe, emit_recipe)
-    result = execute(p)
-    print_fidelity(result.fidelity)
+    result = execute(p, ray_stream(ray) if ray is not None else None)
+    out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
+    print_fidelity(result.fidelity, out)
     for k, v in result.report.items():
-        console.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
-    console.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
+        out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
+    out.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
 
 
 @user_errors
 @with_options(*WRITE_OPTIONS)
 def merge(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
+    sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `loramerge methods`)")] = "linear",
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
@@ -62,10 +65,13 @@ def merge(
     lambda_: Annotated[float | None, typer.Option("--lambda", help="scale of the merged update (ties)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any method parameter: key=value")] = None,
     emit_recipe: EmitRecipeOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     *,
     options: MergeOptions,
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
     run_and_report(sources, method, params, parse_floats(weights), options.model_copy(update={"out": out}),
-                   emit_recipe)
+                   emit_recipe, ray_options(ray, ray_address, ray_workers))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.table import Table
 
 from .common import console
 
 
-def print_fidelity(summary: dict[str, dict[str, float]]) -> None:
+def print_fidelity(summary: dict[str, dict[str, float]], to: Console = console) -> None:
     if not summary:
         return
     t = Table(title="fidelity vs Σ wᵢ ΔWᵢ", title_justify="left")
@@ -18,4 +19,4 @@ def print_fidelity(summary: dict[str, dict[str, float]]) -> None:
     for g, v in summary.items():
         style = "bold" if g == "overall" else ""
         t.add_row(g, str(v["modules"]), f"{v['rel_error']:.3e}", f"{v['energy_ratio']:.4f}", style=style)
-    console.print(t)
+    to.print(t)

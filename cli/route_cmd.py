@@ -10,8 +10,8 @@ import typer
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
-from .common import console, parse_floats, user_errors
-from .options import with_options
+from .common import console, emit, err_console, parse_floats, user_errors
+from .options import EmitRecipeOpt, with_options
 
 
 def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
@@ -27,10 +27,10 @@ def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
 @user_errors
 @with_options("seed", "missing", "device", "dtype", "force", "allow_pickle", "ignore_modules_to_save")
 def route(
-    sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files, Hub ids")],
+    sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
     router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free) or gate")] = "implicit",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="active units per token")] = ...,  # type: ignore[assignment]
+    top_k: Annotated[int, typer.Option("--top-k", help="active units per token")] = ...,  # type: ignore[assignment]
     top_k_module: Annotated[list[str] | None, typer.Option(help="per-module top-k: MODULE=K (suffix or regex)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
     temperature: Annotated[float, typer.Option(help="softmax temperature of the gate weights")] = 1.0,
@@ -45,22 +45,33 @@ def route(
     bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
     export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
                                                      "as a PEFT adapter (needs --calibrate)")] = False,
+    emit_recipe: EmitRecipeOpt = None,
     *,
     options: MergeOptions,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
+    from mergekit_lora.recipe import recipe_yaml
     from mergekit_lora.routing.api import route as run_route
 
     if router not in ("implicit", "gate"):
         raise LoraMergeError(f"--router must be implicit or gate (got {router!r})")
+    w = parse_floats(weights)
+    if emit_recipe is not None:
+        if calibrate is not None:
+            raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop --calibrate "
+                                 "or --emit-recipe")
+        params = {"router": router, "top_k": top_k, "temperature": temperature,
+                  "top_k_pattern": _top_k_pattern(top_k_module) or None}
+        emit(recipe_yaml(sources, "route", params, w, options.model_copy(update={"out": out})), emit_recipe)
     res = run_route(
-        sources, out, top_k=top_k, router=router, weights=parse_floats(weights), temperature=temperature,
+        sources, out, top_k=top_k, router=router, weights=w, temperature=temperature,
         top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
         export_static=export_static, options=options.model_copy(update={"progress": True}),
     )
+    say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:
         c = res.calibration
-        console.print(f"calibration: loss {c.loss_before:.4f} -> {c.loss_after:.4f} ({c.steps} steps)")
-    console.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router {router}, "
+        say.print(f"calibration: loss {c.loss_before:.4f} -> {c.loss_after:.4f} ({c.steps} steps)")
+    say.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router {router}, "
                   f"top-k {top_k}, {res.seconds:.2f} s)")

@@ -42,7 +42,7 @@ def print_plan(r: Recipe, p: MergePlan) -> None:
         console.print(ov)
     t = Table(title=f"modules ({len(p.modules)})", title_justify="left")
     for c in ("module", "layer t", "parameters", "weights", "override"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # whole module names, wrapped, never cut
     for row in p.modules:
         t.add_row(row.name, "-" if row.layer is None else f"{row.t:.3g}", _params_text(row.params),
                   ", ".join(f"{w:g}" for w in row.weights),

@@ -48,7 +48,8 @@ def render_card(info: CardInfo) -> str:
         lines.append(f"| {i} | `{s.source}` | {s.revision or '-'} | {s.weight:g} | {s.rank or '-'} |")
     lines += ["", "## Method", "", f"- method: `{info.method}`"]
     for k, v in sorted(info.params.items()):
-        lines.append(f"- {k}: `{v}`")
+        if v is not None:  # an unset optional parameter (e.g. linear without rank) is not a setting
+            lines.append(f"- {k}: `{v}`")
     if info.seed is not None:
         lines.append(f"- seed: `{info.seed}`")
     if info.fidelity:

@@ -72,13 +72,6 @@ def exact_fidelity(name: str, target: RankUnits) -> ModuleFidelity:
     return ModuleFidelity(name, math.nan, math.nan, 0.0)
 
 
-def declares_exact(algorithm: object, params: object) -> bool:
-    """Whether ``algorithm`` says its result equals Σ w_i ΔW_i for ``params``: a class attribute
-    ``exact`` that is a bool or a callable ``exact(params) -> bool`` (e.g. linear: only without ``rank``)."""
-    flag = getattr(algorithm, "exact", False)
-    return bool(flag(params)) if callable(flag) else bool(flag)
-
-
 def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:
     """Per group and overall: rel. error = sqrt(Σ err²)/sqrt(Σ target²), energy ratio Σ merged²/Σ target²."""
     acc: dict[str, list[float]] = {}

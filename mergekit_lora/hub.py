@@ -129,6 +129,8 @@ def download(hub: HubId, *, allow_pickle: bool = False) -> tuple[Path, dict[str,
             raise LoraMergeError(f"{hub}: access denied by the Hub (HTTP {code}); set HF_TOKEN to a token "
                                  "with read access") from None
         raise LoraMergeError(f"{hub}: the Hub answered HTTP {code}; try again later") from None
+    except _transport_errors() as e:  # connection errors the library did not turn into LocalEntryNotFoundError
+        raise LoraMergeError(f"{hub}: downloading failed: {_network_problem(e)}") from None
     snapshot = Path(folder)
     local = snapshot / hub.subfolder if hub.subfolder else snapshot
     found = [p for p in (local.iterdir() if local.is_dir() else []) if p.is_file()
@@ -169,7 +171,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 commit_message: str | None = None) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` (a merged adapter with its card); return the commit URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -180,6 +182,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if not any(folder.glob("*.safetensors")):
         raise LoraMergeError(f"{folder}: no .safetensors adapter file to push")
     token = require_token()
+    if _offline():
+        raise LoraMergeError(f"pushing to {repo_id} needs the network but HF_HUB_OFFLINE is set; unset it to push")
     api = HfApi(endpoint=endpoint(), token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -192,4 +196,41 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         code = e.response.status_code if e.response is not None else None
         hint = "check that HF_TOKEN has write access to it" if code in (401, 403) else "try again later"
         raise LoraMergeError(f"pushing to {repo_id} failed: the Hub answered HTTP {code}; {hint}") from None
+    except OfflineModeIsEnabled:
+        raise LoraMergeError(f"pushing to {repo_id} needs the network but HF_HUB_OFFLINE is set; unset it to push"
+                             ) from None
+    except _transport_errors() as e:
+        raise LoraMergeError(f"pushing to {repo_id} failed: {_network_problem(e)}") from None
     return str(info.commit_url)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection, timeout and protocol errors of whichever HTTP client huggingface_hub uses."""
+    import importlib
+
+    errs: list[type[BaseException]] = [OSError]
+    for mod in ("httpx2", "httpx", "requests"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        errs.append(getattr(m, "TransportError", None) or getattr(m, "RequestException", OSError))
+    return tuple(errs)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return _env_flag("HF_HUB_OFFLINE") or bool(constants.is_offline_mode())
+
+
+def _network_problem(e: BaseException) -> str:
+    """One clause for a transport error (no URL dump, no token): what happened and what to do."""
+    name = type(e).__name__
+    where = endpoint() or "https://huggingface.co"
+    if "Timeout" in name:
+        return f"the Hub at {where} did not answer in time ({name}); check the network and try again"
+    if "Connect" in name or "Connection" in name or "Protocol" in name or isinstance(e, ConnectionError):
+        return f"the Hub at {where} cannot be reached ({name}); check the network or HF_ENDPOINT"
+    return f"{name}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}; check the network and try again"
+

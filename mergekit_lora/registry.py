@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import LoraMergeError
 
 if TYPE_CHECKING:
+    from .adapter import ModuleInfo
     from .fidelity import ModuleFidelity
     from .units import RankUnits
 
@@ -98,6 +99,11 @@ class Algorithm(Generic[P]):
         """
         return 1
 
+    def check_module(self, name: str, infos: Sequence[ModuleInfo], params: P) -> str | None:
+        """Why module ``name`` cannot be merged with ``params``, from its inputs' headers (``plan`` asks this
+        before any tensor is read); None: it can.  Default: every module can."""
+        return None
+
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
                      ctx: ModuleContext) -> MergedModule:
         """Merge one module: ``units[i]`` are input i's units (scale folded in), ``weights[i]`` its weight."""
@@ -127,7 +133,7 @@ class Algorithm(Generic[P]):
         for fname, f in self.Params.model_fields.items():
             fields[f.alias or fname] = {
                 "required": f.is_required(),
-                "default": None if f.is_required() else f.default,
+                "default": None if f.is_required() else f.get_default(call_default_factory=True),
                 "type": _type_label(f.annotation),
                 "help": f.description or "",
             }

@@ -16,6 +16,23 @@ import torch
 ModuleKind = Literal["linear", "conv", "embedding"]
 
 
+def balance_scale(na: torch.Tensor, nb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balancing factor of each unit: a' = c·a, b' = b/c gives ‖a'‖ = ‖b'‖ (c = √(‖b‖/‖a‖)).
+
+    ``na``, ``nb``: [..., N] norms of a_i and b_i.  Returns (c, nonzero); c = 0 for zero units.
+    """
+    nonzero = (na > 0) & (nb > 0)
+    c = torch.where(nonzero, torch.sqrt(nb / torch.where(nonzero, na, 1)), torch.zeros_like(na))
+    return c, nonzero
+
+
+def sign_rule(A: torch.Tensor) -> torch.Tensor:
+    """±1 per unit so that the largest-|entry| of each a_i (first on ties) is positive; ``A``: [..., N, d_in]."""
+    idx = A.abs().argmax(dim=-1)
+    sign = torch.sign(A.gather(-1, idx[..., None])[..., 0])
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 @dataclass(frozen=True)
 class RankUnits:
     """The rank units of one module.
@@ -134,16 +151,10 @@ class RankUnits:
         largest-magnitude entry of a_i is positive (first such entry on ties).  Zero units stay zero.
         Clustering and similarity must run on this form, or they see scale and sign artefacts.
         """
-        A, B = self.A, self.B
-        na = A.norm(dim=1)
-        nb = B.norm(dim=0)
-        nonzero = (na > 0) & (nb > 0)
-        c = torch.where(nonzero, torch.sqrt(nb / torch.where(nonzero, na, 1)), torch.zeros_like(na))
-        A = A * c[:, None]
-        B = B / torch.where(nonzero, c, 1)[None, :] * nonzero[None, :]
-        idx = A.abs().argmax(dim=1)
-        sign = torch.sign(A.gather(1, idx[:, None]).squeeze(1))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        c, nonzero = balance_scale(self.A.norm(dim=1), self.B.norm(dim=0))
+        A = self.A * c[:, None]
+        B = self.B / torch.where(nonzero, c, 1)[None, :] * nonzero[None, :]
+        sign = sign_rule(A)
         return replace(self, A=A * sign[:, None], B=B * sign[None, :])
 
     # ------------------------------------------------------------------ geometry (factor space)

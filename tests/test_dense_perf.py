@@ -115,8 +115,8 @@ def test_dense_bytes_do_not_depend_on_the_thread_count(monkeypatch):
     for n in (1, 2):
         with thread_policy(n):
             assert threads.threads_for(1.0) == n
-            u = algo.merge_module(units, [1.0, 1.0, 1.0], p, ctx)
-        outs.append((u.units.A.clone(), u.units.B.clone()))
+            u = algo.merge_module(units, [1.0, 1.0, 1.0], p, ctx).units
+        outs.append((u.A.clone(), u.B.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 

@@ -97,3 +97,16 @@ def test_route_is_the_same_through_every_entry_point_and_exact_at_full_top_k(tmp
     for n in lin.module_names():
         a, b = routed.units(n).delta(), lin.units(n).delta()
         assert torch.allclose(a, b, atol=1e-5 * max(1.0, float(b.abs().max()))), n
+
+
+def test_route_refuses_conv_modules_at_plan_time(tmp_path, monkeypatch):
+    """Routing takes linear modules only: said by plan() from the headers, before any tensor is read."""
+    from mergekit_lora import LoraMergeError
+    from mergekit_lora.adapter import Adapter
+
+    k = save(tmp_path / "k.safetensors", kohya_state_dict(seed=1))  # has conv modules
+    read = []
+    monkeypatch.setattr(Adapter, "units", lambda self, *a, **kw: read.append(a) or None)
+    with pytest.raises(LoraMergeError, match="routing supports linear"):
+        route([str(k)], tmp_path / "o", top_k=2)
+    assert read == [] and not (tmp_path / "o").exists()

@@ -127,3 +127,28 @@ def test_cli_fidelity_json_and_errors(peft_pair):
     assert r.exit_code == 2 and "weights" in r.output
     r = CliRunner().invoke(app, ["eval", "fidelity", str(d / "missing"), "--against", str(a)])
     assert r.exit_code == 2 and "missing" in r.output
+
+
+def test_fidelity_plot_grid_and_png(peft_pair, tmp_path):
+    """--plot writes a real PNG; the grid it draws holds the report's per-module numbers."""
+    import matplotlib.image
+
+    from mergekit_lora.evals.fidelity_plot import fidelity_grid
+
+    d, a, b = peft_pair
+    rep = fidelity_report(a, [a, b], [0.5, 2.0])  # a alone: q/k modules lose b, v_proj keeps a at 2x energy
+    g = fidelity_grid(rep)
+    assert g.types == ["k_proj", "q_proj", "v_proj"] and g.layers == ["0", "1"]
+    for r in rep.modules:
+        t, layer = r.name.split(".")[-1], r.name.split(".")[2]
+        assert g.rel_error[g.types.index(t)][g.layers.index(layer)] == pytest.approx(r.rel_error, rel=1e-9)
+        assert g.energy[g.types.index(t)][g.layers.index(layer)] == pytest.approx(r.energy, rel=1e-9)
+    out = tmp_path / "fid.png"
+    r = CliRunner().invoke(app, ["eval", "fidelity", str(a), "--against", str(a), "--against", str(b),
+                                 "--weights", "0.5,2", "--plot", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(str(out))
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    colours = {tuple(px) for px in (img[..., :3] * 255).astype(int).reshape(-1, 3)[::7].tolist()}
+    assert len(colours) > 50  # two heatmaps, colour bars and text, not a blank canvas

@@ -41,7 +41,9 @@ def rand_units(r, d_out=10, d_in=8, seed=0, source=0):
 
 
 def target(units, w):
-    return RankUnits.concat([u.scaled(x) for u, x in zip(units, w)]).delta()
+    """What LEGO approximates: the weighted average Σ wᵢ ΔWᵢ / Σ |wᵢ| (LEGO's weights are relative)."""
+    tot = sum(abs(x) for x in w)
+    return RankUnits.concat([u.scaled(x / tot) for u, x in zip(units, w)]).delta()
 
 
 def planted_units(groups=4, per=6, d_out=10, d_in=8, noise=0.03, seed=0):
@@ -75,13 +77,19 @@ def test_invariant_to_unit_permutation_and_input_order():
 
 
 @pytest.mark.parametrize("reweight", ["paper", "lsq", "none"])
-def test_k_equal_to_pool_is_exact(reweight):
+def test_k_at_least_the_pool_keeps_every_unit(reweight):
+    """k ≥ pooled rank: every unit is its own cluster.  lsq then reproduces the weighted average exactly;
+    none keeps the pooled units (n × the average: the pool holds each input at relative weight ω = n·w/Σ|w|);
+    paper is the same with ρ = 1 (a singleton is its own centroid) and the output factor √(r/k), r = the
+    inputs' mean rank 6, k = the 12 clusters formed (the published code has no k ≥ pool shortcut either)."""
     us = [rand_units(4, seed=1), rand_units(8, seed=2, source=1)]
     w = [0.7, -1.3]
-    for p in (P(k=12, reweight=reweight), P(k=40, reweight=reweight), P(k_ratio=1.0, reweight=reweight)):
+    want = {"lsq": 1.0, "none": 2.0, "paper": 2.0 * math.sqrt(6 / 12)}[reweight]
+    for p in (P(k=12, reweight=reweight), P(k=40, reweight=reweight), P(k_ratio=1.0, reweight=reweight),
+              P(k=12, reweight=reweight, features="canonical")):
         out = lego.merge_module(us, w, p, CTX)
         assert out.rank == 12
-        assert rel(out.delta(), target(us, w)) < 1e-12
+        assert rel(out.delta(), want * target(us, w)) < 1e-12
 
 
 @pytest.mark.parametrize("reweight", ["paper", "none"])
@@ -95,23 +103,41 @@ def test_k_equal_to_rank_on_identical_inputs_reproduces_the_input(reweight):
 
 
 # ---------------------------------------------------------------- planted clusters
-def _pool_ari(units, canonical, signs="invariant"):
+def _pool_ari(units, features, signs="invariant"):
     from mergekit_lora.algorithms.lego.pool import build_pools
     from mergekit_lora.kmeans import kmeans_gram
 
-    pool = build_pools([units], [[1.0] * len(units)], canonical=canonical, signs=signs,
+    pool = build_pools([units], [[1.0] * len(units)], features=features, signs=signs,
                        generators=[CTX.generator("o")], device=torch.device("cpu"))
     res = kmeans_gram(pool.K("concat"), len(units), generators=[CTX.generator("k")], n_init=3,
-                      sign_invariant=canonical and signs == "invariant")
+                      sign_invariant=signs == "invariant")
     return adjusted_rand_score(pool.source[0], res.labels[0])
 
 
-def test_planted_recovery_needs_canonicalisation():
+def _unflipped(u, gi):
+    """Planted group gi with its random sign flips undone (group gi's dominant a-entry is gi: made positive)."""
+    s = u.A[:, gi].sign()
+    return RankUnits.from_factors(u.A * s[:, None], u.B * s[None, :], source=gi)
+
+
+def test_planted_recovery_needs_scale_free_features():
     for seed in range(3):
         units = planted_units(seed=seed)
-        assert _pool_ari(units, canonical=True) == 1.0
-        assert _pool_ari(units, canonical=True, signs="rule") == 1.0  # one clearly dominant |a| entry
-        assert _pool_ari(units, canonical=False) < 0.5  # raw [b;a] clusters scales and signs, not directions
+        assert _pool_ari(units, "canonical") == 1.0
+        assert _pool_ari(units, "canonical", signs="rule") == 1.0  # one clearly dominant |a| entry
+        assert _pool_ari(units, "paper") == 1.0  # [a/‖a‖; b/‖b‖] is scale-free too; signs left to k-means
+        assert _pool_ari(units, "raw", signs="none") < 0.5  # raw [a;b] clusters scales and signs, not directions
+        # the published features as they are (no sign handling): the random sign flips (−b)(−a)ᵀ split groups
+        assert _pool_ari(units, "paper", signs="none") < 0.9
+
+
+def test_planted_recovery_with_the_published_features():
+    """No sign flips (units as trained from one initialisation): the paper's features [a/‖a‖; b/‖b‖] with
+    plain Euclidean k-means recover every group whatever the scale split c·b, a/c."""
+    for seed in range(3):
+        units = [_unflipped(u, i) for i, u in enumerate(planted_units(seed=seed))]
+        assert _pool_ari(units, "paper", signs="none") == 1.0
+        assert _pool_ari(units, "raw", signs="none") < 0.5
 
 
 def test_sign_invariant_clustering_survives_near_tied_sign_rule():
@@ -128,9 +154,9 @@ def test_sign_invariant_clustering_survives_near_tied_sign_rule():
         B = (b0[:, None] + 0.02 * torch.randn(10, per, generator=g)) * s[None, :]
         A = (a0[None, :] + 0.02 * torch.randn(per, 8, generator=g)) * s[:, None]
         units.append(RankUnits.from_factors(A.double(), B.double(), source=gi))
-    assert _pool_ari(units, canonical=True) == 1.0
-    assert _pool_ari(units, canonical=True, signs="rule") < 0.8
-    out = lego.merge_module(units, [1.0] * 3, P(k=3, reweight="lsq"), CTX)
+    assert _pool_ari(units, "canonical") == 1.0
+    assert _pool_ari(units, "canonical", signs="rule") < 0.8
+    out = lego.merge_module(units, [1.0] * 3, P(k=3, reweight="lsq", features="canonical"), CTX)
     assert rel(out.delta(), target(units, [1.0] * 3)) < 0.05  # one sign-aligned centroid per group
 
 
@@ -142,7 +168,8 @@ def test_planted_merge_report_and_backends_agree(tmp_path):
            for i, u in enumerate(units)]
     deltas = {}
     for backend in ("torch", "sklearn", "faiss"):
-        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq"},
+        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq",
+                                                   "features": "canonical"},
                   device="cpu")  # the CPU backends compared; CUDA has its own tests
         rep = json.loads((tmp_path / backend / "lego_report.json").read_text())["modules"]["layers.0.q_proj"]
         assert sorted(rep["sizes"]) == [6, 6, 6, 6]
@@ -174,24 +201,88 @@ def test_lsq_is_the_dense_least_squares_optimum_and_beats_none():
         assert e_lsq <= float((paper.delta() - T).norm()) + 1e-12
 
 
-def test_paper_reweighting_formula():
-    """s_j = ρ_j² √(r/k): centroid vectors scaled to their members' mean norm, output by √(r/k)."""
-    from mergekit_lora.algorithms.lego.reweight import cluster_stats
+def test_paper_parameter_reweighting_by_hand():
+    """Two rank-1 inputs, k = 1 (r = k: output factor 1).  u1 = [a1; b1] = [1, 2; 3, −1] (‖u1‖∞ = 3),
+    u2 = [2, 0; 1, 1] (‖u2‖∞ = 2); centroid [1.5, 1; 2, 0], ‖·‖∞ = 2, ρ = (3 + 2)/2 / 2 = 1.25, so
+    ā = [1.875, 1.25], b̄ = [2.5, 0].  Equal weights of any size are the unweighted pool; weights 3:1 are
+    relative weights ω = (1.5, 0.5) on the b-halves: u1 = [1, 2; 4.5, −1.5], u2 = [2, 0; 0.5, 0.5],
+    centroid [1.5, 1; 2.5, −0.5], ρ = (4.5 + 2)/2 / 2.5 = 1.3."""
+    u1 = RankUnits.from_factors(torch.tensor([[1.0, 2.0]], dtype=torch.float64),
+                                torch.tensor([[3.0], [-1.0]], dtype=torch.float64))
+    u2 = RankUnits.from_factors(torch.tensor([[2.0, 0.0]], dtype=torch.float64),
+                                torch.tensor([[1.0], [1.0]], dtype=torch.float64), source=1)
+    want = torch.outer(torch.tensor([2.5, 0.0]), torch.tensor([1.875, 1.25])).double()
+    for w in ([1.0, 1.0], [0.5, 0.5], [7.0, 7.0]):
+        out = lego.merge_module([u1, u2], w, P(k=1, reweight="paper", features="paper"), CTX)
+        assert torch.allclose(out.delta(), want, rtol=0, atol=1e-12)
+    want31 = 1.3**2 * torch.outer(torch.tensor([2.5, -0.5]), torch.tensor([1.5, 1.0])).double()
+    out = lego.merge_module([u1, u2], [3.0, 1.0], P(k=1, reweight="paper", features="paper"), CTX)
+    assert torch.allclose(out.delta(), want31, rtol=0, atol=1e-12)
+    # none: the raw centroid; lsq: the best multiple of it for the weighted average (u1 + u2)/2
+    none = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="none", features="paper"), CTX).delta()
+    c = torch.outer(torch.tensor([2.0, 0.0]), torch.tensor([1.5, 1.0])).double()
+    assert torch.allclose(none, c, rtol=0, atol=1e-12)
+    T = (u1.delta() + u2.delta()) / 2
+    lsq = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="lsq", features="paper"), CTX).delta()
+    assert torch.allclose(lsq, (c * T).sum() / (c * c).sum() * c, rtol=0, atol=1e-12)
 
-    units = planted_units(groups=2, per=4, noise=0.3, seed=2)
-    raw = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="none"), CTX)
-    paper = lego.merge_module(units, [1.0, 1.0], P(k=2, reweight="paper"), CTX)
-    can = [u.canonical() for u in units]  # sign rule is stable here (one dominant |a| entry per group)
-    V = torch.cat([torch.cat([u.B.T, u.A], 1) for u in can])
-    Acat, Bcat = torch.cat([u.A for u in can]), torch.cat([u.B for u in can], 1)
-    c = cluster_stats(Acat @ Acat.T, Bcat.T @ Bcat, torch.arange(8) // 4, torch.ones(8, dtype=torch.float64), 2)
-    norms = V.norm(dim=1)
-    want_rho = torch.stack([norms[:4].mean() / V[:4].mean(0).norm(), norms[4:].mean() / V[4:].mean(0).norm()])
-    assert torch.allclose(c.rho, want_rho)
-    assert bool((c.rho > 1).all())  # norm decay: averaging shrinks the norm, ρ restores it
-    # same clusters for both options, so the unit-norm ratios are the scales s_j (in cluster order)
-    ratios = sorted((paper.unit_norms() / raw.unit_norms()).tolist())
-    assert ratios == pytest.approx(sorted((c.rho ** 2 * math.sqrt(4 / 2)).tolist()), rel=1e-9)
+
+def test_paper_merge_equals_a_dense_reimplementation_with_output_factor():
+    """Three planted groups (one per input, rank 4 each: r = 4), k = 3: the whole published merge, written
+    densely from its formulas on the known groups: Σ_j ρ_j² b̄_j ā_jᵀ × √(r/k) with ρ_j by max-abs norms."""
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        units = []
+        for gi in range(3):  # a group: one random direction plus 80 % noise per unit
+            a0, b0 = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+            units.append(RankUnits.from_factors(a0 + 0.8 * torch.randn(4, 8, generator=g, dtype=torch.float64),
+                                                b0[:, None] + 0.8 * torch.randn(10, 4, generator=g, dtype=torch.float64),
+                                                source=gi))
+        want, raw = torch.zeros(10, 8, dtype=torch.float64), torch.zeros(10, 8, dtype=torch.float64)
+        rhos = []
+        for u in units:
+            V = torch.cat([u.A, u.B.T], 1)  # the members' raw [a; b]
+            mu = V.mean(0)
+            raw += torch.outer(mu[8:], mu[:8])
+            rho = V.abs().amax(1).mean() / mu.abs().max()
+            rhos.append(float(rho))
+            want += rho**2 * torch.outer(mu[8:], mu[:8])
+        want *= math.sqrt(4 / 3)
+        # ρ ≥ 1 always (‖mean‖∞ ≤ mean ‖·‖∞), = 1 when every member peaks at the same entry; here some differ
+        assert min(rhos) >= 1 - 1e-12 and max(rhos) > 1.05
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, features="paper"), CTX).delta(), want) < 1e-12
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, reweight="none", features="paper"), CTX).delta(),
+                   raw) < 1e-12
+
+
+def test_paper_features_average_raw_units_canonical_average_balanced_ones():
+    """Two copies of one unit at different scale splits (b, a) and (4b, a/4): the same ΔW.  Canonical form
+    makes them identical, so the centroid is the unit itself; the published form averages the raw vectors:
+    centroid (5/2 b)(5/8 a)ᵀ = 25/16 b aᵀ.  Both cluster them together (the paper's features are scale-free)."""
+    u = rand_units(1, seed=3)
+    v = RankUnits.from_factors(u.A / 4, u.B * 4, source=1)
+    can = lego.merge_module([u, v], [1.0, 1.0], P(k=1, reweight="none", features="canonical"), CTX)
+    pap = lego.merge_module([u, v], [1.0, 1.0], P(k=1, reweight="none", features="paper"), CTX)
+    assert rel(can.delta(), u.delta()) < 1e-12
+    assert rel(pap.delta(), 25 / 16 * u.delta()) < 1e-12
+    assert _pool_ari([u, v], "paper", signs="none") == 1.0 and _pool_ari([u, v], "canonical") == 1.0
+
+
+def test_balance_inputs_counts_each_input_once_per_cluster():
+    """k = 1 over input 0 (rank 3) and input 1 (rank 1): the plain mean weighs input 0 three times as much;
+    balance_inputs averages input 0's units first, then the two inputs.  Member max-abs norms are averaged
+    with the same weights (paper reweighting)."""
+    u0, u1 = rand_units(3, seed=5), rand_units(1, seed=6, source=1)
+    V0, V1 = torch.cat([u0.A, u0.B.T], 1), torch.cat([u1.A, u1.B.T], 1)
+    plain, bal = torch.cat([V0, V1]).mean(0), (V0.mean(0) + V1[0]) / 2
+    for mu, flag in ((plain, False), (bal, True)):
+        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag, features="paper"),
+                                CTX)
+        assert rel(out.delta(), torch.outer(mu[8:], mu[:8])) < 1e-12
+    linf = (V0.abs().amax(1).mean() + V1.abs().amax()) / 2
+    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True, features="paper"), CTX)
+    want = (linf / bal.abs().max()) ** 2 * math.sqrt(2 / 1) * torch.outer(bal[8:], bal[:8])  # r = mean rank 2
+    assert rel(out.delta(), want) < 1e-12
 
 
 # ---------------------------------------------------------------- batching, edge cases
@@ -211,7 +302,7 @@ def test_zero_and_duplicate_units_give_finite_rank_k_output():
         out = lego.merge_module([u, u, zero], [1.0, 1.0, 1.0], P(k=4, reweight=reweight), CTX)
         assert out.rank == 4 and torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
     lsq = lego.merge_module([u, u, zero], [1.0, 1.0, 1.0], P(k=4, reweight="lsq"), CTX)
-    assert rel(lsq.delta(), 2 * u.delta()) < 1e-10  # 3 distinct units (2 + zero) fit in k=4 exactly
+    assert rel(lsq.delta(), 2 / 3 * u.delta()) < 1e-10  # 3 distinct units (2 + zero) fit in k=4 exactly
     allzero = lego.merge_module([zero, zero], [1.0, 1.0], P(k=2), CTX)
     assert float(allzero.delta().abs().max()) == 0.0
 
@@ -219,10 +310,14 @@ def test_zero_and_duplicate_units_give_finite_rank_k_output():
 def test_params_are_validated():
     from mergekit_lora.errors import LoraMergeError
 
-    for bad in ({}, {"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"}):
+    for bad in ({}, {"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"},
+                {"k": 2, "features": "x"}, {"k": 2, "signs": "x"}):
         with pytest.raises(LoraMergeError):
             P(**bad)
     assert P(k_ratio=0.25).k_for(12) == 3 and P(k_ratio=0.3).k_for(12) == 4
+    # default: canonical features (the best measured variant, README), sign-invariant k-means
+    assert P(k=2).sign_mode == "invariant" and P(k=2, features="paper").sign_mode == "none"
+    assert P(k=2, signs="rule").sign_mode == "rule"
 
 
 # ---------------------------------------------------------------- real adapters: PEFT, CLI
@@ -257,18 +352,20 @@ def test_same_seed_same_bytes(tmp_path, two_adapters):
         (tmp_path / "y" / "adapter_model.safetensors").read_bytes()
 
 
-def test_cli_cluster_k16_on_examples_is_exact_and_reports(tmp_path):
+def test_cli_cluster_k16_on_examples_is_exact_with_lsq_and_reports(tmp_path):
+    """k ≥ pooled rank keeps every unit; lsq then gives the average exactly (LEGO's weights are relative, so
+    the default weights 1 mean the average; the paper option would give √(r/k)·Σ ΔWᵢ here)."""
     from mergekit_lora.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "lego"
     res = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", "-k", "16",
-                              "-o", str(out), "--report"])
+                              "--reweight", "lsq", "-o", str(out), "--report"])
     assert res.exit_code == 0, res.output
     a, b = load_adapter("examples/tiny-llama-shift"), load_adapter("examples/tiny-llama-double")
     m = load_adapter(out)
     for n in a.module_names():
-        assert rel(m.units(n).delta(), a.units(n).delta() + b.units(n).delta()) < 1e-6
+        assert rel(m.units(n).delta(), (a.units(n).delta() + b.units(n).delta()) / 2) < 1e-6
     rep = json.loads((out / "lego_report.json").read_text())
     mod = next(iter(rep["modules"].values()))
     assert mod["exact"] and mod["pool"] == 12 and sum(mod["sizes"]) == 12
@@ -294,7 +391,8 @@ def test_cuda_matches_cpu(tmp_path, two_adapters):
 def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapters):
     """batch_modules only changes how modules are grouped (q/v/o interleave per layer, the driver groups
     same shapes across layers): the merge is the same; LEGO's own fidelity rows equal a fresh
-    factor-space measurement of the written output against Σ wᵢ ΔWᵢ."""
+    factor-space measurement of the written output against LEGO's target Σ wᵢ ΔWᵢ / Σ |wᵢ| (weights 1, 0.5
+    are the relative weights 2/3, 1/3)."""
     from mergekit_lora.fidelity import module_fidelity, weighted_target
 
     seen = []
@@ -322,7 +420,7 @@ def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapt
     for n in a8.module_names():
         assert rel(a8.units(n).delta(), a1.units(n).delta()) < 1e-5
         fresh = module_fidelity(n, a8.units(n).to(dtype=torch.float64),
-                                weighted_target([i.units(n).to(dtype=torch.float64) for i in ins], [1.0, 0.5]))
+                                weighted_target([i.units(n).to(dtype=torch.float64) for i in ins], [1 / 1.5, 0.5 / 1.5]))
         assert rows[n].error_norm == pytest.approx(fresh.error_norm, rel=1e-4)
         assert rows[n].target_norm == pytest.approx(fresh.target_norm, rel=1e-5)
     assert r1.fidelity["overall"]["rel_error"] == pytest.approx(r8.fidelity["overall"]["rel_error"], rel=1e-5)

@@ -86,7 +86,7 @@ def test_bad_missing_policy_is_refused_by_the_driver_before_any_read(tmp_path):
 
     with pytest.raises(LoraMergeError, match=r"missing: must be union, intersection or error \(got 'bogus'\)"):
         merge([tmp_path / "does-not-exist"], "linear", tmp_path / "o", missing="bogus")  # type: ignore[arg-type]
-    for cmd in (["merge"], ["cluster", "-k", "2"], ["route", "-k", "2"]):
+    for cmd in (["merge"], ["cluster", "-k", "2"], ["route", "--top-k", "2"]):
         r = run_cli(*cmd, "examples/tiny-llama-shift", "--missing", "bogus", "-o", tmp_path / "o")
         assert r.exit_code == 2 and "--missing: must be union" in r.output, (cmd, r.output)
     assert not (tmp_path / "o").exists()

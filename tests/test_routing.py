@@ -162,15 +162,15 @@ def test_route_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--router", "magic", "-k", "2"], "--router must be implicit or gate"),
-    (["-k", "2", "--export-static"], "--export-static"),
-    (["-k", "2", "--calibrate", "cal.jsonl"], "--calibrate needs the base model"),
-    (["-k", "2", "--calibrate", "bad.jsonl", "--base", "base"], "bad.jsonl:2: not valid JSON"),
-    (["-k", "2", "--calibrate", "text.jsonl", "--base", "base"], "need a tokenizer"),
-    (["-k", "2", "--calibrate", "big.jsonl", "--base", "base"], "outside the model's vocabulary"),
-    (["-k", "2", "--top-k-module", "q_proj"], "--top-k-module takes MODULE=K"),
-    (["-k", "0"], "top_k"),
-    (["-k", "2", "--device", "tpu"], "unknown device"),
+    (["--router", "magic", "--top-k", "2"], "--router must be implicit or gate"),
+    (["--top-k", "2", "--export-static"], "--export-static"),
+    (["--top-k", "2", "--calibrate", "cal.jsonl"], "--calibrate needs the base model"),
+    (["--top-k", "2", "--calibrate", "bad.jsonl", "--base", "base"], "bad.jsonl:2: not valid JSON"),
+    (["--top-k", "2", "--calibrate", "text.jsonl", "--base", "base"], "need a tokenizer"),
+    (["--top-k", "2", "--calibrate", "big.jsonl", "--base", "base"], "outside the model's vocabulary"),
+    (["--top-k", "2", "--top-k-module", "q_proj"], "--top-k-module takes MODULE=K"),
+    (["--top-k", "0"], "top_k"),
+    (["--top-k", "2", "--device", "tpu"], "unknown device"),
 ])
 def test_route_cli_errors(tmp_path, monkeypatch, args, message):
     a, _ = two_adapters(tmp_path)

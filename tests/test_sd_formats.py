@@ -174,15 +174,17 @@ def test_cli_merge_two_kohya_files_writes_kohya_with_metadata(tmp_path):
 
 
 def test_cluster_on_two_kohya_files_writes_kohya(tmp_path):
-    """LoRA-LEGO through `loramerge cluster` keeps the kohya family; k ≥ pool is the exact sum (conv units too)."""
+    """LoRA-LEGO through `loramerge cluster` keeps the kohya family; k ≥ pool with lsq is exactly LEGO's target,
+    the weighted average Σ wᵢ ΔWᵢ / Σ |wᵢ| (conv units too)."""
     sda, sdb = kohya_state_dict(seed=1, alpha=2.0), kohya_state_dict(seed=2, r=2, alpha=None)
     a, b = save(tmp_path / "a.safetensors", sda, SD1), save(tmp_path / "b.safetensors", sdb, SD1)
-    r = runner.invoke(app, ["cluster", str(a), str(b), "-k", "16", "--weights", "0.5,1", "-o", str(tmp_path / "c")])
+    r = runner.invoke(app, ["cluster", str(a), str(b), "-k", "16", "--weights", "0.5,1", "--reweight", "lsq",
+                              "-o", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     m = load_adapter(tmp_path / "c" / "lora.safetensors")
     assert m.meta.format == "kohya" and m.meta.extra["base_family"] == "sd1"
     for n in m.modules:
-        want = 0.5 * kohya_delta(sda, n) + kohya_delta(sdb, n)
+        want = (0.5 * kohya_delta(sda, n) + kohya_delta(sdb, n)) / 1.5
         assert (m.units(n).delta_weight() - want).norm() / want.norm() < 1e-6
     r = runner.invoke(app, ["cluster", str(a), str(b), "-k", "2", "-o", str(tmp_path / "c2")])
     assert r.exit_code == 0, r.output

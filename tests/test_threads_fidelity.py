@@ -8,15 +8,8 @@ import pytest
 import torch
 
 import mergekit_lora.threads as threads
-from mergekit_lora.fidelity import (
-    ModuleFidelity,
-    declares_exact,
-    exact_fidelity,
-    module_fidelity,
-    summarize,
-    weighted_target,
-)
-from mergekit_lora.registry import get_algorithm, parse_params
+from mergekit_lora.fidelity import ModuleFidelity, exact_fidelity, module_fidelity, summarize, weighted_target
+from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.units import RankUnits
 
 
@@ -58,21 +51,34 @@ def _units(r: int, seed: int, m: int = 40, n: int = 30) -> RankUnits:
     return RankUnits.from_factors(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g), source=seed)
 
 
-def test_exact_methods_are_declared_and_their_row_is_the_target_norm():
-    p_lin = parse_params(get_algorithm("linear"), {})
-    assert declares_exact(get_algorithm("linear"), p_lin) and declares_exact(get_algorithm("cat"), None)
-    assert not declares_exact(get_algorithm("linear"), parse_params(get_algorithm("linear"), {"rank": 2}))
-    assert not declares_exact(get_algorithm("svd"), None)
-    target = weighted_target([_units(4, 1), _units(3, 2)], [0.5, -1.5])
+def test_exact_methods_report_their_zero_error_without_measuring_anything():
+    us, w = [_units(4, 1), _units(3, 2)], [0.5, -1.5]
+    ctx = ModuleContext("m", 0, torch.device("cpu"))
+    for name, params in (("linear", {}), ("cat", {})):
+        algo = get_algorithm(name)
+        out = algo.merge_module(us, w, parse_params(algo, params), ctx)
+        assert out.fidelity is not None and out.fidelity.error_norm == 0.0, name
+    algo = get_algorithm("linear")
+    assert algo.merge_module(us, w, parse_params(algo, {"rank": 2}), ctx).fidelity is None  # re-ranked: measured
+    target = weighted_target(us, w)
     row = exact_fidelity("m", target)
-    assert row.error_norm == 0.0 and math.isnan(row.target_norm)  # nothing measured
-    # a group of exact rows summarises to error 0 / energy 1; mixed with a measured row: not measurable
-    other = module_fidelity("layers.0.v", target, target)
+    assert row.error_norm == 0.0 and math.isnan(row.target_norm)  # ‖target‖ needs an N×N Gram: not measured
+    # a group of exact rows summarises to error 0 / energy 1; mixed with a measured nonzero error: not measurable
     rows = [exact_fidelity("layers.0.q", target), exact_fidelity("layers.1.q", target)]
-    summary = summarize(rows)
-    assert summary["overall"] == {"modules": 2, "rel_error": 0.0, "energy_ratio": 1.0}
-    bad = summarize(rows + [ModuleFidelity("layers.0.v", 1.0, 1.0, 0.5)])
-    assert math.isnan(bad["overall"]["rel_error"]) and summarize([other])["overall"]["rel_error"] <= 1e-3
+    assert summarize(rows)["overall"] == {"modules": 2, "rel_error": 0.0, "energy_ratio": 1.0}
+    assert math.isnan(summarize(rows + [ModuleFidelity("layers.0.v", 1.0, 1.0, 0.5)])["overall"]["rel_error"])
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_svd_fidelity_row_from_the_spectrum_equals_the_factor_space_measurement(rank):
+    units = [_units(4, 1), _units(3, 2)]
+    algo = get_algorithm("svd")
+    out = algo.merge_module(units, [0.7, -1.2], parse_params(algo, {"rank": rank}),
+                            ModuleContext("m", 0, torch.device("cpu")))
+    ref = module_fidelity("m", out.units, weighted_target(units, [0.7, -1.2]))
+    for a, b in ((out.fidelity.error_norm, ref.error_norm), (out.fidelity.target_norm, ref.target_norm),
+                 (out.fidelity.merged_norm, ref.merged_norm)):
+        assert abs(a - b) <= 1e-4 * ref.target_norm
 
 
 @pytest.mark.parametrize("noise", [0.5, 1e-2, 1e-6])
@@ -85,18 +91,3 @@ def test_module_fidelity_matches_dense_float64_at_every_error_level(noise):
 
     e = float((d64(merged) - d64(target)).norm())
     assert abs(row.error_norm - e) <= 1e-3 * e + 1e-7 * float(d64(target).norm())
-
-
-@pytest.mark.parametrize("rank", [1, 3, 7])
-def test_svd_fidelity_row_from_the_spectrum_equals_the_factor_space_measurement(rank):
-    import torch as _t
-
-    from mergekit_lora.registry import ModuleContext
-
-    units = [_units(4, 1), _units(3, 2)]
-    algo = get_algorithm("svd")
-    out = algo.merge_module(units, [0.7, -1.2], parse_params(algo, {"rank": rank}), ModuleContext("m", 0, _t.device("cpu")))
-    ref = module_fidelity("m", out.units, weighted_target(units, [0.7, -1.2]))
-    for a, b in ((out.fidelity.error_norm, ref.error_norm), (out.fidelity.target_norm, ref.target_norm),
-                 (out.fidelity.merged_norm, ref.merged_norm)):
-        assert abs(a - b) <= 1e-4 * ref.target_norm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,24 +15,36 @@ from mergekit_lora.units import RankUnits
 from .params import LegoParams
 from .pool import PoolBatch, build_pools, pooled_dtype
 from .report import ModuleRecord, fidelity_section, report_files
-from .reweight import REWEIGHTS, ClusterStats, cluster_stats, option_scales
+from .reweight import ClusterStats, centroids, cluster_stats, option_scales
 
 
 class Lego(Algorithm[LegoParams]):
-    """Rank-wise k-means over the pooled canonical rank units of all inputs; centroids become units.
+    """Rank-wise k-means over the pooled rank units of all inputs; cluster centroids become the units.
 
-    Per module: every rank unit of every input (after its input weight) is one vector [b_i; a_i] in
-    canonical form (``pool.py``: balanced; the sign is either left to k-means, which treats v and −v as
-    the same unit, or fixed by a rule); k-means (k-means++ seeds from the module's seeded generator,
-    ``n_init`` restarts, Lloyd, deterministic empty-cluster re-seeding) groups them into k clusters
-    (``space``: whole vector as in the paper, or the A-/B-part); each cluster's mean vector (members
-    sign-aligned) is one unit b̄_j ā_jᵀ of the merged rank-k module; then ``reweight``
-    (``reweight.py``): the paper's dual reweighting, exact least-squares scales, or none.  Choices the
-    paper leaves open, all parameters: canonical form, the pool order (sorted by content, so results do
-    not depend on input order), empty clusters (re-seeded with the farthest point; when fewer distinct
-    units than k exist they stay empty and become zero units, so the rank is always k).  k ≥ pooled
-    rank keeps the pool itself (exact Σ wᵢ ΔWᵢ, no reweighting).  Same-shape modules are clustered as
-    one batch, and everything but the final centroids is computed from the pool's N×N Gram matrices.
+    Per module: every rank unit (MSU) of every input is one vector; k-means (k-means++ seeds from the
+    module's seeded generator, ``n_init`` restarts, Lloyd, deterministic empty-cluster re-seeding) groups
+    them into k clusters; each cluster's mean is one unit b̄_j ā_jᵀ of the merged rank-k module; then
+    ``reweight`` (``reweight.py``) scales the units.
+
+    ``features="paper"`` is the published method (both public implementations agree): k-means on
+    [a_i/‖a_i‖ ; b_i/‖b_i‖], centroids the mean of the members' raw [a_i ; b_i], ``reweight="paper"``: each
+    centroid vector × mean_i ‖u_i‖_∞ / ‖centroid‖_∞, the merged ΔW × √(r/k).  ``features="canonical"``
+    clusters and averages balanced units (‖a‖ = ‖b‖) instead, with sign-invariant k-means by default; it is
+    the default (the best measured variant on a validation slice, README).
+
+    Weights: LoRA-LEGO has none (every unit counts once).  Here weights are *relative*: input t's units
+    enter the pool as ω_t b_i a_iᵀ with ω_t = n·w_t / Σ_s |w_s|, so equal weights of any size (1, or the
+    1/n of an average) give exactly the published unweighted merge, and unequal weights tilt the cluster
+    means; the weights never shrink the update on top of the cluster averaging.  The reference the merge
+    is measured against (fidelity rows, the card) and that ``lsq`` fits is the weighted average
+    T = Σ_t w_t ΔW_t / Σ_t |w_t|.  When an input lacks a module, the weights are normalised over the inputs
+    that have it.
+
+    Choices the paper leaves open, all parameters: the sign handling, the pool order (sorted by content, so
+    results do not depend on input order), empty clusters (re-seeded with the farthest point; when fewer
+    distinct units than k exist they stay empty and become zero units).  k ≥ pooled rank makes every unit
+    its own cluster (the formulas still apply).  Same-shape modules are clustered as one batch, and
+    everything but the centroids is computed from the pool's N×N Gram matrices.
     """
 
     name = "lego"
@@ -50,30 +63,28 @@ class Lego(Algorithm[LegoParams]):
         device = ctxs[0].device
         if len({sum(u.rank for u in us) for us in units}) != 1:  # the driver batches same shapes only
             return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
-        pool = build_pools(units, weights, canonical=params.canonical, signs=params.signs,
+        pool = build_pools(units, weights, features=params.features, signs=params.sign_mode,
                            generators=[c.generator("lego-order") for c in ctxs], device=device)
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
         k = params.k_for(n)
-        if k >= n:
+        if k >= n:  # every unit its own cluster (the formulas still apply: ρ = 1, output × √(r/k))
             labels = torch.arange(n).expand(len(units), n)
             signs = torch.ones(len(units), n, dtype=torch.float64)
         else:
             res = kmeans_gram(pool.K(params.space), k, generators=[c.generator("lego-kmeans") for c in ctxs],
                               backend=resolve_backend(params.backend, device), n_init=params.n_init,
-                              max_iter=params.max_iter, device=device,
-                              sign_invariant=params.canonical and params.signs == "invariant")
+                              max_iter=params.max_iter, device=device, sign_invariant=params.sign_mode == "invariant")
             labels, signs = res.labels, res.signs_or_ones()
         kk = min(k, n)
-        stats = [cluster_stats(pool.KA[m], pool.KB[m], labels[m], signs[m], kk) for m in range(len(units))]
+        stats = [cluster_stats(pool.KA[m], pool.KB[m], labels[m], signs[m], kk, pool.linf[m], pool.target_scale[m],
+                               pool.source[m] if params.balance_inputs else None) for m in range(len(units))]
+        A_c, B_c, c_linf = centroids(pool, stats)
         scales, rows, records = [], [], []
         for m, (st, ctx) in enumerate(zip(stats, ctxs)):
             t2 = float(pool.target_norm2[m])
-            if k >= n:
-                s, err2 = torch.ones(n, dtype=torch.float64), {o: 0.0 for o in REWEIGHTS}
-            else:
-                opts, err2 = option_scales(st, pool.mean_rank[m], t2)
-                s = opts[params.reweight]
+            opts, err2 = option_scales(st, c_linf[m], pool.mean_rank[m], t2)
+            s = opts[params.reweight]
             scales.append(s)
             m2 = float(s @ st.G @ s)
             rows.append(ModuleFidelity(ctx.name, t2**0.5, max(m2, 0.0) ** 0.5, err2[params.reweight] ** 0.5))
@@ -81,17 +92,13 @@ class Lego(Algorithm[LegoParams]):
             if params.report:
                 _detail(rec, pool.source[m], labels[m], st.cos, kk)
             records.append(rec)
-        merged = self._assemble(pool, stats, scales, out_dtype)
+        merged = self._assemble(pool, stats, A_c, B_c * torch.stack(scales).to(B_c)[:, None, :], out_dtype)
         return [MergedModule(u, fidelity=row, notes={"record": rec}) for u, row, rec in zip(merged, rows, records)]
 
-    def _assemble(self, pool: PoolBatch, stats: list[ClusterStats], scales: list[torch.Tensor],
+    def _assemble(self, pool: PoolBatch, stats: list[ClusterStats], A_out: torch.Tensor, B_out: torch.Tensor,
                   out_dtype: list[torch.dtype]) -> list[RankUnits]:
-        """The merged factors of the whole batch: ā_j = Σ_i W_ij a'_i, b̄_j = s_j Σ_i W_ij b'_i (two bmm)."""
-        dt = pool.A.dtype
-        W = pool.unsort(torch.stack([st.W for st in stats]))  # [M, N, k] over the input-order units
-        S = torch.stack(scales).to(device=W.device, dtype=dt)
-        A_out = torch.bmm((W * pool.ca[:, :, None]).transpose(1, 2), pool.A)
-        B_out = torch.bmm(pool.B, W * pool.cb[:, :, None] * S[:, None, :])
+        """Wrap the batch's merged factors ā [M, k, d_in], s·b̄ [M, d_out, k] as units (sources: the input
+        of a cluster whose members all come from one input, else -1)."""
         out = []
         for m, st in enumerate(stats):
             member = st.W.cpu() != 0  # [N, k]
@@ -105,6 +112,13 @@ class Lego(Algorithm[LegoParams]):
         return out
 
     # ------------------------------------------------------------------ after the merge
+    def report(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> dict[str, Any]:
+        """Says when k ≥ the pooled rank left modules unclustered (the merge is then the plain weighted pool)."""
+        kept = sum(1 for _, n in notes if n["record"].exact)
+        if not kept:
+            return {}
+        return {"modules not clustered (k ≥ their pooled rank: units kept as they are)": f"{kept} of {len(notes)}"}
+
     def card_sections(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> list[tuple[str, str]]:
         records = [n["record"] for _, n in notes]
         return [fidelity_section(records, params.reweight)] if records else []
@@ -114,7 +128,8 @@ class Lego(Algorithm[LegoParams]):
         if not notes or not params.report:
             return {}
         meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}", "reweight": params.reweight,
-                "space": params.space, "backend": params.backend, "signs": params.signs}
+                "features": params.features, "space": params.space, "backend": params.backend,
+                "signs": params.sign_mode, "balance_inputs": params.balance_inputs}
         return report_files([n["record"] for _, n in notes], list(labels), meta)
 
 

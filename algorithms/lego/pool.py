@@ -1,21 +1,33 @@
 """The unit pools of a batch of same-shape modules, held as Gram matrices (no copied factors).
 
-A module's pool is every weighted rank unit of every input, as the vector v_i = [b_i ; a_i].  Units
-are put in canonical form first: balanced (‖a_i‖ = ‖b_i‖), and a fixed sign when ``signs="rule"``
-(with ``signs="invariant"`` k-means itself treats v and −v as the one unit they are).  Without the
-balance the same direction appears at any split c·b, a/c, and k-means clusters those artefacts.
+A module's pool is every rank unit of every input: unit i of input t is b_i a_iᵀ with b_i scaled by
+the input's *relative* weight ω_t = n·w_t / Σ_s |w_s| (n inputs; equal weights of any size give
+ω = 1, the published unweighted pool, so weights never shrink the update on top of the cluster means).
+The merge approximates the weighted average T = (1/n) Σ_i ω_i b_i a_iᵀ = Σ_t w_t ΔW_t / Σ_t |w_t|.
 
-Everything LEGO needs — k-means distances, centroid norms, reweighting Grams, fidelity — is a
-function of the two N×N Gram matrices GA = A Aᵀ and GB = BᵀB of the raw pooled factors, because
-balancing and signs are diagonal scalings of them.  So a module costs two N²·d products; the
-centroids are one k·N·d product at the end.
+Two vector forms per unit (``features``):
 
-The pool is ordered by content (sort key: ‖v_i‖², then |⟨v_i, r⟩| for a seeded random r), so the
+- ``paper`` (the published method): k-means sees f_i = [a_i/‖a_i‖ ; b_i/‖b_i‖] (each half unit-norm),
+  the centroids average the raw vectors u_i = [a_i ; b_i];
+- ``canonical``: both are the balanced u_i = [c_i a_i ; b_i / c_i] with ‖c_i a_i‖ = ‖b_i / c_i‖
+  (without the balance the same direction appears at any split c·b, a/c);
+- ``raw``: both are the raw [a_i ; b_i] (ablation: k-means then clusters scale splits).
+
+Signs (``signs``): ``rule`` flips each unit so its largest-|·| a-entry is positive; ``invariant`` is left
+to k-means (v and −v are one point); ``none`` keeps the stored signs (the published method).
+
+Everything but the final centroids is a function of the N×N Gram matrices GA = A Aᵀ and GB = BᵀB of
+the pooled factors, because normalising, balancing and signs are diagonal scalings of them: a module
+costs two N²·d products.  The centroids are one k·N·d product at the end; the parameter reweighting's
+max-abs norms are one O(N·d) pass over the factors (members) and over the centroids.
+
+The pool is ordered by content (sort key: ‖u_i‖², then |⟨u_i, r⟩| for a seeded random r), so the
 merge does not depend on the order of units or inputs for a given seed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,15 +40,19 @@ from mergekit_lora.units import RankUnits
 class PoolBatch:
     """M same-shape pools of N units.  Tensors in the input order unless said "sorted"."""
 
-    A: torch.Tensor  # [M, N, d_in] weighted units, as pooled (input order)
-    B: torch.Tensor  # [M, d_out, N]
-    ca: torch.Tensor  # [M, N] canonical a'_i = ca_i a_i, b'_i = cb_i b_i (balance × sign; 0 for zero units)
+    A: torch.Tensor  # [M, N, d_in] pooled units (input order)
+    B: torch.Tensor  # [M, d_out, N] pooled units, b_i × ω (input order)
+    ca: torch.Tensor  # [M, N] averaged vector u_i = [ca_i a_i ; cb_i b_i] (balance × sign; 0: zero unit)
     cb: torch.Tensor  # [M, N]
     order: torch.Tensor  # [M, N] sorted position -> input position
-    KA: torch.Tensor  # [M, N, N] sorted canonical Grams a'_iᵀa'_j
-    KB: torch.Tensor  # [M, N, N] b'_iᵀb'_j
+    KA: torch.Tensor  # [M, N, N] sorted Grams of the averaged vectors' halves: (ca_i a_i)ᵀ(ca_j a_j)
+    KB: torch.Tensor  # [M, N, N] (cb_i b_i)ᵀ(cb_j b_j)
+    FA: torch.Tensor  # [M, N, N] sorted Grams of k-means' features (A-half); KA itself unless paper
+    FB: torch.Tensor  # [M, N, N] (B-half)
+    linf: torch.Tensor  # [M, N] sorted ‖u_i‖_∞ (float64, CPU): the members' max-abs norms
     source: torch.Tensor  # [M, N] sorted input index of each unit (CPU)
-    target_norm2: torch.Tensor  # [M] ‖Σ w_i ΔW_i‖² (float64, CPU)
+    target_norm2: torch.Tensor  # [M] ‖T‖² of the weighted average T (float64, CPU)
+    target_scale: list[float]  # per module: T = target_scale × Σ_i (pooled unit i), i.e. 1/n
     mean_rank: list[float]  # per module: the inputs' mean rank (the paper's output reweighting)
     template: list[RankUnits]  # per module: one input's units, the shape/kind carrier of the output
 
@@ -45,8 +61,8 @@ class PoolBatch:
         return int(self.A.shape[1])
 
     def K(self, space: str) -> torch.Tensor:
-        """What k-means sees: the Gram of [b; a] (paper), or of the A-part / B-part only."""
-        return {"a": self.KA, "b": self.KB}.get(space, self.KA + self.KB)
+        """What k-means sees: the feature Gram of the whole vector, or of its A-half / B-half only."""
+        return {"a": self.FA, "b": self.FB}.get(space, self.FA + self.FB)
 
     def unsort(self, W: torch.Tensor) -> torch.Tensor:
         """Rows of W [M, N, k] from sorted positions back to input positions."""
@@ -68,9 +84,20 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, canonical: bool, signs: str,
+def relative_weights(weights: Sequence[float]) -> list[float]:
+    """ω_t = n·w_t / Σ_s |w_s| (mean |ω| = 1); all-zero weights give ω = 0 (an all-zero merge)."""
+    total = sum(abs(float(w)) for w in weights)
+    return [len(weights) * float(w) / total if total > 0 else 0.0 for w in weights]
+
+
+def _inv(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """1/x where ``ok``, else 0."""
+    return torch.where(ok, 1 / torch.where(ok, x, 1), torch.zeros_like(x))
+
+
+def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, features: str, signs: str,
                 generators: list[torch.Generator], device: torch.device) -> PoolBatch:
-    """Weight and pool each module's units, then the canonical sorted Grams (``generators``: sort keys)."""
+    """Weight and pool each module's units, then the sorted Grams (``generators``: sort keys)."""
     first = units[0][0]
     dt = work_dtype(pooled_dtype([u for us in units for u in us]))
     M, N, d_in, d_out = len(units), sum(u.rank for u in units[0]), first.d_in, first.d_out
@@ -78,7 +105,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
     B = torch.empty(M, d_out, N, dtype=dt, device=device)
     for m, (us, ws) in enumerate(zip(units, weights)):  # one copy of each factor into the batch
         at = 0
-        for u, w in zip(us, ws):
+        for u, w in zip(us, relative_weights(ws)):
             A[m, at:at + u.rank].copy_(u.A)
             torch.mul(u.B.to(dt), w, out=B[m, :, at:at + u.rank])  # in the work dtype, not the input
             at += u.rank
@@ -86,19 +113,18 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
     GB = torch.bmm(B.transpose(1, 2), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
-    nonzero = (na > 0) & (nb > 0)
-    if canonical:
-        c = torch.where(nonzero, torch.sqrt(nb / torch.where(nonzero, na, 1)), torch.zeros_like(na))
-    else:
-        c = torch.where(nonzero, torch.ones_like(na), torch.zeros_like(na))
-    sign = torch.ones_like(c)
-    if canonical and signs == "rule":  # the largest-|entry| of a_i positive (first on ties)
+    sign = torch.ones_like(na)
+    if signs == "rule":  # the largest-|entry| of a_i positive (first on ties)
         idx = A.abs().argmax(dim=2)
         sign = torch.sign(A.gather(2, idx[:, :, None])[:, :, 0])
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    ca = c * sign  # a'_i = ca_i a_i
-    cb = torch.where(nonzero, sign / torch.where(nonzero, c, 1), torch.zeros_like(c))  # b'_i = cb_i b_i
-    # content order: ‖v'‖² then |⟨v', r⟩| (sign-free), keys in float64 on the CPU
+    if features == "canonical":
+        nonzero = (na > 0) & (nb > 0)
+        c = torch.where(nonzero, torch.sqrt(nb * _inv(na, nonzero)), torch.zeros_like(na))
+        ca, cb = c * sign, sign * _inv(c, nonzero)
+    else:  # paper / raw: the stored vectors (a unit with one zero half still has its other half)
+        ca, cb = sign, sign.clone()
+    # content order: ‖u‖² then |⟨u, r⟩| (sign-free), keys in float64 on the CPU
     r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
     r = r.to(device=device, dtype=dt)
     proj = cb * torch.bmm(r[:, None, :d_out], B)[:, 0] + ca * torch.bmm(A, r[:, d_out:, None])[:, :, 0]
@@ -106,14 +132,22 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, can
     absproj = proj.abs().double().cpu().numpy()
     order = torch.from_numpy(np.stack([np.lexsort((absproj[m], norm2[m])) for m in range(M)]).astype(np.int64))
     od = order.to(device)
-    sa, sb = ca.gather(1, od), cb.gather(1, od)
 
     def sorted_gram(G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        s = s.gather(1, od)
         G = G.gather(1, od[:, :, None].expand(M, N, N)).gather(2, od[:, None, :].expand(M, N, N))
         return G * s[:, :, None] * s[:, None, :]
 
+    KA, KB = sorted_gram(GA, ca), sorted_gram(GB, cb)
+    if features == "paper":
+        FA, FB = sorted_gram(GA, sign * _inv(na, na > 0)), sorted_gram(GB, sign * _inv(nb, nb > 0))
+    else:
+        FA, FB = KA, KB
+    linf = torch.maximum(ca.abs() * A.abs().amax(2), cb.abs() * B.abs().amax(1)).double().cpu()
     source = torch.stack([torch.cat([u.source.cpu() for u in us]) for us in units]).gather(1, order)
-    target_norm2 = (GA.double() * GB.double()).sum((1, 2)).clamp_min(0).cpu()
+    n_in = [max(len(us), 1) for us in units]
+    target_scale = [1.0 / n for n in n_in]
+    target_norm2 = (GA.double() * GB.double()).sum((1, 2)).clamp_min(0).cpu() / torch.tensor(n_in).double() ** 2
     mean_rank = [float(sum(u.rank for u in us)) / max(len(us), 1) for us in units]
-    return PoolBatch(A, B, ca, cb, order, sorted_gram(GA, sa), sorted_gram(GB, sb), source, target_norm2,
-                     mean_rank, [us[0] for us in units])
+    return PoolBatch(A, B, ca, cb, order, KA, KB, FA, FB, linf.gather(1, order), source, target_norm2,
+                     target_scale, mean_rank, [us[0] for us in units])

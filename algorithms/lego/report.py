@@ -36,7 +36,8 @@ def fidelity_section(records: list[ModuleRecord], chosen: str) -> tuple[str, str
     if "overall" in acc:
         acc["overall"] = acc.pop("overall")
     head = " | ".join(f"**{o}**" if o == chosen else o for o in REWEIGHTS)
-    lines = ["Relative error ‖ΔW − Σ wᵢ ΔWᵢ‖ / ‖Σ wᵢ ΔWᵢ‖ of each reweighting option on the same clusters "
+    lines = ["Relative error ‖ΔW − T‖ / ‖T‖ against the weighted average T = Σ wᵢ ΔWᵢ / Σ |wᵢ| (LoRA-LEGO reads "
+             "weights as relative) of each reweighting option on the same clusters "
              f"(factor space; used here: `{chosen}`). `lsq` is the least-squares optimum of this error; "
              "`paper` targets output scale, not this error.", "",
              f"| module group | {head} |", "|---|" + "---|" * len(REWEIGHTS)]
@@ -47,8 +48,8 @@ def fidelity_section(records: list[ModuleRecord], chosen: str) -> tuple[str, str
         lines.append(f"| {name} | " + " | ".join(f"{v:.3e}" for v in vals) + " |")
     exact = sum(r.exact for r in records)
     if exact:
-        lines += ["", f"{exact} of {len(records)} modules had k ≥ pooled rank: their units were kept "
-                      "unclustered (exact Σ wᵢ ΔWᵢ, no reweighting)."]
+        lines += ["", f"{exact} of {len(records)} modules had k ≥ pooled rank: every unit was its own cluster "
+                      "(`lsq` is then exact; `none` is the pooled sum, `paper` that × √(r/k))."]
     return "LoRA-LEGO reweighting", "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ and an optional ``M.alpha``.  Written files use ``lora_A``/``lora_B`` keys with 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -121,12 +122,20 @@ def _check_metadata_alphas(a: Adapter, metadata: Mapping[str, str]) -> None:
         cfg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LoraMergeError(f"{a.path}: header entry {METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoraMergeError(f"{a.path}: header entry {METADATA_KEY} is not a JSON object")
     for name, info in list(a.modules.items()):
         comp, _, path = name.partition(".")
         alpha = cfg.get(f"{comp}.lora_alpha")
         if alpha is None:
             continue
-        alpha = float(pattern_value(cfg.get(f"{comp}.alpha_pattern") or {}, path, alpha))
+        try:
+            alpha = float(pattern_value(cfg.get(f"{comp}.alpha_pattern") or {}, path, alpha))
+            if not math.isfinite(alpha):
+                raise ValueError("not finite")
+        except (TypeError, ValueError, AttributeError, re.error) as e:
+            raise LoraMergeError(f"{a.path}: header entry {METADATA_KEY}: {comp}.lora_alpha/alpha_pattern must be "
+                                 f"finite numbers keyed by valid regexes ({e})") from None
         rslora = bool(cfg.get(f"{comp}.use_rslora", False))
         scale = alpha / (info.rank ** 0.5 if rslora else info.rank)
         a.modules[name] = replace(info, alpha=alpha, scale=scale)

@@ -15,6 +15,7 @@ from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
 from ..names import natural_key, pattern_value
 from ..units import RankUnits
+from .peft_config import validate_config
 from .tensors import TensorSource, compute_dtype
 
 PEFT_PREFIX = "base_model.model."
@@ -70,11 +71,14 @@ def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path | None]:
 
 def _read_config(p: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraMergeError(f"{p}: not valid JSON ({e})") from None
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LoraMergeError(f"{p}: not valid JSON ({str(e)[:200]})") from None
+    except OSError as e:
+        raise LoraMergeError(f"{p}: cannot be read ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise LoraMergeError(f"{p}: expected a JSON object")
+    validate_config(cfg, p)
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise LoraMergeError(f"{p}: peft_type is {ptype}; only LoRA adapters can be read")
@@ -207,10 +211,8 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
 
 
 def _module_info(f: Path, mod: str, p: _Pair, src: TensorSource, fan_in_fan_out: bool) -> ModuleInfo:
-    a_shape, b_shape = src.shapes[p.a_key], src.shapes[p.b_key]
+    a_shape, b_shape = src.check_factor(p.a_key), src.check_factor(p.b_key)
     dtype = src.dtypes[p.a_key]
-    if not dtype.is_floating_point:
-        raise LoraMergeError(f"{f}: tensor {p.a_key} has dtype {dtype}; LoRA factors must be floating point")
     if p.embedding:
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise LoraMergeError(f"{f}: {p.a_key} {a_shape} and {p.b_key} {b_shape} do not form an embedding LoRA pair")

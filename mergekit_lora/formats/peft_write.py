@@ -110,16 +110,29 @@ def carried_target_modules(metas: Sequence[AdapterMeta], input_modules: Sequence
 
 def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: AdapterMeta, *,
                dtype: torch.dtype | None = None, target_modules: Sequence[str] | str | None = None,
-               metadata: dict[str, str] | None = None, expected_modules: Sequence[str] | None = None) -> dict[str, Any]:
+               metadata: dict[str, str] | None = None, expected_modules: Sequence[str] | None = None,
+               profile: str | None = None, rank: int | None = None) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (an existing folder,
     normally the temp folder of :func:`mergekit_lora.atomic.atomic_output`).  Returns the config.
 
     ``expected_modules`` (the names ``modules`` will yield) lets the tensors stream straight into the
-    file behind a reserved header instead of through a temp file."""
+    file behind a reserved header instead of through a temp file.
+
+    ``profile="portable"``: every module padded with zero units to one rank (``rank``, default the largest),
+    ``lora_alpha = r``, explicit short ``target_modules``, none of ``portable.REFUSED_KEYS`` — what vLLM,
+    SGLang and LoRAX load.  The returned dict then also holds ``"mergekit_lora.portable"`` (rank and the
+    parameters the padding added); that entry is not written to the file."""
+    from .portable import check_profile, padded, portable_config
+
     out_dir = Path(out_dir)
     dtype = dtype or meta.dtype
     ranks: dict[str, int] = {}
     md = {"format": "pt", **(metadata or {})}
+    portable = None
+    if check_profile(profile) == "portable":
+        modules, prank, added = padded(modules, rank)
+        portable = {"rank": prank, "padding_params": added}
+        md["mergekit_lora.profile"] = "portable"
     budget = None
     if expected_modules is not None:  # the longest key form a module can take (embedding keys)
         budget = header_budget([f"{PEFT_PREFIX}{n}.lora_embedding_{ab}" for n in expected_modules for ab in "AB"], md)
@@ -130,5 +143,7 @@ def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: Ad
                 st.add(key, t)
             ranks[name] = max(u.rank, 1)
     cfg = peft_config(ranks, meta, target_modules=target_modules)
+    if portable is not None:
+        cfg = portable_config(cfg, portable["rank"], ranks)
     (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return cfg
+    return cfg if portable is None else {**cfg, "mergekit_lora.portable": portable}

@@ -20,7 +20,7 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..routing import format as routed
-from . import diffusers, kohya, peft_read, sd, sd_detect, writers
+from . import diffusers, gguf, kohya, peft_read, sd, sd_detect, writers
 
 ENTRY_POINT_GROUP = "mergekit_lora.formats"
 
@@ -53,6 +53,7 @@ def builtin_formats() -> list[FormatSpec]:
                    diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
         FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
                    writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output),
+        FormatSpec("gguf", write=gguf.gguf_writer),  # llama.cpp LoRA (issue 18): needs base_gguf= or architecture=
     ]
 
 

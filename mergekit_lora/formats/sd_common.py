@@ -34,18 +34,36 @@ class Parsed:
 
 
 def _shape_info(f: Any, name: str, e: Entry, src: TensorSource) -> tuple[int, int, int, tuple[int, ...], str]:
-    ds, us = src.shapes[e.down], src.shapes[e.up]
+    ds, us = src.check_factor(e.down), src.check_factor(e.up)
     if len(ds) not in (2, 4) or len(us) != len(ds):
         raise LoraMergeError(f"{f}: {e.down} {ds} and {e.up} {us} are not a linear (2-D) or conv (4-D) LoRA pair")
     r = ds[0]
     if us[1] != r or any(s != 1 for s in us[2:]):
         raise LoraMergeError(f"{f}: {e.down} has rank {r} but {e.up} has shape {us}; the up weight must be [out, {r}(, 1, 1)]")
-    if not src.dtypes[e.down].is_floating_point:
-        raise LoraMergeError(f"{f}: tensor {e.down} has dtype {src.dtypes[e.down]}; LoRA factors must be floating point")
     d_out = us[0]
     if len(ds) == 2:
         return r, d_out, ds[1], (d_out, ds[1]), "linear"
     return r, d_out, int(math.prod(ds[1:])), (d_out, *ds[1:]), "conv"
+
+
+_ALPHA_NAMES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
+_ALPHA_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8}
+
+
+def _alpha(src: TensorSource, key: str) -> float:
+    """A module's alpha scalar: one finite number (any numeric dtype), else refused by key."""
+    name = src.dtype_names.get(key)
+    if (name is not None and name not in _ALPHA_NAMES) or src.dtypes[key] not in _ALPHA_DTYPES:
+        raise LoraMergeError(f"{src.path}: tensor {key} has dtype {src.dtype_name(key)}; alpha must be a number "
+                             "(F32, F16, BF16, F64 or an integer)")
+    t = src.get(key)
+    if t.numel() != 1:
+        raise LoraMergeError(f"{src.path}: tensor {key} has shape {list(t.shape)}; alpha must be one number")
+    alpha = float(t.double().reshape(-1)[0])
+    if not math.isfinite(alpha):
+        raise LoraMergeError(f"{src.path}: tensor {key} is not a finite number; the adapter is corrupt")
+    return alpha
 
 
 def adapter_from_entries(src: TensorSource, parsed: Parsed, *, fmt: str, naming: str, label: str) -> Adapter:
@@ -62,7 +80,7 @@ def adapter_from_entries(src: TensorSource, parsed: Parsed, *, fmt: str, naming:
                                  "the file is incomplete")
         r, d_out, d_in, ws, kind = _shape_info(f, name, e, src)
         if e.alpha is not None:
-            alpha = float(src.get(e.alpha).double().reshape(-1)[0])
+            alpha = _alpha(src, e.alpha)
         else:
             alpha, assumed = float(r), assumed + 1  # kohya: missing alpha means alpha = rank
         infos[name] = ModuleInfo(name, r, d_out, d_in, ws, kind, False, alpha, alpha / r if r else 1.0,

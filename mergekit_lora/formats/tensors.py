@@ -17,7 +17,10 @@ _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
+# Factor dtypes the math can use (float8 and integers are refused by name, never reinterpreted).
+FACTOR_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class TensorSource:
@@ -33,6 +36,8 @@ class TensorSource:
         self.metadata = metadata
         self._tensors = tensors
         self._reader: _RangeReader | None = None
+        self.dtype_names: dict[str, str] = {}  # the header's own dtype strings (safetensors files)
+        self._stat: tuple[int, int] | None = None  # (size, mtime_ns) when the header was read
 
     @classmethod
     def open(cls, path: Path, *, allow_pickle: bool = False) -> TensorSource:
@@ -47,14 +52,38 @@ class TensorSource:
                 )
             return cls.from_tensors(path, _load_pickle(path))
         try:
+            st = path.stat()
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-                dtypes = {k: _ST_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in keys}
+                names = {k: str(f.get_slice(k).get_dtype()) for k in keys}
                 metadata = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
-        return cls(path, keys, shapes, dtypes, metadata)
+        # an unknown dtype string keeps a byte dtype as a placeholder: check_factor refuses it by name
+        dtypes = {k: _ST_DTYPES.get(n, torch.uint8) for k, n in names.items()}
+        src = cls(path, keys, shapes, dtypes, metadata)
+        src.dtype_names = names
+        src._stat = (st.st_size, st.st_mtime_ns)
+        return src
+
+    def dtype_name(self, key: str) -> str:
+        return self.dtype_names.get(key) or str(self.dtypes[key]).removeprefix("torch.")
+
+    def check_factor(self, key: str, min_ndim: int = 2) -> tuple[int, ...]:
+        """Refuse a LoRA factor that is not float16/bfloat16/float32/float64, has fewer than ``min_ndim``
+        dimensions, or has a zero-sized dimension (rank 0); returns its shape."""
+        dtype, shape = self.dtypes[key], self.shapes[key]
+        if self.dtype_names.get(key, "") not in ("", *FACTOR_DTYPES.values()) or dtype not in FACTOR_DTYPES:
+            raise LoraMergeError(f"{self.path}: tensor {key} has dtype {self.dtype_name(key)}; LoRA factors must be "
+                                 "floating point (F32, F16, BF16 or F64)")
+        if len(shape) < min_ndim:
+            raise LoraMergeError(f"{self.path}: tensor {key} has shape {list(shape)}; a LoRA factor is a matrix "
+                                 f"(at least {min_ndim} dimensions)")
+        if any(d == 0 for d in shape):
+            raise LoraMergeError(f"{self.path}: tensor {key} has shape {list(shape)} with a zero dimension "
+                                 "(rank 0 or an empty layer); remove the module or re-export the adapter")
+        return shape
 
     @classmethod
     def from_tensors(cls, path: Path, tensors: Mapping[str, torch.Tensor],
@@ -67,15 +96,31 @@ class TensorSource:
         if self._tensors is not None:
             t = self._tensors[key]
         else:
+            self._check_unchanged()
             try:
                 if self._reader is None:
                     self._reader = _RangeReader(self.path)
                 t = self._reader.read(key, self.dtypes[key], self.shapes[key])
-            except (SafetensorError, OSError, ValueError) as e:
-                raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({e})") from None
-        if t.is_floating_point() and not all_finite(t):
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                    struct.error) as e:
+                raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({type(e).__name__}: {e})") from None
+        if t.is_floating_point() and t.dtype in FACTOR_DTYPES and not all_finite(t):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return t
+
+
+    def _check_unchanged(self) -> None:
+        """Refuse when the file's size or modification time differs from when its header was read."""
+        if self._stat is None:
+            return
+        try:
+            st = self.path.stat()
+        except OSError:
+            raise LoraMergeError(f"{self.path}: the file disappeared after its header was read; run again when "
+                                 "it is no longer being written") from None
+        if (st.st_size, st.st_mtime_ns) != self._stat:
+            raise LoraMergeError(f"{self.path}: the file changed after its header was read (size or modification "
+                                 "time); run again when it is no longer being written")
 
 
 class _RangeReader:
@@ -126,12 +171,20 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only (``weights_only=True``): a pickle that asks for anything else is refused in one
+    sentence; torch's own advice to disable the safeguard is not passed on."""
+    import warnings
+
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure is a bad file
-        raise LoraMergeError(f"{path}: cannot read pickle file ({e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise LoraMergeError(f"{path}: expected a dict of tensors")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure is a bad or unsafe file
+        raise LoraMergeError(f"{path}: cannot be read as a plain dict of tensors (it is damaged, or it asks to run "
+                             "code or build other objects, which is refused); convert it to safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise LoraMergeError(f"{path}: expected a dict of tensors keyed by name; convert it to safetensors")
     return sd
 
 

@@ -40,6 +40,12 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
     if len({f for f in families.values() if f != "unknown"}) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in families.items())
         raise LoraMergeError(f"the inputs belong to different model families ({listing}); they cannot be merged")
+    sd = [a.label for a in adapters if a.meta.extra.get("naming") in ("kohya", "diffusers")]
+    other = [a.label for a in adapters if a.meta.extra.get("naming") not in ("kohya", "diffusers")]
+    if sd and other:
+        raise LoraMergeError(
+            f"the inputs belong to different model families: {other[0]} is a LoRA of a transformers model and "
+            f"{sd[0]} a Stable Diffusion LoRA; they cannot be merged — merge adapters of one base model")
     namings = {a.label: a.meta.extra.get("naming") for a in adapters if a.meta.extra.get("naming")}
     if len(set(namings.values())) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in namings.items())

@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fidelity import (
-    ModuleFidelity,
-    declares_exact,
-    exact_fidelity,
-    module_fidelity,
-    summarize,
-    weighted_target,
-)
+from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from ..progress import progress_bar
 from ..registry import ModuleContext, Notes
 from ..threads import thread_policy
@@ -44,12 +37,14 @@ class MergeResult:
     merged: dict[str, Any] | None = None  # name -> merged units, when nothing was written
 
 
-def execute(plan: MergePlan) -> MergeResult:
-    """Merge as planned; write to ``plan.options.out`` (atomically) or keep the modules in memory."""
+def execute(plan: MergePlan, stream_fn: Any = None) -> MergeResult:
+    """Merge as planned; write to ``plan.options.out`` (atomically) or keep the modules in memory.
+
+    ``stream_fn``: a drop-in for :func:`merge_stream` (``distributed.ray_merge.ray_stream``: Ray tasks)."""
     t0 = time.perf_counter()
     rows: list[ModuleFidelity] = []
     notes: list[tuple[str, Notes]] = []
-    stream = merge_stream(plan, rows, notes)
+    stream = (stream_fn or merge_stream)(plan, rows, notes)  # issue 16 hook
     merged: dict[str, Any] | None = None
     config: dict[str, Any] = {}
     out = plan.options.out
@@ -73,7 +68,6 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
     have no single ΔW and get no row).
     """
     algo = plan.algorithm
-    # [perf] issue 15: one thread for small work, the budget for big GEMMs (mergekit_lora/threads.py)
     with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
         for batch in _batches(plan):
@@ -88,7 +82,6 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
             for mp, u, w, m in zip(batch, loaded, weights, outs):
                 if rows is not None and isinstance(m.units, RankUnits):
                     rows.append(m.fidelity if m.fidelity is not None
-                                else exact_fidelity(mp.name, weighted_target(u, w)) if declares_exact(algo, p)
                                 else module_fidelity(mp.name, m.units, weighted_target(u, w)))
                 if notes is not None and m.notes:
                     notes.append((mp.name, m.notes))

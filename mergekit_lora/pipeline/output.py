@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import checks
 from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..card import CardInfo, SourceInfo, render_card
@@ -26,12 +27,14 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
     spec = get_writer(plan.output_format)
     assert spec.write is not None
     algo = plan.algorithm
+    modules = checks.finite_units(modules, plan.out_dtype)  # issue 14: finite before the rename
     with atomic_output(Path(opts.out), opts.force) as tmp:
         config = spec.write(tmp, modules, list(plan.adapters), dtype=plan.out_dtype,
                             target_modules=plan.target_modules, method=plan.method,
                             recipe={"params": plan.params.model_dump(), "weights": list(plan.weights),
                                     "seed": opts.seed},
-                            module_names=[m.name for m in plan.modules])
+                            module_names=[m.name for m in plan.modules], profile=opts.profile,
+                            base_gguf=opts.base_gguf)
         sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,

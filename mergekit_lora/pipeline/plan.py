@@ -24,9 +24,11 @@ from typing import Any, Protocol
 import torch
 from pydantic import ValidationError
 
+from .. import checks
 from ..adapter import Adapter, ModuleInfo
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
+from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, get_writer
 from ..names import layer_index, matches
@@ -135,13 +137,17 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
             f"method {method!r} writes the {algo.output_format!r} format, not {opts.output_format!r}; drop "
             "«output_format» (a routed adapter can be exported as a static one: route's export_static)",
             field="output_format"))
-    if opts.out is not None:
+    _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
+    if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, _check_out, Path(opts.out), opts.force)
     top = _collect(problems, _top_params, algo, params) if algo is not None else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
     # Stage 2: the sources' headers.
     adapters, labels = _load_sources(sources, opts)
+    if opts.out is not None:  # issue 14: hub sources are local files only now
+        checks.output_not_input(opts.out, [q for a in adapters if a.path is not None
+                                           for q in checks.input_locations(a.path)])
     # Stage 3: the inputs together.
     adapters = align_names(adapters)
     if base_model:
@@ -152,6 +158,7 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     refusal = spec.refuse_inputs(adapters) if spec.refuse_inputs is not None else None
     if refusal:
         raise LoraMergeError(refusal, field="output_format")
+    _check_writer_options(fmt, opts)
     w = list(weights) if weights is not None else [1.0] * len(adapters)
     modules, matched = _module_table(algo, params, w, overrides, adapters, shared.names, shared.present)
     targets = carried_target_modules([a.meta for a in adapters], [a.module_names() for a in adapters],
@@ -161,6 +168,37 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
         adapters=tuple(adapters), labels=tuple(labels), modules=tuple(modules), partial=tuple(shared.partial),
         base_model=shared.base_model, output_format=fmt, out_dtype=resolve_dtype(opts.dtype, adapters),
         device=device, target_modules=targets, recipe=recipe, matched=matched)
+
+
+def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Source], params: Any,
+                         weights: Sequence[Any] | None, overrides: Sequence[Override], opts: MergeOptions) -> None:
+    """Issue 14 (:mod:`mergekit_lora.checks`): finite weights/parameters (gradients and overrides too),
+    and an output that is no input and can be created."""
+    if weights is not None:
+        _collect(problems, checks.finite_numbers, "weights", list(weights))
+    if params is not None:
+        _collect(problems, checks.finite_numbers, "parameters", params)
+    for i, o in enumerate(overrides):
+        _collect(problems, checks.finite_numbers, f"modules[{i}].parameters", dict(o.parameters or {}))
+        if o.weights is not None:
+            _collect(problems, checks.finite_numbers, f"modules[{i}].weights", list(o.weights))
+    if opts.out is not None:
+        _collect(problems, checks.output_not_input, opts.out, [s for s in sources if not isinstance(s, Adapter)])
+        _collect(problems, checks.output_path_ok, opts.out)
+
+
+def _check_writer_options(fmt: str, opts: MergeOptions) -> None:
+    """Options that only one output format takes, and what that format needs (read from headers only)."""
+    if opts.profile != "default" and fmt != "peft":
+        raise LoraMergeError(f"«profile» {opts.profile} is a PEFT output profile; the output format is {fmt}",
+                             field="profile")
+    if fmt == "gguf":
+        if opts.base_gguf is None:
+            raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
+                                 "architecture come from it): pass «base_gguf»", field="base_gguf")
+        resolve_base(opts.base_gguf)
+    elif opts.base_gguf is not None:
+        raise LoraMergeError(f"«base_gguf» is for output format gguf, not {fmt}", field="base_gguf")
 
 
 def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:
@@ -262,6 +300,12 @@ def _module_table(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams |
         holders = present[name]
         out.append(ModulePlan(name, holders, adapters[holders[0]].modules[name], p,
                               tuple(float(at(x, t)) for x in w), layer, t, idx))
+    for mp in out:
+        why = algo.check_module(mp.name, [adapters[i].modules[mp.name] for i in mp.present], mp.params)
+        if why:
+            problems.append(LoraMergeError(why, field="params"))
+            if len(problems) >= 5:  # enough to act on; the rest are the same kind
+                break
     for i, count in matched.items():
         if count == 0:
             problems.append(LoraMergeError(
