@@ -339,7 +339,7 @@ def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]],
     return out
 
 
-def report_notes(notes: Sequence[dict[str, float]], params: DenseParams | None) -> dict[str, Any]:
+def report_notes(notes: Sequence[Notes], params: DenseParams | None) -> dict[str, Any]:
     """The refactorisation error ‖D − D_k‖/‖D‖ over all modules (root of summed squares) and the worst."""
     if not notes:
         return {}

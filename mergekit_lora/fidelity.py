@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from .names import module_group
-from .threads import single_thread
 from .units import RankUnits
 
 
@@ -47,6 +47,8 @@ def _grams(x: RankUnits, y: RankUnits, dtype: torch.dtype) -> float:
 
 def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFidelity:
     """‖merged − target‖, ‖target‖, ‖merged‖ in factor space (no dense ΔW); see FLOAT32_MIN_REL_ERROR."""
+    from .threads import single_thread
+
     merged = merged.to(device=target.A.device)
     with single_thread():  # r×r products: never worth threads; same bits whatever the budget
         for dtype in (torch.float32, torch.float64):
@@ -61,12 +63,13 @@ def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFi
 
 
 def exact_fidelity(name: str, target: RankUnits) -> ModuleFidelity:
-    """The row of an exact method (merged ΔW = target by construction): error 0 without computing it;
-    only ‖target‖ is measured (one Gram pair, float32 products, float64 sum) for the energy columns."""
-    with single_thread():
-        t = max(_grams(target, target, torch.float32 if target.A.dtype != torch.float64 else torch.float64),
-                0.0) ** 0.5
-    return ModuleFidelity(name, t, t, 0.0)
+    """The row of an exact method (merged ΔW = target by construction): error 0, nothing computed.
+
+    The norms are NaN ("not measured"): ‖Σ w_i ΔW_i‖ needs the N×N Gram of all N input units, which
+    grows with the square of the number of inputs; :func:`summarize` reports rel. error 0 and energy
+    ratio 1 for groups made only of exact rows.
+    """
+    return ModuleFidelity(name, math.nan, math.nan, 0.0)
 
 
 def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:
@@ -83,9 +86,12 @@ def summarize(rows: Iterable[ModuleFidelity]) -> dict[str, dict[str, float]]:
     if "overall" in acc:
         acc["overall"] = acc.pop("overall")  # last row
     for key, (e2, t2, m2, n) in acc.items():
+        if math.isnan(t2) and e2 == 0:  # only exact rows (norms not measured) and zero errors
+            out[key] = {"modules": n, "rel_error": 0.0, "energy_ratio": 1.0}
+            continue
         out[key] = {
             "modules": n,
-            "rel_error": (e2 / t2) ** 0.5 if t2 > 0 else 0.0,
-            "energy_ratio": m2 / t2 if t2 > 0 else 0.0,
+            "rel_error": (e2 / t2) ** 0.5 if t2 > 0 else (math.nan if math.isnan(t2) else 0.0),
+            "energy_ratio": m2 / t2 if t2 > 0 else (math.nan if math.isnan(t2) else 0.0),
         }
     return out

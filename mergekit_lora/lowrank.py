@@ -23,7 +23,8 @@ def work_dtype(u: RankUnits) -> torch.dtype:
 
 def factor_svd(u: RankUnits, k: int | None = None, dtype: torch.dtype = torch.float64
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U [d_out, k], S [k], Vh [k, d_in]) of the top k (default: all m) singular triplets of ΔW.
+    """(U [d_out, k], S [m], Vh [k, d_in]): the top k (default: all m) singular vectors of ΔW and *all* m
+    singular values (the discarded ones give the truncation error for free).
 
     Only the k kept columns of the core's factors are mapped back (Q_b U_c[:, :k], V_c[:k] Q_aᵀ): no
     full m×m products before truncating.  LAPACK calls run single-threaded under the thread policy
@@ -38,7 +39,7 @@ def factor_svd(u: RankUnits, k: int | None = None, dtype: torch.dtype = torch.fl
         qa, ra = torch.linalg.qr(A.T, mode="reduced")
         uc, s, vhc = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     k = s.shape[0] if k is None else min(k, s.shape[0])
-    return qb @ uc[:, :k], s[:k], vhc[:k] @ qa.T
+    return qb @ uc[:, :k], s, vhc[:k] @ qa.T
 
 
 def singular_values(u: RankUnits) -> torch.Tensor:
@@ -55,9 +56,15 @@ def truncate(u: RankUnits, k: int) -> RankUnits:
 
     Units of the result mix inputs, so their ``source`` is -1.
     """
-    U, S, Vh = factor_svd(u, k, work_dtype(u))
-    k = S.shape[0]
+    return truncate_with_spectrum(u, k)[0]
+
+
+def truncate_with_spectrum(u: RankUnits, k: int) -> tuple[RankUnits, torch.Tensor]:
+    """:func:`truncate` and all singular values of ΔW ([m], float64): ‖ΔW‖² = Σσ², ‖ΔW − ΔW_k‖² = Σ_{j>k} σ²."""
+    U, S_all, Vh = factor_svd(u, k, work_dtype(u))
+    k = U.shape[1]
+    S = S_all[:k]
     root = S.clamp(min=0).sqrt()
     B = (U * root[None, :]).to(u.B.dtype)
     A = (root[:, None] * Vh).to(u.A.dtype)
-    return u.with_factors(A, B, torch.full((k,), -1, dtype=torch.long))
+    return u.with_factors(A, B, torch.full((k,), -1, dtype=torch.long)), S_all.double()

@@ -27,9 +27,10 @@ from contextlib import contextmanager
 
 import torch
 
-# Below this many floating-point operations an op runs on one thread: ~5 ms of single-thread work,
-# enough that a parallel region's barrier (a descheduled thread on a busy machine) cannot dominate.
-# Measured: evals/bench/thread_bench.py (RESULTS-threads.md).
+# Below this many floating-point operations an op runs on one thread: ~5 ms of single-thread work
+# (at ~30 GFLOP/s), enough that a parallel region's barrier (a descheduled thread on a busy machine)
+# cannot dominate.  The policy as a whole is checked against torch's default and fixed 1 / 2 threads
+# under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
 PARALLEL_MIN_FLOPS = 1.5e8
 
 _budget: int | None = None  # the active policy's thread budget (None: no policy active)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import mergekit_lora.threads as threads
-from mergekit_lora.fidelity import exact_fidelity, module_fidelity, weighted_target
+from mergekit_lora.fidelity import ModuleFidelity, exact_fidelity, module_fidelity, summarize, weighted_target
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.units import RankUnits
 
@@ -49,7 +51,7 @@ def _units(r: int, seed: int, m: int = 40, n: int = 30) -> RankUnits:
     return RankUnits.from_factors(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g), source=seed)
 
 
-def test_exact_methods_report_their_zero_error_and_their_row_is_the_target_norm():
+def test_exact_methods_report_their_zero_error_without_measuring_anything():
     us, w = [_units(4, 1), _units(3, 2)], [0.5, -1.5]
     ctx = ModuleContext("m", 0, torch.device("cpu"))
     for name, params in (("linear", {}), ("cat", {})):
@@ -58,10 +60,25 @@ def test_exact_methods_report_their_zero_error_and_their_row_is_the_target_norm(
         assert out.fidelity is not None and out.fidelity.error_norm == 0.0, name
     algo = get_algorithm("linear")
     assert algo.merge_module(us, w, parse_params(algo, {"rank": 2}), ctx).fidelity is None  # re-ranked: measured
-    target = weighted_target([_units(4, 1), _units(3, 2)], [0.5, -1.5])
+    target = weighted_target(us, w)
     row = exact_fidelity("m", target)
-    dense = float(target.delta().double().norm())
-    assert row.error_norm == 0.0 and abs(row.target_norm - dense) <= 1e-6 * dense and row.merged_norm == row.target_norm
+    assert row.error_norm == 0.0 and math.isnan(row.target_norm)  # ‖target‖ needs an N×N Gram: not measured
+    # a group of exact rows summarises to error 0 / energy 1; mixed with a measured nonzero error: not measurable
+    rows = [exact_fidelity("layers.0.q", target), exact_fidelity("layers.1.q", target)]
+    assert summarize(rows)["overall"] == {"modules": 2, "rel_error": 0.0, "energy_ratio": 1.0}
+    assert math.isnan(summarize(rows + [ModuleFidelity("layers.0.v", 1.0, 1.0, 0.5)])["overall"]["rel_error"])
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_svd_fidelity_row_from_the_spectrum_equals_the_factor_space_measurement(rank):
+    units = [_units(4, 1), _units(3, 2)]
+    algo = get_algorithm("svd")
+    out = algo.merge_module(units, [0.7, -1.2], parse_params(algo, {"rank": rank}),
+                            ModuleContext("m", 0, torch.device("cpu")))
+    ref = module_fidelity("m", out.units, weighted_target(units, [0.7, -1.2]))
+    for a, b in ((out.fidelity.error_norm, ref.error_norm), (out.fidelity.target_norm, ref.target_norm),
+                 (out.fidelity.merged_norm, ref.merged_norm)):
+        assert abs(a - b) <= 1e-4 * ref.target_norm
 
 
 @pytest.mark.parametrize("noise", [0.5, 1e-2, 1e-6])

@@ -133,11 +133,11 @@ def child_ours(args: argparse.Namespace) -> dict:
 
     paths = sorted(str(p) for p in Path(args.work).glob("adapter*"))
     w = [1.0 / len(paths)] * len(paths)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = merge(paths, args.method, Path(args.work) / f"out-ours-{args.method}", weights=w,
                 params=METHODS[args.method][1] if args.method in METHODS else OURS_ONLY[args.method],
                 device=args.device, force=True)
-    return {"seconds": time.perf_counter() - t0, "report": res.report,
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "report": res.report,
             "rel_error": res.fidelity["overall"]["rel_error"]}
 
 
@@ -258,6 +258,9 @@ def whole_process_main(args: argparse.Namespace) -> None:
         ours = fastest([timed(cmd, args.threads) for _ in range(args.repeat)])
         print(f"{m}: ours {ours['seconds']:.2f} s ({ours['cpu_seconds']:.2f} CPU s), {ours['peak_rss_mb']:.0f} MB",
               flush=True)
+        if args.peft_methods is not None and m not in args.peft_methods.split(","):
+            rows.append((m, ours, None, None))
+            continue
         pcmd = [sys.executable, __file__, "--child", "peft", "--method", m, "--work", str(work), "--device", args.device,
                 "--threads", str(args.threads), "--preset", args.preset]
         peft = fastest([timed(pcmd, args.threads) for _ in range(args.peft_repeat)])
@@ -270,7 +273,8 @@ def whole_process_main(args: argparse.Namespace) -> None:
         "# Whole process: `loramerge merge` vs a PEFT load + `add_weighted_adapter` + `save_pretrained` script", "",
         f"Command: `python evals/bench/static_bench.py --whole-process{' --preset ' + args.preset if args.preset else ''} "
         f"--layers {layers} --hidden {cfg.hidden_size} --adapters {args.adapters} --rank {args.rank} --methods {args.methods} "
-        f"--repeat {args.repeat} --peft-repeat {args.peft_repeat} --threads {args.threads}`", "",
+        f"--repeat {args.repeat} --peft-repeat {args.peft_repeat} --threads {args.threads}"
+        + (f" --peft-methods {args.peft_methods}" if args.peft_methods is not None else "") + "`", "",
         f"Machine: {machine()}, shared with other jobs (load average ≫ 2 during the runs); OMP_NUM_THREADS="
         f"{args.threads} for both sides.  Wall time of the whole process (start-up, imports, reading, merging, "
         "writing), its CPU time (user + system: what the merge costs, less sensitive to the other jobs than wall time) "
@@ -285,6 +289,10 @@ def whole_process_main(args: argparse.Namespace) -> None:
         "| ours peak RSS (MB) | PEFT peak RSS (MB) | rel. error vs PEFT |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for m, o, p, rel in rows:
+        if p is None:
+            lines.append(f"| `{m}` | {o['seconds']:.2f} | not run | | {o['cpu_seconds']:.2f} | not run | | "
+                         f"{o['peak_rss_mb']:.0f} | | |")
+            continue
         lines.append(f"| `{m}` | {o['seconds']:.2f} | {p['seconds']:.2f} | **{p['seconds'] / o['seconds']:.1f}×** | "
                      f"{o['cpu_seconds']:.2f} | {p['cpu_seconds']:.2f} | **{p['cpu_seconds'] / o['cpu_seconds']:.1f}×** | "
                      f"{o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | {rel:.2e} |")
@@ -312,6 +320,9 @@ def main() -> None:
                     help="time whole processes: the loramerge CLI vs a PEFT load+merge+save script")
     ap.add_argument("--repeat", type=int, default=1, help="whole-process: fastest of N runs of ours")
     ap.add_argument("--peft-repeat", type=int, default=1, help="whole-process: fastest of N runs of PEFT")
+    ap.add_argument("--peft-methods", default=None,
+                    help="whole-process: methods to run PEFT for (default: all; PEFT's svd/ties_svd take 10+ min "
+                         "at TinyLlama size)")
     ap.add_argument("--child", choices=["ours", "peft", "idle"])
     ap.add_argument("--method", default="linear")
     ap.add_argument("--work", default="")

@@ -1,7 +1,7 @@
 """Benchmark: the thread policy under contention vs torch's default and fixed 1 / 2 threads.
 
 A CPU-burning background process (``while True: pass``) runs for the whole benchmark, as a training
-job or another user would.  Each merge runs in its own subprocess (``mergekit_lora.merge.merge``,
+job or another user would.  Each merge runs in its own subprocess (``mergekit_lora.pipeline.merge``,
 in-process wall time: read + merge + fidelity + write) in four modes, interleaved, fastest of
 ``--repeat``:
 
@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
         os.environ["LORAMERGE_THREAD_POLICY"] = "off"
         if args.mode.startswith("fixed"):
             torch.set_num_threads(int(args.mode[5:]))
-    from mergekit_lora.merge import merge
+    from mergekit_lora.pipeline import merge
 
     paths = sorted(str(p) for p in Path(args.work).glob("adapter*"))
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
             burner.wait()
     lines = ["# Thread policy under contention", "",
              f"Command: `python evals/bench/thread_bench.py --layers {args.layers} --hidden {args.hidden} "
-             f"--adapters {args.adapters} --rank {args.rank} --repeat {args.repeat}"
+             f"--adapters {args.adapters} --rank {args.rank} --repeat {args.repeat} --methods {args.methods}"
              + (" --no-burner" if args.no_burner else "") + "`", "",
              f"Machine: {machine()}; shared with other jobs"
              + ("" if args.no_burner else "; plus one CPU-burning process (`while True: pass`) for the whole run")
