@@ -5,12 +5,14 @@ examples after the fixed shuffle); scores are on the first ``-n`` *test* example
 on the test set.  Every variant is scored per example, so the 95 % intervals are a paired bootstrap
 over test examples (resampled within each task, the same draw for every variant).
 
-    nice -n 10 .venv/bin/python evals/suite/route_suite.py -n 50 --per-task 64 --out evals/results/route-suite.json
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python evals/suite/route_suite.py -n 50 --per-task 16 --steps 16
 
 Variants (all routed adapters pool the four suite LoRAs with weights 1):
 ``implicit-k``, ``gate-k`` (uncalibrated), ``gate-cal-k`` (``loramerge route --router gate --calibrate``
 on the labelled train mix), ``gate-cal-k-static`` (its ``--export-static``), ``hier-k`` (hierarchical,
-top-1 adapter, profiles from the unlabeled train prompts), ``select`` (pick one adapter per request with
+top-1 adapter, profiles from the unlabeled train prompts), ``hierpool-k`` (the same profiles with one
+pooled covariance), ``val-k`` (adapter-selection accuracy of hier-k / hierpool-k on the next
+``--per-task`` *train* examples: choose between them without the test set), ``select`` (pick one adapter per request with
 the hierarchical profiles, serve it with that adapter's own LoRA), and static merges.
 """
 
@@ -115,8 +117,9 @@ def main() -> None:
     ap.add_argument("-n", "--examples", type=int, default=50)
     ap.add_argument("--per-task", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=[
-        "linear", "hier-8", "implicit-8", "select-8", "hier-4", "gate-8", "gate-cal-8", "gate-cal-8-static",
-        "svd-r8", "implicit-16", "hier-16", "implicit-4", "gate-4", "gate-16", "implicit-32", "gate-32", "hier-32"],
+        "linear", "hier-8", "implicit-8", "select-8", "gate-cal-8", "gate-8", "gate-cal-8-static", "hier-4",
+        "implicit-4", "hier-16", "implicit-16", "gate-cal-16", "val-8", "hierpool-8", "svd-r8", "gate-4", "gate-16",
+        "implicit-32", "gate-32", "gate-cal-4", "gate-cal-32"],
         help="in this order (the slow machine may not reach the end; results are saved after each)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "route-suite")
