@@ -19,7 +19,7 @@ from mergekit_lora.options import MergeOptions, make_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_FLAGS = {"output_format": "--format", "calibrate_data": "--calibrate", "lambda_": "--lambda"}
+_FLAGS = {"output_format": "--format", "calibrate_data": "--calibrate", "lambda_": "--lambda", "profiles": "--profile"}
 _SHORT = {"out": "-o"}
 
 

@@ -29,7 +29,8 @@ def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
 def route(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
-    router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free) or gate")] = "implicit",
+    router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical "
+                                             "(per sequence: adapters by input likelihood, then top-k units)")] = "implicit",
     top_k: Annotated[int, typer.Option("--top-k", help="active units per token")] = ...,  # type: ignore[assignment]
     top_k_module: Annotated[list[str] | None, typer.Option(help="per-module top-k: MODULE=K (suffix or regex)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
@@ -45,6 +46,11 @@ def route(
     bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
     export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
                                                      "as a PEFT adapter (needs --calibrate)")] = False,
+    profile: Annotated[list[Path] | None, typer.Option(help="hierarchical: unlabeled JSONL examples of one adapter's "
+                                                           "domain; repeat once per input, in input order")] = None,
+    top_m: Annotated[int, typer.Option(help="hierarchical: adapters chosen per sequence")] = 1,
+    mass: Annotated[float | None, typer.Option(help="hierarchical: instead of --top-m, the fewest adapters whose "
+                                                    "probability reaches this mass")] = None,
     emit_recipe: EmitRecipeOpt = None,
     *,
     options: MergeOptions,
@@ -53,21 +59,22 @@ def route(
     from mergekit_lora.recipe import recipe_yaml
     from mergekit_lora.routing.api import route as run_route
 
-    if router not in ("implicit", "gate"):
-        raise LoraMergeError(f"--router must be implicit or gate (got {router!r})")
+    if router not in ("implicit", "gate", "hierarchical"):
+        raise LoraMergeError(f"--router must be implicit, gate or hierarchical (got {router!r})")
     w = parse_floats(weights)
     if emit_recipe is not None:
-        if calibrate is not None:
-            raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop --calibrate "
-                                 "or --emit-recipe")
+        if calibrate is not None or profile:
+            raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop "
+                                 "--calibrate/--profile or --emit-recipe")
         params = {"router": router, "top_k": top_k, "temperature": temperature,
-                  "top_k_pattern": _top_k_pattern(top_k_module) or None}
+                  "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
+                  "mass": mass}
         emit(recipe_yaml(sources, "route", params, w, options.model_copy(update={"out": out})), emit_recipe)
     res = run_route(
         sources, out, top_k=top_k, router=router, weights=w, temperature=temperature,
         top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
-        export_static=export_static, options=options.model_copy(update={"progress": True}),
+        export_static=export_static, top_m=top_m, mass=mass, profiles=profile, options=options.model_copy(update={"progress": True}),
     )
     say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:

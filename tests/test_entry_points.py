@@ -110,3 +110,35 @@ def test_route_refuses_conv_modules_at_plan_time(tmp_path, monkeypatch):
     with pytest.raises(LoraMergeError, match="routing supports linear"):
         route([str(k)], tmp_path / "o", top_k=2)
     assert read == [] and not (tmp_path / "o").exists()
+
+
+def test_route_fits_hierarchical_profiles_from_the_cli(tmp_path):
+    """--router hierarchical --profile A.jsonl --profile B.jsonl: each adapter's input Gaussians are fitted on
+    its own file, stored in the routed adapter, and the card says so; profile misuse is one error line."""
+    import json
+
+    from safetensors import safe_open
+
+    shift, double, base = "examples/tiny-llama-shift", "examples/tiny-llama-double", "examples/tiny-llama"
+    files = []
+    for i, name in enumerate(("a", "b")):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"input_ids": [(3 * j + i) % 17 + 1 for j in range(6)]}) + "\n"
+                             for _ in range(4)))
+        files.append(str(f))
+    out = tmp_path / "hier"
+    _cli("route", shift, double, "--top-k", "4", "--router", "hierarchical", "--base", base,
+         "--profile", files[0], "--profile", files[1], "-o", out)
+    with safe_open(str(out / "routed_model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert any(k.endswith(".profile_mean") for k in keys) and any(k.endswith(".profile_var") for k in keys)
+    assert "## Profiles" in (out / "README.md").read_text()
+    for args, message in ((["--profile", files[0]], "1 profile files for 2 adapters"),
+                          (["--router", "implicit", "--profile", files[0], "--profile", files[1]],
+                           "(--profile) are for the hierarchical router")):
+        cmd = ["route", shift, double, "--top-k", "4", "--base", base, "-o", str(tmp_path / "x")]
+        if "--router" not in args:
+            cmd += ["--router", "hierarchical"]
+        r = runner.invoke(app, [*cmd, *args])
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "x").exists()

@@ -162,7 +162,7 @@ def test_route_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--router", "magic", "--top-k", "2"], "--router must be implicit or gate"),
+    (["--router", "magic", "--top-k", "2"], "--router must be implicit, gate or hierarchical"),
     (["--top-k", "2", "--export-static"], "--export-static"),
     (["--top-k", "2", "--calibrate", "cal.jsonl"], "--calibrate needs the base model"),
     (["--top-k", "2", "--calibrate", "bad.jsonl", "--base", "base"], "bad.jsonl:2: not valid JSON"),

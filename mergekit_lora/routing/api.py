@@ -26,6 +26,7 @@ from ..pipeline import execute, make_options, plan
 from ..runtime import attach, detach
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
 from .format import RoutedAdapter, iter_static, write_routed
+from .profile import fit_profiles, load_profile_data
 
 STATIC_DIR = "static"
 
@@ -75,10 +76,17 @@ def route(
     balance: float = 0.01,
     bias_rate: float = 1e-3,
     export_static: bool = False,
+    top_m: int = 1,
+    mass: float | None = None,
+    profiles: Sequence[str | Path] | None = None,
     options: MergeOptions | None = None,
     **option_fields: Any,
 ) -> RouteResult:
     """Pool the units of ``sources`` and write a routed adapter to ``out`` (calibrated when data is given).
+
+    ``profiles`` (hierarchical router): one JSONL of unlabeled examples per source, in source order; each
+    adapter's input Gaussians are fitted on its own file (needs ``base``).  ``top_m`` / ``mass``: how many
+    adapters the hierarchical router keeps per sequence.
 
     Run options (device, seed, force, missing, …) come from ``options`` and/or keyword fields of
     :class:`MergeOptions`, as for :func:`mergekit_lora.merge`.
@@ -88,17 +96,28 @@ def route(
                         **option_fields)
     if opts.out is None:
         raise LoraMergeError("a routed adapter needs an output folder («out»)", field="out")
-    params = {"router": router, "top_k": top_k, "temperature": temperature, "top_k_pattern": top_k_pattern or {}}
+    params = {"router": router, "top_k": top_k, "temperature": temperature, "top_k_pattern": top_k_pattern or {},
+              "top_m": top_m, "mass": mass}
     if export_static and calibrate_data is None:
         raise LoraMergeError("«export_static» weights each unit by its activation frequency on data; "
                              "pass «calibrate_data» and «base»", field="export_static")
     if calibrate_data is not None and base is None:
         raise LoraMergeError("«calibrate_data» needs the base model: pass «base» (a transformers folder)", field="base")
+    if profiles is not None:
+        if router != "hierarchical":
+            raise LoraMergeError("profile files («profiles») are for the hierarchical router: pass «router» "
+                                 "hierarchical", field="profiles")
+        if base is None:
+            raise LoraMergeError("profile files («profiles») need the base model: pass «base» (a transformers folder)",
+                                 field="base")
+        if len(profiles) != len(sources):
+            raise LoraMergeError(f"got {len(profiles)} profile files for {len(sources)} adapters; give one per "
+                                 "adapter, in the same order", field="profiles")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
         if v < (0 if name == "steps" else 1):
             raise LoraMergeError(f"«{name}» must be {'>= 0' if name == 'steps' else 'positive'} (got {v})", field=name)
     p = plan(sources, "route", params, weights, opts)
-    if calibrate_data is None:
+    if calibrate_data is None and profiles is None:
         res = execute(p)
         cfg = res.config
         return RouteResult(Path(opts.out), res.modules, sum(m["R"] for m in cfg["modules"].values()),
@@ -107,27 +126,40 @@ def route(
     out_path = Path(opts.out)
     model = load_base_model(base, p.device)  # type: ignore[arg-type]
     vocab = getattr(model.config, "vocab_size", None)
-    batches = make_batches(load_examples(calibrate_data, base=base, max_length=max_length, vocab_size=vocab),
-                           batch_size)
+    batches = (make_batches(load_examples(calibrate_data, base=base, max_length=max_length, vocab_size=vocab),
+                            batch_size) if calibrate_data is not None else [])
+    profile_data = (load_profile_data(profiles, base=base, max_length=max_length, batch_size=batch_size,
+                                      vocab_size=vocab) if profiles is not None else None)
     in_memory = replace(p, options=opts.model_copy(update={"out": None, "push_to_hub": None}))
     routed = RoutedAdapter(execute(in_memory).merged or {}, p.base_model, list(p.labels))
     handle = attach(model, routed)
+    cal = None
     try:
-        cal = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
-                        seed=opts.seed, device=p.device, progress=opts.progress)
-        measure_activation(model, handle, batches, p.device)
+        if profile_data is not None:
+            fit_profiles(model, handle, profile_data, device=p.device, progress=opts.progress)
+        if calibrate_data is not None:
+            cal = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
+                            seed=opts.seed, device=p.device, progress=opts.progress)
+            measure_activation(model, handle, batches, p.device)
         fitted = handle.routed(routed)
     finally:
         detach(model)
-    fitted.info = {"calibration": {"data": str(calibrate_data), "steps": steps, "lr": lr, "balance": balance,
-                                   "bias_rate": bias_rate, "seed": opts.seed, "loss_before": cal.loss_before,
-                                   "loss_after": cal.loss_after}}
+    fitted.info = {}
+    sections = []
+    if profiles is not None:
+        fitted.info["profiles"] = {"data": [str(f) for f in profiles], "max_length": max_length}
+        sections.append(("Profiles", "Hierarchical router: each adapter's input Gaussians fitted on "
+                                     + ", ".join(f"`{f}`" for f in profiles) + " (one file per adapter)."))
+    if cal is not None:
+        fitted.info["calibration"] = {"data": str(calibrate_data), "steps": steps, "lr": lr, "balance": balance,
+                                      "bias_rate": bias_rate, "seed": opts.seed, "loss_before": cal.loss_before,
+                                      "loss_after": cal.loss_after}
+        sections.append(("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
+                                        f"{cal.loss_before:.4f} → {cal.loss_after:.4f}."))
     meta = output_meta(p.adapters)
     with atomic_output(out_path, opts.force) as tmp:
         cfg = write_routed(tmp, fitted.modules.items(), base_model=p.base_model, sources=list(p.labels),
                            dtype=meta.dtype, info=fitted.info)
-        sections = [("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
-                                    f"{cal.loss_before:.4f} → {cal.loss_after:.4f}.")]
         if export_static:
             (tmp / STATIC_DIR).mkdir()
             write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
