@@ -32,7 +32,7 @@ def cluster(
     backend: Annotated[str | None, typer.Option(help="k-means backend: auto|torch|faiss|sklearn")] = None,
     n_init: Annotated[int | None, typer.Option(help="k-means restarts")] = None,
     max_iter: Annotated[int | None, typer.Option(help="Lloyd iterations at most")] = None,
-    report: Annotated[bool, typer.Option(help="write lego_report.json/.md into the output")] = False,
+    report: Annotated[bool, typer.Option(help="write lego_report.json/.md/.png (who clusters with whom) into the output")] = False,
     emit_recipe: EmitRecipeOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
@@ -53,4 +53,4 @@ def cluster(
                    emit_recipe, ray_options(ray, ray_address, ray_workers))
     if report:
         (err_console if emit_recipe == "-" else console).print(
-            f"cluster report: {out / 'lego_report.md'} (and lego_report.json)")
+            f"cluster report: {out / 'lego_report.md'} (and lego_report.json, lego_report.png)")

@@ -123,8 +123,9 @@ class Algorithm(Generic[P]):
         """Extra model-card sections (title, markdown); default: none."""
         return []
 
-    def artifacts(self, notes: Sequence[tuple[str, Notes]], params: P, labels: Sequence[str]) -> dict[str, str]:
-        """Extra text files (name -> content) for the output folder; ``labels`` names the inputs."""
+    def artifacts(self, notes: Sequence[tuple[str, Notes]], params: P,
+                  labels: Sequence[str]) -> dict[str, str | bytes]:
+        """Extra files (name -> text, or bytes for pictures) for the output folder; ``labels`` names the inputs."""
         return {}
 
     def describe(self) -> dict[str, Any]:

@@ -367,6 +367,12 @@ def test_cli_cluster_k16_on_examples_is_exact_with_lsq_and_reports(tmp_path):
     m = load_adapter(out)
     for n in a.module_names():
         assert rel(m.units(n).delta(), (a.units(n).delta() + b.units(n).delta()) / 2) < 1e-6
+    png = (out / "lego_report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a real picture, not an empty canvas
+    from matplotlib.image import imread
+
+    img = imread(out / "lego_report.png")
+    assert img.shape[0] > 200 and float(img[..., :3].std()) > 0.05  # something was drawn
     rep = json.loads((out / "lego_report.json").read_text())
     mod = next(iter(rep["modules"].values()))
     assert mod["exact"] and mod["pool"] == 12 and sum(mod["sizes"]) == 12

@@ -15,6 +15,7 @@ from mergekit_lora.units import RankUnits
 from .params import LegoParams
 from .pool import PoolBatch, build_pools, pooled_dtype
 from .report import ModuleRecord, fidelity_section, report_files
+from .report_plot import report_png
 from .reweight import ClusterStats, centroids, cluster_stats, option_scales
 
 
@@ -124,14 +125,15 @@ class Lego(Algorithm[LegoParams]):
         return [fidelity_section(records, params.reweight)] if records else []
 
     def artifacts(self, notes: Sequence[tuple[str, Notes]], params: LegoParams,
-                  labels: Sequence[str]) -> dict[str, str]:
+                  labels: Sequence[str]) -> dict[str, str | bytes]:
         if not notes or not params.report:
             return {}
         k = params.k if params.k is not None else (f"ratio {params.k_ratio}" if params.k_ratio else "input rank")
         meta = {"k": k, "reweight": params.reweight,
                 "features": params.features, "space": params.space, "backend": params.backend,
                 "signs": params.sign_mode, "balance_inputs": params.balance_inputs}
-        return report_files([n["record"] for _, n in notes], list(labels), meta)
+        records = [n["record"] for _, n in notes]
+        return {**report_files(records, list(labels), meta), "lego_report.png": report_png(records, labels)}
 
 
 def _detail(rec: ModuleRecord, source: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, k: int) -> None:

@@ -45,8 +45,11 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
         (tmp / "README.md").write_text(render_card(card))
         if plan.recipe:
             (tmp / "recipe.yaml").write_text(plan.recipe)
-        for fname, text in algo.artifacts(notes, plan.params, [a.label for a in plan.adapters]).items():
-            (tmp / fname).write_text(text)
+        for fname, content in algo.artifacts(notes, plan.params, [a.label for a in plan.adapters]).items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                (tmp / fname).write_text(content)
     return config
 
 
