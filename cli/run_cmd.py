@@ -41,8 +41,10 @@ def print_plan(r: Recipe, p: MergePlan) -> None:
             ov.add_row(f"modules[{i}]", o.match, str(p.matched.get(i, 0)))
         console.print(ov)
     t = Table(title=f"modules ({len(p.modules)})", title_justify="left")
-    for c in ("module", "layer t", "parameters", "weights", "override"):
-        t.add_column(c, overflow="fold")  # whole module names, wrapped, never cut
+    longest = max((len(m.name) for m in p.modules), default=6)
+    t.add_column("module", no_wrap=True, min_width=longest)  # whole module names; the other columns wrap
+    for c in ("layer t", "parameters", "weights", "override"):
+        t.add_column(c, overflow="fold")
     for row in p.modules:
         t.add_row(row.name, "-" if row.layer is None else f"{row.t:.3g}", _params_text(row.params),
                   ", ".join(f"{w:g}" for w in row.weights),

@@ -250,6 +250,15 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "modules[0]" in r.output and "modules[1]" in r.output and "rank=6" in r.output
     assert "dry run" in r.output and not (tmp_path / "merged").exists()
+    # at 80 columns every module name is still there whole (wrapped inside its cell, never cut with "…")
+    import os
+    import subprocess
+    import sys
+
+    narrow = subprocess.run([sys.executable, "-m", "mergekit_lora.cli.main", "run", "r.yaml", "--dry-run"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert "…" not in narrow.stdout and "model.layers.4.self_attn.q_proj" in narrow.stdout
 
 
 @pytest.mark.parametrize("method,extra", [("linear", ["--rank", "5"]), ("cat", [])])
