@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mergekit_lora.fidelity import exact_fidelity
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
@@ -19,4 +20,5 @@ class Cat(Algorithm[AlgorithmParams]):
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
                      ctx: ModuleContext) -> MergedModule:
-        return MergedModule(RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)]))
+        total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
+        return MergedModule(total, fidelity=exact_fidelity(ctx.name, total))  # exact: the error is 0 by construction

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, DenseParams, SignParams, dare_drop, dense_deltas, elect_and_mean
+from .dense import DenseAlgorithm, DenseParams, SignParams, chunk_workers, dense_combine
 
 
 class DareLinearParams(DenseParams):
@@ -18,10 +20,20 @@ class DareTiesParams(SignParams):
     pass
 
 
-def _dropped(units: list[RankUnits], density: float, ctx: ModuleContext) -> list[torch.Tensor]:
-    """DARE every input in order from one generator per module, seeded by (--seed, module name)."""
-    gen = ctx.generator("dare")
-    return [dare_drop(d, density, gen) for d in dense_deltas(units)]
+def dare_linear_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareLinearParams,
+                      ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
+    """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ for a batch of same-shape modules; each module's masks come from its
+    own generator seeded by (--seed, module name), drawn for the inputs in order."""
+    return dense_combine(modules, weights, dtype, combine="sum", density=params.density,
+                         drop=[c.generator("dare") for c in ctxs], workers=chunk_workers(modules))
+
+
+def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareTiesParams,
+                    ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
+    """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ) for a batch of same-shape modules (masks as above)."""
+    return dense_combine(modules, weights, dtype, combine=params.majority_sign, density=params.density,
+                         drop=[c.generator("dare") for c in ctxs], scale=params.lambda_,
+                         workers=chunk_workers(modules))
 
 
 class DareLinear(DenseAlgorithm[DareLinearParams]):
@@ -36,10 +48,7 @@ class DareLinear(DenseAlgorithm[DareLinearParams]):
     name = "dare_linear"
     description = "DARE: drop ΔW entries with prob 1−density, rescale 1/density (seeded), weighted sum; rank k"
     Params = DareLinearParams
-
-    def dense(self, units: list[RankUnits], weights: list[float], params: DareLinearParams,
-              ctx: ModuleContext) -> torch.Tensor:
-        return sum(w * d for d, w in zip(_dropped(units, params.density, ctx), weights))  # type: ignore[return-value]
+    dense_batch = staticmethod(dare_linear_dense)
 
 
 class DareTies(DenseAlgorithm[DareTiesParams]):
@@ -53,8 +62,4 @@ class DareTies(DenseAlgorithm[DareTiesParams]):
     name = "dare_ties"
     description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × lambda; rank k"
     Params = DareTiesParams
-
-    def dense(self, units: list[RankUnits], weights: list[float], params: DareTiesParams,
-              ctx: ModuleContext) -> torch.Tensor:
-        xs = [w * d for d, w in zip(_dropped(units, params.density, ctx), weights)]
-        return params.lambda_ * elect_and_mean(xs, params.majority_sign)
+    dense_batch = staticmethod(dare_ties_dense)

@@ -1,28 +1,49 @@
 """Shared machinery of the elementwise methods (TIES, DARE, magnitude pruning): dense, then refactor.
 
 Elementwise operations (trim by magnitude, random drop, sign election) do not commute with the
-factorisation, so these methods form each input's dense ΔW_i = B_i A_i — one module at a time, in
-float32 (float64 when an input is float64) — combine them, and refactor the dense result D into k
-rank units by a truncated SVD: a seeded randomised low-rank SVD (``torch.svd_lowrank``) by default,
-the exact dense SVD with ``exact_svd``.  Each refactorisation's error ‖D − D_k‖/‖D‖ is recorded and
-reported by :meth:`DenseAlgorithm.report` (model card and CLI), so a poor low-rank fit is never silent.
+factorisation, so these methods form each input's dense ΔW_i = B_i A_i, combine them, and refactor
+the dense result D into k rank units by a truncated SVD.  Everything is written as pure functions on
+a *batch* of M same-shape modules (tensors [M, d_out, d_in]); the class plumbing at the bottom only
+routes the driver's calls to them.
+
+Work per batch of M modules (:func:`dense_combine`), row chunk by row chunk (CHUNK_ELEMENTS per
+chunk, so every temporary stays in cache; chunks may run on a small thread pool):
+
+1. trim thresholds first (:func:`trim_thresholds`): the exact k-th largest |ΔW_i| per module from a
+   sampled bracket and one counting pass — no full sort or ``kthvalue`` of ΔW;
+2. per chunk and input: ΔW_i rows = B_i[rows] @ A_i (float32; float64 when an input is float64), the
+   trim or DARE mask, the weight; then the weighted sum or TIES sign election and disjoint mean
+   (:func:`disjoint_mean`) — never a stack of all inputs' full dense tensors;
+3. refactorisation (:func:`refactor_batch`): the exact SVD for small matrices, else a range finder
+   seeded with the inputs' own column spaces [B_1 … B_n] plus ``oversample`` Gaussian columns and
+   ``niter`` power iterations, then Rayleigh–Ritz.  D's dominant part lies in span(B_1 … B_n) (trimming
+   adds a flat noise floor below it), so this converges in a few iterations where a Gaussian start with
+   k + 8 columns does not: ≤ 3e-4 relative to the exact rank-k SVD on random adapters (the hard, flat
+   case; RESULTS-refactor.md).  Each module's error ‖D − D_k‖² = ‖D‖² − Σ_{j≤k} σ_j² (exact for the
+   Ritz projection) is returned for the report.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import ConfigDict, Field
 
-from mergekit_lora.determinism import one_thread, svd_lowrank
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext, Notes
+from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
 SignMethod = Literal["total", "frequency"]
+
+# Elements of one [M, d_out, d_in] work tensor per sub-batch (~8 such tensors live at once: 32 MiB
+# each in float32), so a batch's memory is bounded whatever the driver hands over.
+BATCH_ELEMENTS = 1 << 23
+# The exact SVD is used when min(d_out, d_in) ≤ EXACT_MIN_DIM (measured crossover: RESULTS-dense.md).
+EXACT_MIN_DIM = 160
 
 
 class DenseParams(AlgorithmParams):
@@ -30,9 +51,10 @@ class DenseParams(AlgorithmParams):
 
     density: float = Field(..., gt=0, le=1, description="fraction of each input's ΔW entries kept, in (0, 1]")
     rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
-    exact_svd: bool = Field(False, description="refactor with the exact dense SVD instead of the randomised one")
-    oversample: int = Field(8, ge=0, description="randomised SVD: extra columns beyond k in the range finder")
-    niter: int = Field(2, ge=0, description="randomised SVD: power iterations")
+    exact_svd: bool = Field(False, description="always refactor with the exact dense SVD (default: exact "
+                                               "for small matrices, else the subspace iteration)")
+    oversample: int = Field(8, ge=0, description="subspace iteration: Gaussian columns added to the inputs' B columns")
+    niter: int = Field(3, ge=0, description="subspace iteration: power iterations")
 
 
 P = TypeVar("P", bound=DenseParams)
@@ -47,113 +69,324 @@ class SignParams(DenseParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged update")
 
 
-def dense_deltas(units: Sequence[RankUnits]) -> list[torch.Tensor]:
-    """Each input's dense ΔW_i = B_i A_i ([d_out, d_in], functional orientation), float32 or float64."""
-    out = []
+# ---------------------------------------------------------------------------------------- products
+def work_dtype(units: Sequence[RankUnits]) -> torch.dtype:
+    """float32, or float64 when any input factor is float64."""
+    dt = torch.float32
     for u in units:
-        dt = torch.promote_types(torch.promote_types(u.A.dtype, u.B.dtype), torch.float32)
-        out.append(u.B.to(dt) @ u.A.to(dt))
+        dt = torch.promote_types(dt, torch.promote_types(u.A.dtype, u.B.dtype))
+    return dt
+
+
+def stacked(modules: Sequence[Sequence[RankUnits]], i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input i's factors over the batch: (B [M, d_out, r], A [M, r, d_in]) in ``dtype``."""
+    B = torch.stack([m[i].B for m in modules]).to(dtype)
+    A = torch.stack([m[i].A for m in modules]).to(dtype)
+    return B, A
+
+
+# ---------------------------------------------------------------------------------------- sign election
+def _sum_(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Σ xs in order, into xs[0]."""
+    total = xs[0]
+    for x in xs[1:]:
+        total.add_(x)
+    return total
+
+
+def disjoint_mean(xs: list[torch.Tensor], method: SignMethod) -> torch.Tensor:
+    """TIES sign election and disjoint mean of the (weighted) tensors ``xs`` (consumed: modified in place).
+
+    e = sign of Σ x_i (``total``) or of Σ sign(x_i) (``frequency``), +1 on a tie; result: e · Σ relu(e·x_i)
+    / #{i: e·x_i > 0} — the mean of the entries agreeing with e (multiplying by ±1 is exact, so this is
+    the textbook formula's value).
+    """
+    if method == "total":
+        mass = xs[0].clone()
+        for x in xs[1:]:
+            mass.add_(x)
+    else:
+        mass = xs[0].sign()
+        for x in xs[1:]:
+            mass.add_(x.sign())
+    e = torch.where(mass >= 0, 1.0, -1.0).to(xs[0].dtype)
+    num = torch.zeros_like(xs[0])
+    cnt = torch.zeros_like(xs[0])
+    for x in xs:
+        y = x.mul_(e).relu_()
+        num.add_(y)
+        cnt.add_(y > 0)
+    return num.mul_(e).div_(cnt.clamp_(min=1))
+
+
+# ---------------------------------------------------------------------------------------- chunked combine
+# Elements of one [M, rows, d_in] row chunk: the fused per-chunk work (product, mask, weight, five
+# running sums) stays in the L2/L3 caches instead of streaming [M, d_out, d_in] tensors through memory.
+CHUNK_ELEMENTS = 1 << 17
+Combine = Literal["sum", "total", "frequency"]
+
+
+def _row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """Row ranges of ~CHUNK_ELEMENTS elements over the batch; on CUDA one chunk (kernels are big enough)."""
+    if device is not None and device.type == "cuda":
+        return [(0, m)]
+    rows = max(1, CHUNK_ELEMENTS // max(M * n, 1))
+    return [(r, min(r + rows, m)) for r in range(0, m, rows)]
+
+
+def _run_chunks(fn: Callable[[int, int], Any], chunks: Sequence[tuple[int, int]], workers: int) -> list[Any]:
+    """fn over the row chunks, in order; with ``workers`` > 1 on a thread pool (torch ops release the GIL;
+    chunks are independent, so the result does not depend on the worker count)."""
+    if workers <= 1 or len(chunks) < 2:
+        return [fn(a, b) for a, b in chunks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(lambda c: fn(*c), chunks))
+
+
+def trim_thresholds(B: torch.Tensor, A: torch.Tensor, density: float, chunks: Sequence[tuple[int, int]],
+                    workers: int = 1, sample: int = 1 << 14) -> torch.Tensor:
+    """Exact per-module magnitude thresholds of ΔW = B @ A ([M, d_out, r] @ [M, r, d_in]) without forming it.
+
+    The k-th largest |ΔW| (k = int(density · numel)) per module: a bracket from a sample of entries
+    (computed as dot products, fixed-seed positions), then one chunked pass that counts entries above
+    the bracket and collects those inside it, and an exact selection among them.  If the bracket misses
+    (rounding at its edge, or bad luck: ~1e-4), the module's |ΔW| is formed chunk by chunk and
+    ``kthvalue`` decides.  The chunk products are the same calls as in the combine pass, so the
+    threshold is exactly one of the values that pass compares against.
+    """
+    M, m, _ = B.shape
+    n = A.shape[2]
+    N = m * n
+    k = int(density * N)
+    g = torch.Generator().manual_seed(0x5EED)
+    q = 1.0 - k / N
+    centre, margin = q * sample, 4.0 * math.sqrt(sample * q * (1 - q)) + 2
+    lo_i, hi_i = math.floor(centre - margin), math.ceil(centre + margin)
+    use_band = N > 4 * sample and lo_i >= 0 and hi_i < sample
+    if use_band:
+        rows = torch.randint(m, (sample,), generator=g).to(B.device)
+        cols = torch.randint(n, (sample,), generator=g).to(B.device)
+        vals = (B[:, rows, :] * A[:, :, cols].transpose(1, 2)).sum(-1).abs().sort(dim=1).values
+        lo, hi = vals[:, lo_i].reshape(M, 1, 1), vals[:, hi_i].reshape(M, 1, 1)
+
+        def scan(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            mag = torch.bmm(B[:, a:b], A).abs_()
+            inside = (mag >= lo) & (mag <= hi)
+            return (mag > hi).sum((1, 2)), inside.sum((1, 2)), mag[inside]  # band values, module-major
+
+        parts = _run_chunks(scan, chunks, workers)
+        above = sum(p[0] for p in parts)
+        bands = [p[2].split(p[1].tolist()) for p in parts]
+        out = torch.empty(M, dtype=B.dtype, device=B.device)
+        for j in range(M):
+            band = torch.cat([b[j] for b in bands])
+            need = k - int(above[j])
+            if 1 <= need <= band.numel():
+                out[j] = torch.kthvalue(band, band.numel() - need + 1).values
+            else:
+                out[j] = _full_kth(B, A, j, k, chunks)
+        return out
+    return torch.stack([_full_kth(B, A, j, k, chunks) for j in range(M)])
+
+
+def _full_kth(B: torch.Tensor, A: torch.Tensor, j: int, k: int, chunks: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """k-th largest |ΔW| of module j of the batch, from the same (batched) chunk products as the combine."""
+    mag = torch.cat([torch.bmm(B[:, a:b], A)[j].abs_().flatten() for a, b in chunks])
+    return torch.kthvalue(mag, mag.numel() - k + 1).values
+
+
+def chunk_workers(modules: Sequence[Sequence[RankUnits]]) -> int:
+    """Chunk workers for a batch under the thread policy (by the work: ~2r + 20 flops per element and input)."""
+    u = modules[0][0]
+    return threads_for(len(modules) * len(modules[0]) * u.d_out * u.d_in * (2.0 * u.rank + 20))
+
+
+def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
+                  combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
+                  scale: float = 1.0, workers: int = 1) -> torch.Tensor:
+    """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused.
+
+    ``step``: magnitude trim to ``density`` (exact per-module thresholds), or, with ``drop`` (one seeded
+    CPU generator per module), DARE masks M_i ~ Bernoulli(ρ) drawn per module for the inputs in order
+    over the whole [d_out, d_in] (so the stream equals PEFT's ``bernoulli(full_like(ΔW_i, ρ))``),
+    rescaled by 1/ρ.  ``combine``: weighted sum, or TIES sign election (``total``/``frequency``) and
+    disjoint mean.  No [n, M, d_out, d_in] stack and no full-size temporaries besides D (and DARE's
+    boolean masks): each row chunk goes through product, mask and running sums in cache.
+    """
+    n_in = len(weights)
+    factors = [stacked(modules, i, dtype) for i in range(n_in)]
+    M, m, _ = factors[0][0].shape
+    n = factors[0][1].shape[2]
+    chunks = _row_chunks(M, m, n, factors[0][0].device)
+    thr: list[torch.Tensor | None] = [None] * n_in
+    masks: list[torch.Tensor | None] = [None] * n_in
+    if drop is not None and density < 1:
+        draws = [[torch.bernoulli(torch.full((m, n), density, dtype=torch.float32), generator=g).bool()
+                  for _ in range(n_in)] for g in drop]
+        masks = [torch.stack([draws[j][i] for j in range(M)]).to(factors[0][0].device) for i in range(n_in)]
+    elif drop is None and density < 1:
+        if int(density * m * n) <= 0:
+            return torch.zeros(M, m, n, dtype=dtype, device=factors[0][0].device)
+        thr = [trim_thresholds(B, A, density, chunks, workers).reshape(M, 1, 1) for B, A in factors]
+    D = torch.empty(M, m, n, dtype=dtype, device=factors[0][0].device)
+    rescale = 1.0 / density if (drop is not None and density < 1) else 1.0
+
+    def chunk(a: int, b: int) -> None:
+        xs = []
+        for i, ((B, A), w) in enumerate(zip(factors, weights)):
+            x = torch.bmm(B[:, a:b], A)
+            t, mk = thr[i], masks[i]
+            if t is not None:
+                x.mul_(x.abs() >= t)
+            elif mk is not None:
+                x.mul_(mk[:, a:b])
+            xs.append(x.mul_(w * rescale))
+        res = disjoint_mean(xs, combine) if combine != "sum" else _sum_(xs)
+        D[:, a:b] = res.mul_(scale) if scale != 1.0 else res
+
+    _run_chunks(chunk, chunks, workers)
+    return D
+
+
+# ---------------------------------------------------------------------------------------- refactorisation
+def use_exact(m: int, n: int, params: DenseParams) -> bool:
+    """Exact dense SVD when asked, or when the matrix is small enough that it is the faster choice."""
+    return params.exact_svd or min(m, n) <= EXACT_MIN_DIM
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    with single_thread():  # LAPACK: same bits whatever the thread budget
+        return torch.linalg.qr(Y).Q
+
+
+def _mm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    with parallel_for(matmul_flops(X.shape[-2], X.shape[-1], Y.shape[-1], X.shape[0])):
+        return X @ Y
+
+
+def sq_norms(D: torch.Tensor) -> torch.Tensor:
+    """‖D[j]‖² per module ([M, m, n] -> [M] float64), summed chunk by chunk in a fixed order."""
+    M, m, n = D.shape
+    out = torch.zeros(M, dtype=torch.float64, device=D.device)
+    for a, b in _row_chunks(M, m, n, D.device):
+        out += D[:, a:b].square().sum((1, 2), dtype=torch.float64)
     return out
 
 
-def magnitude_trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the entries whose |value| is among the top ``int(density · numel)`` (ties at the threshold kept)."""
-    if density >= 1:
-        return t
-    k = int(density * t.numel())
-    if k <= 0:
-        return torch.zeros_like(t)
-    mag = t.abs()
-    threshold = torch.kthvalue(mag.flatten(), t.numel() - k + 1).values
-    return t * (mag >= threshold)
+def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Tensor | None,
+                   gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD of each D[j] ([M, m, n]) as balanced factors.
 
-
-def dare_drop(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (Bernoulli mask drawn on CPU from ``gen``), rescale by 1/density.
-
-    The mask is drawn as float32 in ``t``'s shape from a CPU generator, so CPU and CUDA runs drop the
-    same entries for the same seed.
+    Returns (B [M, m, k'], A [M, k', n], err² [M], ‖D‖² [M]) with k' = min(k, m, n),
+    b_j = u_j √σ_j, a_j = √σ_j v_jᵀ, err² = ‖D − B A‖² (float64).  ``start`` [M, m, R]: columns whose
+    span is expected to hold D's dominant part (the inputs' B); ``gens``: one seeded CPU generator per
+    module for the Gaussian oversampling columns.
     """
-    if density >= 1:
-        return t
-    mask = torch.bernoulli(torch.full(tuple(t.shape), density, dtype=torch.float32), generator=gen)
-    return t * mask.to(device=t.device, dtype=t.dtype) / density
-
-
-def elect_and_mean(weighted: Sequence[torch.Tensor], method: SignMethod) -> torch.Tensor:
-    """TIES sign election and disjoint mean over the (already weighted) task tensors.
-
-    Elected sign per entry: sign of Σ_i x_i (``total``) or of Σ_i sign(x_i) (``frequency``), +1 on a
-    tie; result: the mean of the entries agreeing with it (entries that are 0 never count).
-    """
-    stack = torch.stack(list(weighted))
-    signs = stack.sign()
-    mass = stack.sum(0) if method == "total" else signs.sum(0)
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(stack.dtype)
-    agree = signs == elected
-    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
-
-
-def low_rank_svd(dense: torch.Tensor, k: int, params: DenseParams, ctx: ModuleContext
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U [m,k], S [k], V [n,k]) of the truncated SVD: exact, or randomised with a seeded generator."""
-    m, n = dense.shape
+    M, m, n = D.shape
     k = min(k, m, n)
-    if params.exact_svd:
-        with one_thread(dense.device):  # issue 14: LAPACK bits depend on the thread count
-            U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
-        return U[:, :k], S[:k], Vh[:k].T
-    q = min(k + params.oversample, m, n)
-    seed = ctx.generator("svd_lowrank").initial_seed()
-    devices = [dense.device.index or 0] if dense.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        U, S, V = svd_lowrank(dense, q=q, niter=params.niter)  # issue 14: torch's, QRs on one thread
-    return U[:, :k], S[:k], V[:, :k]
-
-
-def refactor(dense: torch.Tensor, like: RankUnits, k: int, params: DenseParams, ctx: ModuleContext
-             ) -> tuple[RankUnits, float, float]:
-    """Dense D -> k balanced units (b_j = u_j √σ_j, a_j = √σ_j v_j); returns (units, ‖D − D_k‖, ‖D‖)."""
-    U, S, V = low_rank_svd(dense, k, params, ctx)
+    norm2 = sq_norms(D)
+    if use_exact(m, n, params):
+        with single_thread():
+            U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        U, S, Vh = U[:, :, :k], S[:, :k], Vh[:, :k]
+    else:
+        p = params.oversample if start is not None else max(params.oversample, k)
+        omega = torch.stack([torch.randn(n, p, generator=g, dtype=torch.float32) for g in gens]).to(D)
+        cols = [start.to(D)] if start is not None else []
+        Q = _orth(torch.cat(cols + [_mm(D, omega)], 2)[:, :, :min(m, n)])
+        Dt = D.transpose(1, 2)
+        for _ in range(params.niter):
+            Q = _orth(_mm(D, _orth(_mm(Dt, Q))))
+        small = _mm(Q.transpose(1, 2), D)  # [M, q, n]
+        with single_thread():
+            Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
+        U = _mm(Q, Us[:, :, :k])
+        S, Vh = S[:, :k], Vh[:, :k]
+    err2 = (norm2 - S.double().square().sum(1)).clamp(min=0)
     root = S.clamp(min=0).sqrt()
-    B = U * root[None, :]
-    A = (V * root[None, :]).T.contiguous()
-    err = float((dense - B @ A).double().norm())
-    units = replace(like, A=A, B=B.contiguous(), source=torch.full((A.shape[0],), -1, dtype=torch.long),
-                    extra={})
-    return units, err, float(dense.double().norm())
+    return (U * root[:, None, :]).contiguous(), (root[:, :, None] * Vh).contiguous(), err2, norm2
+
+
+# ---------------------------------------------------------------------------------------- the batch driver
+# dense_fn(modules, weights, params, ctxs, dtype) -> D [M, d_out, d_in]: the pre-truncation update
+DenseFn = Callable[[Sequence[Sequence[RankUnits]], Sequence[float], Any, Sequence[ModuleContext], torch.dtype],
+                   torch.Tensor]
+
+
+def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
+                      params: DenseParams, ctxs: Sequence[ModuleContext]) -> list[tuple[RankUnits, dict[str, float]]]:
+    """Merge M same-shape modules (same weights): D from ``dense_fn``, refactored to rank k.
+
+    Returns per module (units, notes) with notes ``refactor_err2`` and ``norm2`` (float64 sums for the
+    report).  Sub-batches keep each [M, d_out, d_in] work tensor ≤ BATCH_ELEMENTS.
+    """
+    first = modules[0]
+    per = max(1, BATCH_ELEMENTS // max(first[0].d_out * first[0].d_in, 1))
+    out: list[tuple[RankUnits, dict[str, float]]] = []
+    for s in range(0, len(modules), per):
+        mods, cx = modules[s:s + per], ctxs[s:s + per]
+        dtype = work_dtype([u for m in mods for u in m])
+        D = dense_fn(mods, weights, params, cx, dtype)
+        k = params.rank or max(u.rank for u in mods[0])
+        start = torch.stack([torch.cat([u.B for u in m], 1) for m in mods]).to(D)
+        B, A, err2, norm2 = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx])
+        del D
+        for j, m in enumerate(mods):
+            units = replace(m[0], A=A[j], B=B[j], source=torch.full((A.shape[1],), -1, dtype=torch.long), extra={})
+            out.append((units, {"refactor_err2": float(err2[j]), "norm2": float(norm2[j])}))
+    return out
+
+
+def report_notes(notes: Sequence[Notes], params: DenseParams | None) -> dict[str, Any]:
+    """The refactorisation error ‖D − D_k‖/‖D‖ over all modules (root of summed squares) and the worst."""
+    if not notes:
+        return {}
+    e2 = sum(n["refactor_err2"] for n in notes)
+    t2 = sum(n["norm2"] for n in notes)
+    worst = max((math.sqrt(n["refactor_err2"] / n["norm2"]) if n["norm2"] > 0 else 0.0) for n in notes)
+    if params is None or params.exact_svd:
+        how = "exact dense SVD"
+    else:
+        how = (f"exact dense SVD when min(d_out, d_in) ≤ {EXACT_MIN_DIM}, else subspace iteration from the "
+               f"inputs' B columns + {params.oversample} Gaussian columns, {params.niter} power iterations")
+    return {"refactorisation": how,
+            "refactor rel. error ‖D−D_k‖/‖D‖ (overall, incl. rank-k truncation)": math.sqrt(e2 / t2) if t2 else 0.0,
+            "refactor rel. error (worst module)": worst}
 
 
 class DenseAlgorithm(Algorithm[P]):
-    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense`, the pre-truncation ΔW.
+    """Base of the dense-then-refactor methods: subclasses implement :meth:`dense_batch` (pure).
 
     Each module's notes carry its refactorisation error² and ‖D‖²; :meth:`report` sums them.
     """
 
     Params = DenseParams
 
-    def dense(self, units: list[RankUnits], weights: list[float], params: P, ctx: ModuleContext) -> torch.Tensor:
-        """The combined dense update D before refactorisation ([d_out, d_in])."""
+    @staticmethod
+    def dense_batch(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: Any,
+                    ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
+        """The combined dense updates D [M, d_out, d_in] before refactorisation."""
         raise NotImplementedError
+
+    def dense(self, units: list[RankUnits], weights: list[float], params: P, ctx: ModuleContext) -> torch.Tensor:
+        """One module's D ([d_out, d_in])."""
+        return self.dense_batch([units], weights, params, [ctx], work_dtype(units))[0]
+
+    def batch_limit(self, params: P) -> int:
+        return 32
+
+    def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: P,
+                    ctxs: list[ModuleContext]) -> list[MergedModule]:
+        if any(list(w) != list(weights[0]) for w in weights):  # the driver groups equal weights; be safe
+            return [self.merge_batch([u], [w], params, [c])[0] for u, w, c in zip(units, weights, ctxs)]
+        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)
+        return [MergedModule(u, notes=n) for u, n in res]
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
                      ctx: ModuleContext) -> MergedModule:
-        d = self.dense(units, weights, params, ctx)
-        k = params.rank or max(u.rank for u in units)  # type: ignore[attr-defined]
-        out, err, norm = refactor(d, units[0], k, params, ctx)  # type: ignore[arg-type]
-        return MergedModule(out, notes={"err2": err * err, "norm2": norm * norm})
+        return self.merge_batch([units], [weights], params, [ctx])[0]
 
     def report(self, notes: Sequence[tuple[str, Notes]], params: P) -> dict[str, Any]:
-        """The refactorisation error ‖D − D_k‖/‖D‖ over all modules (root of summed squares) and the worst."""
-        if not notes:
-            return {}
-        err2 = sum(n["err2"] for _, n in notes)
-        norm2 = sum(n["norm2"] for _, n in notes)
-        worst = max(((n["err2"] / n["norm2"]) ** 0.5 if n["norm2"] > 0 else 0.0) for _, n in notes)
-        p: DenseParams = params  # type: ignore[assignment]
-        how = ("exact dense SVD" if p.exact_svd else "randomised SVD"
-               + f" (oversample {p.oversample}, {p.niter} power iterations)")
-        return {"refactorisation": how,
-                "refactor rel. error ‖D−D_k‖/‖D‖ (overall, incl. rank-k truncation)": math.sqrt(err2 / norm2) if norm2 else 0.0,
-                "refactor rel. error (worst module)": worst}
+        return report_notes([n for _, n in notes], params)  # type: ignore[arg-type]

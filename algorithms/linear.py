@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from mergekit_lora.fidelity import exact_fidelity
 from mergekit_lora.lowrank import truncate
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
@@ -30,4 +31,4 @@ class Linear(Algorithm[LinearParams]):
         total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
         if params.rank is not None and params.rank < total.rank:
             return MergedModule(truncate(total, params.rank))
-        return MergedModule(total)
+        return MergedModule(total, fidelity=exact_fidelity(ctx.name, total))  # exact: the error is 0 by construction

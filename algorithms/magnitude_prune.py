@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, DenseParams, dense_deltas, magnitude_trim
+from .dense import DenseAlgorithm, DenseParams, chunk_workers, dense_combine
 
 
 class MagnitudePruneParams(DenseParams):
     pass
+
+
+def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
+                          params: MagnitudePruneParams, ctxs: Sequence[ModuleContext],
+                          dtype: torch.dtype) -> torch.Tensor:
+    """D [M, d_out, d_in] = Σ w_i · trim_ρ(ΔW_i) for a batch of same-shape modules."""
+    return dense_combine(modules, weights, dtype, combine="sum", density=params.density,
+                         workers=chunk_workers(modules))
 
 
 class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
@@ -19,14 +29,10 @@ class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
 
     PEFT's ``magnitude_prune`` prunes A and B separately and sums them (cross terms, not pruning of
     ΔW); our D equals the intermediate of PEFT's ``magnitude_prune_svd`` for any weights, which PEFT
-    then refactors with a dense full SVD (ours: seeded randomised SVD, or ``exact_svd``).
+    then refactors with a dense full SVD (ours: see :mod:`algorithms.dense`, or ``exact_svd``).
     """
 
     name = "magnitude_prune"
     description = "keep the top density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
     Params = MagnitudePruneParams
-
-    def dense(self, units: list[RankUnits], weights: list[float], params: MagnitudePruneParams,
-              ctx: ModuleContext) -> torch.Tensor:
-        return sum(w * magnitude_trim(d, params.density)  # type: ignore[return-value]
-                   for d, w in zip(dense_deltas(units), weights))
+    dense_batch = staticmethod(magnitude_prune_dense)

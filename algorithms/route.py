@@ -23,17 +23,27 @@ from mergekit_lora.units import RankUnits
 
 
 class RouteParams(AlgorithmParams):
-    router: Literal["implicit", "gate"] = Field("implicit", description="implicit (|a·x|·‖b‖, training-free) or gate")
+    router: Literal["implicit", "gate", "hierarchical"] = Field(
+        "implicit", description="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical (sequence -> adapter "
+                                "-> unit; needs per-adapter profile data)")
     top_k: int = Field(..., ge=1, description="active units per token (capped at a module's unit count R)")
     top_k_pattern: dict[str, int] = Field(default_factory=dict,
                                           description="per-module top-k: module name suffix or regex -> k")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights "
+                                                      "(hierarchical: of the adapter posterior)")
+    top_m: int = Field(1, ge=1, description="hierarchical: adapters chosen per sequence")
+    mass: float | None = Field(None, gt=0, le=1, description="hierarchical: instead of top_m, the fewest adapters "
+                                                             "whose posterior probability reaches this mass")
+    evidence: Literal["depth", "module"] = Field("depth", description="hierarchical: sum the sequence evidence over "
+                                                                      "all routed modules so far, or per module")
 
 
 class Route(Algorithm[RouteParams]):
     """Pool the weighted units of all inputs per module; a router activates top-k of them per token.
 
-    With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.
+    With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.  The
+    hierarchical router's profiles are fitted afterwards (``routing.profile.fit_profiles``); without
+    them it routes like the implicit router.
     """
 
     name = "route"
@@ -57,4 +67,5 @@ class Route(Algorithm[RouteParams]):
         k = min(pattern_value(params.top_k_pattern, ctx.name, params.top_k), pooled.rank)
         gate = init_gate(pooled) if params.router == "gate" else None
         return MergedModule(RoutedUnits(pooled, params.router, k, params.temperature,
-                                        torch.zeros(pooled.rank, dtype=torch.float32), gate))
+                                        torch.zeros(pooled.rank, dtype=torch.float32), gate, top_m=params.top_m,
+                                        mass=params.mass, evidence=params.evidence))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mergekit_lora.lowrank import truncate
+from mergekit_lora.fidelity import ModuleFidelity
+from mergekit_lora.lowrank import truncate_with_spectrum
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
@@ -30,4 +31,8 @@ class Svd(Algorithm[SvdParams]):
     def merge_module(self, units: list[RankUnits], weights: list[float], params: SvdParams,
                      ctx: ModuleContext) -> MergedModule:
         total = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
-        return MergedModule(truncate(total, params.rank or max(u.rank for u in units)))
+        out, s = truncate_with_spectrum(total, params.rank or max(u.rank for u in units))
+        # the fidelity row from the spectrum: no N×N Gram of the target (grows with the inputs squared)
+        k = out.rank
+        t2, m2, e2 = (float(s.square().sum()), float(s[:k].square().sum()), float(s[k:].square().sum()))
+        return MergedModule(out, fidelity=ModuleFidelity(ctx.name, t2**0.5, m2**0.5, e2**0.5))

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, SignParams, dense_deltas, elect_and_mean, magnitude_trim
+from .dense import DenseAlgorithm, SignParams, chunk_workers, dense_combine
 
 
 class TiesParams(SignParams):
     pass
+
+
+def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: TiesParams,
+               ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
+    """D [M, d_out, d_in] = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)) for a batch of same-shape modules."""
+    return dense_combine(modules, weights, dtype, combine=params.majority_sign, density=params.density,
+                         scale=params.lambda_, workers=chunk_workers(modules))
 
 
 class Ties(DenseAlgorithm[TiesParams]):
@@ -22,15 +31,12 @@ class Ties(DenseAlgorithm[TiesParams]):
     Σ sign(x_i) with ``majority_sign=frequency``); the disjoint mean averages the x_i agreeing with s.
     Differences from PEFT: PEFT's ``ties`` trims A and B separately (a different, inexact method); our
     D equals PEFT's ``ties_svd`` intermediate when the weights are equal and positive, but PEFT elects
-    the sign on the *unweighted* trimmed tensors (so negative or unequal weights differ), has no λ, and
-    uses a dense full SVD where we default to a seeded randomised SVD (``exact_svd`` for the exact one).
+    the sign on the *unweighted* trimmed tensors (so negative or unequal weights differ) and has no λ.
+    PEFT refactors with a dense full SVD; ours is exact for small matrices and a subspace iteration that
+    matches the exact rank-k SVD to ~1e-4 otherwise (``exact_svd`` forces the exact one).
     """
 
     name = "ties"
     description = "TIES: trim to density by magnitude, elect sign, disjoint mean, × lambda; refactor to rank k"
     Params = TiesParams
-
-    def dense(self, units: list[RankUnits], weights: list[float], params: TiesParams,
-              ctx: ModuleContext) -> torch.Tensor:
-        xs = [w * magnitude_trim(d, params.density) for d, w in zip(dense_deltas(units), weights)]
-        return params.lambda_ * elect_and_mean(xs, params.majority_sign)
+    dense_batch = staticmethod(ties_dense)

@@ -19,7 +19,7 @@ from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 @with_options(*WRITE_OPTIONS)
 def cluster(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
-    k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank")] = None,
+    k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank (default: the inputs' largest rank)")] = None,
     k_ratio: Annotated[float | None, typer.Option(help="k as a fraction of the pooled rank (instead of -k)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,

@@ -59,6 +59,8 @@ def inspect(
             head.add_row("[yellow]modules_to_save", f"[yellow]{len(r['dropped_modules_to_save'])} full tensors (not LoRA)")
         if r["dropped_base_layers"]:
             head.add_row("base layers", f"{len(r['dropped_base_layers'])} saved base weights ignored (not ΔW)")
+        for w in r.get("serving_warnings", []):
+            head.add_row("[yellow]serving", f"[yellow]{w}")
         console.print(head)
         t = Table(title="module groups", title_justify="left")
         for c in ("group", "modules", "rank", "weight shape", "‖ΔW‖"):

@@ -12,7 +12,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,17 +23,25 @@ from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
 
 from .fidelity import fidelity_report
+from .report import write_report
+from .stats import add_intervals
 from .tasks import encode_suite, evaluate_variant, load_base, normalized_accuracy, pad_id_of
 
 
 class MethodSpec(BaseModel):
-    """One merge to run: a method with its parameters and (optionally) its own weights and label."""
+    """One merge to run: a method with its parameters and (optionally) its own weights and label.
+
+    ``grid`` (e.g. ``{weight: [1/n, 2/n, 1], density: [0.3, 0.5, 0.7]}``) makes the row *tuned*: every
+    combination is merged and scored on the validation slice (see :mod:`.tune`), the best is evaluated
+    on the test set.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     method: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     weights: list[float] | None = None
+    grid: dict[str, list[Any]] | None = None
 
 
 class CompareConfig(BaseModel):
@@ -49,6 +57,12 @@ class CompareConfig(BaseModel):
     max_text_tokens: int = Field(64, ge=1)
     device: str = "auto"
     seed: int = 0
+    individual: Literal["all", "own"] = "all"  # evaluate each input adapter on every task or its own only
+    references: dict[str, str] = Field(default_factory=dict)  # evaluated like inputs, never merged
+    validation: int = Field(50, ge=1)  # validation examples per task for tuned (grid) rows
+    bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals (0: none)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (1 on a busy shared machine); None: torch's default
+    cache: bool = True  # reuse scores of the base model and input/reference adapters (see score_cache)
 
 
 def load_config(path: str | Path) -> tuple[CompareConfig, Path]:
@@ -85,6 +99,14 @@ def expand_methods(cfg: CompareConfig) -> list[MethodSpec]:
     return specs
 
 
+def _input_rank(path: Path) -> int | None:
+    """The LoRA rank ``r`` of a PEFT folder (None for other kinds)."""
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("r")
+
+
 def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = False,
                 log=print) -> dict[str, Any]:
     """Merge with every method, evaluate fidelity and tasks, write report.{json,md,png} into ``out``."""
@@ -92,6 +114,10 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
 
     check_output(out, force)
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     paths = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.adapters.items()}
     for n, p in paths.items():
         if not p.exists():
@@ -111,18 +137,51 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
     ev = dict(batch_size=cfg.batch_size, device=device, pad_id=pad_id_of(tok))
     rows: list[dict[str, Any]] = []
     log("evaluating base")
-    rows.append({"variant": "base", "kind": "base", "tasks": evaluate_variant(model, None, encoded, **ev)})
-    for name, p in paths.items():
-        log(f"evaluating adapter {name}")
-        rows.append({"variant": name, "kind": "individual", "tasks": evaluate_variant(model, p, encoded, **ev)})
+    from .suite.model import resolve_base
+
+    base_folder = resolve_base(cfg.base)
+
+    def fixed(adapter: Path | None, enc: dict) -> dict[str, Any]:
+        """Scores of a variant that does not change between runs, read from the cache where possible."""
+        t0 = time.perf_counter()
+        if not cfg.cache:
+            return {"tasks": evaluate_variant(model, adapter, enc, **ev), "eval_seconds": time.perf_counter() - t0}
+        from . import score_cache
+
+        keys = {t: score_cache.score_key(base_folder, adapter, e, cfg.batch_size, str(device)) for t, e in enc.items()}
+        got = {t: score_cache.lookup(k) for t, k in keys.items()}
+        todo = {t: enc[t] for t, v in got.items() if v is None}
+        if todo:
+            for t, v in evaluate_variant(model, adapter, todo, **ev).items():
+                score_cache.store(keys[t], v)
+                got[t] = v
+        return {"tasks": {t: got[t] for t in enc}, "cached": sorted(set(enc) - set(todo)),
+                "eval_seconds": time.perf_counter() - t0}
+
+    rows.append({"variant": "base", "kind": "base", **fixed(None, encoded)})
+    refs = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.references.items()}
+    for kind, group in (("individual", paths), ("reference", refs)):
+        for name, p in group.items():
+            if not p.exists():
+                raise LoraMergeError(f"references.{name}: {p} does not exist")
+            log(f"evaluating {kind} {name}")
+            own_only = kind == "individual" and cfg.individual == "own" and name in encoded
+            enc = {name: encoded[name]} if own_only else encoded
+            rows.append({"variant": name, "kind": kind, "rank": _input_rank(p), **fixed(p, enc)})
     with tempfile.TemporaryDirectory(prefix="loramerge-compare-") as tmp:
         for spec in specs:
             label = spec.label or spec.method
             w = spec.weights or weights
             row: dict[str, Any] = {"variant": label, "kind": "merge", "method": spec.method, "params": spec.params,
                                    "weights": w}
-            log(f"merging with {label}")
             try:
+                if spec.grid:
+                    from .tune import tune_spec
+
+                    log(f"tuning {label} on {cfg.validation} validation examples per task")
+                    spec, w, row["tuning"] = tune_spec(spec, w, paths, cfg, model, tok, tasks, Path(tmp), ev, log)
+                    row.update(params=spec.params, weights=w, tuned=True)
+                log(f"merging with {label}")
                 t0 = time.perf_counter()
                 res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
                             device=cfg.device, seed=cfg.seed)
@@ -132,20 +191,21 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                 row["rank"] = max((m.rank for m in fid.modules), default=0)
                 row["modules"] = res.modules
                 log(f"evaluating {label}")
+                t1 = time.perf_counter()
                 row["tasks"] = evaluate_variant(model, Path(tmp) / label, encoded, **ev)
+                row["eval_seconds"] = time.perf_counter() - t1
             except Exception as e:  # a failing method is a row in the report, not the end of the run
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"  {label} failed: {row['error']}")
             rows.append(row)
+    matrix = {r["variant"]: r["tasks"] for r in rows if "tasks" in r}
     for row in rows:
-        if "tasks" in row:
+        if "tasks" in row and all(t in row["tasks"] for t in tasks):
             accs = [row["tasks"][t]["accuracy"] for t in tasks]
             row["mean_accuracy"] = sum(accs) / len(accs)
-            matrix = {r["variant"]: r["tasks"] for r in rows if "tasks" in r}
             row["normalized_accuracy"] = normalized_accuracy(matrix, row["variant"], own)
+    add_intervals(rows, tasks, own, resamples=cfg.bootstrap, seed=cfg.seed)
     report = {"config": cfg.model_dump(), "device": str(device), "tasks": tasks, "own": own, "rows": rows}
-    from .report import write_report
-
     with atomic_output(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report

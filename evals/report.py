@@ -1,4 +1,5 @@
-"""The comparison report: a markdown table, a JSON dump and a PNG (accuracy heat map + normalised bars)."""
+"""The comparison report: a markdown table, a JSON dump, a PNG (accuracy heat map + normalised bars) and a
+self-contained HTML page (:mod:`.report_html`)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def _f(x: Any, fmt: str = ".3f") -> str:
-    return "–" if x is None else format(x, fmt)
+from .report_html import html
+from .report_text import ci_text, number, paired_text, variant_name
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings) shared by report.md and the terminal table."""
     tasks = report["tasks"]
-    head = ["variant", *tasks, "mean acc", "norm. acc", "rel. error", "energy", "rank", "merge s"]
+    head = ["variant", *tasks, "mean acc", "norm. acc", "95% CI", "Δ vs best static [95% CI]", "rel. error",
+            "energy", "rank", "merge s"]
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([r["variant"], *(["–"] * len(tasks)), "–", "–", "–", "–", "–", f"failed: {r['error']}"])
+            rows.append([variant_name(r), *(["–"] * (len(tasks) + 7)), f"failed: {r['error']}"])
             continue
         fid = r.get("fidelity") or {}
+        accs = [number(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "–" for t in tasks]
         rows.append([
-            r["variant"], *(_f(r["tasks"][t]["accuracy"]) for t in tasks), _f(r.get("mean_accuracy")),
-            _f(r.get("normalized_accuracy")), _f(fid.get("rel_error"), ".2e") if fid else "–",
-            _f(fid.get("energy"), ".3f") if fid else "–", str(r.get("rank", "–")), _f(r.get("merge_seconds"), ".2f"),
+            variant_name(r), *accs, number(r.get("mean_accuracy")),
+            number(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
+            number(fid.get("rel_error"), ".2e") if fid else "–",
+            number(fid.get("energy"), ".3f") if fid else "–", str(r.get("rank") or "–"), number(r.get("merge_seconds"), ".2f"),
         ])
     return head, rows
 
@@ -38,7 +41,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"merge weights {cfg['weights'] or 'uniform 1/n'} (unless a row says otherwise), seed {cfg['seed']}.", "",
         "Accuracy per task (label-word next-token prediction), mean accuracy, normalised accuracy "
         "(accuracy / the individual adapter's accuracy on its own task, averaged over tasks), fidelity "
-        "against Σ wᵢ ΔWᵢ (relative error, energy retained), the merged rank and the merge wall time.", "",
+        "against Σ wᵢ ΔWᵢ (relative error, energy retained), the merged rank and the merge wall time. "
+        f"95% CI: percentile bootstrap ({cfg.get('bootstrap', 0)} resamples of the test examples, per task); "
+        f"Δ: paired difference to the best static merge ({_best(report)}) on the same resamples. "
+        "`*`: tuned, the best of a grid chosen on a validation slice of the train split "
+        f"({cfg.get('validation', '–')} examples per task), never on these test examples.", "",
         "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
@@ -54,6 +61,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _best(report: dict[str, Any]) -> str:
+    vs = {r["paired"]["vs"] for r in report["rows"] if r.get("paired")}
+    return ", ".join(sorted(vs)) or "none"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -63,19 +75,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     tasks = report["tasks"]
     rows = [r for r in report["rows"] if "tasks" in r]
-    acc = np.array([[r["tasks"][t]["accuracy"] for t in tasks] for r in rows])
-    names = [r["variant"] for r in rows]
+    acc = np.array([[r["tasks"][t]["accuracy"] if t in r["tasks"] else np.nan for t in tasks] for r in rows])
+    names = [variant_name(r) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 2), gridspec_kw={"width_ratios": [3, 2]})
     im = ax1.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax1.set_xticks(range(len(tasks)), tasks)
     ax1.set_yticks(range(len(rows)), names)
     for i in range(len(rows)):
         for j in range(len(tasks)):
+            if np.isnan(acc[i, j]):
+                continue
             ax1.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", color="w" if acc[i, j] < 0.6 else "k", fontsize=8)
     ax1.set_title("accuracy per task")
     fig.colorbar(im, ax=ax1, fraction=0.04)
     norm = [r.get("normalized_accuracy") or 0.0 for r in rows]
-    colors = ["#999" if r["kind"] == "base" else "#4c72b0" if r["kind"] == "individual" else "#dd8452" for r in rows]
+    colors = ["#999" if r["kind"] == "base" else "#dd8452" if r["kind"] == "merge" else "#4c72b0" for r in rows]
     ax2.barh(range(len(rows)), norm, color=colors)
     ax2.set_yticks(range(len(rows)), names)
     ax2.invert_yaxis()
@@ -91,3 +105,4 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "report.md").write_text(markdown(report))
     plot(report, folder / "report.png")
+    (folder / "report.html").write_text(html(report), encoding="utf-8")

@@ -77,32 +77,42 @@ def last_logits(model: nn.Module, rows: Sequence[Sequence[int]], device: torch.d
 
 @dataclass(frozen=True)
 class TaskScore:
+    """Accuracy and mean loss over ``n`` examples; ``correct[i]`` is 1 when example i (task order) was right
+    (in :meth:`as_dict` a string of ``0``/``1`` characters, compact in JSON reports)."""
+
     accuracy: float
     loss: float
     n: int
+    correct: tuple[int, ...] = ()
 
-    def as_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n}
+    def as_dict(self) -> dict[str, float | str]:
+        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n, "correct": "".join(map(str, self.correct))}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(model: nn.Module, task: EncodedTask, *, batch_size: int = 16, device: torch.device | None = None,
           pad_id: int = 0) -> TaskScore:
-    """Accuracy (argmax over the label tokens) and mean cross-entropy of the gold label token."""
+    """Accuracy (argmax over the label tokens) and mean cross-entropy of the gold label token.
+
+    Examples are batched by length (similar lengths share a batch, so little padding is computed);
+    the per-example outcomes come back in the task's order, for paired comparisons between variants.
+    """
     if len(task) == 0:
         raise LoraMergeError(f"task {task.name!r} has no examples to evaluate")
     device = device or next(model.parameters()).device
     order = sorted(range(len(task)), key=lambda i: len(task.ids[i]))  # similar lengths share a batch
-    correct, loss = 0, 0.0
+    correct = [0] * len(task)
+    loss = 0.0
     labels = task.label_tokens.to(device)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         logits = last_logits(model, [task.ids[i] for i in idx], device, pad_id)
         gold = task.gold[idx].to(device)
         pred = logits[:, labels].argmax(1)
-        correct += int((pred == gold).sum())
+        for i, ok in zip(idx, (pred == gold).tolist()):
+            correct[i] = int(ok)
         loss += float(torch.nn.functional.cross_entropy(logits, labels[gold], reduction="sum"))
-    return TaskScore(correct / len(task), loss / len(task), len(task))
+    return TaskScore(sum(correct) / len(task), loss / len(task), len(task), tuple(correct))
 
 
 # ---------------------------------------------------------------------------------------------- attaching
@@ -182,15 +192,17 @@ def pad_id_of(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
 
 
-def encode_suite(tokenizer, tasks: Sequence[str], examples: int | None, max_text_tokens: int = 64
-                 ) -> dict[str, EncodedTask]:
-    """The first ``examples`` test examples of each suite task, tokenised once for every variant."""
+def encode_suite(tokenizer, tasks: Sequence[str], examples: int | None, max_text_tokens: int = 64, *,
+                 split: str = "test") -> dict[str, EncodedTask]:
+    """The first ``examples`` examples of each suite task's ``split`` (``test`` or ``validation``: the
+    head of the train split, for choosing settings without touching the test set), tokenised once."""
     from .suite.data import get_task
 
     out = {}
     for name in tasks:
         t = get_task(name)
-        out[name] = encode_task(t, tokenizer, t.test(examples), max_text_tokens)
+        ex = t.test(examples) if split == "test" else t.validation(examples)
+        out[name] = encode_task(t, tokenizer, ex, max_text_tokens)
     return out
 
 

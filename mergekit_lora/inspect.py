@@ -9,6 +9,7 @@ from typing import Any
 
 from .adapter import Adapter
 from .formats import load_adapter
+from .formats.portable import serving_warnings
 from .formats.registry import inspect_sections
 from .names import module_group
 
@@ -59,6 +60,8 @@ def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict
         "dropped_base_layers": a.meta.extra.get("dropped_base_layers", []),
         "per_module": per_module,
     }
+    if a.meta.format == "peft":  # what vLLM / SGLang / LoRAX would refuse (--profile portable writes the subset)
+        report["serving_warnings"] = serving_warnings(a)
     inspect_sections(a, report)
     return report
 

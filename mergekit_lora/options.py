@@ -41,6 +41,10 @@ class MergeOptions(BaseModel):
     force: bool = Field(False, description="replace an existing output")
     allow_pickle: bool = Field(False, description="read .bin/.pt pickle files (only if you trust them)")
     ignore_modules_to_save: bool = Field(False, description="drop modules_to_save tensors instead of refusing")
+    profile: Literal["default", "portable"] = Field(
+        "default", description="PEFT output profile: portable = one rank, no rank/alpha patterns, lora_alpha = r "
+                               "(what vLLM, SGLang and LoRAX load)")
+    base_gguf: Path | None = Field(None, description="the base model's .gguf (needed by output format gguf)")
     threads: int | None = Field(None, ge=1, description="CPU threads for large dense work (default: all cores)")
     progress: bool = Field(False, description="show a progress bar")
     push_to_hub: str | None = Field(None, description="after writing, push the output to this Hub repo (org/name)")

@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import LoraMergeError
 from .routing.format import RoutedAdapter, RoutedUnits
-from .routing.routers import route_weights
+from .routing.hierarchical import HierContext, allowed_units, token_mask
+from .routing.routers import apply_units, dense_weights, select
 
 
 def _features(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -30,10 +31,67 @@ def _features(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+SHARED_INPUTS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}), frozenset({"w1", "w3"}),
+)
+"""Sibling modules that read the same input tensor in common architectures: one fused projection."""
+
+SPARSE_RATIO = 16
+"""Apply the update by gathering the k selected columns of B when R >= SPARSE_RATIO·k (else a dense masked
+matmul, faster for small R: measured in ``evals/bench/RESULTS-routing.md``)."""
+
+
+class SharedProjection:
+    """One matmul h·[A₁; G₁; A₂; …]ᵀ for sibling routed layers that receive the very same input tensor.
+
+    The first member called with a new input computes every member's projection; the others take their
+    slice if their input is the same object (same version), else compute their own.
+    """
+
+    def __init__(self, members: list[RoutedLoraLayer]) -> None:
+        self.members = members
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._P: torch.Tensor | None = None
+        self._xv = -1
+        self._pending: set[int] = set()
+        self._offsets: dict[int, tuple[int, int]] = {}
+
+    def usable(self) -> bool:
+        return not (torch.is_grad_enabled() and any(m.gate is not None and m.gate.requires_grad for m in self.members))
+
+    def weight(self) -> torch.Tensor:
+        parts = [m.proj_weight() for m in self.members]
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        if key != self._key or self._weight is None:
+            self._weight = torch.cat(parts)
+            self._key = key
+            off = 0
+            for m, p in zip(self.members, parts):
+                self._offsets[id(m)] = (off, off + p.shape[0])
+                off += p.shape[0]
+        return self._weight
+
+    def project(self, layer: RoutedLoraLayer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or self._P is None or self._xv != x._version or id(layer) not in self._pending:
+            self._P = h @ self.weight().T
+            self._x, self._xv = x, x._version
+            self._pending = {id(m) for m in self.members}
+        lo, hi = self._offsets[id(layer)]
+        P = self._P[:, lo:hi]
+        self._pending.discard(id(layer))
+        if not self._pending:  # every member has its slice: drop the references
+            self._x = self._P = None
+        return P
+
+
 class RoutedLoraLayer(nn.Module):
     """base(x) + Σ_{active i} w_i(x) · b_i (a_i·x), with the active set chosen per token by the router."""
 
-    def __init__(self, base: nn.Module, ru: RoutedUnits, *, top_k: int | None = None) -> None:
+    def __init__(self, base: nn.Module, ru: RoutedUnits, *, top_k: int | None = None,
+                 ctx: HierContext | None = None) -> None:
         super().__init__()
         self.base = base
         w = base.weight
@@ -43,12 +101,22 @@ class RoutedLoraLayer(nn.Module):
         self.temperature = float(ru.temperature)
         self.register_buffer("unit_A", u.A.detach().clone(), persistent=False)
         self.register_buffer("unit_B", u.B.detach().clone(), persistent=False)
+        self.register_buffer("unit_Bt", u.B.detach().T.contiguous(), persistent=False)
         self.register_buffer("b_norm", u.B.detach().norm(dim=0), persistent=False)
-        self.register_buffer("source", u.source.clone(), persistent=False)
+        self.register_buffer("source", u.source.clone().to(w.device), persistent=False)
         # the selection bias d is fitted by a rule, not by gradient: a buffer
         self.register_buffer("bias", ru.bias_or_zeros().to(w.device, w.dtype).clone(), persistent=False)
         self.gate = nn.Parameter(ru.gate.to(w.device, w.dtype).clone()) if ru.gate is not None else None
         self.spec = ru
+        # hierarchical router: per-source input Gaussians (float32), shared per-forward context
+        self.ctx = ctx
+        self.profile_mean = None if ru.profile_mean is None else ru.profile_mean.to(w.device, torch.float32).clone()
+        self.profile_var = None if ru.profile_var is None else ru.profile_var.to(w.device, torch.float32).clone()
+        self.prof_stats: dict[int, list] = {}
+        self.group: SharedProjection | None = None
+        self.sparse: bool | None = None  # None: by SPARSE_RATIO
+        self._proj_key: tuple | None = None
+        self._proj: torch.Tensor | None = None
         self.record = False
         self.capture = False
         self.token_mask: torch.Tensor | None = None  # [N] bool: real (non-padding) tokens, set by calibration
@@ -62,27 +130,72 @@ class RoutedLoraLayer(nn.Module):
     def rank(self) -> int:
         return int(self.unit_A.shape[0])
 
+    def proj_weight(self) -> torch.Tensor:
+        """[A; G] (gate router) or A: the one input projection of this layer."""
+        if self.gate is None:
+            return self.unit_A
+        if torch.is_grad_enabled() and self.gate.requires_grad:
+            return torch.cat([self.unit_A, self.gate])  # differentiable: calibration trains G
+        key = (self.gate.data_ptr(), self.gate._version)
+        if key != self._proj_key or self._proj is None:
+            self._proj = torch.cat([self.unit_A, self.gate.detach()])
+            self._proj_key = key
+        return self._proj
+
+    def _allowed(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Hierarchical router: (allowed units [N, R] bool, forced unit weights [R]) for this batch."""
+        ctx = self.ctx
+        if ctx is not None and ctx.force is not None:
+            if ctx.profiling:
+                self._accumulate(x, h, ctx)
+            return None, (self.source == ctx.force).to(h.dtype)
+        if self.profile_mean is None or self.profile_var is None:
+            return None, None
+        allowed = allowed_units(tuple(x.shape), h, self.source, self.profile_mean, self.profile_var, ctx=ctx,
+                                evidence=self.spec.evidence, top_m=self.spec.top_m, mass=self.spec.mass,
+                                temperature=self.temperature, is_first=ctx is None or ctx.first is self)
+        return allowed, None
+
+    def _accumulate(self, x: torch.Tensor, h: torch.Tensor, ctx: HierContext) -> None:
+        """Profiling: Σ m, Σ m·x, Σ m·x² over real tokens for source ``ctx.force`` (float64)."""
+        m = token_mask(tuple(x.shape), ctx, h.device).reshape(-1, 1).double()
+        hd = h.detach().double()
+        st = self.prof_stats.setdefault(int(ctx.force), [0.0, 0.0, 0.0])  # type: ignore[arg-type]
+        st[0] = st[0] + m.sum()
+        st[1] = st[1] + (m * hd).sum(0)
+        st[2] = st[2] + (m * hd * hd).sum(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = x.reshape(-1, x.shape[-1]).to(self.unit_A.dtype)
-        y = h @ self.unit_A.T
-        w, logits = route_weights(self.router, h, y, b_norm=self.b_norm, bias=self.bias, top_k=self.top_k,
-                                  temperature=self.temperature, gate=self.gate)
-        if self.router == "implicit" and self.top_k >= self.rank:
-            delta = y @ self.unit_B.T  # every unit active with weight 1: exactly the cat merge
+        R = self.rank
+        grp = self.group
+        P = grp.project(self, x, h) if grp is not None and grp.usable() else h @ self.proj_weight().T
+        y = P[:, :R]
+        gate_raw = P[:, R:] if self.gate is not None else None
+        allowed = forced = None
+        if self.router == "hierarchical":
+            allowed, forced = self._allowed(x, h)
+        if forced is not None:
+            idx, w, logits = None, forced, None
         else:
-            delta = (y * w) @ self.unit_B.T
-        if self.capture:  # calibration reads these for the load-balancing term
-            self.last_logits, self.last_weights = logits, w
-        if self.record:
-            with torch.no_grad():
-                wd = w.detach()
-                mask = self.token_mask
-                if mask is not None and mask.numel() == wd.shape[0]:
-                    wd = wd[mask.to(wd.device)]
-                self.act_sum += wd.sum(0).double()
-                self.load_sum += (wd != 0).sum(0).double()
-                self.tokens += wd.shape[0]
+            idx, w, logits = select(self.router, h, y, b_norm=self.b_norm, bias=self.bias, top_k=self.top_k,
+                                    temperature=self.temperature, gate_raw=gate_raw, allowed=allowed)
+        sparse = self.sparse if self.sparse is not None else (idx is not None and R >= SPARSE_RATIO * idx.shape[-1])
+        delta = apply_units(y, self.unit_B, (idx, w), Bt=self.unit_Bt, sparse=sparse)
+        if self.capture or self.record:
+            wd = dense_weights((idx, w), y)
+            if self.capture:  # calibration reads these for the load-balancing term
+                self.last_logits, self.last_weights = logits, wd
+            if self.record:
+                with torch.no_grad():
+                    wd = wd.detach()
+                    mask = self.token_mask
+                    if mask is not None and mask.numel() == wd.shape[0]:
+                        wd = wd[mask.to(wd.device)]
+                    self.act_sum += wd.sum(0).double()
+                    self.load_sum += (wd != 0).sum(0).double()
+                    self.tokens += wd.shape[0]
         return out + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(out.dtype)
 
     def reset_stats(self) -> None:
@@ -91,11 +204,11 @@ class RoutedLoraLayer(nn.Module):
         self.tokens = 0
 
     def routed_units(self) -> RoutedUnits:
-        """The layer's current router state as :class:`RoutedUnits` (fitted gate/bias, measured activation)."""
+        """The layer's current router state as :class:`RoutedUnits` (fitted gate/bias/profiles, activation)."""
         act = (self.act_sum / self.tokens).float().cpu() if self.tokens else self.spec.activation
-        return replace(self.spec, top_k=self.top_k, bias=self.bias.detach().float().cpu().clone(),
-                       gate=None if self.gate is None else self.gate.detach().float().cpu().clone(),
-                       activation=act)
+        cpu = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+        return replace(self.spec, top_k=self.top_k, bias=cpu(self.bias), gate=cpu(self.gate), activation=act,
+                       profile_mean=cpu(self.profile_mean), profile_var=cpu(self.profile_var))
 
     def extra_repr(self) -> str:
         return f"router={self.router}, R={self.rank}, top_k={self.top_k}"
@@ -106,6 +219,7 @@ class Attached:
     """What :func:`attach` did: the routed layers by module name."""
 
     layers: dict[str, RoutedLoraLayer] = field(default_factory=dict)
+    context: HierContext | None = None  # hierarchical router: the shared per-forward state
 
     def routed(self, like: RoutedAdapter) -> RoutedAdapter:
         """A routed adapter holding the layers' current router state (after calibration)."""
@@ -120,10 +234,12 @@ def _root(model: nn.Module) -> nn.Module:
 
 
 def attach(model: nn.Module, routed: RoutedAdapter | Mapping[str, RoutedUnits], *,
-           top_k: int | Mapping[str, int] | None = None) -> Attached:
+           top_k: int | Mapping[str, int] | None = None, fuse: bool = True) -> Attached:
     """Replace every targeted module with a :class:`RoutedLoraLayer`; all checks run before any change.
 
     ``top_k`` overrides the adapter's per-module top-k: one int for all modules, or module name -> k.
+    ``fuse`` computes the projections of sibling modules that read the same input (q/k/v, gate/up)
+    with one matmul.  A hierarchical router installs hooks on ``model`` that read ``attention_mask``.
     """
     mods = routed.modules if isinstance(routed, RoutedAdapter) else dict(routed)
     root = _root(model)
@@ -153,13 +269,38 @@ def attach(model: nn.Module, routed: RoutedAdapter | Mapping[str, RoutedUnits], 
         if unknown:
             raise LoraMergeError(f"top-k override for unknown module(s): {', '.join(unknown[:3])}")
     handle = Attached()
+    if any(ru.router == "hierarchical" for _, _, ru, _ in plan):
+        handle.context = HierContext()
+    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
+    plan.sort(key=lambda p: order.get(p[0], len(order)))  # forward order: the depth evidence accumulates
     for name, target, ru, k in plan:
-        layer = RoutedLoraLayer(target, ru, top_k=k)
+        layer = RoutedLoraLayer(target, ru, top_k=k,
+                                ctx=handle.context if ru.router == "hierarchical" else None)
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, layer)
         handle.layers[name] = layer
+    if handle.context is not None:
+        handle.context.first = next(la for la in handle.layers.values() if la.ctx is not None)
+        handle.context.install(model)
+    if fuse:
+        _group_siblings(handle.layers)
     return handle
+
+
+def _group_siblings(layers: Mapping[str, RoutedLoraLayer]) -> None:
+    groups: dict[tuple[str, frozenset[str]], list[RoutedLoraLayer]] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        for names in SHARED_INPUTS:
+            if child in names:
+                groups.setdefault((parent, names), []).append(layer)
+    for members in groups.values():
+        dims = {(m.unit_A.shape[1], m.unit_A.dtype, m.unit_A.device) for m in members}
+        if len(members) > 1 and len(dims) == 1:
+            shared = SharedProjection(members)
+            for m in members:
+                m.group = shared
 
 
 def routed_layers(model: nn.Module) -> dict[str, RoutedLoraLayer]:
@@ -170,6 +311,10 @@ def detach(model: nn.Module) -> int:
     """Put the original modules back (the same objects: bit-identical outputs).  Returns how many."""
     root = _root(model)
     layers = routed_layers(model)
+    for layer in layers.values():
+        if layer.ctx is not None:
+            layer.ctx.remove()
+        layer.group = None
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root

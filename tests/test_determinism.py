@@ -62,24 +62,3 @@ def test_outputs_are_byte_identical_across_thread_counts(tmp_path):
         for t in (2, 4):
             diff = sorted(f for f in files if runs[t][name].get(f) != files[f])
             assert not diff, f"{name}: {diff} differ between 1 and {t} threads"
-
-
-def test_repo_svd_lowrank_is_torch_svd_lowrank_on_one_thread():
-    """The thread-pinned copy draws and computes exactly as torch.svd_lowrank (outputs did not change)."""
-    import torch
-
-    from mergekit_lora.determinism import svd_lowrank
-
-    g = torch.Generator().manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for shape in [(96, 40), (40, 96)]:
-            a = torch.randn(*shape, generator=g)
-            torch.manual_seed(3)
-            want = torch.svd_lowrank(a, q=12, niter=2)
-            torch.manual_seed(3)
-            got = svd_lowrank(a, q=12, niter=2)
-            assert all(torch.equal(x, y) for x, y in zip(want, got))
-    finally:
-        torch.set_num_threads(n)

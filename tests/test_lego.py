@@ -213,17 +213,17 @@ def test_paper_parameter_reweighting_by_hand():
                                 torch.tensor([[1.0], [1.0]], dtype=torch.float64), source=1)
     want = torch.outer(torch.tensor([2.5, 0.0]), torch.tensor([1.875, 1.25])).double()
     for w in ([1.0, 1.0], [0.5, 0.5], [7.0, 7.0]):
-        out = lego.merge_module([u1, u2], w, P(k=1, reweight="paper"), CTX)
+        out = lego.merge_module([u1, u2], w, P(k=1, reweight="paper", features="paper"), CTX)
         assert torch.allclose(out.delta(), want, rtol=0, atol=1e-12)
     want31 = 1.3**2 * torch.outer(torch.tensor([2.5, -0.5]), torch.tensor([1.5, 1.0])).double()
-    out = lego.merge_module([u1, u2], [3.0, 1.0], P(k=1, reweight="paper"), CTX)
+    out = lego.merge_module([u1, u2], [3.0, 1.0], P(k=1, reweight="paper", features="paper"), CTX)
     assert torch.allclose(out.delta(), want31, rtol=0, atol=1e-12)
     # none: the raw centroid; lsq: the best multiple of it for the weighted average (u1 + u2)/2
-    none = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="none"), CTX).delta()
+    none = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="none", features="paper"), CTX).delta()
     c = torch.outer(torch.tensor([2.0, 0.0]), torch.tensor([1.5, 1.0])).double()
     assert torch.allclose(none, c, rtol=0, atol=1e-12)
     T = (u1.delta() + u2.delta()) / 2
-    lsq = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="lsq"), CTX).delta()
+    lsq = lego.merge_module([u1, u2], [1.0, 1.0], P(k=1, reweight="lsq", features="paper"), CTX).delta()
     assert torch.allclose(lsq, (c * T).sum() / (c * c).sum() * c, rtol=0, atol=1e-12)
 
 
@@ -250,8 +250,9 @@ def test_paper_merge_equals_a_dense_reimplementation_with_output_factor():
         want *= math.sqrt(4 / 3)
         # ρ ≥ 1 always (‖mean‖∞ ≤ mean ‖·‖∞), = 1 when every member peaks at the same entry; here some differ
         assert min(rhos) >= 1 - 1e-12 and max(rhos) > 1.05
-        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3), CTX).delta(), want) < 1e-12
-        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, reweight="none"), CTX).delta(), raw) < 1e-12
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, features="paper"), CTX).delta(), want) < 1e-12
+        assert rel(lego.merge_module(units, [1.0] * 3, P(k=3, reweight="none", features="paper"), CTX).delta(),
+                   raw) < 1e-12
 
 
 def test_paper_features_average_raw_units_canonical_average_balanced_ones():
@@ -275,10 +276,11 @@ def test_balance_inputs_counts_each_input_once_per_cluster():
     V0, V1 = torch.cat([u0.A, u0.B.T], 1), torch.cat([u1.A, u1.B.T], 1)
     plain, bal = torch.cat([V0, V1]).mean(0), (V0.mean(0) + V1[0]) / 2
     for mu, flag in ((plain, False), (bal, True)):
-        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag), CTX)
+        out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, reweight="none", balance_inputs=flag, features="paper"),
+                                CTX)
         assert rel(out.delta(), torch.outer(mu[8:], mu[:8])) < 1e-12
     linf = (V0.abs().amax(1).mean() + V1.abs().amax()) / 2
-    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True), CTX)
+    out = lego.merge_module([u0, u1], [1.0, 1.0], P(k=1, balance_inputs=True, features="paper"), CTX)
     want = (linf / bal.abs().max()) ** 2 * math.sqrt(2 / 1) * torch.outer(bal[8:], bal[:8])  # r = mean rank 2
     assert rel(out.delta(), want) < 1e-12
 
@@ -308,12 +310,14 @@ def test_zero_and_duplicate_units_give_finite_rank_k_output():
 def test_params_are_validated():
     from mergekit_lora.errors import LoraMergeError
 
-    for bad in ({}, {"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"},
+    for bad in ({"k": 2, "k_ratio": 0.5}, {"k": 0}, {"k": 2, "space": "c"}, {"k": 2, "backend": "x"},
                 {"k": 2, "features": "x"}, {"k": 2, "signs": "x"}):
         with pytest.raises(LoraMergeError):
             P(**bad)
-    assert P(k_ratio=0.25).k_for(12) == 3 and P(k_ratio=0.3).k_for(12) == 4
-    assert P(k=2).sign_mode == "none" and P(k=2, features="canonical").sign_mode == "invariant"
+    assert P(k_ratio=0.25).k_for(12, 4) == 3 and P(k_ratio=0.3).k_for(12, 4) == 4
+    assert P().k_for(12, 4) == 4 and P(k=6).k_for(12, 4) == 6  # default k = r (the inputs' largest rank)
+    # default: canonical features (the best measured variant, README), sign-invariant k-means
+    assert P(k=2).sign_mode == "invariant" and P(k=2, features="paper").sign_mode == "none"
     assert P(k=2, signs="rule").sign_mode == "rule"
 
 
@@ -367,7 +371,7 @@ def test_cli_cluster_k16_on_examples_is_exact_with_lsq_and_reports(tmp_path):
     mod = next(iter(rep["modules"].values()))
     assert mod["exact"] and mod["pool"] == 12 and sum(mod["sizes"]) == 12
     # errors: one line, exit 2, nothing written
-    for args in (["-o", str(tmp_path / "e1")], ["-k", "4", "--backend", "nope", "-o", str(tmp_path / "e2")],
+    for args in (["-k", "2", "--k-ratio", "0.5", "-o", str(tmp_path / "e1")], ["-k", "4", "--backend", "nope", "-o", str(tmp_path / "e2")],
                  ["-k", "4", "-o", str(out)]):
         r = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", *args])
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
@@ -421,3 +425,13 @@ def test_driver_batches_across_layers_and_uses_lego_fidelity(tmp_path, two_adapt
         assert rows[n].error_norm == pytest.approx(fresh.error_norm, rel=1e-4)
         assert rows[n].target_norm == pytest.approx(fresh.target_norm, rel=1e-5)
     assert r1.fidelity["overall"]["rel_error"] == pytest.approx(r8.fidelity["overall"]["rel_error"], rel=1e-5)
+
+
+def test_default_k_is_the_inputs_largest_rank(tmp_path):
+    """Like the paper's k = r: rank-4 and rank-8 inputs give rank-8 modules when -k is not given."""
+    from mergekit_lora.cli.main import app
+
+    res = CliRunner().invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double",
+                              "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert {i.rank for i in load_adapter(tmp_path / "o").modules.values()} == {8}

@@ -40,7 +40,9 @@ def reference_delta(ru: RoutedUnits, k: int, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 @pytest.mark.parametrize("router", ["implicit", "gate"])
-def test_attach_matches_reference_loop_and_detach_is_exact(tmp_path, model, router):
+@pytest.mark.parametrize("fuse,sparse", [(True, None), (False, True), (True, True), (False, False)])
+def test_attach_matches_reference_loop_and_detach_is_exact(tmp_path, model, router, fuse, sparse):
+    """Every execution path (fused sibling projections or not, dense or gathered B) equals the loop."""
     a = make_peft_adapter(tmp_path / "a", model, seed=1, target_modules=TARGETS[model])
     b = make_peft_adapter(tmp_path / "b", model, seed=2, r=3, target_modules=TARGETS[model][:1])
     merge([a, b], "route", tmp_path / "r", params={"top_k": 3, "router": router, "temperature": 0.5})
@@ -59,7 +61,12 @@ def test_attach_matches_reference_loop_and_detach_is_exact(tmp_path, model, rout
     want = outputs(m, model)
     for h in hooks:
         h.remove()
-    handle = attach(m, routed)
+    handle = attach(m, routed, fuse=fuse)
+    for layer in handle.layers.values():
+        layer.sparse = sparse
+    if fuse and model == "llama":  # q_proj and v_proj read the same input: one projection
+        q = handle.layers["model.layers.0.self_attn.q_proj"]
+        assert q.group is not None and q.group is handle.layers["model.layers.0.self_attn.v_proj"].group
     assert len(handle.layers) == len(routed.modules)
     assert all(isinstance(m.get_submodule(n), RoutedLoraLayer) for n in routed.modules)
     got = outputs(m, model)

@@ -26,10 +26,11 @@ class Lego(Algorithm[LegoParams]):
     them into k clusters; each cluster's mean is one unit b̄_j ā_jᵀ of the merged rank-k module; then
     ``reweight`` (``reweight.py``) scales the units.
 
-    ``features="paper"`` (default) is the published method (both public implementations agree): k-means on
+    ``features="paper"`` is the published method (both public implementations agree): k-means on
     [a_i/‖a_i‖ ; b_i/‖b_i‖], centroids the mean of the members' raw [a_i ; b_i], ``reweight="paper"``: each
     centroid vector × mean_i ‖u_i‖_∞ / ‖centroid‖_∞, the merged ΔW × √(r/k).  ``features="canonical"``
-    clusters and averages balanced units (‖a‖ = ‖b‖) instead, with sign-invariant k-means by default.
+    clusters and averages balanced units (‖a‖ = ‖b‖) instead, with sign-invariant k-means by default; it is
+    the default (the best measured variant on a validation slice, README).
 
     Weights: LoRA-LEGO has none (every unit counts once).  Here weights are *relative*: input t's units
     enter the pool as ω_t b_i a_iᵀ with ω_t = n·w_t / Σ_s |w_s|, so equal weights of any size (1, or the
@@ -66,7 +67,7 @@ class Lego(Algorithm[LegoParams]):
                            generators=[c.generator("lego-order") for c in ctxs], device=device)
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
-        k = params.k_for(n)
+        k = params.k_for(n, max(u.rank for u in units[0]))
         if k >= n:  # every unit its own cluster (the formulas still apply: ρ = 1, output × √(r/k))
             labels = torch.arange(n).expand(len(units), n)
             signs = torch.ones(len(units), n, dtype=torch.float64)
@@ -126,7 +127,8 @@ class Lego(Algorithm[LegoParams]):
                   labels: Sequence[str]) -> dict[str, str]:
         if not notes or not params.report:
             return {}
-        meta = {"k": params.k if params.k is not None else f"ratio {params.k_ratio}", "reweight": params.reweight,
+        k = params.k if params.k is not None else (f"ratio {params.k_ratio}" if params.k_ratio else "input rank")
+        meta = {"k": k, "reweight": params.reweight,
                 "features": params.features, "space": params.space, "backend": params.backend,
                 "signs": params.sign_mode, "balance_inputs": params.balance_inputs}
         return report_files([n["record"] for _, n in notes], list(labels), meta)

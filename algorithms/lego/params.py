@@ -16,10 +16,11 @@ DEFAULT_SIGNS: dict[str, str] = {"paper": "none", "canonical": "invariant", "raw
 
 
 class LegoParams(AlgorithmParams):
-    k: int | None = Field(None, ge=1, description="clusters per module = rank of the merged module")
+    k: int | None = Field(None, ge=1, description="clusters per module = rank of the merged module "
+                                                  "(default: the inputs' largest rank, k = r as in the paper)")
     k_ratio: float | None = Field(None, gt=0, le=1, description="k as a fraction of the pooled rank (ceil)")
     features: Features = Field(
-        "paper", description="what k-means clusters and centroids average: paper = features [a/‖a‖; b/‖b‖], "
+        "canonical", description="what k-means clusters and centroids average: paper = features [a/‖a‖; b/‖b‖], "
                              "centroids of the raw units [a; b] (the published method); canonical = balanced "
                              "units (‖a‖ = ‖b‖) for both; raw = raw [a; b] for both (ablation only)")
     space: Literal["concat", "a", "b"] = Field(
@@ -42,8 +43,8 @@ class LegoParams(AlgorithmParams):
 
     @model_validator(mode="after")
     def _one_k(self) -> LegoParams:
-        if (self.k is None) == (self.k_ratio is None):
-            raise ValueError("give exactly one of k (e.g. 16) or k_ratio (e.g. 0.5)")
+        if self.k is not None and self.k_ratio is not None:
+            raise ValueError("give k (e.g. 16) or k_ratio (e.g. 0.5), not both")
         return self
 
     @property
@@ -51,9 +52,10 @@ class LegoParams(AlgorithmParams):
         """``signs``, or the default of the feature form."""
         return self.signs if self.signs is not None else DEFAULT_SIGNS[self.features]
 
-    def k_for(self, pool_size: int) -> int:
-        """This module's k: ``k``, or ceil(k_ratio × pooled rank), at least 1."""
+    def k_for(self, pool_size: int, input_rank: int) -> int:
+        """This module's k: ``k``, or ceil(k_ratio × pooled rank), or the inputs' largest rank; at least 1."""
         if self.k is not None:
             return self.k
-        assert self.k_ratio is not None
-        return max(1, math.ceil(self.k_ratio * pool_size - 1e-9))
+        if self.k_ratio is not None:
+            return max(1, math.ceil(self.k_ratio * pool_size - 1e-9))
+        return max(1, input_rank)

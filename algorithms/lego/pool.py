@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergekit_lora.units import RankUnits
+from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,10 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     sign = torch.ones_like(na)
-    if signs == "rule":  # the largest-|entry| of a_i positive (first on ties)
-        idx = A.abs().argmax(dim=2)
-        sign = torch.sign(A.gather(2, idx[:, :, None])[:, :, 0])
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    if features == "canonical":
-        nonzero = (na > 0) & (nb > 0)
-        c = torch.where(nonzero, torch.sqrt(nb * _inv(na, nonzero)), torch.zeros_like(na))
+    if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
+        sign = sign_rule(A)
+    if features == "canonical":  # balanced as RankUnits.canonical: ‖a'‖ = ‖b'‖
+        c, nonzero = balance_scale(na, nb)
         ca, cb = c * sign, sign * _inv(c, nonzero)
     else:  # paper / raw: the stored vectors (a unit with one zero half still has its other half)
         ca, cb = sign, sign.clone()

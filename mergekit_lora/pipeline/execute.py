@@ -17,6 +17,7 @@ from typing import Any
 from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from ..progress import progress_bar
 from ..registry import ModuleContext, Notes
+from ..threads import thread_policy
 from ..units import RankUnits
 from .output import push_output, write_output
 from .plan import MergePlan, ModulePlan
@@ -67,7 +68,7 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
     have no single ΔW and get no row).
     """
     algo = plan.algorithm
-    with progress_bar(plan.options.progress) as bar:
+    with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
         for batch in _batches(plan):
             p = batch[0].params

@@ -33,7 +33,8 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                             target_modules=plan.target_modules, method=plan.method,
                             recipe={"params": plan.params.model_dump(), "weights": list(plan.weights),
                                     "seed": opts.seed},
-                            module_names=[m.name for m in plan.modules])
+                            module_names=[m.name for m in plan.modules], profile=opts.profile,
+                            base_gguf=opts.base_gguf)
         sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,

@@ -28,6 +28,7 @@ from .. import checks
 from ..adapter import Adapter, ModuleInfo
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
+from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, get_writer
 from ..names import layer_index, matches
@@ -157,6 +158,7 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     refusal = spec.refuse_inputs(adapters) if spec.refuse_inputs is not None else None
     if refusal:
         raise LoraMergeError(refusal, field="output_format")
+    _check_writer_options(fmt, opts)
     w = list(weights) if weights is not None else [1.0] * len(adapters)
     modules, matched = _module_table(algo, params, w, overrides, adapters, shared.names, shared.present)
     targets = carried_target_modules([a.meta for a in adapters], [a.module_names() for a in adapters],
@@ -183,6 +185,20 @@ def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Sourc
     if opts.out is not None:
         _collect(problems, checks.output_not_input, opts.out, [s for s in sources if not isinstance(s, Adapter)])
         _collect(problems, checks.output_path_ok, opts.out)
+
+
+def _check_writer_options(fmt: str, opts: MergeOptions) -> None:
+    """Options that only one output format takes, and what that format needs (read from headers only)."""
+    if opts.profile != "default" and fmt != "peft":
+        raise LoraMergeError(f"«profile» {opts.profile} is a PEFT output profile; the output format is {fmt}",
+                             field="profile")
+    if fmt == "gguf":
+        if opts.base_gguf is None:
+            raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
+                                 "architecture come from it): pass «base_gguf»", field="base_gguf")
+        resolve_base(opts.base_gguf)
+    elif opts.base_gguf is not None:
+        raise LoraMergeError(f"«base_gguf» is for output format gguf, not {fmt}", field="base_gguf")
 
 
 def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:

@@ -77,6 +77,8 @@ class OutputSpec(_Strict):
     path: str
     format: str | None = None
     dtype: str | None = None
+    profile: Literal["default", "portable"] = "default"
+    base_gguf: str | None = None
     push_to_hub: str | None = None
     private: bool = False
     revision: str | None = None
@@ -126,6 +128,7 @@ class Recipe(_Strict):
         out = self.output
         return MergeOptions(**{
             "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
+            "profile": out.profile, "base_gguf": Path(out.base_gguf) if out.base_gguf else None,
             "device": self.device, "seed": self.seed, "missing": self.missing, "allow_pickle": self.allow_pickle,
             "ignore_modules_to_save": self.ignore_modules_to_save, "push_to_hub": out.push_to_hub,
             "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
@@ -274,7 +277,8 @@ def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, An
         method=method, base_model=base_model,
         adapters=[AdapterSpec(source=str(s), weight=float(wi)) for s, wi in zip(sources, w)],
         parameters={k: v for k, v in (params or {}).items() if v is not None},
-        output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype),
+        output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
+                          profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
         seed=o.seed, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
         ignore_modules_to_save=o.ignore_modules_to_save,
     ).to_yaml()

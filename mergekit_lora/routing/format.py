@@ -4,8 +4,10 @@ On disk a routed adapter is a folder with ``routing_config.json`` (router type, 
 temperature, per-module R and top-k, the sources) and ``routed_model.safetensors`` holding, per
 module ``<name>``: ``<name>.unit_A`` [R, d_in], ``<name>.unit_B`` [d_out, R] (scale and merge weight
 folded in), ``<name>.source`` [R] (input index of each unit), ``<name>.bias`` [R] (the per-unit
-selection bias d), ``<name>.gate`` [R, d_in] (gate router only) and, after calibration,
-``<name>.activation`` [R] (mean activation weight of each unit on the calibration data).
+selection bias d), ``<name>.gate`` [R, d_in] (gate router only), after calibration
+``<name>.activation`` [R] (mean activation weight of each unit on the calibration data) and, for
+the hierarchical router after profiling, ``<name>.profile_mean`` / ``<name>.profile_var`` [S, d_in]
+(a diagonal Gaussian of the module's input per source adapter; see ``routing/hierarchical.py``).
 
 ``load_adapter`` also reads the folder (format ``routed``) as an ordinary :class:`Adapter` whose
 units are the pooled units, i.e. ΔW at full activation (top-k = R).
@@ -27,8 +29,10 @@ from ..adapter import Adapter, AdapterMeta, ModuleInfo, output_meta
 from ..errors import LoraMergeError
 from ..units import RankUnits
 
-RouterKind = Literal["implicit", "gate"]
-ROUTERS: tuple[str, ...] = ("implicit", "gate")
+RouterKind = Literal["implicit", "gate", "hierarchical"]
+ROUTERS: tuple[str, ...] = ("implicit", "gate", "hierarchical")
+EVIDENCE: tuple[str, ...] = ("depth", "module")
+HIER_KEYS: tuple[str, ...] = ("top_m", "mass", "evidence")
 CONFIG_NAME = "routing_config.json"
 WEIGHTS_NAME = "routed_model.safetensors"
 FORMAT_TAG = "routed"
@@ -43,6 +47,11 @@ class RoutedUnits:
     active per token.  ``bias`` is the per-unit selection bias d (added to the score, never to the
     output).  ``gate`` [R, d_in] is the gate router's matrix G (None for the implicit router).
     ``activation`` is the mean activation weight per unit measured on calibration data (or None).
+    Hierarchical router only: ``profile_mean`` / ``profile_var`` [S, d_in] (one diagonal Gaussian of
+    the module input per source adapter, None before profiling), ``top_m`` (adapters kept per
+    sequence), ``mass`` (or: the fewest adapters whose probability reaches this mass) and
+    ``evidence`` ("depth": log-likelihoods summed over this and all earlier routed modules of the
+    forward pass; "module": this module's alone).
     """
 
     units: RankUnits
@@ -52,6 +61,11 @@ class RoutedUnits:
     bias: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     activation: torch.Tensor | None = None
+    profile_mean: torch.Tensor | None = None
+    profile_var: torch.Tensor | None = None
+    top_m: int = 1
+    mass: float | None = None
+    evidence: str = "depth"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +78,26 @@ class RoutedUnits:
             raise ValueError("the gate router needs a gate matrix of shape [R, d_in]")
         if self.bias is not None and tuple(self.bias.shape) != (R,):
             raise ValueError("bias must hold one value per unit")
+        if (self.profile_mean is None) != (self.profile_var is None):
+            raise ValueError("profile_mean and profile_var come together")
+        if self.profile_mean is not None:
+            S = self.n_sources
+            for t in (self.profile_mean, self.profile_var):
+                if t.ndim != 2 or t.shape[1] != self.units.d_in or t.shape[0] < S:
+                    raise ValueError(f"a profile must have shape [S >= {S}, d_in={self.units.d_in}]")
+            if not bool((self.profile_var > 0).all()):
+                raise ValueError("profile variances must be positive")
+        if self.top_m < 1:
+            raise ValueError(f"top_m={self.top_m} must be >= 1")
+        if self.mass is not None and not 0 < self.mass <= 1:
+            raise ValueError(f"mass={self.mass} must be in (0, 1]")
+        if self.evidence not in EVIDENCE:
+            raise ValueError(f"evidence={self.evidence!r} must be one of {', '.join(EVIDENCE)}")
+
+    @property
+    def n_sources(self) -> int:
+        """How many source adapters the units come from (1 + the largest source index)."""
+        return int(self.units.source.max()) + 1 if self.units.rank else 0
 
     @property
     def rank(self) -> int:
@@ -85,7 +119,8 @@ class RoutedUnits:
             return None if t is None else t.to(device=device, dtype=dtype)
 
         return replace(self, units=self.units.to(device, dtype), bias=mv(self.bias), gate=mv(self.gate),
-                       activation=mv(self.activation))
+                       activation=mv(self.activation), profile_mean=mv(self.profile_mean),
+                       profile_var=mv(self.profile_var))
 
     def static_units(self) -> RankUnits:
         """The expected-activation static merge: unit i weighted by its mean activation E[wᵢ·mᵢ]."""
@@ -118,6 +153,15 @@ def routing_config(modules: Iterable[tuple[str, RoutedUnits]], base_model: str |
     if len(routers) > 1 or len(temps) > 1:
         raise LoraMergeError("all modules of one routed adapter must share one router and temperature")
     ks = [m.top_k for _, m in mods]
+    router = next(iter(routers))
+    hier: dict[str, Any] = {}
+    if router == "hierarchical":
+        for key in HIER_KEYS:
+            vals = {getattr(m, key) for _, m in mods}
+            if len(vals) > 1:
+                raise LoraMergeError(f"all modules of one routed adapter must share one {key}")
+            hier[key] = vals.pop()
+        hier["profiled"] = all(m.profile_mean is not None for _, m in mods)
     return {
         "format": FORMAT_TAG,
         "version": FORMAT_VERSION,
@@ -127,6 +171,7 @@ def routing_config(modules: Iterable[tuple[str, RoutedUnits]], base_model: str |
         "base_model_name_or_path": base_model,
         "sources": list(sources),
         "calibrated": any(m.activation is not None for _, m in mods),
+        **hier,
         **(info or {}),
         "modules": {
             n: {"R": m.rank, "top_k": m.top_k, "d_in": m.d_in, "d_out": m.d_out,
@@ -156,6 +201,9 @@ def write_routed(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], *, b
             tensors[f"{name}.gate"] = m.gate.detach().to("cpu", torch.float32).contiguous()
         if m.activation is not None:
             tensors[f"{name}.activation"] = m.activation.detach().to("cpu", torch.float32).contiguous()
+        if m.profile_mean is not None and m.profile_var is not None:
+            tensors[f"{name}.profile_mean"] = m.profile_mean.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"{name}.profile_var"] = m.profile_var.detach().to("cpu", torch.float32).contiguous()
         kept.append((name, m))
     cfg = routing_config(kept, base_model, sources, info)
     save_file(tensors, str(Path(out_dir) / WEIGHTS_NAME),
@@ -190,7 +238,7 @@ def read_config(cfg_path: Path) -> dict[str, Any]:
 
 def _module_tensors(f: Any, name: str, keys: set[str], path: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for part in ("unit_A", "unit_B", "source", "bias", "gate", "activation"):
+    for part in ("unit_A", "unit_B", "source", "bias", "gate", "activation", "profile_mean", "profile_var"):
         key = f"{name}.{part}"
         if key in keys:
             out[part] = f.get_tensor(key)
@@ -222,14 +270,17 @@ def load_routed(path: str | Path) -> RoutedAdapter:
             t = _module_tensors(f, name, keys, weights)
             u = _units(name, spec, t, weights)
             try:
+                mass = cfg.get("mass")
                 mods[name] = RoutedUnits(u, cfg["router"], int(spec.get("top_k", cfg["top_k"])),
                                          float(cfg.get("temperature", 1.0)), t.get("bias"), t.get("gate"),
-                                         t.get("activation"))
+                                         t.get("activation"), t.get("profile_mean"), t.get("profile_var"),
+                                         int(cfg.get("top_m", 1)), None if mass is None else float(mass),
+                                         str(cfg.get("evidence", "depth")))
             except ValueError as e:
                 raise LoraMergeError(f"{weights}: module {name}: {e}") from None
     info = {k: v for k, v in cfg.items() if k not in ("format", "version", "router", "top_k", "temperature",
                                                      "base_model_name_or_path", "sources", "calibrated",
-                                                     "modules")}
+                                                     "modules", "profiled", *HIER_KEYS)}
     return RoutedAdapter(mods, cfg.get("base_model_name_or_path"), list(cfg.get("sources", [])), info)
 
 
@@ -262,7 +313,7 @@ def sniff_routed(keys: list[str], metadata: dict[str, str]) -> bool:
 
 
 def inspect_routing(a: Adapter, report: dict[str, Any]) -> None:
-    """``loramerge inspect``: the routing config of a routed adapter (INSPECTORS hook)."""
+    """``loramerge inspect``: the routing config of a routed adapter (the routed FormatSpec's inspector)."""
     cfg = a.meta.extra.get("routing")
     if a.meta.format != FORMAT_TAG or not cfg:
         return
@@ -274,6 +325,7 @@ def inspect_routing(a: Adapter, report: dict[str, Any]) -> None:
         "units": sum(m["R"] for m in cfg["modules"].values()),
         "sources": len(cfg.get("sources", [])),
         "calibrated": bool(cfg.get("calibrated")),
+        **({k: cfg.get(k) for k in (*HIER_KEYS, "profiled")} if cfg["router"] == "hierarchical" else {}),
         "per_module": {n: {"R": m["R"], "top_k": m["top_k"]} for n, m in cfg["modules"].items()},
     }
 

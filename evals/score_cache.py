@@ -1,0 +1,81 @@
+"""On-disk cache of task scores for fixed variants (the base model, committed adapters).
+
+Every scenario of the suite scores the base model and the individual adapters on the same test
+examples; those scores depend only on the model files, the tokenised examples and the batch layout,
+so they are computed once and read back afterwards.  The key hashes the bytes of the base model's
+weights and the adapter's files, the token ids and gold labels of every example, the batch size and
+the device type; a changed file or example misses the cache.  Merged adapters are never cached.
+
+Entries live under ``<cache_dir>/scores/<key>.json`` (see :func:`suite.model.cache_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .tasks import EncodedTask
+
+
+@cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of the folder's weight/config files (memoised per size+mtime)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".bin", ".gguf"):
+            st = f.stat()
+            h.update(f.name.encode())
+            h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+# Bumped whenever what an entry holds changes (2: per-example outcomes "correct"), so old entries miss.
+ENTRY_VERSION = 2
+
+
+def score_key(base: Path, adapter: Path | None, task: EncodedTask, batch_size: int, device: str) -> str:
+    h = hashlib.sha256(f"scores-v{ENTRY_VERSION}".encode())
+    h.update(folder_digest(base).encode())
+    h.update((folder_digest(adapter) if adapter is not None else "base").encode())
+    h.update(json.dumps([task.name, task.ids, task.gold.tolist(), task.label_tokens.tolist(), batch_size,
+                         device.split(":")[0]]).encode())
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    from .suite.model import cache_dir
+
+    return cache_dir() / "scores"
+
+
+def lookup(key: str) -> dict[str, Any] | None:
+    p = cache_root() / f"{key}.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def store(key: str, value: dict[str, Any]) -> None:
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(value))
+        tmp.replace(root / f"{key}.json")
+    except OSError:
+        pass  # an unwritable cache only costs time

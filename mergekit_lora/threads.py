@@ -1,0 +1,141 @@
+"""The thread policy: one place that decides how many CPU threads each piece of linear algebra gets.
+
+Why: torch's default (one OpenMP/MKL thread per core) is a disaster for the small per-module
+products a merge is made of when the machine is busy — a QR of a 112×24 matrix took 307 ms with 2
+threads on a loaded 2-core box and 0.017 ms with 1, because every parallel region waits at a barrier
+for a thread the OS has descheduled.  Large dense work (a 1024×2816 product, a batched GEMM) does
+gain from the cores even under load.  So:
+
+- inside :func:`thread_policy` torch runs **single-threaded** by default;
+- an operation big enough to deserve threads opts in with :func:`parallel_for` (by its flop
+  count), which raises the thread count to the budget for that call only;
+- the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
+  (``os.sched_getaffinity``).
+
+``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
+Results do not depend on the thread budget in the code paths that use this module: only GEMMs (whose
+output blocks are split between threads: same bits with 1 and 2 threads, tested) and pools of
+independent chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not* reproduce
+across thread counts, run under :func:`single_thread`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# Below this many floating-point operations an op runs on one thread: ~5 ms of single-thread work
+# (at ~30 GFLOP/s), enough that a parallel region's barrier (a descheduled thread on a busy machine)
+# cannot dominate.  The policy as a whole is checked against torch's default and fixed 1 / 2 threads
+# under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
+PARALLEL_MIN_FLOPS = 1.5e8
+
+_budget: int | None = None  # the active policy's thread budget (None: no policy active)
+
+
+def policy_enabled() -> bool:
+    """False when ``LORAMERGE_THREAD_POLICY`` is ``off``/``0``/``torch`` (torch's own threading is kept)."""
+    return os.environ.get("LORAMERGE_THREAD_POLICY", "on").strip().lower() not in ("off", "0", "torch", "false")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity mask), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def thread_budget(threads: int | None = None) -> int:
+    """Threads large operations may use: ``threads`` if given, else ``OMP_NUM_THREADS``, else the cores."""
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be ≥ 1, got {threads}")
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env:
+        try:
+            return max(int(env.split(",")[0]), 1)
+        except ValueError:
+            pass
+    return usable_cores()
+
+
+def threads_for(flops: float) -> int:
+    """Threads an operation of ``flops`` floating-point operations gets under the active policy."""
+    if _budget is None:
+        return torch.get_num_threads()
+    return _budget if flops >= PARALLEL_MIN_FLOPS else 1
+
+
+@contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    prev = torch.get_num_threads()
+    if n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+@contextmanager
+def thread_policy(threads: int | None = None) -> Iterator[int]:
+    """Run the enclosed merge under the policy: one thread by default, the budget for big operations.
+
+    Yields the budget.  Re-entrant (an inner policy keeps the outer budget unless ``threads`` is
+    given); restores torch's thread count on exit.  A no-op (yields torch's count) when the policy is
+    disabled by ``LORAMERGE_THREAD_POLICY=off``.
+    """
+    global _budget
+    if not policy_enabled():
+        yield torch.get_num_threads()
+        return
+    outer = _budget
+    budget = thread_budget(threads) if (threads is not None or outer is None) else outer
+    _budget = budget
+    try:
+        with _num_threads(1):
+            yield budget
+    finally:
+        _budget = outer
+
+
+@contextmanager
+def parallel_for(flops: float) -> Iterator[int]:
+    """Give the enclosed operation the budget's threads when it is worth ``flops`` ≥ PARALLEL_MIN_FLOPS.
+
+    Outside :func:`thread_policy` (or with the policy disabled) it changes nothing.  Yields the
+    thread count in effect.
+    """
+    n = threads_for(flops)
+    if _budget is None:
+        yield n
+        return
+    with _num_threads(n):
+        yield n
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed LAPACK call (QR, SVD, eigh) on one thread under the policy, whatever its size.
+
+    MKL's threaded LAPACK gives different bits with 1 and 2 threads (GEMM at our shapes does not), so
+    factorisations whose results are written stay single-threaded: output bytes do not depend on the
+    thread budget.
+    """
+    if _budget is None:
+        yield
+        return
+    with _num_threads(1):
+        yield
+
+
+def matmul_flops(m: int, k: int, n: int, batch: int = 1) -> float:
+    """Floating-point operations of a [batch, m, k] @ [batch, k, n] product (2·m·k·n per matrix)."""
+    return 2.0 * batch * m * k * n

@@ -1,0 +1,93 @@
+"""The thread policy's decisions and the cheap fidelity paths (exact methods, float32 Grams)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mergekit_lora.threads as threads
+from mergekit_lora.fidelity import ModuleFidelity, exact_fidelity, module_fidelity, summarize, weighted_target
+from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
+from mergekit_lora.units import RankUnits
+
+
+def test_budget_prefers_the_option_then_omp_num_threads_then_the_cores(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.thread_budget(5) == 5
+    assert threads.thread_budget() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.thread_budget() == threads.usable_cores()
+    with pytest.raises(ValueError):
+        threads.thread_budget(0)
+
+
+def test_policy_runs_small_ops_on_one_thread_and_big_ones_on_the_budget(monkeypatch):
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    before = torch.get_num_threads()
+    with threads.thread_policy(3) as budget:
+        assert budget == 3 and torch.get_num_threads() == 1
+        assert threads.threads_for(1e3) == 1 and threads.threads_for(1e12) == 3
+        with threads.parallel_for(1e12) as n:
+            assert n == 3 and torch.get_num_threads() == 3
+        with threads.parallel_for(1e12), threads.single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+        with threads.thread_policy() as inner:  # nested: keeps the outer budget
+            assert inner == 3
+    assert torch.get_num_threads() == before
+
+
+def test_policy_off_leaves_torch_alone(monkeypatch):
+    monkeypatch.setenv("LORAMERGE_THREAD_POLICY", "off")
+    before = torch.get_num_threads()
+    with threads.thread_policy(1), threads.parallel_for(1e12), threads.single_thread():
+        assert torch.get_num_threads() == before
+
+
+def _units(r: int, seed: int, m: int = 40, n: int = 30) -> RankUnits:
+    g = torch.Generator().manual_seed(seed)
+    return RankUnits.from_factors(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g), source=seed)
+
+
+def test_exact_methods_report_their_zero_error_without_measuring_anything():
+    us, w = [_units(4, 1), _units(3, 2)], [0.5, -1.5]
+    ctx = ModuleContext("m", 0, torch.device("cpu"))
+    for name, params in (("linear", {}), ("cat", {})):
+        algo = get_algorithm(name)
+        out = algo.merge_module(us, w, parse_params(algo, params), ctx)
+        assert out.fidelity is not None and out.fidelity.error_norm == 0.0, name
+    algo = get_algorithm("linear")
+    assert algo.merge_module(us, w, parse_params(algo, {"rank": 2}), ctx).fidelity is None  # re-ranked: measured
+    target = weighted_target(us, w)
+    row = exact_fidelity("m", target)
+    assert row.error_norm == 0.0 and math.isnan(row.target_norm)  # ‖target‖ needs an N×N Gram: not measured
+    # a group of exact rows summarises to error 0 / energy 1; mixed with a measured nonzero error: not measurable
+    rows = [exact_fidelity("layers.0.q", target), exact_fidelity("layers.1.q", target)]
+    assert summarize(rows)["overall"] == {"modules": 2, "rel_error": 0.0, "energy_ratio": 1.0}
+    assert math.isnan(summarize(rows + [ModuleFidelity("layers.0.v", 1.0, 1.0, 0.5)])["overall"]["rel_error"])
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_svd_fidelity_row_from_the_spectrum_equals_the_factor_space_measurement(rank):
+    units = [_units(4, 1), _units(3, 2)]
+    algo = get_algorithm("svd")
+    out = algo.merge_module(units, [0.7, -1.2], parse_params(algo, {"rank": rank}),
+                            ModuleContext("m", 0, torch.device("cpu")))
+    ref = module_fidelity("m", out.units, weighted_target(units, [0.7, -1.2]))
+    for a, b in ((out.fidelity.error_norm, ref.error_norm), (out.fidelity.target_norm, ref.target_norm),
+                 (out.fidelity.merged_norm, ref.merged_norm)):
+        assert abs(a - b) <= 1e-4 * ref.target_norm
+
+
+@pytest.mark.parametrize("noise", [0.5, 1e-2, 1e-6])
+def test_module_fidelity_matches_dense_float64_at_every_error_level(noise):
+    target = weighted_target([_units(4, 1), _units(3, 2)], [0.5, 1.0])
+    merged = target.with_factors(target.A + noise * torch.randn_like(target.A), target.B)
+    row = module_fidelity("m", merged, target)
+    def d64(u: RankUnits) -> torch.Tensor:
+        return u.B.double() @ u.A.double()
+
+    e = float((d64(merged) - d64(target)).norm())
+    assert abs(row.error_norm - e) <= 1e-3 * e + 1e-7 * float(d64(target).norm())
