@@ -64,7 +64,7 @@ class SharedProjection:
 
     def weight(self) -> torch.Tensor:
         parts = [m.proj_weight() for m in self.members]
-        key = tuple((p.data_ptr(), p._version) for p in parts)
+        key = tuple((p.data_ptr(), _version(p)) for p in parts)
         if key != self._key or self._weight is None:
             self._weight = torch.cat(parts)
             self._key = key
@@ -75,9 +75,9 @@ class SharedProjection:
         return self._weight
 
     def project(self, layer: RoutedLoraLayer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self._x is not x or self._P is None or self._xv != x._version or id(layer) not in self._pending:
+        if self._x is not x or self._P is None or self._xv != _version(x) or id(layer) not in self._pending:
             self._P = h @ self.weight().T
-            self._x, self._xv = x, x._version
+            self._x, self._xv = x, _version(x)
             self._pending = {id(m) for m in self.members}
         lo, hi = self._offsets[id(layer)]
         P = self._P[:, lo:hi]
@@ -85,6 +85,11 @@ class SharedProjection:
         if not self._pending:  # every member has its slice: drop the references
             self._x = self._P = None
         return P
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference tensors (``torch.inference_mode``) have none: -1."""
+    return -1 if t.is_inference() else t._version
 
 
 class RoutedLoraLayer(nn.Module):
@@ -136,7 +141,7 @@ class RoutedLoraLayer(nn.Module):
             return self.unit_A
         if torch.is_grad_enabled() and self.gate.requires_grad:
             return torch.cat([self.unit_A, self.gate])  # differentiable: calibration trains G
-        key = (self.gate.data_ptr(), self.gate._version)
+        key = (self.gate.data_ptr(), _version(self.gate))
         if key != self._proj_key or self._proj is None:
             self._proj = torch.cat([self.unit_A, self.gate.detach()])
             self._proj_key = key
