@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergekit_lora.threads import matmul_flops, parallel_for
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -109,8 +110,9 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
             A[m, at:at + u.rank].copy_(u.A)
             torch.mul(u.B.to(dt), w, out=B[m, :, at:at + u.rank])  # in the work dtype, not the input
             at += u.rank
-    GA = torch.bmm(A, A.transpose(1, 2))
-    GB = torch.bmm(B.transpose(1, 2), B)
+    with parallel_for(matmul_flops(N, d_in + d_out, N, batch=M)):  # the two N×N Grams: the big products
+        GA = torch.bmm(A, A.transpose(1, 2))
+        GB = torch.bmm(B.transpose(1, 2), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     sign = torch.ones_like(na)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_lora.threads import matmul_flops, parallel_for
+
 from .pool import PoolBatch
 
 REWEIGHTS = ("paper", "lsq", "none")
@@ -85,8 +87,10 @@ def centroids(pool: PoolBatch, stats: list[ClusterStats]) -> tuple[torch.Tensor,
     """The unscaled centroid factors of the whole batch (two bmm): ā [M, k, d_in], b̄ [M, d_out, k], and
     each centroid vector's max-abs norm ‖[ā_j ; b̄_j]‖_∞ [M, k] (float64, CPU)."""
     W = pool.unsort(torch.stack([st.W for st in stats]))  # [M, N, k] over the input-order units
-    A_c = torch.bmm((W * pool.ca[:, :, None]).transpose(1, 2), pool.A)
-    B_c = torch.bmm(pool.B, W * pool.cb[:, :, None])
+    M, N, d_in = pool.A.shape
+    with parallel_for(matmul_flops(W.shape[2], N, d_in + pool.B.shape[1], batch=M)):  # the centroid factors
+        A_c = torch.bmm((W * pool.ca[:, :, None]).transpose(1, 2), pool.A)
+        B_c = torch.bmm(pool.B, W * pool.cb[:, :, None])
     linf = torch.maximum(A_c.abs().amax(2), B_c.abs().amax(1)).double().cpu()
     return A_c, B_c, linf
 
