@@ -39,9 +39,10 @@ def check_output(out: Path, force: bool) -> None:
     out = Path(out)
     _refuse_unnamed(out)
     if out.exists() and not force:
-        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it")
+        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it",
+                             field="out")
     if out.exists() and not out.is_dir():
-        raise LoraMergeError(f"{out} exists and is not a folder")
+        raise LoraMergeError(f"{out} exists and is not a folder", field="out")
 
 
 def _refuse_unnamed(out: Path) -> None:

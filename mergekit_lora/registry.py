@@ -26,6 +26,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -167,14 +168,16 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def _entry_point_classes() -> list[type[Algorithm]]:
+@cache
+def _entry_point_classes() -> tuple[type[Algorithm], ...]:
+    """The installed entry points' algorithm classes, scanned once per process (the scan is not free)."""
     found: list[type[Algorithm]] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
         obj = getattr(obj, "BUILTINS", obj)  # a module that lists its classes
         items = obj if isinstance(obj, (list, tuple)) else [obj]
         found.extend(c for c in items if isinstance(c, type) and issubclass(c, Algorithm))
-    return found
+    return tuple(found)
 
 
 def available() -> dict[str, type[Algorithm]]:

@@ -14,7 +14,6 @@ Usage: .venv/bin/python evals/bench/lego_bench.py --layers 4 --mem-layers 2 --ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -23,35 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-PROJ = [("self_attn.q_proj", "h", "h"), ("self_attn.k_proj", "h", "h"), ("self_attn.v_proj", "h", "h"),
-        ("self_attn.o_proj", "h", "h"), ("mlp.gate_proj", "i", "h"), ("mlp.up_proj", "i", "h"),
-        ("mlp.down_proj", "h", "i")]
-
-
-def make_adapters(root: Path, n: int, layers: int, hidden: int, inter: int, rank: int) -> list[Path]:
-    dims = {"h": hidden, "i": inter}
-    paths = []
-    for a in range(n):
-        p = root / f"L{layers}-h{hidden}" / f"adapter{a}"
-        paths.append(p)
-        if (p / "adapter_model.safetensors").exists():
-            continue
-        p.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(a)
-        tensors = {}
-        for layer in range(layers):
-            for name, out_d, in_d in PROJ:
-                key = f"base_model.model.model.layers.{layer}.{name}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, dims[in_d], generator=g) / dims[in_d] ** 0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(dims[out_d], rank, generator=g) * 0.01
-        save_file(tensors, str(p / "adapter_model.safetensors"))
-        cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "base_model_name_or_path": "synthetic-llama",
-               "target_modules": sorted({n.split(".")[-1] for n, _, _ in PROJ}), "task_type": "CAUSAL_LM"}
-        (p / "adapter_config.json").write_text(json.dumps(cfg))
-    return paths
-
+from synthetic import make_adapters
 
 FLOOR = """
 import sys, time, torch, resource
@@ -139,7 +110,7 @@ def main() -> None:
     REPEAT = a.repeat
     rows = []
     for layers in (a.layers, a.mem_layers):
-        paths = make_adapters(a.workdir, a.adapters, layers, a.hidden, a.intermediate, a.rank)
+        paths = make_adapters(a.workdir / f"L{layers}-h{a.hidden}", a.adapters, layers, a.hidden, a.intermediate, a.rank)
         size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
         joined = ",".join(str(p) for p in paths)
         floor_s, floor_rss = run(FLOOR, joined, str(a.workdir / "floor.safetensors"), str(a.k))

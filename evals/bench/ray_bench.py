@@ -21,35 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-PROJ = [("self_attn.q_proj", "h", "h"), ("self_attn.k_proj", "h", "h"), ("self_attn.v_proj", "h", "h"),
-        ("self_attn.o_proj", "h", "h"), ("mlp.gate_proj", "i", "h"), ("mlp.up_proj", "i", "h"),
-        ("mlp.down_proj", "h", "i")]
-
-
-def make_library(root: Path, n: int, layers: int, hidden: int, inter: int, rank: int) -> list[Path]:
-    dims = {"h": hidden, "i": inter}
-    paths = []
-    for a in range(n):
-        p = root / f"adapter{a:04d}"
-        paths.append(p)
-        if (p / "adapter_model.safetensors").exists():
-            continue
-        p.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(a)
-        tensors = {}
-        for layer in range(layers):
-            for name, out_d, in_d in PROJ:
-                key = f"base_model.model.model.layers.{layer}.{name}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, dims[in_d], generator=g) / dims[in_d] ** 0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(dims[out_d], rank, generator=g) * 0.01
-        save_file(tensors, str(p / "adapter_model.safetensors"))
-        cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "base_model_name_or_path": "synthetic-llama",
-               "target_modules": sorted({n.split(".")[-1] for n, _, _ in PROJ}), "task_type": "CAUSAL_LM"}
-        (p / "adapter_config.json").write_text(json.dumps(cfg))
-    return paths
-
+from synthetic import make_adapters
 
 CHILD = r"""
 import json, os, sys, time, resource
@@ -138,7 +110,7 @@ def main() -> None:
     rows = []
     head = machine()
     for n in args.adapters:
-        paths = make_library(work / f"L{args.layers}-h{args.hidden}-r{args.rank}", n, args.layers, args.hidden,
+        paths = make_adapters(work / f"L{args.layers}-h{args.hidden}-r{args.rank}", n, args.layers, args.hidden,
                              args.intermediate, args.rank)
         size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
         outs = {}

@@ -18,7 +18,7 @@ from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
 from mergekit_lora.options import MergeOptions
 from mergekit_lora.pipeline import MergePlan, execute, merge_stream, plan
-from mergekit_lora.pipeline.execute import _batches
+from mergekit_lora.pipeline.execute import merge_batches
 from mergekit_lora.registry import AlgorithmParams, Notes
 from mergekit_lora.units import RankUnits
 
@@ -46,7 +46,7 @@ def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
 
 def plan_batches(p: MergePlan) -> list[list[str]]:
     """The plan's merge batches (module names) in the order the local driver merges them."""
-    return [[mp.name for mp in batch] for batch in _batches(p)]
+    return [[mp.name for mp in batch] for batch in merge_batches(p)]
 
 
 def merge_batch_list(p: MergePlan, batches: Sequence[Sequence[str]]

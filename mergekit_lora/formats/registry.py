@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -67,13 +68,19 @@ def register_format(spec: FormatSpec) -> None:
     _REGISTERED.append(spec)
 
 
-def formats() -> list[FormatSpec]:
-    """Every format: built-ins, then entry points, then in-process registrations (later names shadow)."""
+@cache
+def _installed() -> tuple[FormatSpec, ...]:
+    """Built-ins and the installed entry points' formats, gathered once per process."""
     specs = builtin_formats()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
         specs.extend(obj if isinstance(obj, (list, tuple)) else [obj])
-    specs.extend(_REGISTERED)
+    return tuple(specs)
+
+
+def formats() -> list[FormatSpec]:
+    """Every format: built-ins, then entry points, then in-process registrations (later names shadow)."""
+    specs = [*_installed(), *_REGISTERED]
     by_name: dict[str, FormatSpec] = {}
     for s in specs:
         by_name.pop(s.name, None)

@@ -70,7 +70,7 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
     algo = plan.algorithm
     with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
-        for batch in _batches(plan):
+        for batch in merge_batches(plan):
             p = batch[0].params
             loaded = [[plan.adapters[i].units(mp.name, source=i).to(plan.device) for i in mp.present] for mp in batch]
             weights = [[mp.weights[i] for i in mp.present] for mp in batch]
@@ -89,7 +89,7 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
                 bar.advance(task)
 
 
-def _batches(plan: MergePlan) -> Iterator[list[ModulePlan]]:
+def merge_batches(plan: MergePlan) -> Iterator[list[ModulePlan]]:
     """The plan cut into merge batches: plan order for one-at-a-time algorithms; otherwise modules grouped
     by (inputs present, weights, params, every input's rank/shape/kind/dtype) in order of first
     appearance, each group in chunks of ``batch_limit``."""

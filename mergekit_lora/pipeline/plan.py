@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from pydantic import ValidationError
 
 from .. import checks
 from ..adapter import Adapter, ModuleInfo
+from ..atomic import check_output
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
 from ..formats.gguf import resolve_base
@@ -34,7 +34,7 @@ from ..formats.registry import align_names, default_output_format, get_writer
 from ..names import layer_index, matches
 from ..options import DTYPE_NAMES, MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
-from ..registry import Algorithm, AlgorithmParams, get_algorithm
+from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
 from .compat import check_compatible
 
 Source = str | Path | Adapter
@@ -139,7 +139,7 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
             field="output_format"))
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
-        _collect(problems, _check_out, Path(opts.out), opts.force)
+        _collect(problems, check_output, Path(opts.out), opts.force)
     top = _collect(problems, _top_params, algo, params) if algo is not None else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
@@ -210,29 +210,11 @@ def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:
         return None
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LoraMergeError(f"{out} exists and is not a folder", field="out")
-    if out.exists() and not force:
-        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it",
-                             field="out")
-
-
 def _top_params(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams | None) -> AlgorithmParams:
     """The request's parameters at layer position 0 (validated; gradients interpolated)."""
     if isinstance(params, AlgorithmParams):
         return params
-    return _validated(algo, evaluate(gradient_fields(algo, dict(params or {})), 0.0))
-
-
-def _validated(algo: Algorithm, values: dict[str, Any], where: str = "parameters") -> AlgorithmParams:
-    try:
-        return algo.Params(**values)
-    except ValidationError as e:
-        rows = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or where}: "
-                         + ("required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, "))
-                         for err in e.errors())
-        raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {rows}", field="params") from None
+    return parse_params(algo, evaluate(gradient_fields(algo, dict(params or {})), 0.0))
 
 
 def _load_sources(sources: Sequence[Source], opts: MergeOptions) -> tuple[list[Adapter], list[str]]:
@@ -292,7 +274,7 @@ def _module_table(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams |
             key = tuple(sorted((k, repr(v)) for k, v in concrete.items()))
             if key not in cache:
                 try:
-                    cache[key] = _validated(algo, concrete)
+                    cache[key] = parse_params(algo, concrete)
                 except LoraMergeError as e:
                     problems.append(e)
                     cache[key] = algo.Params.model_construct()
