@@ -24,8 +24,9 @@ from mergekit_lora.registry import available
 
 from .fidelity import fidelity_report
 from .report import write_report
+from .score_cache import cached_scores
 from .stats import add_intervals
-from .tasks import encode_suite, evaluate_variant, load_base, normalized_accuracy, pad_id_of
+from .tasks import encode_suite, load_base, normalized_accuracy, pad_id_of
 
 
 class MethodSpec(BaseModel):
@@ -142,21 +143,10 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
     base_folder = resolve_base(cfg.base)
 
     def fixed(adapter: Path | None, enc: dict) -> dict[str, Any]:
-        """Scores of a variant that does not change between runs, read from the cache where possible."""
+        """Scores of ``adapter`` (base, input, reference or merge), read from the cache where possible."""
         t0 = time.perf_counter()
-        if not cfg.cache:
-            return {"tasks": evaluate_variant(model, adapter, enc, **ev), "eval_seconds": time.perf_counter() - t0}
-        from . import score_cache
-
-        keys = {t: score_cache.score_key(base_folder, adapter, e, cfg.batch_size, str(device)) for t, e in enc.items()}
-        got = {t: score_cache.lookup(k) for t, k in keys.items()}
-        todo = {t: enc[t] for t, v in got.items() if v is None}
-        if todo:
-            for t, v in evaluate_variant(model, adapter, todo, **ev).items():
-                score_cache.store(keys[t], v)
-                got[t] = v
-        return {"tasks": {t: got[t] for t in enc}, "cached": sorted(set(enc) - set(todo)),
-                "eval_seconds": time.perf_counter() - t0}
+        got, cached = cached_scores(model, base_folder, adapter, enc, enabled=cfg.cache, **ev)
+        return {"tasks": got, "cached": cached, "eval_seconds": time.perf_counter() - t0}
 
     rows.append({"variant": "base", "kind": "base", **fixed(None, encoded)})
     refs = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.references.items()}
@@ -179,7 +169,8 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                     from .tune import tune_spec
 
                     log(f"tuning {label} on {cfg.validation} validation examples per task")
-                    spec, w, row["tuning"] = tune_spec(spec, w, paths, cfg, model, tok, tasks, Path(tmp), ev, log)
+                    spec, w, row["tuning"] = tune_spec(spec, w, paths, cfg, tok, tasks, Path(tmp),
+                                                       lambda f, enc: fixed(f, enc)["tasks"], log)
                     row.update(params=spec.params, weights=w, tuned=True)
                 log(f"merging with {label}")
                 t0 = time.perf_counter()
@@ -191,9 +182,7 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                 row["rank"] = max((m.rank for m in fid.modules), default=0)
                 row["modules"] = res.modules
                 log(f"evaluating {label}")
-                t1 = time.perf_counter()
-                row["tasks"] = evaluate_variant(model, Path(tmp) / label, encoded, **ev)
-                row["eval_seconds"] = time.perf_counter() - t1
+                row.update(fixed(Path(tmp) / label, encoded))
             except Exception as e:  # a failing method is a row in the report, not the end of the run
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"  {label} failed: {row['error']}")

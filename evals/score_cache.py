@@ -4,7 +4,9 @@ Every scenario of the suite scores the base model and the individual adapters on
 examples; those scores depend only on the model files, the tokenised examples and the batch layout,
 so they are computed once and read back afterwards.  The key hashes the bytes of the base model's
 weights and the adapter's files, the token ids and gold labels of every example, the batch size and
-the device type; a changed file or example misses the cache.  Merged adapters are never cached.
+the device type; a changed file or example misses the cache.  Merged adapters are keyed the same way,
+by their bytes (merges are deterministic for a seed), so re-running a scenario re-merges but only
+scores what changed.
 
 Entries live under ``<cache_dir>/scores/<key>.json`` (see :func:`suite.model.cache_dir`).
 """
@@ -18,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .tasks import EncodedTask
+from .tasks import EncodedTask, evaluate_variant
 
 
 @cache
@@ -79,3 +81,22 @@ def store(key: str, value: dict[str, Any]) -> None:
         tmp.replace(root / f"{key}.json")
     except OSError:
         pass  # an unwritable cache only costs time
+
+
+def cached_scores(model, base: Path, adapter: Path | None, encoded: dict[str, EncodedTask], *,
+                  enabled: bool = True, **ev: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({task: scores}, tasks read from the cache) for ``adapter`` on ``model`` (``None``: the base).
+
+    ``ev`` is passed to :func:`tasks.evaluate_variant` (batch_size, device, pad_id); tasks missing
+    from the cache are scored in one call and stored.
+    """
+    if not enabled:
+        return evaluate_variant(model, adapter, encoded, **ev), []
+    keys = {t: score_key(base, adapter, e, ev["batch_size"], str(ev["device"])) for t, e in encoded.items()}
+    got = {t: lookup(k) for t, k in keys.items()}
+    todo = {t: encoded[t] for t, v in got.items() if v is None}
+    if todo:
+        for t, v in evaluate_variant(model, adapter, todo, **ev).items():
+            store(keys[t], v)
+            got[t] = v
+    return {t: got[t] for t in encoded}, sorted(set(encoded) - set(todo))

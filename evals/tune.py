@@ -19,7 +19,7 @@ from typing import Any
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.pipeline import merge
 
-from .tasks import encode_suite, evaluate_variant
+from .tasks import encode_suite
 
 
 def resolve_value(value: Any, *, n: int, r: int, key: str) -> float | int:
@@ -50,9 +50,12 @@ def grid_points(grid: dict[str, list[Any]], *, n: int, r: int) -> list[dict[str,
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, model, tok, tasks: list[str],
-              tmp: Path, ev: dict[str, Any], log) -> tuple[Any, list[float], dict[str, Any]]:
-    """(spec with the chosen params, the chosen weights, {chosen, scores}) for a spec with a grid."""
+def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, tok, tasks: list[str],
+              tmp: Path, scores_of, log) -> tuple[Any, list[float], dict[str, Any]]:
+    """(spec with the chosen params, the chosen weights, {chosen, scores}) for a spec with a grid.
+
+    ``scores_of(adapter_folder, encoded_tasks) -> {task: {accuracy, ...}}`` scores one merge.
+    """
     n = len(paths)
     points = grid_points(spec.grid or {}, n=n, r=input_rank(paths))
     val = encode_suite(tok, tasks, cfg.validation, cfg.max_text_tokens, split="validation")
@@ -63,7 +66,7 @@ def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, model, to
         w = [point["weight"]] * n if "weight" in point else weights
         folder = tmp / f"tune-{i}"
         merge(list(paths.values()), spec.method, folder, weights=w, params=params, device=cfg.device, seed=cfg.seed)
-        res = evaluate_variant(model, folder, val, **ev)
+        res = scores_of(folder, val)
         shutil.rmtree(folder, ignore_errors=True)
         acc = sum(res[t]["accuracy"] for t in tasks) / len(tasks)
         scores.append({"setting": point, "validation_accuracy": acc})

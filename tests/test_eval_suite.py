@@ -60,7 +60,8 @@ def test_suite_smoke_real_model(tmp_path):
         "base": "smollm2-135m",
         "adapters": {"topic": str(ROOT / "examples/suite/topic"), "language": str(ROOT / "examples/suite/language")},
         "references": {"genre": str(ROOT / "examples/suite/genre")},
-        "methods": ["linear", {"method": "linear", "label": "broken", "params": {"rank": 0}},
+        "methods": ["linear", {"method": "linear", "label": "again"},
+                    {"method": "linear", "label": "broken", "params": {"rank": 0}},
                     {"method": "linear", "label": "tuned", "grid": {"weight": ["1/n", 1]}}],
         "weights": [0.5, 0.5], "examples": 32, "batch_size": 16, "device": "cpu", "individual": "own",
         "validation": 8, "bootstrap": 200,
@@ -90,6 +91,8 @@ def test_suite_smoke_real_model(tmp_path):
     best = max(tuned["tuning"]["scores"], key=lambda s: s["validation_accuracy"])
     assert tuned["tuning"]["chosen"] == best["setting"] and tuned["weights"] == [best["setting"]["weight"]] * 2
     assert "error" in rows["broken"] and "rank" in rows["broken"]["error"]
+    # the same merge again (same bytes) is not re-scored: its scores come from the cache, equal
+    assert rows["again"]["cached"] == ["language", "topic"] and rows["again"]["tasks"] == rows["linear"]["tasks"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.png", "report.json",
                                                                 "report.html"}
     md = (tmp_path / "report" / "report.md").read_text()
