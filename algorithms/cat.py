@@ -6,17 +6,15 @@ from mergekit_lora.fidelity import exact_fidelity
 from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
+from .catalog import CAT
 
-class Cat(Algorithm[AlgorithmParams]):
+
+class Cat(Algorithm[AlgorithmParams], entry=CAT):
     """Concatenation [w_1 B_1 … w_n B_n][A_1; …; A_n]: the FLoRA stacking aggregation.
 
     Same ΔW as PEFT's ``cat`` combination (which also concatenates, putting w_i and the scale on A_i
     where we fold them into B_i); the output rank is Σ r_i and every input unit is kept verbatim.
     """
-
-    name = "cat"
-    description = "concatenate all rank units (rank Σ rᵢ); exact weighted sum"
-    Params = AlgorithmParams
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: AlgorithmParams,
                      ctx: ModuleContext) -> MergedModule:

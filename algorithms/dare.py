@@ -9,15 +9,9 @@ import torch
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, DenseParams, SignParams, chunk_workers, dense_combine
-
-
-class DareLinearParams(DenseParams):
-    pass
-
-
-class DareTiesParams(SignParams):
-    pass
+from .catalog import DARE_LINEAR, DARE_TIES
+from .dense import DenseAlgorithm, chunk_workers, dense_combine
+from .params import DareLinearParams, DareTiesParams
 
 
 def dare_linear_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareLinearParams,
@@ -36,7 +30,7 @@ def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[fl
                          workers=chunk_workers(modules))
 
 
-class DareLinear(DenseAlgorithm[DareLinearParams]):
+class DareLinear(DenseAlgorithm[DareLinearParams], entry=DARE_LINEAR):
     """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ with M_i ~ Bernoulli(ρ) per entry, refactored to rank k.
 
     The masks come from a generator seeded by (``--seed``, module name), drawn for the inputs in order,
@@ -45,13 +39,10 @@ class DareLinear(DenseAlgorithm[DareLinearParams]):
     masks (PEFT draws them from the global torch RNG, unseeded unless the caller seeds it).
     """
 
-    name = "dare_linear"
-    description = "DARE: drop ΔW entries with prob 1−density, rescale 1/density (seeded), weighted sum; rank k"
-    Params = DareLinearParams
     dense_batch = staticmethod(dare_linear_dense)
 
 
-class DareTies(DenseAlgorithm[DareTiesParams]):
+class DareTies(DenseAlgorithm[DareTiesParams], entry=DARE_TIES):
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ): DARE instead of magnitude trimming, then TIES.
 
     Masks as in ``dare_linear``; sign election and disjoint mean as in ``ties`` (on the weighted
@@ -59,7 +50,4 @@ class DareTies(DenseAlgorithm[DareTiesParams]):
     equal positive weights and the same masks, elects the sign on unweighted tensors and has no λ.
     """
 
-    name = "dare_ties"
-    description = "DARE (seeded drop + rescale) then TIES sign election and disjoint mean, × lambda; rank k"
-    Params = DareTiesParams
     dense_batch = staticmethod(dare_ties_dense)

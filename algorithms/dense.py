@@ -31,13 +31,12 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import ConfigDict, Field
 
-from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext, Notes
+from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
 from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
-SignMethod = Literal["total", "frequency"]
+from .params import DenseParams, SignMethod
 
 # Elements of one [M, d_out, d_in] work tensor per sub-batch (~8 such tensors live at once: 32 MiB
 # each in float32), so a batch's memory is bounded whatever the driver hands over.
@@ -46,27 +45,7 @@ BATCH_ELEMENTS = 1 << 23
 EXACT_MIN_DIM = 160
 
 
-class DenseParams(AlgorithmParams):
-    """Refactorisation knobs shared by every dense-then-refactor method."""
-
-    density: float = Field(..., gt=0, le=1, description="fraction of each input's ΔW entries kept, in (0, 1]")
-    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
-    exact_svd: bool = Field(False, description="always refactor with the exact dense SVD (default: exact "
-                                               "for small matrices, else the subspace iteration)")
-    oversample: int = Field(8, ge=0, description="subspace iteration: Gaussian columns added to the inputs' B columns")
-    niter: int = Field(3, ge=0, description="subspace iteration: power iterations")
-
-
 P = TypeVar("P", bound=DenseParams)
-
-
-class SignParams(DenseParams):
-    """TIES-style parameters: sign election and the λ scale (``lambda`` in YAML/``-p``, ``--lambda`` on the CLI)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged update")
 
 
 # ---------------------------------------------------------------------------------------- products

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mergekit_lora.fidelity import exact_fidelity
 from mergekit_lora.lowrank import truncate
-from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
+from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
+from .catalog import LINEAR
+from .params import LinearParams
 
-class LinearParams(AlgorithmParams):
-    rank: int | None = Field(None, ge=1, description="re-rank the sum to this rank with the exact factor-space SVD")
 
-
-class Linear(Algorithm[LinearParams]):
+class Linear(Algorithm[LinearParams], entry=LINEAR):
     """Exact weighted sum: ΔW = Σ w_i B_i A_i = [w_1 B_1 … w_n B_n][A_1; …; A_n].
 
     Unlike PEFT's ``linear`` (which averages A's and B's separately, so the product carries cross
     terms B_i A_j, PEFT #3004), this is the weighted sum of the updates themselves.  The output rank
     is Σ r_i, or ``rank`` when given (best rank-k approximation of the sum, Eckart–Young).
     """
-
-    name = "linear"
-    description = "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or rank k via exact SVD)"
-    Params = LinearParams
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LinearParams,
                      ctx: ModuleContext) -> MergedModule:

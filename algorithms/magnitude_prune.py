@@ -9,11 +9,9 @@ import torch
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, DenseParams, chunk_workers, dense_combine
-
-
-class MagnitudePruneParams(DenseParams):
-    pass
+from .catalog import MAGNITUDE_PRUNE
+from .dense import DenseAlgorithm, chunk_workers, dense_combine
+from .params import MagnitudePruneParams
 
 
 def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
@@ -24,7 +22,7 @@ def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Seque
                          workers=chunk_workers(modules))
 
 
-class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
+class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams], entry=MAGNITUDE_PRUNE):
     """D = Σ w_i · trim_ρ(ΔW_i) (top ``int(ρ·numel)`` entries of each dense ΔW_i by magnitude), rank k.
 
     PEFT's ``magnitude_prune`` prunes A and B separately and sums them (cross terms, not pruning of
@@ -32,7 +30,4 @@ class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams]):
     then refactors with a dense full SVD (ours: see :mod:`algorithms.dense`, or ``exact_svd``).
     """
 
-    name = "magnitude_prune"
-    description = "keep the top density of each ΔWᵢ by magnitude, then Σ wᵢ ΔWᵢ; refactor to rank k"
-    Params = MagnitudePruneParams
     dense_batch = staticmethod(magnitude_prune_dense)

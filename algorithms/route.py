@@ -9,36 +9,21 @@ this algorithm is the training-free part (also usable from recipes as ``method: 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from mergekit_lora.adapter import ModuleInfo
 from mergekit_lora.names import pattern_value
-from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
+from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext
 from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate
 from mergekit_lora.units import RankUnits
 
-
-class RouteParams(AlgorithmParams):
-    router: Literal["implicit", "gate", "hierarchical"] = Field(
-        "implicit", description="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical (sequence -> adapter "
-                                "-> unit; needs per-adapter profile data)")
-    top_k: int = Field(..., ge=1, description="active units per token (capped at a module's unit count R)")
-    top_k_pattern: dict[str, int] = Field(default_factory=dict,
-                                          description="per-module top-k: module name suffix or regex -> k")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights "
-                                                      "(hierarchical: of the adapter posterior)")
-    top_m: int = Field(1, ge=1, description="hierarchical: adapters chosen per sequence")
-    mass: float | None = Field(None, gt=0, le=1, description="hierarchical: instead of top_m, the fewest adapters "
-                                                             "whose posterior probability reaches this mass")
-    evidence: Literal["depth", "module"] = Field("depth", description="hierarchical: sum the sequence evidence over "
-                                                                      "all routed modules so far, or per module")
+from .catalog import ROUTE
+from .params import RouteParams
 
 
-class Route(Algorithm[RouteParams]):
+class Route(Algorithm[RouteParams], entry=ROUTE):
     """Pool the weighted units of all inputs per module; a router activates top-k of them per token.
 
     With top_k >= R and the implicit router the routed model equals the ``cat`` merge exactly.  The
@@ -46,9 +31,6 @@ class Route(Algorithm[RouteParams]):
     them it routes like the implicit router.
     """
 
-    name = "route"
-    description = "rank routing: pool all units, activate the top-k per token (routed adapter + runtime)"
-    Params = RouteParams
     output_format = "routed"
 
     def check_module(self, name: str, infos: Sequence[ModuleInfo], params: RouteParams) -> str | None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mergekit_lora.fidelity import ModuleFidelity
 from mergekit_lora.lowrank import truncate_with_spectrum
-from mergekit_lora.registry import Algorithm, AlgorithmParams, MergedModule, ModuleContext
+from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext
 from mergekit_lora.units import RankUnits
 
+from .catalog import SVD
+from .params import SvdParams
 
-class SvdParams(AlgorithmParams):
-    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
 
-
-class Svd(Algorithm[SvdParams]):
+class Svd(Algorithm[SvdParams], entry=SVD):
     """ΔW_k = argmin_{rank ≤ k} ‖X − Σ w_i B_i A_i‖_F (Eckart–Young), k = ``rank`` or max r_i.
 
     The sum is formed exactly by concatenation ([w_1 B_1 … w_n B_n][A_1; …; A_n]); its SVD comes from a
@@ -23,10 +20,6 @@ class Svd(Algorithm[SvdParams]):
     truncation is unique when σ_k > σ_{k+1}) but through a dense d_out×d_in full SVD per module with
     the base model and all adapters in memory; its factors are (U S, Vᵀ), ours are balanced (U √S, √S Vᵀ).
     """
-
-    name = "svd"
-    description = "best rank-k approximation of Σ wᵢ ΔWᵢ via exact factor-space SVD (k: rank, default max rᵢ)"
-    Params = SvdParams
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: SvdParams,
                      ctx: ModuleContext) -> MergedModule:

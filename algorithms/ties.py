@@ -9,11 +9,9 @@ import torch
 from mergekit_lora.registry import ModuleContext
 from mergekit_lora.units import RankUnits
 
-from .dense import DenseAlgorithm, SignParams, chunk_workers, dense_combine
-
-
-class TiesParams(SignParams):
-    pass
+from .catalog import TIES
+from .dense import DenseAlgorithm, chunk_workers, dense_combine
+from .params import TiesParams
 
 
 def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: TiesParams,
@@ -23,7 +21,7 @@ def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
                          scale=params.lambda_, workers=chunk_workers(modules))
 
 
-class Ties(DenseAlgorithm[TiesParams]):
+class Ties(DenseAlgorithm[TiesParams], entry=TIES):
     """D = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)), refactored to rank k by a truncated SVD.
 
     trim_ρ keeps the top ``int(ρ·numel)`` entries of each input's dense ΔW_i by magnitude; the sign s of
@@ -36,7 +34,4 @@ class Ties(DenseAlgorithm[TiesParams]):
     matches the exact rank-k SVD to ~1e-4 otherwise (``exact_svd`` forces the exact one).
     """
 
-    name = "ties"
-    description = "TIES: trim to density by magnitude, elect sign, disjoint mean, × lambda; refactor to rank k"
-    Params = TiesParams
     dense_batch = staticmethod(ties_dense)

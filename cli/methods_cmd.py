@@ -16,7 +16,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     """List the registered merge methods with their parameters."""
     from mergekit_lora.registry import available  # the core loads when a command runs (start-up time)
 
-    described = [cls().describe() for cls in available().values()]
+    described = [entry.describe() for entry in available().values()]
     if as_json:
         typer.echo(json.dumps(described, indent=2, default=str))
         return

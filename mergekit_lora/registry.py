@@ -9,8 +9,11 @@ hands them back to :meth:`Algorithm.report`, :meth:`Algorithm.card_sections` and
 :meth:`Algorithm.artifacts` — no state is kept between calls.
 
 Built-ins and third-party packages are found through the entry-point group
-``mergekit_lora.algorithms``: an entry point names an algorithm class, or a list of them (our own
-``mergekit_lora.algorithms:BUILTINS``).  :func:`register` adds a class in-process (tests, notebooks).
+``mergekit_lora.algorithms``: an entry point names an algorithm class, an :class:`AlgorithmEntry`, or a
+list of them (our own ``mergekit_lora.algorithms:BUILTINS`` lists entries).  An entry carries what
+``loramerge methods``, flag checks and recipes need (name, description, ``Params``) and imports the
+implementation only in :meth:`AlgorithmEntry.load`, so listing methods never imports torch.
+:func:`register` adds a class in-process (tests, notebooks).
 
 Example::
 
@@ -27,15 +30,17 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import LoraMergeError
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import ModuleInfo
     from .fidelity import ModuleFidelity
     from .units import RankUnits
@@ -63,6 +68,8 @@ class ModuleContext:
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, module name, salt): reproducible and module-independent."""
+        import torch  # lazily: this module is imported by `loramerge methods`, which needs no torch
+
         g = torch.Generator(device="cpu")
         g.manual_seed((self.seed * 1_000_003 + zlib.crc32(f"{self.name}|{salt}".encode())) % (2**63))
         return g
@@ -83,14 +90,53 @@ class MergedModule:
     notes: Notes = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """An algorithm as the registry lists it: its metadata, and the implementation imported on demand.
+
+    ``target`` is ``"package.module:Class"`` (imported by :meth:`load`) or the class itself (plugins
+    and :func:`register`, already imported).  A built-in class takes ``name``, ``description`` and
+    ``Params`` from its entry (``class Svd(Algorithm[SvdParams], entry=SVD)``), so they are written once.
+    """
+
+    name: str
+    description: str
+    Params: type[AlgorithmParams]
+    target: str | type[Algorithm]
+
+    @classmethod
+    def of(cls, algo: type[Algorithm]) -> AlgorithmEntry:
+        return cls(algo.name, algo.description, algo.Params, algo)
+
+    def load(self) -> type[Algorithm]:
+        """The implementation class (importing its module: torch and the math)."""
+        if isinstance(self.target, type):
+            return self.target
+        module, _, qualname = self.target.partition(":")
+        obj: Any = import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if not (isinstance(obj, type) and issubclass(obj, Algorithm)) or obj.name != self.name:
+            raise TypeError(f"entry {self.name!r} points at {self.target}, which is not its Algorithm class")
+        return obj
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.name, self.description, self.Params)
+
+
 class Algorithm(Generic[P]):
-    """Base class of merge algorithms; subclasses set ``name``, ``description``, ``Params``."""
+    """Base class of merge algorithms; subclasses set ``name``, ``description``, ``Params`` (or ``entry=``)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Params: ClassVar[type[AlgorithmParams]] = AlgorithmParams
     # The output format this algorithm's results need (e.g. "routed"); None: any static LoRA format.
     output_format: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, entry: AlgorithmEntry | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if entry is not None:  # a built-in: its metadata lives in its (torch-free) catalogue entry
+            cls.name, cls.description, cls.Params = entry.name, entry.description, entry.Params
 
     def batch_limit(self, params: P) -> int:
         """How many same-shape modules the driver may hand to :meth:`merge_batch` at once.
@@ -130,16 +176,20 @@ class Algorithm(Generic[P]):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Name, description and the parameters from the Params model (for `loramerge methods`)."""
-        fields = {}
-        for fname, f in self.Params.model_fields.items():
-            fields[f.alias or fname] = {
-                "required": f.is_required(),
-                "default": None if f.is_required() else f.get_default(call_default_factory=True),
-                "type": _type_label(f.annotation),
-                "help": f.description or "",
-            }
-        return {"name": self.name, "description": self.description, "parameters": fields}
+        return describe(self.name, self.description, self.Params)
+
+
+def describe(name: str, description: str, params: type[AlgorithmParams]) -> dict[str, Any]:
+    """Name, description and the parameters from the Params model (for `loramerge methods`)."""
+    fields = {}
+    for fname, f in params.model_fields.items():
+        fields[f.alias or fname] = {
+            "required": f.is_required(),
+            "default": None if f.is_required() else f.get_default(call_default_factory=True),
+            "type": _type_label(f.annotation),
+            "help": f.description or "",
+        }
+    return {"name": name, "description": description, "parameters": fields}
 
 
 def _type_label(annotation: Any) -> str:
@@ -169,23 +219,28 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
 
 
 @cache
-def _entry_point_classes() -> tuple[type[Algorithm], ...]:
-    """The installed entry points' algorithm classes, scanned once per process (the scan is not free)."""
-    found: list[type[Algorithm]] = []
+def _entry_point_entries() -> tuple[AlgorithmEntry, ...]:
+    """The installed entry points' algorithms, scanned once per process (the scan is not free)."""
+    found: list[AlgorithmEntry] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
-        obj = getattr(obj, "BUILTINS", obj)  # a module that lists its classes
-        items = obj if isinstance(obj, (list, tuple)) else [obj]
-        found.extend(c for c in items if isinstance(c, type) and issubclass(c, Algorithm))
+        obj = getattr(obj, "BUILTINS", obj)  # a module that lists its algorithms
+        for item in obj if isinstance(obj, (list, tuple)) else [obj]:
+            if isinstance(item, AlgorithmEntry):
+                found.append(item)
+            elif isinstance(item, type) and issubclass(item, Algorithm):
+                found.append(AlgorithmEntry.of(item))
     return tuple(found)
 
 
-def available() -> dict[str, type[Algorithm]]:
-    """All algorithms by name: the entry points' (built-ins first) and those added with :func:`register`."""
-    out: dict[str, type[Algorithm]] = {}
-    for cls in _entry_point_classes():
-        out.setdefault(cls.name, cls)
-    out.update(_REGISTERED)
+def available() -> dict[str, AlgorithmEntry]:
+    """All algorithms by name: the entry points' (built-ins first) and those added with :func:`register`.
+
+    Nothing is imported beyond the entries' ``Params``; :meth:`AlgorithmEntry.load` imports a class."""
+    out: dict[str, AlgorithmEntry] = {}
+    for entry in _entry_point_entries():
+        out.setdefault(entry.name, entry)
+    out.update((name, AlgorithmEntry.of(cls)) for name, cls in _REGISTERED.items())
     return dict(sorted(out.items()))
 
 
@@ -193,7 +248,7 @@ def get_algorithm(name: str) -> Algorithm:
     algos = available()
     if name not in algos:
         raise LoraMergeError(f"unknown method {name!r}; available: {', '.join(algos) or 'none'}", field="method")
-    return algos[name]()
+    return algos[name].load()()
 
 
 def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "parameters") -> AlgorithmParams:

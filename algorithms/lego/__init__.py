@@ -1,6 +1,8 @@
-"""LoRA-LEGO: rank-wise k-means clustering of rank units with dual reweighting (``lego``)."""
+"""LoRA-LEGO: rank-wise k-means clustering of rank units with dual reweighting (``lego``).
 
-from .algorithm import Lego
+The class is :class:`.algorithm.Lego` (imported by the registry when a merge needs it; importing this
+package imports no torch)."""
+
 from .params import LegoParams
 
-__all__ = ["Lego", "LegoParams"]
+__all__ = ["LegoParams"]

@@ -12,6 +12,7 @@ from mergekit_lora.kmeans import kmeans_gram, resolve_backend
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
 from mergekit_lora.units import RankUnits
 
+from ..catalog import LEGO
 from .params import LegoParams
 from .pool import PoolBatch, build_pools, pooled_dtype
 from .report import ModuleRecord, fidelity_section, report_files
@@ -19,7 +20,7 @@ from .report_plot import report_png
 from .reweight import ClusterStats, centroids, cluster_stats, option_scales
 
 
-class Lego(Algorithm[LegoParams]):
+class Lego(Algorithm[LegoParams], entry=LEGO):
     """Rank-wise k-means over the pooled rank units of all inputs; cluster centroids become the units.
 
     Per module: every rank unit (MSU) of every input is one vector; k-means (k-means++ seeds from the
@@ -47,10 +48,6 @@ class Lego(Algorithm[LegoParams]):
     its own cluster (the formulas still apply).  Same-shape modules are clustered as one batch, and
     everything but the centroids is computed from the pool's N×N Gram matrices.
     """
-
-    name = "lego"
-    description = "LoRA-LEGO: k-means over all inputs' rank units, centroids -> rank-k LoRA, dual reweighting"
-    Params = LegoParams
 
     def batch_limit(self, params: LegoParams) -> int:
         return params.batch_modules

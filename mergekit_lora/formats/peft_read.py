@@ -1,38 +1,20 @@
-"""Read PEFT LoRA adapters: a folder, a bare adapter_model.safetensors, or any file with PEFT keys."""
+"""Read PEFT LoRA adapters: a folder, a bare adapter_model.safetensors, or any file with PEFT keys.
+
+The header and config are interpreted by :mod:`.peft_layout` (no torch); this module turns a layout
+into an :class:`Adapter` whose loader reads one module's factors as torch tensors on demand.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
-from ..errors import LoraMergeError
-from ..names import natural_key, pattern_value
 from ..units import RankUnits
-from .peft_config import validate_config
+from .peft_layout import has_peft_keys, label_of, locate, peft_layout, read_config
 from .tensors import TensorSource, compute_dtype
 
-PEFT_PREFIX = "base_model.model."
-_LINEAR = re.compile(r"^(?P<mod>.+)\.(?P<half>lora_A|lora_B)(?:\.(?P<name>[\w-]+))?\.(?P<param>weight|bias)$")
-_EMBED = re.compile(r"^(?P<mod>.+)\.(?P<half>lora_embedding_A|lora_embedding_B)(?:\.(?P<name>[\w-]+))?$")
-_DORA = ".lora_magnitude_vector"
-
-
-def has_peft_keys(keys: list[str]) -> bool:
-    return any(_LINEAR.match(k) or _EMBED.match(k) for k in keys)
-
-
-@dataclass
-class _Pair:
-    a_key: str | None = None
-    b_key: str | None = None
-    embedding: bool = False
+__all__ = ["adapter_from_peft_source", "has_peft_keys", "read_peft"]
 
 
 def read_peft(path: Path, *, allow_pickle: bool = False, ignore_modules_to_save: bool = False,
@@ -43,203 +25,42 @@ def read_peft(path: Path, *, allow_pickle: bool = False, ignore_modules_to_save:
     ``adapter.unknown_keys`` instead (inspect).
     """
     path = Path(path)
-    weights, config_path = _locate(path, allow_pickle)
-    config = _read_config(config_path) if config_path else {}
+    weights, config_path = locate(path, allow_pickle)
+    config = read_config(config_path) if config_path else {}
     src = TensorSource.open(weights, allow_pickle=allow_pickle)
     return adapter_from_peft_source(src, config, config_path=config_path,
                                     ignore_modules_to_save=ignore_modules_to_save, strict=strict)
-
-
-def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path | None]:
-    if path.is_dir():
-        for name in ("adapter_model.safetensors", "adapter_model.bin"):
-            if (path / name).is_file():
-                weights = path / name
-                break
-        else:
-            raise LoraMergeError(
-                f"{path}: no adapter_model.safetensors in this folder; point at a PEFT adapter folder "
-                "or a .safetensors file"
-            )
-        cfg = path / "adapter_config.json"
-        return weights, cfg if cfg.is_file() else None
-    if not path.exists():
-        raise LoraMergeError(f"{path}: no such file or folder")
-    cfg = path.parent / "adapter_config.json"
-    return path, cfg if cfg.is_file() else None
-
-
-def _read_config(p: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(p.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise LoraMergeError(f"{p}: not valid JSON ({str(e)[:200]})") from None
-    except OSError as e:
-        raise LoraMergeError(f"{p}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(cfg, dict):
-        raise LoraMergeError(f"{p}: expected a JSON object")
-    validate_config(cfg, p)
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise LoraMergeError(f"{p}: peft_type is {ptype}; only LoRA adapters can be read")
-    if cfg.get("use_dora"):
-        raise LoraMergeError(
-            f"{p}: use_dora is true; DoRA rescales W+ΔW by a per-row magnitude that depends on the base "
-            "weight, so it is not a sum of rank units and cannot be merged as a LoRA"
-        )
-    if cfg.get("lora_bias"):
-        raise LoraMergeError(f"{p}: lora_bias is true; trained LoRA biases cannot be represented as rank units")
-    return cfg
 
 
 def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, config_path: Path | None = None,
                              ignore_modules_to_save: bool = False, strict: bool = True,
                              fmt: str = "peft") -> Adapter:
     """Build an :class:`Adapter` from PEFT-style keys in ``src`` and a (possibly empty) config."""
-    f = src.path
-    pairs: dict[str, _Pair] = {}
-    unknown: list[str] = []
-    saved_modules: list[str] = []
-    base_layers: list[str] = []  # PEFT saves full embedding weights (save_embedding_layers): not ΔW
-    prefix = None
-    for key in src.keys:
-        if _DORA in key:
-            raise LoraMergeError(f"{f}: key {key} is a DoRA magnitude vector; DoRA adapters cannot be merged as LoRAs")
-        m = _LINEAR.match(key) or _EMBED.match(key)
-        if m is None:
-            if key.endswith(".base_layer.weight"):
-                base_layers.append(key)
-            elif "modules_to_save" in key or _is_saved_module(key, config.get("modules_to_save") or []):
-                saved_modules.append(key)
-            else:
-                unknown.append(key)
-            continue
-        if m.groupdict().get("param") == "bias":
-            raise LoraMergeError(
-                f"{f}: key {key} is a trained LoRA bias (lora_bias); it cannot be represented as rank units"
-            )
-        mod = m.group("mod")
-        if prefix is None:
-            prefix = PEFT_PREFIX if mod.startswith(PEFT_PREFIX) else ""
-        if mod.startswith(PEFT_PREFIX):
-            mod = mod[len(PEFT_PREFIX):]
-        pair = pairs.setdefault(mod, _Pair())
-        half = m.group("half")
-        pair.embedding = half.startswith("lora_embedding")
-        if half.endswith("A"):
-            pair.a_key = key
-        else:
-            pair.b_key = key
-
-    if saved_modules and not ignore_modules_to_save:
-        raise LoraMergeError(
-            f"{f}: holds {len(saved_modules)} full tensors from modules_to_save (e.g. {saved_modules[0]}); "
-            "these are not LoRA updates and cannot be merged; pass «ignore_modules_to_save» to drop them"
-        )
-    bias_mode = config.get("bias", "none")
-    if bias_mode not in (None, "none") and any(k.endswith(".bias") for k in unknown):
-        raise LoraMergeError(
-            f"{f}: the adapter trains biases (bias={bias_mode!r}, e.g. "
-            f"{next(k for k in unknown if k.endswith('.bias'))}); biases cannot be represented as rank units"
-        )
-    if unknown and strict:
-        shown = ", ".join(unknown[:3]) + (" …" if len(unknown) > 3 else "")
-        raise LoraMergeError(
-            f"{f}: {len(unknown)} keys are not PEFT LoRA weights ({shown}); run `loramerge inspect` to see them"
-        )
-    if not pairs:
-        raise LoraMergeError(f"{f}: no LoRA weights found (expected keys ending in lora_A.weight / lora_B.weight)")
-
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    use_rslora = bool(config.get("use_rslora", False))
-    default_alpha = config.get("lora_alpha")
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    cfg_r = config.get("r")
-    infos: dict[str, ModuleInfo] = {}
-    keys_of: dict[str, _Pair] = {}
-    dtype = None
-    for mod in sorted(pairs, key=natural_key):
-        p = pairs[mod]
-        if p.a_key is None or p.b_key is None:
-            present = p.a_key or p.b_key
-            missing = "A" if p.a_key is None else "B"
-            raise LoraMergeError(f"{f}: module {mod} has {present} but no lora_{missing} half; the file is incomplete")
-        info = _module_info(f, mod, p, src, fan_in_fan_out)
-        expected_r = pattern_value(rank_pattern, mod, cfg_r)
-        if config and expected_r is not None and int(expected_r) != info.rank:
-            raise LoraMergeError(
-                f"{f}: module {mod} has rank {info.rank} in {p.a_key} but the config says r={expected_r}; "
-                "the config and the weights disagree"
-            )
-        alpha = pattern_value(alpha_pattern, mod, default_alpha)
-        if alpha is None:  # bare file without config: PEFT cannot load it either; assume scale 1
-            alpha = float(info.rank)
-        alpha = float(alpha)
-        scale = alpha / math.sqrt(info.rank) if use_rslora else alpha / info.rank
-        infos[mod] = ModuleInfo(mod, info.rank, info.d_out, info.d_in, info.weight_shape, info.kind,
-                                info.fan_in_fan_out, alpha, scale, info.dtype)
-        keys_of[mod] = p
-        dtype = dtype or info.dtype
-
+    layout = peft_layout(src, config, ignore_modules_to_save=ignore_modules_to_save, strict=strict)
+    infos = {m.name: ModuleInfo(m.name, m.rank, m.d_out, m.d_in, m.weight_shape, m.kind, m.fan_in_fan_out,
+                                m.alpha, m.scale, src.dtypes[m.a_key])
+             for m in layout.modules.values()}
     meta = AdapterMeta(
         format=fmt,
         base_model=config.get("base_model_name_or_path"),
         revision=config.get("revision"),
         task_type=config.get("task_type"),
         target_modules=config.get("target_modules"),
-        fan_in_fan_out=fan_in_fan_out,
-        dtype=dtype or torch.float32,
+        fan_in_fan_out=layout.fan_in_fan_out,
+        dtype=next(iter(infos.values())).dtype,  # the first module's (a layout has at least one)
         config=dict(config),
-        extra={"key_prefix": prefix or "", "alpha_assumed": default_alpha is None,
-               "dropped_modules_to_save": saved_modules,
-               "dropped_base_layers": base_layers, "metadata": src.metadata,
+        extra={"key_prefix": layout.key_prefix, "alpha_assumed": layout.alpha_assumed,
+               "dropped_modules_to_save": layout.saved_modules,
+               "dropped_base_layers": layout.base_layers, "metadata": src.metadata,
                "config_path": str(config_path) if config_path else None},
     )
 
     def load(info: ModuleInfo) -> RankUnits:
-        p = keys_of[info.name]
+        m = layout.modules[info.name]
         ct = compute_dtype(info.dtype)
-        A = src.get(p.a_key).to(ct)
-        B = src.get(p.b_key).to(ct)
-        if p.embedding:
-            return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind="embedding")
+        A = src.get(m.a_key).to(ct)
+        B = src.get(m.b_key).to(ct)
         return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind=info.kind,
                                       fan_in_fan_out=info.fan_in_fan_out)
 
-    return Adapter(infos, meta, load, path=f, unknown_keys=unknown, label=_label(f))
-
-
-def _module_info(f: Path, mod: str, p: _Pair, src: TensorSource, fan_in_fan_out: bool) -> ModuleInfo:
-    a_shape, b_shape = src.check_factor(p.a_key), src.check_factor(p.b_key)
-    dtype = src.dtypes[p.a_key]
-    if p.embedding:
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise LoraMergeError(f"{f}: {p.a_key} {a_shape} and {p.b_key} {b_shape} do not form an embedding LoRA pair")
-        r, num_emb = a_shape
-        emb_dim = b_shape[0]
-        return ModuleInfo(mod, r, emb_dim, num_emb, (num_emb, emb_dim), "embedding", False, 0.0, 0.0, dtype)
-    r = a_shape[0]
-    if len(b_shape) < 2 or b_shape[1] != r or any(s != 1 for s in b_shape[2:]):
-        raise LoraMergeError(
-            f"{f}: {p.a_key} has shape {a_shape} but {p.b_key} has shape {b_shape}; lora_B must be [out, {r}]"
-        )
-    d_out = b_shape[0]
-    if len(a_shape) == 2:
-        d_in = a_shape[1]
-        ws = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
-        return ModuleInfo(mod, r, d_out, d_in, ws, "linear", fan_in_fan_out, 0.0, 0.0, dtype)
-    if len(b_shape) != len(a_shape):
-        raise LoraMergeError(f"{f}: conv LoRA {p.a_key} {a_shape} and {p.b_key} {b_shape} differ in rank of shape")
-    d_in = int(math.prod(a_shape[1:]))
-    return ModuleInfo(mod, r, d_out, d_in, (d_out, *a_shape[1:]), "conv", False, 0.0, 0.0, dtype)
-
-
-def _is_saved_module(key: str, saved: list[str] | str) -> bool:
-    names = [saved] if isinstance(saved, str) else list(saved)
-    parts = key.split(".")
-    return any(n in parts for n in names)
-
-
-def _label(f: Path) -> str:
-    return f.parent.name if f.name.startswith("adapter_model") else f.stem
+    return Adapter(infos, meta, load, path=src.path, unknown_keys=layout.unknown_keys, label=label_of(src.path))

@@ -13,7 +13,7 @@ import torch
 
 from ..adapter import AdapterMeta
 from ..units import RankUnits
-from .peft_read import PEFT_PREFIX
+from .peft_layout import PEFT_PREFIX
 from .safetensors_stream import SafetensorsStream, header_budget
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -17,6 +17,7 @@ import torch
 from ..adapter import Adapter, AdapterMeta
 from ..errors import LoraMergeError
 from ..units import RankUnits
+from .serving import serving_warnings_for
 
 PROFILES = ("default", "portable")
 # Keys the portable config leaves out (PEFT's defaults then apply: no patterns, no rsLoRA, no DoRA).
@@ -76,37 +77,9 @@ def portable_config(cfg: dict[str, Any], rank: int, names: Iterable[str]) -> dic
 
 
 def serving_warnings(adapter: Adapter) -> list[str]:
-    """What vLLM / SGLang / LoRAX refuse or mis-read in this adapter (empty: it is portable).
-
-    One sentence each, naming the field; ``loramerge merge --profile portable`` writes the portable subset."""
+    """What vLLM / SGLang / LoRAX refuse or mis-read in this adapter (empty: it is portable); see
+    :func:`~mergekit_lora.formats.serving.serving_warnings_for`."""
     meta: AdapterMeta = adapter.meta
-    cfg = meta.config or {}
-    out: list[str] = []
-    ranks = sorted({i.rank for i in adapter.modules.values()})
-    if cfg.get("rank_pattern"):
-        out.append(f"rank_pattern sets per-module ranks ({len(cfg['rank_pattern'])} entries); serving engines "
-                   "take one rank per adapter")
-    if cfg.get("alpha_pattern"):
-        out.append(f"alpha_pattern sets per-module alphas ({len(cfg['alpha_pattern'])} entries); serving "
-                   "engines take one lora_alpha per adapter")
-    if len(ranks) > 1:
-        out.append(f"modules have different ranks ({', '.join(map(str, ranks))}); serving engines need one "
-                   "rank (the portable profile pads with zero units)")
-    if cfg.get("use_dora"):
-        out.append("use_dora is set; vLLM, SGLang and LoRAX do not load DoRA adapters")
-    if cfg.get("use_rslora"):
-        out.append("use_rslora is set; some serving engines ignore it and apply alpha/r instead of alpha/√r")
-    if cfg.get("modules_to_save"):
-        out.append("modules_to_save holds full weights; serving engines load LoRA factors only")
-    if cfg.get("layers_to_transform") is not None or cfg.get("layers_pattern"):
-        out.append("layers_to_transform/layers_pattern restrict layers; serving engines ignore them")
-    if isinstance(cfg.get("target_modules", meta.target_modules), str):
-        out.append("target_modules is a regular expression; serving engines expect a list of module names")
-    if cfg.get("bias", "none") != "none":
-        out.append(f"bias = {cfg['bias']!r} trains biases; serving engines load LoRA factors only")
-    kinds = {i.kind for i in adapter.modules.values()}
-    if "conv" in kinds:
-        out.append("the adapter has conv modules; LLM serving engines load Linear (and Embedding) LoRAs only")
-    if meta.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        out.append(f"weights are {str(meta.dtype).removeprefix('torch.')}; serving engines load float16/bfloat16")
-    return out
+    infos = adapter.modules.values()
+    return serving_warnings_for(meta.config or {}, meta.target_modules, [i.rank for i in infos],
+                                [i.kind for i in infos], str(meta.dtype).removeprefix("torch."))

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..errors import LoraMergeError
+from .safetensors_header import SafetensorsHeader, read_header
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -23,21 +23,15 @@ _ST_DTYPES = {
 FACTOR_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-class TensorSource:
-    """Keys, shapes and dtypes from the header; tensor data only when asked for."""
+class TensorSource(SafetensorsHeader):
+    """A :class:`SafetensorsHeader` (or an opted-in pickle's tensors) whose data comes back as torch tensors."""
 
     def __init__(self, path: Path, keys: list[str], shapes: dict[str, tuple[int, ...]],
                  dtypes: dict[str, torch.dtype], metadata: dict[str, str],
                  tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.path = path
-        self.keys = keys
-        self.shapes = shapes
+        super().__init__(path, keys, shapes, metadata)
         self.dtypes = dtypes
-        self.metadata = metadata
         self._tensors = tensors
-        self._reader: _RangeReader | None = None
-        self.dtype_names: dict[str, str] = {}  # the header's own dtype strings (safetensors files)
-        self._stat: tuple[int, int] | None = None  # (size, mtime_ns) when the header was read
 
     @classmethod
     def open(cls, path: Path, *, allow_pickle: bool = False) -> TensorSource:
@@ -51,39 +45,20 @@ class TensorSource:
                     "safetensors, or pass «allow_pickle» if you trust its origin"
                 )
             return cls.from_tensors(path, _load_pickle(path))
-        try:
-            st = path.stat()
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-                names = {k: str(f.get_slice(k).get_dtype()) for k in keys}
-                metadata = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
+        keys, shapes, names, metadata, stat = read_header(path)
         # an unknown dtype string keeps a byte dtype as a placeholder: check_factor refuses it by name
         dtypes = {k: _ST_DTYPES.get(n, torch.uint8) for k, n in names.items()}
         src = cls(path, keys, shapes, dtypes, metadata)
-        src.dtype_names = names
-        src._stat = (st.st_size, st.st_mtime_ns)
+        src.dtype_names, src._stat = names, stat
         return src
 
     def dtype_name(self, key: str) -> str:
         return self.dtype_names.get(key) or str(self.dtypes[key]).removeprefix("torch.")
 
-    def check_factor(self, key: str, min_ndim: int = 2) -> tuple[int, ...]:
-        """Refuse a LoRA factor that is not float16/bfloat16/float32/float64, has fewer than ``min_ndim``
-        dimensions, or has a zero-sized dimension (rank 0); returns its shape."""
-        dtype, shape = self.dtypes[key], self.shapes[key]
-        if self.dtype_names.get(key, "") not in ("", *FACTOR_DTYPES.values()) or dtype not in FACTOR_DTYPES:
-            raise LoraMergeError(f"{self.path}: tensor {key} has dtype {self.dtype_name(key)}; LoRA factors must be "
-                                 "floating point (F32, F16, BF16 or F64)")
-        if len(shape) < min_ndim:
-            raise LoraMergeError(f"{self.path}: tensor {key} has shape {list(shape)}; a LoRA factor is a matrix "
-                                 f"(at least {min_ndim} dimensions)")
-        if any(d == 0 for d in shape):
-            raise LoraMergeError(f"{self.path}: tensor {key} has shape {list(shape)} with a zero dimension "
-                                 "(rank 0 or an empty layer); remove the module or re-export the adapter")
-        return shape
+    def factor_code(self, key: str) -> str | None:
+        if key in self.dtype_names:
+            return super().factor_code(key)
+        return FACTOR_DTYPES.get(self.dtypes[key])  # a pickle's tensor: by its torch dtype
 
     @classmethod
     def from_tensors(cls, path: Path, tensors: Mapping[str, torch.Tensor],
@@ -96,70 +71,12 @@ class TensorSource:
         if self._tensors is not None:
             t = self._tensors[key]
         else:
-            self._check_unchanged()
-            try:
-                if self._reader is None:
-                    self._reader = _RangeReader(self.path)
-                t = self._reader.read(key, self.dtypes[key], self.shapes[key])
-            except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-                    struct.error) as e:
-                raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({type(e).__name__}: {e})") from None
+            dtype, shape = self.dtypes[key], self.shapes[key]
+            t = torch.empty(shape, dtype=dtype)  # no zero-fill: read straight into it
+            self.read_into(key, memoryview(t.view(-1).view(torch.uint8).numpy()), f"{dtype} {tuple(shape)}")
         if t.is_floating_point() and t.dtype in FACTOR_DTYPES and not all_finite(t):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return t
-
-
-    def _check_unchanged(self) -> None:
-        """Refuse when the file's size or modification time differs from when its header was read."""
-        if self._stat is None:
-            return
-        try:
-            st = self.path.stat()
-        except OSError:
-            raise LoraMergeError(f"{self.path}: the file disappeared after its header was read; run again when "
-                                 "it is no longer being written") from None
-        if (st.st_size, st.st_mtime_ns) != self._stat:
-            raise LoraMergeError(f"{self.path}: the file changed after its header was read (size or modification "
-                                 "time); run again when it is no longer being written")
-
-
-class _RangeReader:
-    """Reads one tensor's byte range with plain file reads.
-
-    The file was validated by ``safe_open`` when the source was opened; reading ranges through one
-    kept file descriptor avoids re-parsing the header per tensor (safe_open) and keeps no mapping
-    alive, so resident memory stays one module's tensors however large the file is.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the source's lifetime
-        (n,) = struct.unpack("<Q", self._file.read(8))
-        header = json.loads(self._file.read(n))
-        self._base = 8 + n
-        self._ranges = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
-
-    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        start, end = self._ranges[key]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * dtype.itemsize != end - start:
-            raise ValueError(f"{end - start} bytes do not hold {dtype} {tuple(shape)}")
-        out = torch.empty(shape, dtype=dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())  # no zero-fill: read straight into it
-        self._file.seek(self._base + start)
-        got = 0
-        while got < len(view):
-            n = self._file.readinto(view[got:])
-            if not n:
-                raise OSError(f"unexpected end of file reading {key}")
-            got += n
-        return out
-
-    def __del__(self) -> None:
-        f = getattr(self, "_file", None)
-        if f is not None:
-            f.close()
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -197,7 +197,7 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         if method not in algos:
             problems.add(("method",), f"unknown method {method!r}; available: {', '.join(algos) or 'none'}")
         else:
-            algo = algos[method]()
+            algo = algos[method].load()()
     base_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
     if algo is not None:
         check_parameters(algo, {}, base_params, ("parameters",), problems)

@@ -1,0 +1,76 @@
+"""The built-in algorithms' parameters: frozen pydantic models, importable without torch.
+
+They are the single source of CLI ``-p`` keys, YAML keys, ``loramerge methods`` rows and search spaces;
+the implementations (``linear.py``, ``dense.py``, …) import them from here.  LoRA-LEGO's live in
+``lego/params.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from mergekit_lora.registry import AlgorithmParams
+
+SignMethod = Literal["total", "frequency"]
+
+
+class LinearParams(AlgorithmParams):
+    rank: int | None = Field(None, ge=1, description="re-rank the sum to this rank with the exact factor-space SVD")
+
+
+class SvdParams(AlgorithmParams):
+    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
+
+
+class DenseParams(AlgorithmParams):
+    """Refactorisation knobs shared by every dense-then-refactor method."""
+
+    density: float = Field(..., gt=0, le=1, description="fraction of each input's ΔW entries kept, in (0, 1]")
+    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
+    exact_svd: bool = Field(False, description="always refactor with the exact dense SVD (default: exact "
+                                               "for small matrices, else the subspace iteration)")
+    oversample: int = Field(8, ge=0, description="subspace iteration: Gaussian columns added to the inputs' B columns")
+    niter: int = Field(3, ge=0, description="subspace iteration: power iterations")
+
+
+class SignParams(DenseParams):
+    """TIES-style parameters: sign election and the λ scale (``lambda`` in YAML/``-p``, ``--lambda`` on the CLI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged update")
+
+
+class TiesParams(SignParams):
+    pass
+
+
+class DareLinearParams(DenseParams):
+    pass
+
+
+class DareTiesParams(SignParams):
+    pass
+
+
+class MagnitudePruneParams(DenseParams):
+    pass
+
+
+class RouteParams(AlgorithmParams):
+    router: Literal["implicit", "gate", "hierarchical"] = Field(
+        "implicit", description="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical (sequence -> adapter "
+                                "-> unit; needs per-adapter profile data)")
+    top_k: int = Field(..., ge=1, description="active units per token (capped at a module's unit count R)")
+    top_k_pattern: dict[str, int] = Field(default_factory=dict,
+                                          description="per-module top-k: module name suffix or regex -> k")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights "
+                                                      "(hierarchical: of the adapter posterior)")
+    top_m: int = Field(1, ge=1, description="hierarchical: adapters chosen per sequence")
+    mass: float | None = Field(None, gt=0, le=1, description="hierarchical: instead of top_m, the fewest adapters "
+                                                             "whose posterior probability reaches this mass")
+    evidence: Literal["depth", "module"] = Field("depth", description="hierarchical: sum the sequence evidence over "
+                                                                      "all routed modules so far, or per module")
