@@ -26,9 +26,10 @@ SignMethod = Literal["total", "frequency"]
 Combine = Literal["sum", "total", "frequency"]
 Chunk = tuple[int, int, int]  # (module j, first row a, end row b)
 
-# Elements of one [rows, d_in] chunk: the fused per-chunk work (n products plus ~4 running tensors)
+# Elements of one [rows, d_in] chunk (1 MiB in float32; measured 2^15 … 2^20 at 1 thread: 2^17–2^18 fastest,
+# RESULTS-dense.md): the fused per-chunk work (n products plus ~4 running tensors)
 # stays in the L2/L3 caches instead of streaming [M, d_out, d_in] tensors through memory.
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_ELEMENTS = 1 << 18
 
 
 def row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> list[Chunk]:
@@ -41,13 +42,22 @@ def row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> li
 
 def run_chunks(fn: Callable[[int, int, int], Any], chunks: Sequence[Chunk], workers: int) -> list[Any]:
     """fn over the chunks, in order; with ``workers`` > 1 on a thread pool (torch ops release the GIL;
-    chunks are independent, so the result does not depend on the worker count)."""
+    chunks are independent, so the result does not depend on the worker count).
+
+    Each worker runs its ops single-threaded: a new thread otherwise gets OpenMP's default (all
+    cores), and MKL's threaded GEMM gives other bits than its 1-thread GEMM for some chunk shapes
+    (measured: 291×8 @ 8×900).  torch's thread setting is process-wide, so it is restored after.
+    """
     if workers <= 1 or len(chunks) < 2:
         return [fn(*c) for c in chunks]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        return list(ex.map(lambda c: fn(*c), chunks))
+    prev = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            return list(ex.map(lambda c: fn(*c), chunks))
+    finally:
+        torch.set_num_threads(prev)
 
 
 def chunk_product(B: torch.Tensor, A: torch.Tensor, j: int, a: int, b: int) -> torch.Tensor:
@@ -90,7 +100,7 @@ def trim_thresholds(B: torch.Tensor, A: torch.Tensor, density: float, chunks: Se
         return torch.stack([_full_kth(B, A, j, k, chunks) for j in range(M)])
     rows = torch.randint(m, (sample,), generator=g).to(B.device)
     cols = torch.randint(n, (sample,), generator=g).to(B.device)
-    vals = (B[:, rows, :] * A[:, :, cols].transpose(1, 2)).sum(-1).abs_()
+    vals = (B.index_select(1, rows) * A.transpose(1, 2).index_select(1, cols)).sum(-1).abs_()  # [M, sample]
     lo_t = torch.kthvalue(vals, lo_i + 1, dim=1).values
     lo, lo_lam = lo_t.tolist(), lambdas(lo_t)
     hi = torch.kthvalue(vals, hi_i + 1, dim=1).values.tolist()
