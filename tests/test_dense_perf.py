@@ -123,3 +123,20 @@ def test_dense_combine_trims_everything_when_density_rounds_to_zero():
     units = [rand_units(4, 5, 2, seed=1)]
     D = dense_combine([units], [1.0], torch.float32, combine="sum", density=0.01)
     assert D.shape == (1, 4, 5) and not D.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hardshrink_trim_keeps_exactly_the_entries_at_or_above_the_threshold(dtype):
+    from mergekit_lora.algorithms.elementwise import keep_at_least, lambdas
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 300, generator=g).to(dtype)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    # thresholds equal to entries of x (as the trim's are), and 0 (keep everything)
+    ts = torch.stack([x.abs().flatten()[7], x.abs().flatten()[1234], torch.tensor(1.0, dtype=dtype),
+                      torch.tensor(0.0, dtype=dtype)])
+    for t, lam in zip(ts, lambdas(ts)):
+        ref = x * (x.abs() >= t)
+        out = keep_at_least(x, lam)
+        assert torch.equal(out, ref) and out.dtype == dtype
+        assert int((out != 0).sum()) == int(((x.abs() >= t) & (x != 0)).sum())

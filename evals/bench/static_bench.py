@@ -400,9 +400,10 @@ def main() -> None:
     if ties and ties.get("report"):
         lines += ["", "`ties` refactorisation error ‖D − D_k‖/‖D‖, incl. the rank-k truncation: "
                   + ", ".join(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}" for k, v in ties["report"].items())]
-    lines += ["", "## Peak memory vs. layer count (ours)", "",
-              "| layers | modules | " + " | ".join(f"`{m}` peak RSS (MB)" for m in ("linear", "svd", "ties")) + " |",
-              "|---|---|---|---|---|"]
+    if mem:
+        lines += ["", "## Peak memory vs. layer count (ours)", "",
+                  "| layers | modules | " + " | ".join(f"`{m}` peak RSS (MB)" for m in ("linear", "svd", "ties")) + " |",
+                  "|---|---|---|---|---|"]
     for L, d in mem:
         lines.append(f"| {L} | {7 * L} | " + " | ".join(f"{d[m]:.0f}" for m in ("linear", "svd", "ties")) + " |")
     lines.append("")
