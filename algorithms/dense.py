@@ -6,14 +6,16 @@ the dense result D into k rank units by a truncated SVD.  Everything is written 
 a *batch* of M same-shape modules (tensors [M, d_out, d_in]); the class plumbing at the bottom only
 routes the driver's calls to them.
 
-Work per batch of M modules (:func:`dense_combine`), row chunk by row chunk (CHUNK_ELEMENTS per
-chunk, so every temporary stays in cache; chunks may run on a small thread pool):
+Work per batch of M modules (:func:`dense_combine`, implemented in :mod:`algorithms.elementwise`),
+chunk by chunk (one module's rows, CHUNK_ELEMENTS per chunk, so every temporary stays in cache;
+chunks may run on a small thread pool):
 
 1. trim thresholds first (:func:`trim_thresholds`): the exact k-th largest |ΔW_i| per module from a
    sampled bracket and one counting pass — no full sort or ``kthvalue`` of ΔW;
-2. per chunk and input: ΔW_i rows = B_i[rows] @ A_i (float32; float64 when an input is float64), the
-   trim or DARE mask, the weight; then the weighted sum or TIES sign election and disjoint mean
-   (:func:`disjoint_mean`) — never a stack of all inputs' full dense tensors;
+2. per chunk and input: ΔW_i rows = B_i[j, rows] @ A_i[j] (float32; float64 when an input is float64),
+   the trim (``hardshrink`` at the module's threshold) or DARE mask, the weight; then the weighted sum
+   or TIES sign election and disjoint mean (:func:`disjoint_mean`) — float ops only, never a stack of
+   all inputs' full dense tensors;
 3. refactorisation (:func:`refactor_batch`): the exact SVD for small matrices, else a range finder
    seeded with the inputs' own column spaces [B_1 … B_n] plus ``oversample`` Gaussian columns and
    ``niter`` power iterations, then Rayleigh–Ritz.  D's dominant part lies in span(B_1 … B_n) (trimming
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,7 +38,10 @@ from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
 from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
-from .params import DenseParams, SignMethod
+from .elementwise import Combine, dense_combine_factors, row_chunks
+from .elementwise import disjoint_mean as disjoint_mean  # re-exported
+from .elementwise import trim_thresholds as trim_thresholds  # re-exported
+from .params import DenseParams
 
 # Elements of one [M, d_out, d_in] work tensor per sub-batch (~8 such tensors live at once: 32 MiB
 # each in float32), so a batch's memory is bounded whatever the driver hands over.
@@ -64,118 +69,7 @@ def stacked(modules: Sequence[Sequence[RankUnits]], i: int, dtype: torch.dtype) 
     return B, A
 
 
-# ---------------------------------------------------------------------------------------- sign election
-def _sum_(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Σ xs in order, into xs[0]."""
-    total = xs[0]
-    for x in xs[1:]:
-        total.add_(x)
-    return total
-
-
-def disjoint_mean(xs: list[torch.Tensor], method: SignMethod) -> torch.Tensor:
-    """TIES sign election and disjoint mean of the (weighted) tensors ``xs`` (consumed: modified in place).
-
-    e = sign of Σ x_i (``total``) or of Σ sign(x_i) (``frequency``), +1 on a tie; result: e · Σ relu(e·x_i)
-    / #{i: e·x_i > 0} — the mean of the entries agreeing with e (multiplying by ±1 is exact, so this is
-    the textbook formula's value).
-    """
-    if method == "total":
-        mass = xs[0].clone()
-        for x in xs[1:]:
-            mass.add_(x)
-    else:
-        mass = xs[0].sign()
-        for x in xs[1:]:
-            mass.add_(x.sign())
-    e = torch.where(mass >= 0, 1.0, -1.0).to(xs[0].dtype)
-    num = torch.zeros_like(xs[0])
-    cnt = torch.zeros_like(xs[0])
-    for x in xs:
-        y = x.mul_(e).relu_()
-        num.add_(y)
-        cnt.add_(y > 0)
-    return num.mul_(e).div_(cnt.clamp_(min=1))
-
-
-# ---------------------------------------------------------------------------------------- chunked combine
-# Elements of one [M, rows, d_in] row chunk: the fused per-chunk work (product, mask, weight, five
-# running sums) stays in the L2/L3 caches instead of streaming [M, d_out, d_in] tensors through memory.
-CHUNK_ELEMENTS = 1 << 17
-Combine = Literal["sum", "total", "frequency"]
-
-
-def _row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> list[tuple[int, int]]:
-    """Row ranges of ~CHUNK_ELEMENTS elements over the batch; on CUDA one chunk (kernels are big enough)."""
-    if device is not None and device.type == "cuda":
-        return [(0, m)]
-    rows = max(1, CHUNK_ELEMENTS // max(M * n, 1))
-    return [(r, min(r + rows, m)) for r in range(0, m, rows)]
-
-
-def _run_chunks(fn: Callable[[int, int], Any], chunks: Sequence[tuple[int, int]], workers: int) -> list[Any]:
-    """fn over the row chunks, in order; with ``workers`` > 1 on a thread pool (torch ops release the GIL;
-    chunks are independent, so the result does not depend on the worker count)."""
-    if workers <= 1 or len(chunks) < 2:
-        return [fn(a, b) for a, b in chunks]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        return list(ex.map(lambda c: fn(*c), chunks))
-
-
-def trim_thresholds(B: torch.Tensor, A: torch.Tensor, density: float, chunks: Sequence[tuple[int, int]],
-                    workers: int = 1, sample: int = 1 << 14) -> torch.Tensor:
-    """Exact per-module magnitude thresholds of ΔW = B @ A ([M, d_out, r] @ [M, r, d_in]) without forming it.
-
-    The k-th largest |ΔW| (k = int(density · numel)) per module: a bracket from a sample of entries
-    (computed as dot products, fixed-seed positions), then one chunked pass that counts entries above
-    the bracket and collects those inside it, and an exact selection among them.  If the bracket misses
-    (rounding at its edge, or bad luck: ~1e-4), the module's |ΔW| is formed chunk by chunk and
-    ``kthvalue`` decides.  The chunk products are the same calls as in the combine pass, so the
-    threshold is exactly one of the values that pass compares against.
-    """
-    M, m, _ = B.shape
-    n = A.shape[2]
-    N = m * n
-    k = int(density * N)
-    g = torch.Generator().manual_seed(0x5EED)
-    q = 1.0 - k / N
-    centre, margin = q * sample, 4.0 * math.sqrt(sample * q * (1 - q)) + 2
-    lo_i, hi_i = math.floor(centre - margin), math.ceil(centre + margin)
-    use_band = N > 4 * sample and lo_i >= 0 and hi_i < sample
-    if use_band:
-        rows = torch.randint(m, (sample,), generator=g).to(B.device)
-        cols = torch.randint(n, (sample,), generator=g).to(B.device)
-        vals = (B[:, rows, :] * A[:, :, cols].transpose(1, 2)).sum(-1).abs().sort(dim=1).values
-        lo, hi = vals[:, lo_i].reshape(M, 1, 1), vals[:, hi_i].reshape(M, 1, 1)
-
-        def scan(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            mag = torch.bmm(B[:, a:b], A).abs_()
-            inside = (mag >= lo) & (mag <= hi)
-            return (mag > hi).sum((1, 2)), inside.sum((1, 2)), mag[inside]  # band values, module-major
-
-        parts = _run_chunks(scan, chunks, workers)
-        above = sum(p[0] for p in parts)
-        bands = [p[2].split(p[1].tolist()) for p in parts]
-        out = torch.empty(M, dtype=B.dtype, device=B.device)
-        for j in range(M):
-            band = torch.cat([b[j] for b in bands])
-            need = k - int(above[j])
-            if 1 <= need <= band.numel():
-                out[j] = torch.kthvalue(band, band.numel() - need + 1).values
-            else:
-                out[j] = _full_kth(B, A, j, k, chunks)
-        return out
-    return torch.stack([_full_kth(B, A, j, k, chunks) for j in range(M)])
-
-
-def _full_kth(B: torch.Tensor, A: torch.Tensor, j: int, k: int, chunks: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """k-th largest |ΔW| of module j of the batch, from the same (batched) chunk products as the combine."""
-    mag = torch.cat([torch.bmm(B[:, a:b], A)[j].abs_().flatten() for a, b in chunks])
-    return torch.kthvalue(mag, mag.numel() - k + 1).values
-
-
+# ---------------------------------------------------------------------------------------- elementwise combine
 def chunk_workers(modules: Sequence[Sequence[RankUnits]]) -> int:
     """Chunk workers for a batch under the thread policy (by the work: ~2r + 20 flops per element and input)."""
     u = modules[0][0]
@@ -185,48 +79,11 @@ def chunk_workers(modules: Sequence[Sequence[RankUnits]]) -> int:
 def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
                   combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
                   scale: float = 1.0, workers: int = 1) -> torch.Tensor:
-    """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused.
-
-    ``step``: magnitude trim to ``density`` (exact per-module thresholds), or, with ``drop`` (one seeded
-    CPU generator per module), DARE masks M_i ~ Bernoulli(ρ) drawn per module for the inputs in order
-    over the whole [d_out, d_in] (so the stream equals PEFT's ``bernoulli(full_like(ΔW_i, ρ))``),
-    rescaled by 1/ρ.  ``combine``: weighted sum, or TIES sign election (``total``/``frequency``) and
-    disjoint mean.  No [n, M, d_out, d_in] stack and no full-size temporaries besides D (and DARE's
-    boolean masks): each row chunk goes through product, mask and running sums in cache.
-    """
-    n_in = len(weights)
-    factors = [stacked(modules, i, dtype) for i in range(n_in)]
-    M, m, _ = factors[0][0].shape
-    n = factors[0][1].shape[2]
-    chunks = _row_chunks(M, m, n, factors[0][0].device)
-    thr: list[torch.Tensor | None] = [None] * n_in
-    masks: list[torch.Tensor | None] = [None] * n_in
-    if drop is not None and density < 1:
-        draws = [[torch.bernoulli(torch.full((m, n), density, dtype=torch.float32), generator=g).bool()
-                  for _ in range(n_in)] for g in drop]
-        masks = [torch.stack([draws[j][i] for j in range(M)]).to(factors[0][0].device) for i in range(n_in)]
-    elif drop is None and density < 1:
-        if int(density * m * n) <= 0:
-            return torch.zeros(M, m, n, dtype=dtype, device=factors[0][0].device)
-        thr = [trim_thresholds(B, A, density, chunks, workers).reshape(M, 1, 1) for B, A in factors]
-    D = torch.empty(M, m, n, dtype=dtype, device=factors[0][0].device)
-    rescale = 1.0 / density if (drop is not None and density < 1) else 1.0
-
-    def chunk(a: int, b: int) -> None:
-        xs = []
-        for i, ((B, A), w) in enumerate(zip(factors, weights)):
-            x = torch.bmm(B[:, a:b], A)
-            t, mk = thr[i], masks[i]
-            if t is not None:
-                x.mul_(x.abs() >= t)
-            elif mk is not None:
-                x.mul_(mk[:, a:b])
-            xs.append(x.mul_(w * rescale))
-        res = disjoint_mean(xs, combine) if combine != "sum" else _sum_(xs)
-        D[:, a:b] = res.mul_(scale) if scale != 1.0 else res
-
-    _run_chunks(chunk, chunks, workers)
-    return D
+    """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused
+    (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``)."""
+    factors = [stacked(modules, i, dtype) for i in range(len(weights))]
+    return dense_combine_factors(factors, weights, combine=combine, density=density, drop=drop, scale=scale,
+                                 workers=workers)
 
 
 # ---------------------------------------------------------------------------------------- refactorisation
@@ -249,8 +106,8 @@ def sq_norms(D: torch.Tensor) -> torch.Tensor:
     """‖D[j]‖² per module ([M, m, n] -> [M] float64), summed chunk by chunk in a fixed order."""
     M, m, n = D.shape
     out = torch.zeros(M, dtype=torch.float64, device=D.device)
-    for a, b in _row_chunks(M, m, n, D.device):
-        out += D[:, a:b].square().sum((1, 2), dtype=torch.float64)
+    for j, a, b in row_chunks(M, m, n, D.device):
+        out[j] += D[j, a:b].square().sum(dtype=torch.float64)
     return out
 
 

@@ -9,12 +9,12 @@ from peft.utils import merge_utils
 
 from mergekit_lora.algorithms.dense import (
     DenseParams,
-    _row_chunks,
     dense_combine,
     disjoint_mean,
     refactor_batch,
     trim_thresholds,
 )
+from mergekit_lora.algorithms.elementwise import chunk_product, row_chunks
 from mergekit_lora.algorithms.ties import TiesParams, ties_dense
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.threads import thread_policy
@@ -32,12 +32,11 @@ def test_trim_threshold_is_exactly_the_kth_largest(density):
     mods = [rand_units(400, 800, 4, seed=s) for s in range(3)]
     B = torch.stack([u.B for u in mods])
     A = torch.stack([u.A for u in mods])
-    chunks = _row_chunks(3, 400, 800)
+    chunks = row_chunks(3, 400, 800)
     thr = trim_thresholds(B, A, density, chunks)
     k = int(density * 400 * 800)
-    full = torch.cat([torch.bmm(B[:, a:b], A).abs() for a, b in chunks], 1)  # the combine pass's products
-    for j in range(3):
-        mag = full[j].flatten()
+    for j in range(3):  # the combine pass's products
+        mag = torch.cat([chunk_product(B, A, jj, a, b).abs().flatten() for jj, a, b in chunks if jj == j])
         assert thr[j] == torch.kthvalue(mag, mag.numel() - k + 1).values
         assert int((mag >= thr[j]).sum()) >= k > int((mag > thr[j]).sum())
 
@@ -47,7 +46,7 @@ def test_trim_threshold_with_massive_ties_falls_back_exactly():
     g = torch.Generator().manual_seed(3)
     B = torch.randint(-1, 2, (1, 600, 2), generator=g).float()
     A = torch.randint(-1, 2, (1, 2, 700), generator=g).float()
-    chunks = _row_chunks(1, 600, 700)
+    chunks = row_chunks(1, 600, 700)
     for density in (0.2, 0.5, 0.8):
         k = int(density * 600 * 700)
         mag = (B[0] @ A[0]).abs().flatten()
@@ -124,3 +123,20 @@ def test_dense_combine_trims_everything_when_density_rounds_to_zero():
     units = [rand_units(4, 5, 2, seed=1)]
     D = dense_combine([units], [1.0], torch.float32, combine="sum", density=0.01)
     assert D.shape == (1, 4, 5) and not D.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hardshrink_trim_keeps_exactly_the_entries_at_or_above_the_threshold(dtype):
+    from mergekit_lora.algorithms.elementwise import keep_at_least, lambdas
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 300, generator=g).to(dtype)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    # thresholds equal to entries of x (as the trim's are), and 0 (keep everything)
+    ts = torch.stack([x.abs().flatten()[7], x.abs().flatten()[1234], torch.tensor(1.0, dtype=dtype),
+                      torch.tensor(0.0, dtype=dtype)])
+    for t, lam in zip(ts, lambdas(ts)):
+        ref = x * (x.abs() >= t)
+        out = keep_at_least(x, lam)
+        assert torch.equal(out, ref) and out.dtype == dtype
+        assert int((out != 0).sum()) == int(((x.abs() >= t) & (x != 0)).sum())

@@ -25,9 +25,9 @@ from mergekit_lora.algorithms.ties import TiesParams, ties_dense
 from mergekit_lora.units import RankUnits
 
 
-def case(m: int, n_in: int = 4, r: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def case(m: int, n_in: int = 4, r: int = 16, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    n = int(m * 2.75)
+    n = n or int(m * 2.75)
     units = [RankUnits.from_factors(torch.randn(r, n, generator=g) * 0.02, torch.randn(m, r, generator=g) * 0.02,
                                     source=i) for i in range(n_in)]
     D = ties_dense([units], [1.0 / n_in] * n_in, TiesParams(density=0.5), [None], torch.float32)  # type: ignore[list-item]
@@ -47,6 +47,7 @@ def cpu_time(args: tuple, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="128,192,256,384,512,1024")
+    ap.add_argument("--shapes", default="", help="m×n shapes instead of --sizes, e.g. 1024x1024,2816x1024")
     ap.add_argument("--niters", default="1,2,3,4")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-refactor.md")))
@@ -54,16 +55,19 @@ def main() -> None:
     torch.set_num_threads(1)
     k = 16
     niters = [int(x) for x in args.niters.split(",")]
+    shapes = ([tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")] if args.shapes
+              else [(int(x), int(int(x) * 2.75)) for x in args.sizes.split(",")])
+    what = f"--shapes {args.shapes}" if args.shapes else f"--sizes {args.sizes}"
     lines = ["# Refactorisation: exact SVD vs subspace iteration (dense methods)", "",
-             f"Command: `python evals/bench/refactor_bench.py --sizes {args.sizes} --niters {args.niters} "
+             f"Command: `python evals/bench/refactor_bench.py {what} --niters {args.niters} "
              f"--repeat {args.repeat}`", "",
              f"Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch thread, "
              f"torch {torch.__version__}; CPU seconds, fastest of {args.repeat}.  D: TIES (density 0.5) of 4 random "
-             "rank-16 inputs, d_out = m, d_in = 2.75·m, k = 16; iteration: inputs' B columns + 8 Gaussian columns.", "",
+             "rank-16 inputs, d_out = m, d_in = n, k = 16; iteration: inputs' B columns + 8 Gaussian columns.", "",
              "| m × n | exact SVD (s) | " + " | ".join(f"niter={i} (s) | niter={i} rel. err" for i in niters) + " |",
              "|---|---|" + "---|---|" * len(niters)]
-    for m in [int(x) for x in args.sizes.split(",")]:
-        D, start = case(m)
+    for m, n in shapes:
+        D, start = case(m, n=n)
         gens = [torch.Generator().manual_seed(1)]
         exact = DenseParams(density=1.0, exact_svd=True)
         Be, Ae, _, _ = refactor_batch(D, k, exact, start, gens)

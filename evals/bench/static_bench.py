@@ -39,6 +39,8 @@ METHODS = {
     "cat": ("cat", {}),
     "svd": ("svd", {}),
     "ties": ("ties_svd", {"density": 0.5}),
+    "dare_ties": ("dare_ties_svd", {"density": 0.5}),
+    "magnitude_prune": ("magnitude_prune_svd", {"density": 0.5}),
 }
 PRESET = ""  # set from --preset in main (children get it on their command line)
 OURS_ONLY = {"lego": {"k": 16}}  # methods without a PEFT counterpart (scaling_bench.py)
@@ -154,17 +156,17 @@ def child_peft(args: argparse.Namespace) -> dict:
     pm = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a0")
     for i, p in enumerate(paths[1:], 1):
         pm.load_adapter(str(p), adapter_name=f"a{i}")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     combination, params = METHODS[args.method]
     w = [1.0 / len(paths)] * len(paths)
     pm.add_weighted_adapter([f"a{i}" for i in range(len(paths))], w, "m", combination_type=combination,
                             density=params.get("density"))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     pm.save_pretrained(str(work / f"out-peft-{args.method}"), selected_adapters=["m"])
     t3 = time.perf_counter()
-    return {"seconds": t3 - t1, "merge_seconds": t2 - t1, "load_seconds": t1 - t0}
+    return {"seconds": t3 - t1, "merge_seconds": t2 - t1, "merge_cpu_seconds": c2 - c1, "load_seconds": t1 - t0}
 
 
 def child_idle(args: argparse.Namespace) -> dict:
@@ -309,7 +311,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--mem-layers", default="", help="layer counts for the memory table (default: layers/4, layers)")
+    ap.add_argument("--mem-layers", default="", help="layer counts for the memory table (default: layers/4, layers; none: no table)")
     ap.add_argument("--workdir", default="out/bench-static")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-static.md")))
     ap.add_argument("--threads", type=int, default=1,
@@ -318,7 +320,7 @@ def main() -> None:
                     help="tinyllama: TinyLlama-1.1B shapes (22 layers unless --layers given), bf16")
     ap.add_argument("--whole-process", action="store_true",
                     help="time whole processes: the loramerge CLI vs a PEFT load+merge+save script")
-    ap.add_argument("--repeat", type=int, default=1, help="whole-process: fastest of N runs of ours")
+    ap.add_argument("--repeat", type=int, default=1, help="fastest of N runs of ours")
     ap.add_argument("--peft-repeat", type=int, default=1, help="whole-process: fastest of N runs of PEFT")
     ap.add_argument("--peft-methods", default=None,
                     help="whole-process: methods to run PEFT for (default: all; PEFT's svd/ties_svd take 10+ min "
@@ -349,14 +351,16 @@ def main() -> None:
     idle = run_child("idle", "linear", work, args.device, args.threads)
     rows = []
     for m in args.methods.split(","):
-        ours = run_child("ours", m, work, args.device, args.threads)
-        print(f"{m}: ours {ours['seconds']:.2f} s", flush=True)
+        runs = [run_child("ours", m, work, args.device, args.threads) for _ in range(args.repeat)]
+        ours = dict(min(runs, key=lambda r: r["cpu_seconds"]), seconds=min(r["seconds"] for r in runs))
+        print(f"{m}: ours {ours['seconds']:.2f} s ({ours['cpu_seconds']:.2f} CPU s)", flush=True)
         peft = run_child("peft", m, work, args.device, args.threads)
-        print(f"{m}: peft {peft['merge_seconds']:.2f} s (+save {peft['seconds'] - peft['merge_seconds']:.2f} s)",
-              flush=True)
+        print(f"{m}: peft {peft['merge_seconds']:.2f} s ({peft['merge_cpu_seconds']:.2f} CPU s) "
+              f"(+save {peft['seconds'] - peft['merge_seconds']:.2f} s)", flush=True)
         rows.append((m, ours, peft))
 
-    mem_layers = [int(x) for x in args.mem_layers.split(",") if x] or [max(args.layers // 4, 1), args.layers]
+    mem_layers = [] if args.mem_layers == "none" else (
+        [int(x) for x in args.mem_layers.split(",") if x] or [max(args.layers // 4, 1), args.layers])
     mem = []
     for L in mem_layers:
         wl = root / f"L{L}-H{args.hidden}-n{args.adapters}-r{args.rank}"
@@ -367,32 +371,39 @@ def main() -> None:
     lines = [
         "# Static merges: mergekit-lora vs PEFT `add_weighted_adapter`", "",
         f"Command: `python evals/bench/static_bench.py --layers {args.layers} --hidden {args.hidden} "
-        f"--adapters {args.adapters} --rank {args.rank} --device {args.device} --threads {args.threads}`", "",
+        f"--adapters {args.adapters} --rank {args.rank} --device {args.device} --threads {args.threads} "
+        f"--methods {args.methods} --repeat {args.repeat} --mem-layers {args.mem_layers or 'default'}`", "",
         f"Machine: {machine()}; each run limited to {args.threads} torch thread(s)", "",
         f"Inputs: {args.adapters} synthetic rank-{args.rank} PEFT adapters on a Llama layout with {args.layers} layers, "
         f"hidden {args.hidden}, intermediate {inter}, all 7 projections ({7 * args.layers} modules), fp32, "
-        f"weights 1/{args.adapters}.  PEFT side: `linear`→`linear`, `cat`→`cat`, `svd`→`svd`, `ties`→`ties_svd` "
-        "(density 0.5; ours: randomised SVD refactorisation, default).  "
-        "Ours = read + merge + write + card.  PEFT merge = `add_weighted_adapter` only; PEFT merge+save adds "
+        f"weights 1/{args.adapters}.  PEFT side: `linear`→`linear`, `cat`→`cat`, `svd`→`svd`, `ties`→`ties_svd`, "
+        "`dare_ties`→`dare_ties_svd`, `magnitude_prune`→`magnitude_prune_svd` (density 0.5; ours: default "
+        "refactorisation, exact SVD or subspace iteration by size).  "
+        f"Ours = read + merge + write + card, fastest of {args.repeat}; ours CPU = `time.process_time` of that call.  "
+        "PEFT merge = `add_weighted_adapter` only (wall and CPU); PEFT merge+save adds "
         "`save_pretrained`; PEFT load is loading the base model and the adapters, which PEFT needs and we do not.  "
         f"Peak RSS is each subprocess's own; an idle interpreter with torch imported: {idle['peak_rss_mb']:.0f} MB.",
         "",
         "| method | ours (s) | PEFT merge (s) | PEFT merge+save (s) | PEFT load (s) | speed-up vs PEFT merge "
-        "| speed-up vs PEFT load+merge+save | ours peak RSS (MB) | PEFT peak RSS (MB) | ours rel. error vs Σ wᵢΔWᵢ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up vs PEFT load+merge+save | ours CPU (s) | PEFT merge CPU (s) | speed-up (CPU) "
+        "| ours peak RSS (MB) | PEFT peak RSS (MB) | ours rel. error vs Σ wᵢΔWᵢ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, o, p in rows:
         lines.append(f"| `{m}` | {o['seconds']:.2f} | {p['merge_seconds']:.2f} | {p['seconds']:.2f} | "
                      f"{p['load_seconds']:.2f} | **{p['merge_seconds'] / o['seconds']:.1f}×** | "
-                     f"{(p['seconds'] + p['load_seconds']) / o['seconds']:.1f}× | {o['peak_rss_mb']:.0f} | "
+                     f"{(p['seconds'] + p['load_seconds']) / o['seconds']:.1f}× | {o['cpu_seconds']:.2f} | "
+                     f"{p.get('merge_cpu_seconds', float('nan')):.2f} | "
+                     f"**{p.get('merge_cpu_seconds', float('nan')) / o['cpu_seconds']:.1f}×** | {o['peak_rss_mb']:.0f} | "
                      f"{p['peak_rss_mb']:.0f} | {o['rel_error']:.2e} |")
     ties = next((o for m, o, _ in rows if m == "ties"), None)
     if ties and ties.get("report"):
-        lines += ["", "`ties` refactorisation (randomised SVD) error ‖D − D_k‖/‖D‖, incl. the rank-k truncation: "
+        lines += ["", "`ties` refactorisation error ‖D − D_k‖/‖D‖, incl. the rank-k truncation: "
                   + ", ".join(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}" for k, v in ties["report"].items())]
-    lines += ["", "## Peak memory vs. layer count (ours)", "",
-              "| layers | modules | " + " | ".join(f"`{m}` peak RSS (MB)" for m in ("linear", "svd", "ties")) + " |",
-              "|---|---|---|---|---|"]
+    if mem:
+        lines += ["", "## Peak memory vs. layer count (ours)", "",
+                  "| layers | modules | " + " | ".join(f"`{m}` peak RSS (MB)" for m in ("linear", "svd", "ties")) + " |",
+                  "|---|---|---|---|---|"]
     for L, d in mem:
         lines.append(f"| {L} | {7 * L} | " + " | ".join(f"{d[m]:.0f}" for m in ("linear", "svd", "ties")) + " |")
     lines.append("")
