@@ -284,6 +284,16 @@ def test_balance_inputs_counts_each_input_once_per_cluster():
     assert rel(out.delta(), want) < 1e-12
 
 
+def test_merged_units_keep_the_input_of_a_single_input_cluster():
+    """A cluster whose members all come from one input keeps it as the merged unit's source; others get -1."""
+    units = planted_units(seed=0)  # group g is input g
+    assert sorted(lego.merge_module(units, [1.0] * 4, P(k=4), CTX).source.tolist()) == [0, 1, 2, 3]
+    assert lego.merge_module(units, [1.0] * 4, P(k=1), CTX).source.tolist() == [-1]
+    merged = lego.merge_module(units[:2], [1.0] * 2, P(k=2), CTX)  # sources 0, 1 ...
+    again = merged.with_factors(merged.A, merged.B, torch.tensor([-1, -1]))  # ... or -1: a unit of no one input
+    assert sorted(lego.merge_module([again, units[2]], [1.0, 1.0], P(k=8), CTX).source.tolist()) == [-1] * 2 + [2] * 6
+
+
 # ---------------------------------------------------------------- batching, edge cases
 def test_batch_equals_module_by_module_and_respects_module_seeds():
     mods = [[rand_units(4, seed=s), rand_units(4, seed=s + 50, source=1)] for s in range(3)]
