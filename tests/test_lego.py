@@ -304,6 +304,22 @@ def test_batch_equals_module_by_module_and_respects_module_seeds():
         assert rel(b.delta(), lego.merge_module(u, [1.0, 0.5], p, c).delta()) < 1e-12
 
 
+def test_reused_pool_buffer_and_pickled_algorithm_give_the_same_merge():
+    """The pool buffer is kept between batches (and not pickled: a plan sent to a worker starts empty)."""
+    import pickle
+
+    algo = get_algorithm("lego")
+    big = [rand_units(6, d_out=30, d_in=20, seed=s, source=i) for i, s in enumerate((1, 2))]
+    small = [rand_units(4, seed=s, source=i) for i, s in enumerate((3, 4))]
+    p = P(k=3)
+    first = algo.merge_module(small, [1.0, 1.0], p, CTX).units
+    algo.merge_module(big, [1.0, 1.0], p, CTX)  # a larger pool in the same buffer
+    again = algo.merge_module(small, [1.0, 1.0], p, CTX).units
+    copy = pickle.loads(pickle.dumps(algo)).merge_module(small, [1.0, 1.0], p, CTX).units
+    for u in (again, copy):
+        assert torch.equal(u.A, first.A) and torch.equal(u.B, first.B)
+
+
 def test_zero_and_duplicate_units_give_finite_rank_k_output():
     u = rand_units(2, seed=9)
     zero = RankUnits.from_factors(torch.zeros(3, 8, dtype=torch.float64), torch.zeros(10, 3, dtype=torch.float64))

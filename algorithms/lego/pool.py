@@ -18,8 +18,9 @@ to k-means (v and −v are one point); ``none`` keeps the stored signs (the publ
 
 Everything but the final centroids is a function of the N×N Gram matrices GA = A Aᵀ and GB = BᵀB of
 the pooled factors, because normalising, balancing and signs are diagonal scalings of them: a module
-costs two N²·d products.  The centroids are one k·N·d product at the end; the parameter reweighting's
-max-abs norms are one O(N·d) pass over the factors (members) and over the centroids.
+costs two N²·d products.  The centroids are one k·N·d product at the end.  The sort keys ⟨u_i, r⟩ and
+the parameter reweighting's max-abs norms of the members are taken from each input factor while it is
+copied into the pool (in cache), not in passes over the pool.
 
 The pool is ordered by content (sort key: ‖u_i‖², then |⟨u_i, r⟩| for a seeded random r), so the
 merge does not depend on the order of units or inputs for a given seed.
@@ -113,7 +114,9 @@ class Workspace:
     def buffer(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A flat uninitialised tensor of ``numel`` entries; valid until this thread asks again."""
         buf = getattr(self._local, "buf", None)
-        if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < numel:
+        want = torch.device(device)
+        same_device = buf is not None and buf.device.type == want.type and want.index in (None, buf.device.index)
+        if buf is None or not same_device or buf.dtype != dtype or buf.numel() < numel:
             self._local.buf = buf = None  # drop the old buffer before allocating the new one
             buf = self._local.buf = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
