@@ -142,7 +142,7 @@ def main() -> None:
             lego.insert(0, ("torch", a.baseline))
         for b, base in lego:
             name = f"lego, {b} backend" + (f" (baseline {a.baseline})" if base else "")
-            jobs.append((name, RUN, [joined, str(a.workdir / f"out-{b}{'-base' if base else ''}"), str(a.k), b,
+            jobs.append((name, RUN, [joined, str(a.workdir / f"out-{b}-L{layers}{'-base' if base else ''}"), str(a.k), b,
                                      a.device, a.threads, base]))
         best = run_rows(jobs, a.repeat)
         floor_s = best["I/O floor"][0]
