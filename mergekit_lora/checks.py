@@ -186,11 +186,17 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 def finite_units(stream: Iterable[tuple[str, Any]], dtype: torch.dtype | None = None
                  ) -> Iterable[tuple[str, Any]]:
     """Pass ``(module, units)`` through, refusing non-finite factors (and values that overflow ``dtype``,
-    e.g. float16's 65504) before the writer sees them; anything that is not rank units passes as is."""
+    e.g. float16's 65504) before the writer sees them; anything that is not rank units passes as is.
+
+    One min/max reduction per factor (NaN propagates through it, ±Inf is its own extreme); only a
+    failing factor pays for the detailed count."""
     limit = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
     for name, u in stream:
         for half, t in (("A", getattr(u, "A", None)), ("B", getattr(u, "B", None))):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                lo, hi = (float(v) for v in torch.aminmax(t))
+                if math.isfinite(lo) and math.isfinite(hi) and (limit is None or max(-lo, hi) <= limit):
+                    continue
                 check_finite(f"{name} ({half})", t)
                 if limit is not None and float(t.abs().max()) > limit:
                     raise LoraMergeError(f"the merged tensor {name} ({half}) has entries beyond the {dtype} range "

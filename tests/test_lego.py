@@ -284,6 +284,16 @@ def test_balance_inputs_counts_each_input_once_per_cluster():
     assert rel(out.delta(), want) < 1e-12
 
 
+def test_merged_units_keep_the_input_of_a_single_input_cluster():
+    """A cluster whose members all come from one input keeps it as the merged unit's source; others get -1."""
+    units = planted_units(seed=0)  # group g is input g
+    assert sorted(lego.merge_module(units, [1.0] * 4, P(k=4), CTX).source.tolist()) == [0, 1, 2, 3]
+    assert lego.merge_module(units, [1.0] * 4, P(k=1), CTX).source.tolist() == [-1]
+    merged = lego.merge_module(units[:2], [1.0] * 2, P(k=2), CTX)  # sources 0, 1 ...
+    again = merged.with_factors(merged.A, merged.B, torch.tensor([-1, -1]))  # ... or -1: a unit of no one input
+    assert sorted(lego.merge_module([again, units[2]], [1.0, 1.0], P(k=8), CTX).source.tolist()) == [-1] * 2 + [2] * 6
+
+
 # ---------------------------------------------------------------- batching, edge cases
 def test_batch_equals_module_by_module_and_respects_module_seeds():
     mods = [[rand_units(4, seed=s), rand_units(4, seed=s + 50, source=1)] for s in range(3)]
@@ -292,6 +302,22 @@ def test_batch_equals_module_by_module_and_respects_module_seeds():
     batched = lego.merge_batch(mods, [[1.0, 0.5]] * 3, p, ctxs)
     for u, c, b in zip(mods, ctxs, batched):
         assert rel(b.delta(), lego.merge_module(u, [1.0, 0.5], p, c).delta()) < 1e-12
+
+
+def test_reused_pool_buffer_and_pickled_algorithm_give_the_same_merge():
+    """The pool buffer is kept between batches (and not pickled: a plan sent to a worker starts empty)."""
+    import pickle
+
+    algo = get_algorithm("lego")
+    big = [rand_units(6, d_out=30, d_in=20, seed=s, source=i) for i, s in enumerate((1, 2))]
+    small = [rand_units(4, seed=s, source=i) for i, s in enumerate((3, 4))]
+    p = P(k=3)
+    first = algo.merge_module(small, [1.0, 1.0], p, CTX).units
+    algo.merge_module(big, [1.0, 1.0], p, CTX)  # a larger pool in the same buffer
+    again = algo.merge_module(small, [1.0, 1.0], p, CTX).units
+    copy = pickle.loads(pickle.dumps(algo)).merge_module(small, [1.0, 1.0], p, CTX).units
+    for u in (again, copy):
+        assert torch.equal(u.A, first.A) and torch.equal(u.B, first.B)
 
 
 def test_zero_and_duplicate_units_give_finite_rank_k_output():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergekit_lora.lowrank import singular_values, truncate
-from mergekit_lora.units import RankUnits
+from mergekit_lora.units import RankUnits, balance_scale, canonical_factors, sign_rule
 
 
 def rand_units(r, d_out=12, d_in=9, seed=0, source=0):
@@ -34,6 +34,31 @@ def test_canonical_removes_scale_and_sign_ambiguity():
     v = u.with_factors(-2.5 * u.A, -u.B / 2.5)
     assert torch.allclose(u.canonical().A, v.canonical().A, atol=1e-6)
     assert torch.allclose(u.canonical().B, v.canonical().B, atol=1e-6)
+
+
+def _canonical_reference(A, B):
+    """The one-module canonical form written out step by step (balance, mask zero units, sign rule)."""
+    c, nonzero = balance_scale(A.norm(dim=1), B.norm(dim=0))
+    A = A * c[:, None]
+    B = B / torch.where(nonzero, c, 1)[None, :] * nonzero[None, :]
+    sign = sign_rule(A)
+    return A * sign[:, None], B * sign[None, :]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), zero=st.booleans())
+def test_batched_canonical_factors_equal_the_step_by_step_form_bitwise(seed, zero):
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(3, 5, 40, generator=g), torch.randn(3, 70, 5, generator=g) * 3
+    if zero:  # zero units (a zero half) stay zero
+        A[1, 2] = 0
+        B[2, :, 4] = 0
+    Ab, Bb = canonical_factors(A, B)
+    for m in range(3):
+        Ar, Br = _canonical_reference(A[m], B[m])
+        assert torch.equal(Ab[m], Ar) and torch.equal(Bb[m], Br)
+        u = RankUnits.from_factors(A[m], B[m]).canonical()
+        assert torch.equal(u.A, Ar) and torch.equal(u.B, Br)
 
 
 @settings(max_examples=25, deadline=None)

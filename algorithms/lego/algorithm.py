@@ -10,11 +10,11 @@ import torch
 from mergekit_lora.fidelity import ModuleFidelity
 from mergekit_lora.kmeans import kmeans_gram, resolve_backend
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
-from mergekit_lora.units import RankUnits
+from mergekit_lora.units import RankUnits, canonical_factors
 
 from ..catalog import LEGO
 from .params import LegoParams
-from .pool import PoolBatch, build_pools, pooled_dtype
+from .pool import PoolBatch, Workspace, build_pools, pooled_dtype
 from .report import ModuleRecord, fidelity_section, report_files
 from .report_plot import report_png
 from .reweight import ClusterStats, centroids, cluster_stats, option_scales
@@ -61,8 +61,9 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
         device = ctxs[0].device
         if len({sum(u.rank for u in us) for us in units}) != 1:  # the driver batches same shapes only
             return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
+        workspace = self.__dict__.setdefault("_workspace", Workspace())  # the pool buffer, reused per batch
         pool = build_pools(units, weights, features=params.features, signs=params.sign_mode,
-                           generators=[c.generator("lego-order") for c in ctxs], device=device)
+                           generators=[c.generator("lego-order") for c in ctxs], device=device, workspace=workspace)
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
         k = params.k_for(n, max(u.rank for u in units[0]))
@@ -90,24 +91,22 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
             if params.report:
                 _detail(rec, pool.source[m], labels[m], st.cos, kk)
             records.append(rec)
-        merged = self._assemble(pool, stats, A_c, B_c * torch.stack(scales).to(B_c)[:, None, :], out_dtype)
+        B_c.mul_(torch.stack(scales).to(B_c)[:, None, :])
+        merged = self._assemble(pool, stats, A_c, B_c, out_dtype)
         return [MergedModule(u, fidelity=row, notes={"record": rec}) for u, row, rec in zip(merged, rows, records)]
 
     def _assemble(self, pool: PoolBatch, stats: list[ClusterStats], A_out: torch.Tensor, B_out: torch.Tensor,
                   out_dtype: list[torch.dtype]) -> list[RankUnits]:
-        """Wrap the batch's merged factors ā [M, k, d_in], s·b̄ [M, d_out, k] as units (sources: the input
-        of a cluster whose members all come from one input, else -1)."""
-        out = []
-        for m, st in enumerate(stats):
-            member = st.W.cpu() != 0  # [N, k]
-            src = torch.full((member.shape[1],), -1, dtype=torch.long)
-            for j in range(member.shape[1]):
-                members = pool.source[m][member[:, j]].unique()
-                if len(members) == 1:
-                    src[j] = members[0]
-            merged = pool.template[m].with_factors(A_out[m], B_out[m], src).canonical()
-            out.append(merged.to(dtype=out_dtype[m]))
-        return out
+        """Wrap the batch's merged factors ā [M, k, d_in], s·b̄ [M, d_out, k] as canonical units (sources: the
+        input of a cluster whose members all come from one input, else -1)."""
+        A_out, B_out = canonical_factors(A_out, B_out)
+        member = torch.stack([st.W for st in stats]).cpu() != 0  # [M, N, k]
+        shifted = pool.source + 1  # source -1 (a unit of no single input) is a value of its own
+        onehot = torch.nn.functional.one_hot(shifted, int(shifted.max()) + 1).to(torch.float32)  # [M, N, T]
+        present = torch.bmm(onehot.transpose(1, 2), member.to(torch.float32)) > 0  # [M, T, k] input t in cluster j
+        src = torch.where(present.sum(1) == 1, present.to(torch.int64).argmax(1) - 1, -1)  # [M, k]
+        return [pool.template[m].with_factors(A_out[m], B_out[m], src[m]).to(dtype=out_dtype[m])
+                for m in range(len(stats))]
 
     # ------------------------------------------------------------------ after the merge
     def report(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> dict[str, Any]:

@@ -104,10 +104,19 @@ def kmeans_gram(K: torch.Tensor, k: int, *, generators: Sequence[torch.Generator
     lloyd = _lloyd_for(backend, device)
     if backend != "torch" and X is None:
         X = embed(K).to(K.dtype)
+    # the n_init restarts run as one batch of n_init·M sets (restart-major): each generator draws its
+    # restarts' seeds in the same order as restarts run one after another, and a set that has converged is a
+    # fixed point of Lloyd and of the sign step, so the batch gives every restart the result it gets alone
+    reps = list(generators) * n_init
+    Kr = K.repeat(n_init, 1, 1) if n_init > 1 else K
+    Xr = X.repeat(n_init, 1, 1) if X is not None and n_init > 1 else X
+    seeds = kmeans_pp(Kr, k, reps, sign_invariant=sign_invariant)
+    allr = _run(lloyd, Xr, Kr, seeds, k, max_iter, sign_invariant, backend)
     best: KMeansResult | None = None
-    for _ in range(n_init):
-        seeds = kmeans_pp(K, k, generators, sign_invariant=sign_invariant)
-        res = _run(lloyd, X, K, seeds, k, max_iter, sign_invariant, backend)
+    for i in range(n_init):
+        part = slice(i * M, (i + 1) * M)
+        res = KMeansResult(allr.labels[part], allr.inertia[part], backend,
+                           allr.signs[part] if allr.signs is not None else None)
         if best is None:
             best = res
             continue
