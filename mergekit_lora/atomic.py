@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -38,10 +39,16 @@ def check_output(out: Path, force: bool) -> None:
     """Fail early (before any heavy work) if ``out`` exists and ``force`` is not set."""
     out = Path(out)
     _refuse_unnamed(out)
-    if out.exists() and not force:
+    try:
+        mode = out.stat().st_mode  # one stat: a concurrent swap may move ``out`` between two checks
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # what Path.exists() counts as absent
+            return
+        raise
+    if not force:
         raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it",
                              field="out")
-    if out.exists() and not out.is_dir():
+    if not stat.S_ISDIR(mode):
         raise LoraMergeError(f"{out} exists and is not a folder", field="out")
 
 
@@ -207,7 +214,7 @@ def _swap(out: Path, tmp: Path, force: bool) -> None:
         if out.exists() or out.is_symlink():
             if not force:
                 raise LoraMergeError(f"{out} was created by another process during this run; "
-                                     "pass --force to replace it, or choose another output")
+                                     "pass «force» to replace it, or choose another output", field="out")
             if not out.is_dir():
                 raise LoraMergeError(f"{out} exists and is not a folder")
             trash = _make_temp(out, "old")
