@@ -1,4 +1,4 @@
-"""``loramerge eval fidelity|tasks|compare``: thin layers over :mod:`mergekit_lora.evals`."""
+"""``loramerge eval fidelity|tasks|compare|report``: thin layers over :mod:`mergekit_lora.evals`."""
 
 from __future__ import annotations
 
@@ -131,13 +131,31 @@ def compare(
 ) -> None:
     """Merge the same inputs with every method, evaluate fidelity and tasks, write a report."""
     from mergekit_lora.evals.compare import load_config, run_compare
-    from mergekit_lora.evals.report import table_rows
 
     cfg, root = load_config(config)
     updates = {k: v for k, v in {"device": device, "examples": examples}.items() if v is not None}
     if updates:
         cfg = cfg.model_copy(update=updates)
     report = run_compare(cfg, root, out, force=force, log=lambda m: err_console.print(m, style="dim"))
+    _print_report(report, out)
+
+
+@eval_app.command()
+@user_errors
+def report(
+    report_json: Annotated[Path, typer.Argument(help="a report.json written by `eval compare`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder to write")],
+    force: Annotated[bool, typer.Option(help="replace an existing report folder")] = False,
+) -> None:
+    """Recompute the intervals of a saved report.json and write the report again (no model needed)."""
+    from mergekit_lora.evals.compare import rerender
+
+    _print_report(rerender(report_json, out, force=force), out)
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from mergekit_lora.evals.report import table_rows
+
     head, rows = table_rows(report)
     t = Table(title=f"method comparison ({report['device']})", title_justify="left")
     for i, h in enumerate(head):

@@ -198,3 +198,25 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
     with atomic_output(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report
+
+
+def rerender(report_json: str | Path, out: Path, *, force: bool = False) -> dict[str, Any]:
+    """Recompute the intervals of a saved ``report.json`` and write its report again into ``out``.
+
+    Scores are read back as they are (per-example outcomes are in the JSON); only the statistics
+    (bootstrap intervals, paired differences) and the rendering are redone, with the config's
+    ``bootstrap`` and ``seed`` — for reports written before a statistic or column was added.
+    """
+    check_output(out, force)
+    try:
+        report = json.loads(Path(report_json).read_text())
+        rows, tasks, own, cfg = report["rows"], report["tasks"], report["own"], report["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LoraMergeError(f"{report_json}: not a report.json written by `eval compare` ({e})") from e
+    for r in rows:
+        for key in ("norm_ci", "paired", "paired_rank"):
+            r.pop(key, None)
+    add_intervals(rows, tasks, own, resamples=cfg.get("bootstrap", 1000), seed=cfg.get("seed", 0))
+    with atomic_output(out, force) as tmp_out:
+        write_report(report, tmp_out)
+    return report

@@ -14,18 +14,19 @@ from .report_text import ci_text, number, paired_text, variant_name
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings) shared by report.md and the terminal table."""
     tasks = report["tasks"]
-    head = ["variant", *tasks, "mean acc", "norm. acc", "95% CI", "Δ vs best static [95% CI]", "rel. error",
-            "energy", "rank", "merge s"]
+    head = ["variant", *tasks, "mean acc", "norm. acc", "95% CI", "Δ vs best static [95% CI]",
+            "Δ vs best static of equal rank [95% CI]", "rel. error", "energy", "rank", "merge s"]
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([variant_name(r), *(["–"] * (len(tasks) + 7)), f"failed: {r['error']}"])
+            rows.append([variant_name(r), *(["–"] * (len(tasks) + 8)), f"failed: {r['error']}"])
             continue
         fid = r.get("fidelity") or {}
         accs = [number(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "–" for t in tasks]
         rows.append([
             variant_name(r), *accs, number(r.get("mean_accuracy")),
             number(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
+            paired_text(r, "paired_rank", named=True),
             number(fid.get("rel_error"), ".2e") if fid else "–",
             number(fid.get("energy"), ".3f") if fid else "–", str(r.get("rank") or "–"), number(r.get("merge_seconds"), ".2f"),
         ])
@@ -43,7 +44,8 @@ def markdown(report: dict[str, Any]) -> str:
         "(accuracy / the individual adapter's accuracy on its own task, averaged over tasks), fidelity "
         "against Σ wᵢ ΔWᵢ (relative error, energy retained), the merged rank and the merge wall time. "
         f"95% CI: percentile bootstrap ({cfg.get('bootstrap', 0)} resamples of the test examples, per task); "
-        f"Δ: paired difference to the best static merge ({_best(report)}) on the same resamples. "
+        f"Δ: paired difference to the best static merge ({_best(report)}) on the same resamples; "
+        "Δ of equal rank: the same against the best static merge whose output rank equals the row's. "
         "`*`: tuned, the best of a grid chosen on a validation slice of the train split "
         f"({cfg.get('validation', '–')} examples per task), never on these test examples.", "",
         "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",

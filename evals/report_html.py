@@ -62,7 +62,7 @@ def _num(x: Any) -> str:
 def _table(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
     head = ["variant", "kind", *tasks, "mean acc", "norm. acc", "95% CI", "Δ vs best static [95% CI]",
-            "rel. error", "rank", "merge s"]
+            "Δ vs best static of equal rank [95% CI]", "rel. error", "rank", "merge s"]
     out = ['<table id="results"><thead><tr>']
     out += [f"<th>{escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
@@ -82,12 +82,15 @@ def _table(report: dict[str, Any]) -> str:
             ma = r.get("mean_accuracy")
             ci = r.get("norm_ci")
             p = r.get("paired")
+            pr = r.get("paired_rank")
             fid = r.get("fidelity") or {}
             cells += [
                 f'<td data-value="{_num(ma)}">{"–" if ma is None else f"{ma:.3f}"}</td>',
                 f'<td data-value="{_num(na)}">{"–" if na is None else f"{na:.3f}"}</td>',
                 f'<td data-value="{_num(ci[0] if ci else None)}">{ci_text(r)}</td>',
                 f'<td data-value="{_num(p["diff"] if p else None)}">{escape(paired_text(r))}</td>',
+                f'<td data-value="{_num(pr["diff"] if pr else None)}">'
+                f'{escape(paired_text(r, "paired_rank", named=True))}</td>',
                 f'<td data-value="{_num(fid.get("rel_error"))}">'
                 f'{"–" if fid.get("rel_error") is None else format(fid["rel_error"], ".2e")}</td>',
                 f'<td data-value="{_num(r.get("rank"))}">{r.get("rank") or "–"}</td>',

@@ -19,6 +19,9 @@ def ci_text(r: dict[str, Any]) -> str:
     return "–" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def paired_text(r: dict[str, Any]) -> str:
-    p = r.get("paired")
-    return "–" if not p else f"{p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+def paired_text(r: dict[str, Any], key: str = "paired", *, named: bool = False) -> str:
+    """``+0.012 [-0.003, +0.027]`` (``named``: prefixed by the row compared against) or ``–``."""
+    p = r.get(key)
+    if not p:
+        return "–"
+    return (f"{p['vs']}: " if named else "") + f"{p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"

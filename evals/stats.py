@@ -63,9 +63,10 @@ def best_static(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def add_intervals(rows: list[dict[str, Any]], tasks: list[str], own: dict[str, str], *,
                   resamples: int = 1000, seed: int = 0) -> None:
-    """Add ``norm_ci`` to every row with a normalised accuracy, and ``paired`` (difference to the best
+    """Add ``norm_ci`` to every row with a normalised accuracy, ``paired`` (difference to the best
     static baseline: point value, interval, share of resamples where the row is better) to every other
-    row; in place.  Nothing is added without per-example outcomes or without ``resamples``."""
+    row, and ``paired_rank`` to merge rows (the same against the best static merge of equal output
+    rank, the comparison LoRA-LEGO's claims are about); in place.  Nothing is added without per-example outcomes or without ``resamples``."""
     if resamples <= 0 or not own or set(own) != set(tasks):
         return
     by_name = {r["variant"]: r for r in rows}
@@ -90,11 +91,17 @@ def add_intervals(rows: list[dict[str, Any]], tasks: list[str], own: dict[str, s
             continue
         samples[r["variant"]] = normalized_samples(c, own_correct, idx)
         r["norm_ci"] = interval(samples[r["variant"]])
-    best = best_static(rows)
-    if best is None or best["variant"] not in samples:
-        return
-    for r in rows:
-        if r["variant"] in samples and r is not best:
-            diff = samples[r["variant"]] - samples[best["variant"]]
-            r["paired"] = {"vs": best["variant"], "diff": r["normalized_accuracy"] - best["normalized_accuracy"],
-                           "ci": interval(diff), "p_better": float(np.mean(diff > 0))}
+    def paired(r: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+        diff = samples[r["variant"]] - samples[ref["variant"]]
+        return {"vs": ref["variant"], "diff": r["normalized_accuracy"] - ref["normalized_accuracy"],
+                "ci": interval(diff), "p_better": float(np.mean(diff > 0))}
+
+    scored = [r for r in rows if r["variant"] in samples]
+    best = best_static(scored)
+    for r in scored:
+        if best is not None and r is not best:
+            r["paired"] = paired(r, best)
+        if r.get("kind") == "merge" and r.get("rank"):  # against the best static merge of the same rank
+            same = best_static([q for q in scored if q is not r and q.get("rank") == r["rank"]])
+            if same is not None:
+                r["paired_rank"] = paired(r, same)

@@ -101,6 +101,46 @@ def test_intervals_and_paired_difference():
     assert twin["paired"]["ci"] == [0.0, 0.0]
 
 
+def test_paired_at_equal_rank():
+    """Merges are also compared with the best static merge of their own output rank (same resamples)."""
+    rep = _report()
+    rows = {r["variant"]: r for r in rep["rows"]}
+    # rank 8: svd (0.7) beats ties (0.6); lego is not static, so svd is its equal-rank reference
+    pr = rows["lego"]["paired_rank"]
+    assert pr["vs"] == "svd" and rows["lego"]["paired"]["vs"] == "linear"
+    assert pr["diff"] == pytest.approx(rows["lego"]["normalized_accuracy"] - rows["svd"]["normalized_accuracy"])
+    assert pr["ci"][0] <= pr["diff"] <= pr["ci"][1]
+    assert rows["svd"]["paired_rank"]["vs"] == "ties<x>"  # not itself
+    assert "paired_rank" not in rows["linear"]  # no other static merge of rank 24
+    assert "paired_rank" not in rows["base"]
+    md = markdown(rep)
+    assert "svd: " + f"{pr['diff']:+.3f}" in md and "Δ vs best static of equal rank" in md
+
+
+def test_rerender_recomputes_the_statistics(tmp_path):
+    """`eval report` reads a report.json back (no model) and writes the same statistics and files."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mergekit_lora.cli.main import app
+
+    rep = _report()
+    for r in rep["rows"]:
+        r.pop("paired_rank", None)  # as written before the column existed
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    res = CliRunner().invoke(app, ["eval", "report", str(tmp_path / "report.json"), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "r" / "report.json").read_text())
+    fresh = _report()
+    for a, b in zip(again["rows"], fresh["rows"]):
+        assert a.get("norm_ci") == pytest.approx(b.get("norm_ci")) and a.get("paired") == b.get("paired")
+        assert a.get("paired_rank") == b.get("paired_rank")
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.md", "report.png", "report.json", "report.html"}
+    bad = CliRunner().invoke(app, ["eval", "report", str(tmp_path / "r" / "report.md"), "-o", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "not a report.json" in bad.output and not (tmp_path / "s").exists()
+
+
 def test_markdown_marks_tuned_rows_and_intervals():
     md = markdown(_report())
     assert "| ties<x>* |" in md  # tuned rows carry a *
