@@ -39,6 +39,49 @@ def test_policy_runs_small_ops_on_one_thread_and_big_ones_on_the_budget(monkeypa
     assert torch.get_num_threads() == before
 
 
+def test_barrier_threads_are_the_idle_cpus_within_one_and_the_budget():
+    assert threads.barrier_threads(2, 2, 0) == 2
+    assert threads.barrier_threads(2, 2, 1) == 1
+    assert threads.barrier_threads(2, 2, 2) == 1  # both cores taken by others: one thread, never 0
+    assert threads.barrier_threads(8, 16, 9) == 7
+    assert threads.barrier_threads(4, 64, 30) == 4  # host-wide load on a big host: the budget caps
+    assert threads.barrier_threads(4, 4, -3) == 4  # a racy negative count is read as 0
+
+
+def test_others_running_excludes_this_process():
+    others = threads.others_running()
+    assert others is None or others >= 0
+    assert threads._own_running_threads() >= 1  # at least the thread reading /proc
+
+
+def test_parallel_for_is_trimmed_by_load_only_when_the_budget_is_implicit(monkeypatch):
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    load = {"others": 3}
+    monkeypatch.setattr(threads, "others_running", lambda: load["others"])
+    with threads.thread_policy() as budget:  # implicit budget: load-aware
+        assert budget == 4
+        assert threads.threads_for(1e12) == 4  # chunk pools keep the full budget
+        with threads.parallel_for(1e12) as n:
+            assert n == 1 and torch.get_num_threads() == 1
+        load["others"] = 1
+        assert threads.gemm_threads_for(1e12) == 3  # re-read at every call
+        assert threads.gemm_threads_for(1e3) == 1  # small ops stay single-threaded
+        load["others"] = None  # no /proc: the budget
+        assert threads.gemm_threads_for(1e12) == 4
+        load["others"] = 3
+        with threads.thread_policy() as inner:  # nested without threads: still load-aware
+            assert inner == 4 and threads.gemm_threads_for(1e12) == 1
+        with threads.thread_policy(2):  # explicit option: no trimming
+            assert threads.gemm_threads_for(1e12) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with threads.thread_policy():  # explicit OMP_NUM_THREADS: no trimming
+        with threads.parallel_for(1e12) as n:
+            assert n == 3 and torch.get_num_threads() == 3
+
+
 def test_policy_off_leaves_torch_alone(monkeypatch):
     monkeypatch.setenv("LORAMERGE_THREAD_POLICY", "off")
     before = torch.get_num_threads()
