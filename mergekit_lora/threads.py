@@ -20,7 +20,11 @@ gain from the cores even under load.  So:
   cores of a 2-core box, LoRA-LEGO took 4.08 s with 2-thread GEMMs vs 3.02 s with one thread.  Pools
   of independent chunks (``algorithms/elementwise.run_chunks``: no barrier, a slow worker just takes
   fewer chunks) keep the full budget — with one CPU burner, ``ties`` still gained 1.5× from 2 workers.
-  Without ``/proc`` (non-Linux) the load is unknown and the budget is used.
+  Without ``/proc`` (non-Linux) the load is unknown and the budget is used.  Only budgets of at
+  most ``LOAD_AWARE_MAX_BUDGET`` = 2 are trimmed: MKL's GEMM gives the same bits at 1 and 2 threads
+  (tested) but not at 3–4 for the skinny products of the randomised SVD (measured: ``ties`` at
+  1024×2816 gives other bytes at 4 threads than at 1), so on a bigger machine a load-dependent count
+  would make the output depend on the load; there the budget stays fixed.
 
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
 Results do not depend on the thread budget in the code paths that use this module: only GEMMs (whose
@@ -42,6 +46,9 @@ import torch
 # cannot dominate.  The policy as a whole is checked against torch's default and fixed 1 / 2 threads
 # under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
 PARALLEL_MIN_FLOPS = 1.5e8
+
+# Largest implicit budget parallel_for trims to the idle CPUs: every count in [1, 2] gives the same GEMM bits.
+LOAD_AWARE_MAX_BUDGET = 2
 
 _budget: int | None = None  # the active policy's thread budget (None: no policy active)
 _load_aware = False  # whether parallel_for trims the budget to the idle cores (budget not set explicitly)
@@ -123,9 +130,10 @@ def threads_for(flops: float) -> int:
 
 def gemm_threads_for(flops: float) -> int:
     """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: :func:`threads_for`, trimmed
-    to the idle CPUs (:func:`barrier_threads`) when the budget was not set explicitly."""
+    to the idle CPUs (:func:`barrier_threads`) when the budget was not set explicitly and is at most
+    ``LOAD_AWARE_MAX_BUDGET`` (so that the output bytes cannot depend on the load)."""
     n = threads_for(flops)
-    if _budget is None or n <= 1 or not _load_aware:
+    if _budget is None or n <= 1 or not _load_aware or n > LOAD_AWARE_MAX_BUDGET:
         return n
     others = others_running()
     return n if others is None else barrier_threads(n, os.cpu_count() or n, others)
