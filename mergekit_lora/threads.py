@@ -11,7 +11,7 @@ gain from the cores even under load.  So:
   count), which raises the thread count to the budget for that call only;
 - the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
   (``os.sched_getaffinity``);
-- **load-aware barrier ops**: when the budget was *not* set explicitly, :func:`parallel_for` grants
+- **load-aware threads**: when the budget was *not* set explicitly, :func:`parallel_for` grants
   only the cores nobody else is using, :func:`barrier_threads` = clamp(online CPUs − other runnable
   threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this process's
   own running threads (``/proc/self/task/*/stat``; ~0.1 ms, negligible next to a ≥ 5 ms op).  An
@@ -19,7 +19,9 @@ gain from the cores even under load.  So:
   process stalls the whole op: measured at the Llama-7B layout with two other processes holding both
   cores of a 2-core box, LoRA-LEGO took 4.08 s with 2-thread GEMMs vs 3.02 s with one thread.  Pools
   of independent chunks (``algorithms/elementwise.run_chunks``: no barrier, a slow worker just takes
-  fewer chunks) keep the full budget — with one CPU burner, ``ties`` still gained 1.5× from 2 workers.
+  fewer chunks) are trimmed the same way (at any budget: the pool size never changes the bytes):
+  measured on the busy 2-core box (load 3–5 without a burner), ``ties`` with a 2-worker pool took 1.34 s
+  vs 1.14 s with one (RESULTS-threads.md), although an earlier run with one burner had gained 1.5×.
   Without ``/proc`` (non-Linux) the load is unknown and the budget is used.  Only budgets of at
   most ``LOAD_AWARE_MAX_BUDGET`` = 2 are trimmed: MKL's GEMM gives the same bits at 1 and 2 threads
   (tested) but not at 3–4 for the skinny products of the randomised SVD (measured: ``ties`` at
@@ -121,22 +123,26 @@ def others_running() -> int | None:
 
 
 def threads_for(flops: float) -> int:
-    """Threads a pool of independent chunks worth ``flops`` gets under the active policy (the full budget
-    when ``flops`` ≥ PARALLEL_MIN_FLOPS: no barrier, so no load trimming)."""
+    """Workers a pool of independent chunks worth ``flops`` gets under the active policy: the budget when
+    ``flops`` ≥ PARALLEL_MIN_FLOPS, trimmed to the idle CPUs when the budget was not set explicitly
+    (any budget: the pool size never changes the bytes)."""
     if _budget is None:
         return torch.get_num_threads()
-    return _budget if flops >= PARALLEL_MIN_FLOPS else 1
+    if flops < PARALLEL_MIN_FLOPS:
+        return 1
+    if _budget <= 1 or not _load_aware:
+        return _budget
+    others = others_running()
+    return _budget if others is None else barrier_threads(_budget, os.cpu_count() or _budget, others)
 
 
 def gemm_threads_for(flops: float) -> int:
-    """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: :func:`threads_for`, trimmed
-    to the idle CPUs (:func:`barrier_threads`) when the budget was not set explicitly and is at most
-    ``LOAD_AWARE_MAX_BUDGET`` (so that the output bytes cannot depend on the load)."""
-    n = threads_for(flops)
-    if _budget is None or n <= 1 or not _load_aware or n > LOAD_AWARE_MAX_BUDGET:
-        return n
-    others = others_running()
-    return n if others is None else barrier_threads(n, os.cpu_count() or n, others)
+    """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :func:`threads_for` (trimmed
+    to the idle CPUs by :func:`barrier_threads` when the budget is implicit), but an implicit budget above
+    ``LOAD_AWARE_MAX_BUDGET`` is never trimmed (GEMM bits differ between 1 and ≥ 3 threads)."""
+    if _budget is not None and _load_aware and _budget > LOAD_AWARE_MAX_BUDGET:
+        return _budget if flops >= PARALLEL_MIN_FLOPS else 1
+    return threads_for(flops)
 
 
 @contextmanager

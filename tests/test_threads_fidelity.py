@@ -63,7 +63,7 @@ def test_parallel_for_is_trimmed_by_load_only_when_the_budget_is_implicit(monkey
     monkeypatch.setattr(threads, "others_running", lambda: load["others"])
     with threads.thread_policy() as budget:  # implicit budget: load-aware
         assert budget == 2
-        assert threads.threads_for(1e12) == 2  # chunk pools keep the full budget
+        assert threads.threads_for(1e12) == 1  # chunk pools are trimmed too
         with threads.parallel_for(1e12) as n:
             assert n == 1 and torch.get_num_threads() == 1
         load["others"] = 0
@@ -90,7 +90,8 @@ def test_budgets_above_two_are_not_trimmed(monkeypatch):
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(threads, "others_running", lambda: 3)
     with threads.thread_policy():
-        assert threads.gemm_threads_for(1e12) == 4
+        assert threads.gemm_threads_for(1e12) == 4 and threads.gemm_threads_for(1e3) == 1
+        assert threads.threads_for(1e12) == 1  # the chunk pool's size never changes the bytes: trimmed
 
 
 def test_policy_off_leaves_torch_alone(monkeypatch):
