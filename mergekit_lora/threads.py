@@ -11,26 +11,25 @@ gain from the cores even under load.  So:
   count), which raises the thread count to the budget for that call only;
 - the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
   (``os.sched_getaffinity``);
-- **load-aware threads**: when the budget was *not* set explicitly, :func:`parallel_for` grants
-  only the cores nobody else is using, :func:`barrier_threads` = clamp(online CPUs − other runnable
-  threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this process's
-  own running threads (``/proc/self/task/*/stat``; ~0.1 ms, negligible next to a ≥ 5 ms op).  An
-  OpenMP/MKL parallel region ends at a barrier, so one thread the OS has descheduled for another
-  process stalls the whole op: measured at the Llama-7B layout with two other processes holding both
+- **load-aware threads**: when the budget was *not* set explicitly, chunk pools
+  (:func:`threads_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, :func:`parallel_for` GEMMs
+  get only the cores nobody else is using: :func:`barrier_threads` = clamp(online CPUs − other
+  runnable threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this
+  process's own running threads (``/proc/self/task/*/stat``; ~0.05 ms, negligible next to a ≥ 5 ms op).
+  Why: an OpenMP/MKL parallel region ends at a barrier, so one thread the OS has descheduled for
+  another process stalls the whole op — at the Llama-7B layout with two other processes holding both
   cores of a 2-core box, LoRA-LEGO took 4.08 s with 2-thread GEMMs vs 3.02 s with one thread.  Pools
-  of independent chunks (``algorithms/elementwise.run_chunks``: no barrier, a slow worker just takes
-  fewer chunks) are trimmed the same way (at any budget: the pool size never changes the bytes):
-  measured on the busy 2-core box (load 3–5 without a burner), ``ties`` with a 2-worker pool took 1.34 s
-  vs 1.14 s with one (RESULTS-threads.md), although an earlier run with one burner had gained 1.5×.
-  Without ``/proc`` (non-Linux) the load is unknown and the budget is used.  Only budgets of at
-  most ``LOAD_AWARE_MAX_BUDGET`` = 2 are trimmed: MKL's GEMM gives the same bits at 1 and 2 threads
-  (tested) but not at 3–4 for the skinny products of the randomised SVD (measured: ``ties`` at
-  1024×2816 gives other bytes at 4 threads than at 1), so on a bigger machine a load-dependent count
-  would make the output depend on the load; there the budget stays fixed.
+  of independent chunks (``algorithms/elementwise.run_chunks``) have no barrier but still lost on that
+  busy box (``ties`` 1.34 s with 2 workers vs 1.14 s with 1, RESULTS-threads.md), so they are trimmed
+  too, at any budget (the pool size never changes the bytes).  GEMMs on bigger budgets are not
+  trimmed: MKL's GEMM gives the same bits at 1 and 2 threads (tested) but not at 3–4 for the skinny
+  products of the randomised SVD (measured: ``ties`` at 1024×2816 gives other bytes at 4 threads than
+  at 1), so a load-dependent count would make the output depend on the load.  Without ``/proc``
+  (non-Linux) the load is unknown and the budget is used.
 
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
-Results do not depend on the thread budget in the code paths that use this module: only GEMMs (whose
-output blocks are split between threads: same bits with 1 and 2 threads, tested) and pools of
+Results do not depend on the thread count in the code paths that use this module for counts 1 and 2
+(at 4 see above): only GEMMs (same bits with 1 and 2 threads, tested) and pools of
 independent chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not* reproduce
 across thread counts, run under :func:`single_thread`.
 """
