@@ -10,11 +10,26 @@ gain from the cores even under load.  So:
 - an operation big enough to deserve threads opts in with :func:`parallel_for` (by its flop
   count), which raises the thread count to the budget for that call only;
 - the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
-  (``os.sched_getaffinity``).
+  (``os.sched_getaffinity``);
+- **load-aware threads**: when the budget was *not* set explicitly, chunk pools
+  (:func:`threads_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, :func:`parallel_for` GEMMs
+  get only the cores nobody else is using: :func:`barrier_threads` = clamp(online CPUs − other
+  runnable threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this
+  process's own running threads (``/proc/self/task/*/stat``; ~0.05 ms, negligible next to a ≥ 5 ms op).
+  Why: an OpenMP/MKL parallel region ends at a barrier, so one thread the OS has descheduled for
+  another process stalls the whole op — at the Llama-7B layout with two other processes holding both
+  cores of a 2-core box, LoRA-LEGO took 4.08 s with 2-thread GEMMs vs 3.02 s with one thread.  Pools
+  of independent chunks (``algorithms/elementwise.run_chunks``) have no barrier but still lost on that
+  busy box (``ties`` 1.34 s with 2 workers vs 1.14 s with 1, RESULTS-threads.md), so they are trimmed
+  too, at any budget (the pool size never changes the bytes).  GEMMs on bigger budgets are not
+  trimmed: MKL's GEMM gives the same bits at 1 and 2 threads (tested) but not at 3–4 for the skinny
+  products of the randomised SVD (measured: ``ties`` at 1024×2816 gives other bytes at 4 threads than
+  at 1), so a load-dependent count would make the output depend on the load.  Without ``/proc``
+  (non-Linux) the load is unknown and the budget is used.
 
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
-Results do not depend on the thread budget in the code paths that use this module: only GEMMs (whose
-output blocks are split between threads: same bits with 1 and 2 threads, tested) and pools of
+Results do not depend on the thread count in the code paths that use this module for counts 1 and 2
+(at 4 see above): only GEMMs (same bits with 1 and 2 threads, tested) and pools of
 independent chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not* reproduce
 across thread counts, run under :func:`single_thread`.
 """
@@ -33,7 +48,11 @@ import torch
 # under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
 PARALLEL_MIN_FLOPS = 1.5e8
 
+# Largest implicit budget parallel_for trims to the idle CPUs: every count in [1, 2] gives the same GEMM bits.
+LOAD_AWARE_MAX_BUDGET = 2
+
 _budget: int | None = None  # the active policy's thread budget (None: no policy active)
+_load_aware = False  # whether parallel_for trims the budget to the idle cores (budget not set explicitly)
 
 
 def policy_enabled() -> bool:
@@ -49,8 +68,8 @@ def usable_cores() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-def thread_budget(threads: int | None = None) -> int:
-    """Threads large operations may use: ``threads`` if given, else ``OMP_NUM_THREADS``, else the cores."""
+def explicit_budget(threads: int | None = None) -> int | None:
+    """The budget the user set: ``threads`` if given, else ``OMP_NUM_THREADS``, else None."""
     if threads is not None:
         if int(threads) < 1:
             raise ValueError(f"threads must be ≥ 1, got {threads}")
@@ -61,14 +80,68 @@ def thread_budget(threads: int | None = None) -> int:
             return max(int(env.split(",")[0]), 1)
         except ValueError:
             pass
-    return usable_cores()
+    return None
+
+
+def thread_budget(threads: int | None = None) -> int:
+    """Threads large operations may use: ``threads`` if given, else ``OMP_NUM_THREADS``, else the cores."""
+    explicit = explicit_budget(threads)
+    return usable_cores() if explicit is None else explicit
+
+
+def barrier_threads(budget: int, online_cpus: int, others_running: int) -> int:
+    """Threads for a barrier-synchronised op: the idle CPUs (``online_cpus − others_running``), in [1, budget].
+
+    ``others_running``: runnable threads of *other* processes right now (machine-wide, like
+    ``online_cpus``, so a container whose ``/proc/loadavg`` shows the host's load still gets its budget
+    on a big host).
+    """
+    return max(1, min(budget, online_cpus - max(others_running, 0)))
+
+
+def _own_running_threads() -> int:
+    n = 0
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(f"{task.path}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n += stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"R"
+    return max(n, 1)  # the reading thread runs
+
+
+def others_running() -> int | None:
+    """Runnable threads of other processes now (``/proc/loadavg`` field 4 minus ours), None if unknown."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+        return max(running - _own_running_threads(), 0)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def threads_for(flops: float) -> int:
-    """Threads an operation of ``flops`` floating-point operations gets under the active policy."""
+    """Workers a pool of independent chunks worth ``flops`` gets under the active policy: the budget when
+    ``flops`` ≥ PARALLEL_MIN_FLOPS, trimmed to the idle CPUs when the budget was not set explicitly
+    (any budget: the pool size never changes the bytes)."""
     if _budget is None:
         return torch.get_num_threads()
-    return _budget if flops >= PARALLEL_MIN_FLOPS else 1
+    if flops < PARALLEL_MIN_FLOPS:
+        return 1
+    if _budget <= 1 or not _load_aware:
+        return _budget
+    others = others_running()
+    return _budget if others is None else barrier_threads(_budget, os.cpu_count() or _budget, others)
+
+
+def gemm_threads_for(flops: float) -> int:
+    """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :func:`threads_for` (trimmed
+    to the idle CPUs by :func:`barrier_threads` when the budget is implicit), but an implicit budget above
+    ``LOAD_AWARE_MAX_BUDGET`` is never trimmed (GEMM bits differ between 1 and ≥ 3 threads)."""
+    if _budget is not None and _load_aware and _budget > LOAD_AWARE_MAX_BUDGET:
+        return _budget if flops >= PARALLEL_MIN_FLOPS else 1
+    return threads_for(flops)
 
 
 @contextmanager
@@ -92,28 +165,30 @@ def thread_policy(threads: int | None = None) -> Iterator[int]:
     given); restores torch's thread count on exit.  A no-op (yields torch's count) when the policy is
     disabled by ``LORAMERGE_THREAD_POLICY=off``.
     """
-    global _budget
+    global _budget, _load_aware
     if not policy_enabled():
         yield torch.get_num_threads()
         return
-    outer = _budget
-    budget = thread_budget(threads) if (threads is not None or outer is None) else outer
-    _budget = budget
+    outer, outer_aware = _budget, _load_aware
+    if threads is not None or outer is None:
+        explicit = explicit_budget(threads)
+        _budget, _load_aware = (usable_cores(), True) if explicit is None else (explicit, False)
     try:
         with _num_threads(1):
-            yield budget
+            yield _budget
     finally:
-        _budget = outer
+        _budget, _load_aware = outer, outer_aware
 
 
 @contextmanager
 def parallel_for(flops: float) -> Iterator[int]:
-    """Give the enclosed operation the budget's threads when it is worth ``flops`` ≥ PARALLEL_MIN_FLOPS.
+    """Give the enclosed operation the budget's threads when it is worth ``flops`` ≥ PARALLEL_MIN_FLOPS,
+    trimmed to the idle CPUs unless the budget was set explicitly (:func:`gemm_threads_for`).
 
     Outside :func:`thread_policy` (or with the policy disabled) it changes nothing.  Yields the
     thread count in effect.
     """
-    n = threads_for(flops)
+    n = gemm_threads_for(flops)
     if _budget is None:
         yield n
         return

@@ -39,6 +39,61 @@ def test_policy_runs_small_ops_on_one_thread_and_big_ones_on_the_budget(monkeypa
     assert torch.get_num_threads() == before
 
 
+def test_barrier_threads_are_the_idle_cpus_within_one_and_the_budget():
+    assert threads.barrier_threads(2, 2, 0) == 2
+    assert threads.barrier_threads(2, 2, 1) == 1
+    assert threads.barrier_threads(2, 2, 2) == 1  # both cores taken by others: one thread, never 0
+    assert threads.barrier_threads(8, 16, 9) == 7
+    assert threads.barrier_threads(4, 64, 30) == 4  # host-wide load on a big host: the budget caps
+    assert threads.barrier_threads(4, 4, -3) == 4  # a racy negative count is read as 0
+
+
+def test_others_running_excludes_this_process():
+    others = threads.others_running()
+    assert others is None or others >= 0
+    assert threads._own_running_threads() >= 1  # at least the thread reading /proc
+
+
+def test_parallel_for_is_trimmed_by_load_only_when_the_budget_is_implicit(monkeypatch):
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    load = {"others": 2}
+    monkeypatch.setattr(threads, "others_running", lambda: load["others"])
+    with threads.thread_policy() as budget:  # implicit budget: load-aware
+        assert budget == 2
+        assert threads.threads_for(1e12) == 1  # chunk pools are trimmed too
+        with threads.parallel_for(1e12) as n:
+            assert n == 1 and torch.get_num_threads() == 1
+        load["others"] = 0
+        assert threads.gemm_threads_for(1e12) == 2  # re-read at every call
+        assert threads.gemm_threads_for(1e3) == 1  # small ops stay single-threaded
+        load["others"] = None  # no /proc: the budget
+        assert threads.gemm_threads_for(1e12) == 2
+        load["others"] = 1
+        with threads.thread_policy() as inner:  # nested without threads: still load-aware
+            assert inner == 2 and threads.gemm_threads_for(1e12) == 1
+        with threads.thread_policy(2):  # explicit option: no trimming
+            assert threads.gemm_threads_for(1e12) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with threads.thread_policy():  # explicit OMP_NUM_THREADS: no trimming
+        with threads.parallel_for(1e12) as n:
+            assert n == 2 and torch.get_num_threads() == 2
+
+
+def test_budgets_above_two_are_not_trimmed(monkeypatch):
+    # MKL's GEMM bits differ between 1 and ≥ 3 threads for skinny products: the load must not pick the count
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "others_running", lambda: 3)
+    with threads.thread_policy():
+        assert threads.gemm_threads_for(1e12) == 4 and threads.gemm_threads_for(1e3) == 1
+        assert threads.threads_for(1e12) == 1  # the chunk pool's size never changes the bytes: trimmed
+
+
 def test_policy_off_leaves_torch_alone(monkeypatch):
     monkeypatch.setenv("LORAMERGE_THREAD_POLICY", "off")
     before = torch.get_num_threads()
@@ -91,3 +146,25 @@ def test_module_fidelity_matches_dense_float64_at_every_error_level(noise):
 
     e = float((d64(merged) - d64(target)).norm())
     assert abs(row.error_norm - e) <= 1e-3 * e + 1e-7 * float(d64(target).norm())
+
+
+@pytest.mark.parametrize("name, params", [("lego", {"k": 8}), ("ties", {"density": 0.5})])
+def test_load_trimmed_thread_counts_give_the_same_bytes(monkeypatch, name, params):
+    # every product gets threads; 2 "cores" with 0 or 2 other runnable threads: 2 vs 1 GEMM threads
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    algo = get_algorithm(name)
+    p = parse_params(algo, params)
+    ctx = ModuleContext("m", 0, torch.device("cpu"))
+    us = [_units(8, 10 + i, m=300, n=500) for i in range(4)]
+    outs = []
+    for others in (0, 2):
+        monkeypatch.setattr(threads, "others_running", lambda o=others: o)
+        with threads.thread_policy():
+            assert threads.gemm_threads_for(1.0) == 2 - others // 2
+            u = algo.merge_module(us, [0.25] * 4, p, ctx).units
+        outs.append((u.A.clone(), u.B.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

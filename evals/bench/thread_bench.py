@@ -13,6 +13,10 @@ in-process wall time: read + merge + fidelity + write) in four modes, interleave
 The goal: ``policy`` within 10 % of the best fixed thread count for every method.
 
     python evals/bench/thread_bench.py --layers 4 --hidden 1024 --adapters 4 --repeat 3
+    python evals/bench/thread_bench.py --layers 8 --hidden 4096 --intermediate 11008 --adapters 8 --methods lego
+
+``--intermediate`` builds the adapters with :func:`synthetic.make_adapters` (Llama-7B-like sizes, as
+``lego_bench.py``); ``--burners`` sets how many CPU-burning processes run (default 1).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=0, help="MLP size (default: static_bench's 2.75 × hidden)")
+    ap.add_argument("--burners", type=int, default=1, help="CPU-burning background processes")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-burner", action="store_true", help="measure without the CPU-burning process")
@@ -76,9 +82,16 @@ def main() -> None:
         return
     from static_bench import build, machine
 
-    work = Path(args.workdir) / f"L{args.layers}-H{args.hidden}-n{args.adapters}-r{args.rank}"
-    build(work, args.layers, args.hidden, args.adapters, args.rank, with_base=False)
-    burner = None if args.no_burner else subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    work = Path(args.workdir) / f"L{args.layers}-H{args.hidden}-I{args.intermediate}-n{args.adapters}-r{args.rank}"
+    if args.intermediate:
+        from synthetic import make_adapters
+
+        make_adapters(work, args.adapters, args.layers, args.hidden, args.intermediate, args.rank)
+    else:
+        build(work, args.layers, args.hidden, args.adapters, args.rank, with_base=False)
+    n_burn = 0 if args.no_burner else args.burners
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_burn)]
+    load_before = os.getloadavg()
     times: dict[str, dict[str, float]] = {}
     try:
         for m in args.methods.split(","):
@@ -88,17 +101,23 @@ def main() -> None:
                     times[m][mode] = min(times[m][mode], run(m, mode, work))
             print(m, {k: round(v, 3) for k, v in times[m].items()}, flush=True)
     finally:
-        if burner is not None:
+        load_after = os.getloadavg()
+        for burner in burners:
             burner.kill()
             burner.wait()
     lines = ["# Thread policy under contention", "",
              f"Command: `python evals/bench/thread_bench.py --layers {args.layers} --hidden {args.hidden} "
              f"--adapters {args.adapters} --rank {args.rank} --repeat {args.repeat} --methods {args.methods}"
+             + (f" --intermediate {args.intermediate}" if args.intermediate else "")
+             + (f" --burners {args.burners}" if args.burners != 1 and not args.no_burner else "")
              + (" --no-burner" if args.no_burner else "") + "`", "",
              f"Machine: {machine()}; shared with other jobs"
-             + ("" if args.no_burner else "; plus one CPU-burning process (`while True: pass`) for the whole run")
+             + ("" if args.no_burner else f"; plus {n_burn} CPU-burning process(es) (`while True: pass`) for the whole run")
+             + "; load average (1/5/15 min) " + " / ".join(f"{x:.2f}" for x in load_before) + " at the start, "
+             + " / ".join(f"{x:.2f}" for x in load_after) + " at the end"
              + f".  Wall seconds of `merge()` in a fresh process, fastest of {args.repeat} interleaved runs.  "
-             f"Inputs: {args.adapters} rank-{args.rank} adapters, {args.layers} layers, hidden {args.hidden}, "
+             f"Inputs: {args.adapters} rank-{args.rank} adapters, {args.layers} layers, hidden {args.hidden}"
+             + (f", intermediate {args.intermediate}" if args.intermediate else "") + ", "
              "7 projections.", "",
              "| method | policy (s) | torch default (s) | 1 thread (s) | 2 threads (s) | policy / best fixed | ≤ 1.10 |",
              "|---|---|---|---|---|---|---|"]
