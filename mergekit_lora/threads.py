@@ -22,9 +22,12 @@ gain from the cores even under load.  So:
   of independent chunks (``algorithms/elementwise.run_chunks``) have no barrier but still lost on that
   busy box (``ties`` 1.34 s with 2 workers vs 1.14 s with 1, RESULTS-threads.md), so they are trimmed
   too, at any budget (the pool size never changes the bytes).  GEMMs on bigger budgets are not
-  trimmed: MKL's GEMM gives the same bits at 1 and 2 threads (tested) but not at 3–4 for the skinny
-  products of the randomised SVD (measured: ``ties`` at 1024×2816 gives other bytes at 4 threads than
-  at 1), so a load-dependent count would make the output depend on the load.  Without ``/proc``
+  trimmed by load but capped at 2 when the budget is implicit: MKL's GEMM gives the same bits at 1 and 2
+  threads (tested) but not at 3–4 for the skinny products of the randomised SVD (measured: ``ties`` at
+  1024×2816 gives other bytes at 4 threads than at 1), so neither the load nor the core count may pick
+  a count above 2.  An explicit ``threads``/``OMP_NUM_THREADS`` above 2 is honoured (faster GEMMs on a
+  big machine; the bytes of ``ties``/``dare_*``/``magnitude_prune``/``lego`` may then differ in the last
+  bits from a ≤ 2-thread run).  Without ``/proc``
   (non-Linux) the load is unknown and the budget is used.
 
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
@@ -137,11 +140,12 @@ def threads_for(flops: float) -> int:
 
 def gemm_threads_for(flops: float) -> int:
     """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :func:`threads_for` (trimmed
-    to the idle CPUs by :func:`barrier_threads` when the budget is implicit), but an implicit budget above
-    ``LOAD_AWARE_MAX_BUDGET`` is never trimmed (GEMM bits differ between 1 and ≥ 3 threads)."""
-    if _budget is not None and _load_aware and _budget > LOAD_AWARE_MAX_BUDGET:
-        return _budget if flops >= PARALLEL_MIN_FLOPS else 1
-    return threads_for(flops)
+    to the idle CPUs by :func:`barrier_threads` when the budget is implicit), and with an implicit budget
+    never more than ``LOAD_AWARE_MAX_BUDGET`` = 2: MKL's GEMM gives the same bits at 1 and 2 threads but
+    not at 3–4 for skinny products, so the written bytes must not depend on the machine's core count or
+    its load.  An explicit budget (``threads`` option, ``OMP_NUM_THREADS``) is used as given."""
+    n = threads_for(flops)
+    return min(n, LOAD_AWARE_MAX_BUDGET) if _load_aware else n
 
 
 @contextmanager

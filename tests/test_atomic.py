@@ -149,8 +149,11 @@ def test_signal_mid_merge_cleans_up(tmp_path, sig, code):
     out.mkdir()
     (out / "keep").write_text("previous")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a shell's background job (`make test &`, nohup) starts with SIGINT ignored, which the child would
+    # inherit (Python then installs no KeyboardInterrupt handler): give it the default disposition
     p = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(a), str(b), "-o", str(out), "--force"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().strip() == "writing"
         assert debris(tmp_path)  # the temp folder exists while it works

@@ -82,16 +82,22 @@ def test_parallel_for_is_trimmed_by_load_only_when_the_budget_is_implicit(monkey
             assert n == 2 and torch.get_num_threads() == 2
 
 
-def test_budgets_above_two_are_not_trimmed(monkeypatch):
-    # MKL's GEMM bits differ between 1 and ≥ 3 threads for skinny products: the load must not pick the count
+def test_implicit_budgets_above_two_give_gemms_two_threads(monkeypatch):
+    # MKL's GEMM bits differ between 1 and ≥ 3 threads for skinny products: neither the load nor the core
+    # count may pick a count above 2; an explicit budget is honoured
     monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(threads, "others_running", lambda: 3)
     with threads.thread_policy():
-        assert threads.gemm_threads_for(1e12) == 4 and threads.gemm_threads_for(1e3) == 1
+        assert threads.gemm_threads_for(1e12) == 1 and threads.gemm_threads_for(1e3) == 1  # 3 others busy
         assert threads.threads_for(1e12) == 1  # the chunk pool's size never changes the bytes: trimmed
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    with threads.thread_policy():
+        assert threads.gemm_threads_for(1e12) == 2 and threads.threads_for(1e12) == 4  # idle: pool 4, GEMM 2
+    with threads.thread_policy(threads=4):
+        assert threads.gemm_threads_for(1e12) == 4  # explicit: as given
 
 
 def test_policy_off_leaves_torch_alone(monkeypatch):
