@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import static_bench as sb  # noqa: E402
+from llama_inputs import build_direct  # noqa: E402
 
 METHODS = ["linear", "svd", "lego"]
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     def measure(layers: int, n: int) -> tuple[float, dict[str, dict]]:
         work = Path(args.workdir) / f"L{layers}-H{args.hidden}-n{n}-r{args.rank}"
-        paths = sb.build_direct(work, layers, n, args.rank, "", hidden=args.hidden, with_base=False)
+        paths = build_direct(work, layers, n, args.rank, "", hidden=args.hidden, with_base=False)
         res = {}
         for m in methods:
             runs = [sb.run_child("ours", m, work, "cpu", args.threads) for _ in range(args.repeat)]

@@ -80,7 +80,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from static_bench import build, machine
+    from llama_inputs import build
+    from static_bench import machine
 
     work = Path(args.workdir) / f"L{args.layers}-H{args.hidden}-I{args.intermediate}-n{args.adapters}-r{args.rank}"
     if args.intermediate:
