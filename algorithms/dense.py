@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
-from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
+from mergekit_lora.threads import matmul, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
 from .elementwise import Combine, dense_combine_factors, row_chunks
@@ -98,8 +98,7 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _mm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    with parallel_for(matmul_flops(X.shape[-2], X.shape[-1], Y.shape[-1], X.shape[0])):
-        return X @ Y
+    return matmul(X.contiguous(), Y.contiguous())
 
 
 def sq_norms(D: torch.Tensor) -> torch.Tensor:
