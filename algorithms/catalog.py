@@ -41,7 +41,9 @@ MAGNITUDE_PRUNE = AlgorithmEntry(
     MagnitudePruneParams, f"{_PKG}.magnitude_prune:MagnitudePrune")
 LEGO = AlgorithmEntry("lego", "LoRA-LEGO: k-means over all inputs' rank units, centroids -> rank-k LoRA, dual reweighting",
                       LegoParams, f"{_PKG}.lego.algorithm:Lego")
+# route keeps every unit: its default strength (`sum`) scales the weights so that they sum to n — each
+# input's units at full strength under the default weights 1/n, as routing selects them per token
 ROUTE = AlgorithmEntry("route", "rank routing: pool all units, activate the top-k per token (routed adapter + runtime)",
-                       RouteParams, f"{_PKG}.route:Route")
+                       RouteParams, f"{_PKG}.route:Route", default_scale="sum")
 
 BUILTINS = (LINEAR, CAT, SVD, TIES, DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE, LEGO, ROUTE)

@@ -42,6 +42,7 @@ class MethodSpec(BaseModel):
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     weights: list[float] | None = None
+    scale: str | float = "auto"  # the strength policy (mergekit_lora.strength); a grid may search it
     grid: dict[str, list[Any]] | None = None
 
 
@@ -172,10 +173,11 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                     spec, w, row["tuning"] = tune_spec(spec, w, paths, cfg, tok, tasks, Path(tmp),
                                                        lambda f, enc: fixed(f, enc)["tasks"], log)
                     row.update(params=spec.params, weights=w, tuned=True)
+                row["scale"] = str(spec.scale)
                 log(f"merging with {label}")
                 t0 = time.perf_counter()
                 res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
-                            device=cfg.device, seed=cfg.seed)
+                            device=cfg.device, seed=cfg.seed, scale=spec.scale)
                 row["merge_seconds"] = time.perf_counter() - t0
                 fid = fidelity_report(Path(tmp) / label, list(paths.values()), w)
                 row["fidelity"] = fid.overall
