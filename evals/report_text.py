@@ -25,3 +25,20 @@ def paired_text(r: dict[str, Any], key: str = "paired", *, named: bool = False) 
     if not p:
         return "–"
     return (f"{p['vs']}: " if named else "") + f"{p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+
+
+def mean_text(r: dict[str, Any]) -> str:
+    """The paired difference of mean accuracy to the reference row, in points: ``+2.6 [+1.1, +4.0]``."""
+    p = r.get("paired_mean")
+    if not p:
+        return "–"
+    return f"{100 * p['diff']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
+
+
+def harm_text(h: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """[perplexity on generic text as a ratio to the base's, mean accuracy change on unseen tasks in points]."""
+    ppl = f"{h['ppl'] / base['ppl']:.3f}" if h.get("ppl") and base.get("ppl") else "–"
+    un, bu = h.get("unseen") or {}, base.get("unseen") or {}
+    common = [t for t in un if t in bu]
+    delta = f"{100 * sum(un[t] - bu[t] for t in common) / len(common):+.1f}" if common else "–"
+    return [ppl, delta]
