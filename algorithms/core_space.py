@@ -25,7 +25,7 @@ import torch
 
 from mergekit_lora.registry import MergedModule, Notes
 from mergekit_lora.threads import single_thread
-from mergekit_lora.units import RankUnits
+from mergekit_lora.units import RankUnits, sign_rule
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,14 @@ def product_svd(L: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return ql @ u, s, vh @ qf.T
 
 
+def sign_fixed(Q: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """U's columns with signs such that each column of Q U has its largest-|entry| positive (first on ties).
+
+    Singular vectors are defined up to sign; methods with ties in a sign election (``frequency``) are not
+    sign-invariant, so the basis gets a convention that depends on the matrices only, not on LAPACK."""
+    return U * sign_rule((Q @ U).T)[None, :]
+
+
 def polar(X: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor U Vᵀ of X = U Σ Vᵀ (the nearest matrix with orthonormal columns/rows)."""
     u, _, vh = svd(X)
@@ -152,8 +160,8 @@ def elementwise_merge(units: Sequence[RankUnits], weights: Sequence[float], comb
     """Core Space merging of an elementwise method (TIES, DARE, magnitude pruning) on one module.
 
     The bases are the singular vectors of B_stack and of A_stack *separately* (U_B = Q_B U_b, V_A = Q_A U_a
-    with U_b, U_a the left singular vectors of R_B and R_A, descending): elementwise methods depend on
-    the basis, and these are the reference's.  Core matrices M_t = U_bᵀ K_t U_a = (U_bᵀ R_B[:, t])
+    with U_b, U_a the left singular vectors of R_B and R_A, descending, signs by :func:`sign_fixed`):
+    elementwise methods depend on the basis, and these are the reference's.  Core matrices M_t = U_bᵀ K_t U_a = (U_bᵀ R_B[:, t])
     (R_A[:, t]ᵀ U_a) are handed as factors to the same fused trim/DARE/sign-election pass as the full
     space (:func:`~algorithms.elementwise.dense_combine_factors`, on [1, k_B, k_A]); the weights are
     already in B_stack.  ΔW' = U_B M* V_Aᵀ, re-ranked by the exact SVD of M* (default rank R: lossless).
@@ -161,7 +169,7 @@ def elementwise_merge(units: Sequence[RankUnits], weights: Sequence[float], comb
     from .elementwise import dense_combine_factors
 
     st = stack(units, weights)
-    Ub, Ua = svd(st.RB)[0], svd(st.RA)[0]
+    Ub, Ua = sign_fixed(st.QB, svd(st.RB)[0]), sign_fixed(st.QA, svd(st.RA)[0])
     factors = []
     for t in range(len(units)):
         L, F = st.core(t)

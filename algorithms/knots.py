@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
-from mergekit_lora.units import RankUnits
+from mergekit_lora.units import RankUnits, sign_rule
 
 from . import core_space as cs
 from .catalog import KNOTS_DARE_TIES, KNOTS_TIES
@@ -41,13 +41,14 @@ def knots_basis(units: Sequence[RankUnits], weights: Sequence[float]
     middle = torch.cat([st.RB[:, b] @ r.T for b, (_, r) in zip(st.blocks, qs)], 1)
     P, S, Zh = cs.svd(middle)
     k = max(1, int((S > S_REL_TOL * S[0]).sum())) if S[0] > 0 else 1
-    SZ = S[:k, None] * Zh[:k]
+    sign = sign_rule((st.QB @ P[:, :k]).T)  # a sign convention for each component (u_i, z_i), see cs.sign_fixed
+    SZ = (S[:k] * sign)[:, None] * Zh[:k]
     factors, start = [], 0
     for q, r in qs:
         w = r.shape[0]
         factors.append((SZ[:, start:start + w], q.T))
         start += w
-    return st, P[:, :k], factors
+    return st, P[:, :k] * sign[None, :], factors
 
 
 def knots_merge(units: Sequence[RankUnits], weights: Sequence[float], step: dict[str, Any],
