@@ -99,16 +99,27 @@ def sign_fixed(Q: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return U * sign_rule((Q @ U).T)[None, :]
 
 
+# Singular values ≤ NULL_TOL · σ_max are treated as exact zeros (their singular vectors are arbitrary).
+NULL_TOL = 1e-10
+
+
 def polar(X: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor U Vᵀ of X = U Σ Vᵀ (the nearest matrix with orthonormal columns/rows)."""
-    u, _, vh = svd(X)
-    return u @ vh
+    """The orthogonal polar factor U Vᵀ of X = U Σ Vᵀ (the nearest matrix with orthonormal columns/rows).
+
+    Over X's numerical range only (σ > NULL_TOL·σ_max): for a rank-deficient X (e.g. two identical tasks in
+    TSV) LAPACK's null-space completions are arbitrary, so they are left out (a partial isometry); for a
+    full-rank X this is the usual polar factor."""
+    u, s, vh = svd(X)
+    k = int((s > NULL_TOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    return u[:, :k] @ vh[:k]
 
 
 def factors_out(st: Stack, P: torch.Tensor, S: torch.Tensor, H: torch.Tensor, k: int,
                 core_rows: bool = True) -> RankUnits:
     """Balanced units of Q_B P[:, :k] diag(S[:k]) H[:k] Q_Aᵀ (P, S, H: an SVD-like triple in core coordinates;
     with ``core_rows=False`` H's rows are already in input space: no Q_Aᵀ)."""
+    if S.shape[0] == 0:  # nothing left (all inputs zero): one zero unit
+        P, S, H = P.new_zeros(P.shape[0], 1), S.new_zeros(1), H.new_zeros(1, H.shape[1])
     k = max(1, min(k, S.shape[0]))
     root = S[:k].clamp(min=0).sqrt()
     B = st.QB @ (P[:, :k] * root[None, :])

@@ -20,14 +20,10 @@ from . import core_space as cs
 from .catalog import ISO_C, ISO_CTS
 from .params import IsoCParams, IsoCtsParams
 
-# Directions of the sum with σ ≤ NULL_TOL · σ_max are null directions (arbitrary in any SVD): not output.
-NULL_TOL = 1e-10
-
-
 def iso_c_parts(st: cs.Stack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, S, H): the sum's singular vectors with every singular value := Σσ / R (R = Σ r_t)."""
     P, S, H = cs.svd(st.RB @ st.RA.T)
-    keep = max(1, int((S > NULL_TOL * S[0]).sum())) if S[0] > 0 else 1
+    keep = max(1, int((S > cs.NULL_TOL * S[0]).sum())) if S[0] > 0 else 1
     return P[:, :keep], torch.full((keep,), float(S.sum()) / st.rank, dtype=S.dtype), H[:keep]
 
 
@@ -53,11 +49,13 @@ def iso_cts_parts(st: cs.Stack, fraction: float) -> tuple[torch.Tensor, torch.Te
         us.append(ut[:, :n_t])
         ss.append(st_[:n_t])
         vs.append(vht[:n_t].T)
-    U = cs.polar(torch.cat([*us, Uc], 1))
-    V = cs.polar(torch.cat([*vs, vh[:c].T], 1))
     S = torch.cat([*ss, s[:c]])
-    order = torch.argsort(S, descending=True, stable=True)
-    return U[:, order], torch.full_like(S, float(S.mean())), V[:, order].T
+    mean = float(S.mean())  # over all k slots, zeros included
+    keep = torch.argsort(S, descending=True, stable=True)
+    keep = keep[S[keep] > cs.NULL_TOL * S.max()]  # null directions (rank-deficient inputs) are arbitrary: left out
+    U = cs.polar(torch.cat([*us, Uc], 1)[:, keep])
+    V = cs.polar(torch.cat([*vs, vh[:c].T], 1)[:, keep])
+    return U, torch.full((U.shape[1],), mean, dtype=S.dtype), V.T
 
 
 class IsoC(Algorithm[IsoCParams], entry=ISO_C):

@@ -231,6 +231,32 @@ def test_float32_inputs_give_float32_factors_close_to_the_oracle(method, params)
     assert rel(res.units.delta().double().numpy(), want) < 1e-5
 
 
+@pytest.mark.parametrize("method,params", [("tsv", {}), ("knots_ties", {}), ("iso_cts", {}),
+                                           ("ties", {"space": "core", "density": 0.4}), ("iso_c", {})])
+def test_degenerate_inputs_identical_tasks_and_zeros(method, params):
+    """Two identical tasks: TIES (whose trim keeps the duplicates' 3×3 core support here) / KnOTS (density 1) / TSV
+    give the task back (TSV's polar factor over the range only, not
+    LAPACK's arbitrary null-space completions), Iso-CTS equals Iso-C (nothing task-specific is left);
+    all-zero inputs give zeros, no NaN."""
+    u = make_units((3,), seed=11)[0]
+    got = ours(method, [u, u], [1.0, 1.0], **params)
+    if method in ("iso_c", "iso_cts"):  # the sum has rank 3 < R = 6: mean over R, the 3 null directions left out
+        U, S, Vh = O.svd(2 * O.dense([u], [1.0])[0])
+        assert rel(got, S[:6].mean() * U[:, :3] @ Vh[:3]) < TOL
+    else:
+        assert rel(got, O.dense([u], [1.0])[0]) < TOL
+    zero = ours(method, [u.scaled(0.0), u.scaled(0.0)], [1.0, 1.0], **params)
+    assert np.isfinite(zero).all() and not zero.any()
+
+
+def test_knots_ties_frequency_sign_equals_dense_oracle(case):
+    """Frequency election has ties (equal counts -> +1), so it depends on the basis signs: both sides use the
+    sign convention 'largest-|entry| of each u_i positive'."""
+    units, w = case
+    got = ours("knots_ties", units, w, density=0.6, majority_sign="frequency")
+    assert rel(got, O.knots(units, w, lambda Xs: O.ties(Xs, 0.6, "frequency"))) < TOL
+
+
 # ---------------------------------------------------------------------------------------- end to end
 def test_iso_c_through_the_cli_writes_a_loadable_adapter(tmp_path):
     """``loramerge merge -m iso_c`` on PEFT folders (mixed ranks, alpha ≠ r): the written adapter loads in
