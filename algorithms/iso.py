@@ -20,6 +20,7 @@ from . import core_space as cs
 from .catalog import ISO_C, ISO_CTS
 from .params import IsoCParams, IsoCtsParams
 
+
 def iso_c_parts(st: cs.Stack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, S, H): the sum's singular vectors with every singular value := Σσ / R (R = Σ r_t)."""
     P, S, H = cs.svd(st.RB @ st.RA.T)
