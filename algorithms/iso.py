@@ -25,7 +25,7 @@ def iso_c_parts(st: cs.Stack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """(P, S, H): the sum's singular vectors with every singular value := Σσ / R (R = Σ r_t)."""
     P, S, H = cs.svd(st.RB @ st.RA.T)
     keep = max(1, int((S > cs.NULL_TOL * S[0]).sum())) if S[0] > 0 else 1
-    return P[:, :keep], torch.full((keep,), float(S.sum()) / st.rank, dtype=S.dtype), H[:keep]
+    return P[:, :keep], torch.full((keep,), float(S.sum()) / st.rank, dtype=S.dtype, device=S.device), H[:keep]
 
 
 def cts_split(k: int, T: int, fraction: float) -> tuple[int, int]:
@@ -56,7 +56,7 @@ def iso_cts_parts(st: cs.Stack, fraction: float) -> tuple[torch.Tensor, torch.Te
     keep = keep[S[keep] > cs.NULL_TOL * S.max()]  # null directions (rank-deficient inputs) are arbitrary: left out
     U = cs.polar(torch.cat([*us, Uc], 1)[:, keep])
     V = cs.polar(torch.cat([*vs, vh[:c].T], 1)[:, keep])
-    return U, torch.full((U.shape[1],), mean, dtype=S.dtype), V.T
+    return U, torch.full((U.shape[1],), mean, dtype=S.dtype, device=S.device), V.T
 
 
 class IsoC(Algorithm[IsoCParams], entry=ISO_C):

@@ -257,6 +257,32 @@ def test_knots_ties_frequency_sign_equals_dense_oracle(case):
     assert rel(got, O.knots(units, w, lambda Xs: O.ties(Xs, 0.6, "frequency"))) < TOL
 
 
+def test_merge_batch_equals_module_by_module():
+    """The driver hands same-shape modules together (core space goes through DenseAlgorithm.merge_batch)."""
+    mods = [make_units((2, 3), seed=s) for s in (20, 21)]
+    ctxs = [ctx("layers.0.q_proj"), ctx("layers.1.q_proj")]
+    for method, params in [("ties", {"space": "core", "density": 0.4}), ("dare_ties", {"space": "core", "density": 0.5}),
+                           ("iso_c", {}), ("knots_dare_ties", {})]:
+        algo = get_algorithm(method)
+        p = parse_params(algo, params)
+        batch = algo.merge_batch(mods, [[0.7, 0.4]] * 2, p, ctxs)
+        for u, c, b in zip(mods, ctxs, batch):
+            one = algo.merge_module(u, [0.7, 0.4], p, c)
+            assert torch.equal(one.units.A, b.units.A) and torch.equal(one.units.B, b.units.B), method
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,params", [("ties", {"space": "core", "density": 0.3}), ("knots_ties", {"density": 0.5}),
+                                           ("knots_dare_ties", {}), ("tsv", {}), ("iso_c", {}), ("iso_cts", {})])
+def test_cuda_equals_cpu(method, params):
+    units = make_units((2, 3, 4), seed=3)
+    cpu = ours(method, units, [0.8, 1.3, -0.6], **params)
+    cuda_units = [u.to("cuda") for u in units]
+    c = ModuleContext("layers.0.q_proj", 5, torch.device("cuda"))
+    gpu = run(method, cuda_units, [0.8, 1.3, -0.6], c, **params).units.delta().double().cpu().numpy()
+    assert rel(gpu, cpu) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------- end to end
 def test_iso_c_through_the_cli_writes_a_loadable_adapter(tmp_path):
     """``loramerge merge -m iso_c`` on PEFT folders (mixed ranks, alpha ≠ r): the written adapter loads in
