@@ -36,7 +36,7 @@ S_REL_TOL = 1e-5
 def knots_basis(units: Sequence[RankUnits], weights: Sequence[float]
                 ) -> tuple[cs.Stack, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(stack, P [k_B, k], per-task factors (L_t [k, r_t], F_t [r_t, n]) with X_t = L_t F_t)."""
-    st = cs.stack(units, weights)
+    st = cs.stack(units, weights, input_side=False)
     qs = [cs.qr(u.A.double().T) for u in units]  # A_tᵀ = Q_t R_t
     middle = torch.cat([st.RB[:, b] @ r.T for b, (_, r) in zip(st.blocks, qs)], 1)
     P, S, Zh = cs.svd(middle)
