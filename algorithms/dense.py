@@ -216,7 +216,7 @@ class DenseAlgorithm(Algorithm[P]):
         return self.dense_batch([units], weights, params, [ctx], work_dtype(units))[0]
 
     def batch_limit(self, params: P) -> int:
-        return 32
+        return 1 if params.space == "core" else 32  # core: per-module R×R work, nothing to batch
 
     def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: P,
                     ctxs: list[ModuleContext]) -> list[MergedModule]:

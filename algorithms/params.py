@@ -88,11 +88,12 @@ class TsvParams(CoreRankParams):
     pass
 
 
-class IsoCParams(CoreRankParams):
-    pass
+class IsoCParams(AlgorithmParams):
+    rank: int | None = Field(None, ge=1, description="output rank (default: R = Σ rᵢ; smaller: the k directions with "
+                                                     "the largest singular values before flattening)")
 
 
-class IsoCtsParams(CoreRankParams):
+class IsoCtsParams(IsoCParams):
     common_fraction: float = Field(0.8, ge=0, le=1, description="share of the R directions taken from the sum's "
                                                                 "common subspace (the rest: task-specific)")
 

@@ -61,7 +61,9 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
     rank: Annotated[int | None, typer.Option(help="output rank (methods that re-rank)")] = None,
-    density: Annotated[float | None, typer.Option(help="fraction of entries kept (ties, dare, magnitude_prune)")] = None,
+    density: Annotated[float | None, typer.Option(
+        help="fraction of entries kept (ties, dare, magnitude_prune: of each ΔW, or of the R×R core with "
+             "-p space=core; knots_*: of the k×n task blocks)")] = None,
     lambda_: Annotated[float | None, typer.Option("--lambda", help="scale of the merged update (ties)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any method parameter: key=value")] = None,
     emit_recipe: EmitRecipeOpt = None,

@@ -26,6 +26,9 @@ def _files(out: Path) -> dict[str, bytes]:
     ("linear", {}),
     ("ties", {"density": 0.5, "rank": 4}),
     ("lego", {"k": 3, "batch_modules": 3, "report": True}),
+    ("ties", {"density": 0.5, "space": "core"}),
+    ("knots_dare_ties", {}),
+    ("iso_cts", {"rank": 3}),
 ])
 def test_ray_merge_same_bytes_as_local(tmp_path, ray_session, method, params):  # noqa: F811
     local = execute(plan(SRC, method, params, [0.7, -0.4], MergeOptions(out=tmp_path / "local", device="cpu", seed=3)))
