@@ -14,6 +14,7 @@ import torch
 from ray_fixtures import ray_session  # noqa: F401  (session fixture)
 from typer.testing import CliRunner
 
+from mergekit_lora import load_adapter, merge
 from mergekit_lora.cli.main import app
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.registry import get_algorithm
@@ -288,3 +289,25 @@ def test_optimizers_survive_a_long_batched_search_deterministically(name):
     assert a == run() and len(a) == 64
     assert a[0] == {"weights": [1 / 3] * 3, "params": {"density": 0.5}}
     assert all(-1.5 <= w <= 1.5 for c in a for w in c["weights"]) and all(0 < c["params"]["density"] <= 1 for c in a)
+
+
+def test_search_scale_tunes_the_strength_and_the_best_adapter_has_it(objective, tmp_path):
+    from mergekit_lora.strength import normalize_scale
+    from mergekit_lora.tune.space import split_scale
+
+    space = build_space(get_algorithm("ties"), ["scale"], 2, pooled_rank=8)
+    (dim,) = space.dims
+    assert (dim.name, dim.kind, dim.low, dim.high, dim.init) == ("scale", "float", 0.25, 4.0, 1.0)
+    assert split_scale({"density": 0.5, "scale": 1.5}) == ({"density": 0.5}, "1.5*average")
+    out = tmp_path / "tune"
+    run_tune(_settings(objective, out, search=["scale"], budget=4, workers=1))
+    trials = _trials(out)
+    assert len({round(t["params"]["scale"], 6) for t in trials}) > 1  # the strength really varies
+    best = min((t for t in trials if t["score"] is not None), key=lambda t: t["score"])
+    recipe = (out / "best" / "recipe.yaml").read_text()
+    assert f"scale: {normalize_scale(split_scale(best['params'])[1])}\n" in recipe
+    # the best adapter is the ties merge at that strength: its norms are F × the average's
+    merge(SRC, "ties", tmp_path / "avg", params={"density": 0.5}, scale="average", dtype="float32")
+    got, ref = load_adapter(out / "best"), load_adapter(tmp_path / "avg")
+    name = got.module_names()[0]
+    assert got.units(name).norm() == pytest.approx(best["params"]["scale"] * ref.units(name).norm(), rel=1e-2)

@@ -16,7 +16,7 @@ from typing import Any
 
 from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 from mergekit_lora.pipeline import MergePlan, execute, merge_stream, plan
 from mergekit_lora.pipeline.execute import merge_batches
 from mergekit_lora.registry import AlgorithmParams, Notes
@@ -31,12 +31,13 @@ def make_plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] 
 
 
 def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
-                 weights: Sequence[float] | None = None) -> dict[str, RankUnits]:
-    """Module name -> merged units (CPU), nothing written.  ``params``/``weights`` re-plan the same
-    inputs (already read: headers are not read again) with other settings."""
-    if params is not None or weights is not None:
+                 weights: Sequence[float] | None = None, scale: str | None = None) -> dict[str, RankUnits]:
+    """Module name -> merged units (CPU), nothing written.  ``params``/``weights``/``scale`` re-plan the
+    same inputs (already read: headers are not read again) with other settings."""
+    if params is not None or weights is not None or scale is not None:
+        opts = make_options(p.options, out=None, **({"scale": scale} if scale is not None else {}))
         p = plan(list(p.adapters), p.method, params if params is not None else p.params,
-                 weights if weights is not None else p.weights, p.options.model_copy(update={"out": None}))
+                 weights if weights is not None else p.weights, opts)
     elif p.options.out is not None:
         p = replace(p, options=p.options.model_copy(update={"out": None}))
     merged = execute(p).merged

@@ -19,6 +19,7 @@ from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .objective import Objective, encode_objective
+from .space import split_scale
 
 
 def load_model(base: str, device: torch.device):
@@ -58,7 +59,9 @@ class Evaluator:
             self.tasks = encode_objective(objective, Path(root), tok)
         self.pad_id = int(getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0)
         # the inputs' headers are read once; every trial re-plans these adapters with its own settings
-        self.plan = core.make_plan(sources, method, start["params"], start["weights"], opts)
+        params, scale = split_scale(start["params"])
+        self.plan = core.make_plan(sources, method, params, start["weights"], opts if scale is None else
+                                   opts.model_copy(update={"scale": scale}))
 
     def _threads(self):
         obj = self
@@ -81,8 +84,8 @@ class Evaluator:
         row: dict[str, Any] = {"trial": trial["trial"], "params": trial["params"], "weights": trial["weights"]}
         try:
             with self._threads():
-                params = {**self.start_params, **trial["params"]}
-                units = core.merged_units(self.plan, params, trial["weights"])
+                params, scale = split_scale({**self.start_params, **trial["params"]})
+                units = core.merged_units(self.plan, params, trial["weights"], scale)
                 from .attach import attached_units
 
                 with torch.no_grad(), attached_units(self.model, units) as m:

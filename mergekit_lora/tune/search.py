@@ -18,10 +18,11 @@ from typing import Any
 
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.options import make_options
 
 from .objective import load_objective
 from .optimizers import make_optimizer
-from .space import build_space
+from .space import build_space, split_scale
 from .trials import append_row, read_trials, rewrite
 
 
@@ -100,7 +101,9 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
                         fixed=s.params, weights=s.weights)
     start = {"params": {**s.params, **{d.name: d.init for d in space.dims}}, "weights": list(space.fixed_weights)
              if not space.n_weights else list(space.init_weights)}
-    core.make_plan(s.sources, s.method, start["params"], start["weights"], opts)  # every check, before any trial
+    first, scale = split_scale(start["params"])
+    core.make_plan(s.sources, s.method, first, start["weights"],  # every check, before any trial
+                   opts if scale is None else make_options(opts, scale=scale))
 
     out = Path(s.out)
     path = out / "trials.jsonl"
@@ -230,8 +233,8 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
     from mergekit_lora.recipe import recipe_yaml
 
     dest = out / "best"
-    params = {**s.params, **best["params"]}
-    opts = merge_options(s, dest).model_copy(update={"force": True})
+    params, scale = split_scale({**s.params, **best["params"]})
+    opts = make_options(merge_options(s, dest), force=True, **({"scale": scale} if scale else {}))
     recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
     execute(plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe))
     start = rows[0]

@@ -22,6 +22,8 @@ from mergekit_lora.registry import Algorithm
 
 WEIGHT_BOUND = 1.5
 RANK_LIKE = ("rank", "k", "top_k")
+# ``--search scale``: the strength as a multiple F of the exact average's norm (scale ``F*average``)
+SCALE_RANGE = (0.25, 4.0)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,10 @@ def build_space(algo: Algorithm, search: Sequence[str], n_adapters: int, *, pool
     ranges = {aliases.get(k, k): v for k, v in ranges.items()}
     if not names:
         raise LoraMergeError("search: name at least one of weights or the method's parameters")
-    unknown = [n for n in names if n != "weights" and n not in fields]
+    unknown = [n for n in names if n not in ("weights", "scale") and n not in fields]
     if unknown:
         raise LoraMergeError(f"search: method {algo.name!r} has no parameter {unknown[0]!r}; it has "
-                             f"{', '.join(fields)} (and weights)")
+                             f"{', '.join(fields)} (and weights, scale)")
     extra = sorted(set(ranges) - set(names))
     if extra:
         raise LoraMergeError(f"range given for {extra[0]!r}, which is not searched; add it to search")
@@ -103,6 +105,10 @@ def build_space(algo: Algorithm, search: Sequence[str], n_adapters: int, *, pool
     dims = []
     for n in names:
         if n == "weights":
+            continue
+        if n == "scale":
+            lo, hi = ranges.get("scale", SCALE_RANGE)
+            dims.append(Dim("scale", "float", float(lo), float(hi), init=min(max(1.0, float(lo)), float(hi))))
             continue
         dims.append(_dim(n, fields[n], ranges.get(n), pooled_rank, fixed.get(n)))
     return SearchSpace(n_adapters if "weights" in names else 0, tuple(dims),
@@ -150,3 +156,12 @@ def parse_ranges(items: Sequence[str] | None) -> dict[str, tuple[float, float]]:
             raise LoraMergeError(f"--range takes NAME=LO:HI (got {item!r})") from None
         out[name.strip().replace("-", "_")] = (lo, hi)
     return out
+
+
+def split_scale(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(the method's parameters, the strength option) of a candidate: a searched ``scale`` F is the
+    option ``F*average``; None when the strength is not searched."""
+    if "scale" not in params:
+        return params, None
+    rest = {k: v for k, v in params.items() if k != "scale"}
+    return rest, f"{float(params['scale']):.6g}*average"
