@@ -268,6 +268,10 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
                          "pushing needs a token: set HF_TOKEN (a write token) or run `hf auth login`")
 
 
+# Parameters whose Python field name differs from the name users write (``lambda`` is a Python keyword).
+_ALIASES = {"lambda_": "lambda"}
+
+
 def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, Any] | None, weights: Sequence[float] | None,
                 options: MergeOptions, base_model: str | None = None) -> str:
     """The recipe YAML of a merge request (``--emit-recipe``; running it gives the same output bytes)."""
@@ -276,7 +280,7 @@ def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, An
     return Recipe(
         method=method, base_model=base_model,
         adapters=[AdapterSpec(source=str(s), weight=float(wi)) for s, wi in zip(sources, w)],
-        parameters={k: v for k, v in (params or {}).items() if v is not None},
+        parameters={_ALIASES.get(k, k): v for k, v in (params or {}).items() if v is not None},
         output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
                           profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
         seed=o.seed, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,

@@ -1,0 +1,71 @@
+"""Torch-free helpers about what a user names as an input: "did you mean" for a missing path, and the
+``FILE.safetensors:alpha=16`` suffix that states the alpha of a bare PEFT file (no adapter_config.json).
+
+Example::
+
+    split_alpha("a.safetensors:alpha=16")  # -> ("a.safetensors", 16.0)
+    did_you_mean(Path("examples/suite/topc"))  # -> " (did you mean examples/suite/topic?)"
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraMergeError
+
+_ALPHA = re.compile(r"^(?P<path>.+):alpha=(?P<alpha>[^:/]*)$")
+
+
+def did_you_mean(path: Path) -> str:
+    """`` (did you mean X?)`` naming the closest existing entry of the deepest existing parent, or ''."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return ""
+    rest = path.relative_to(parent) if path.is_relative_to(parent) else None
+    if rest is None or not rest.parts:
+        return ""
+    try:
+        names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(rest.parts[0], names, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    guess = parent / close[0] / Path(*rest.parts[1:]) if len(rest.parts) > 1 else parent / close[0]
+    shown = str(guess) if str(path).startswith(("/", "./")) or parent != Path(".") else close[0]
+    return f" (did you mean {shown}?)"
+
+
+def split_alpha(source: str) -> tuple[str, float | None]:
+    """``FILE:alpha=N`` -> (FILE, N); anything else -> (source, None).  N must be a positive number."""
+    m = _ALPHA.match(source)
+    if m is None:
+        return source, None
+    try:
+        alpha = float(m["alpha"])
+    except ValueError:
+        alpha = math.nan
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise LoraMergeError(f"{source}: alpha must be a positive number, like {m['path']}:alpha=16", field="adapters")
+    return m["path"], alpha
+
+
+def assumed_alpha(labels: Sequence[str], adapters: Sequence[Any]) -> str | None:
+    """One sentence naming the inputs whose alpha was assumed = r (bare PEFT files without a config), or None."""
+    names = [lab for lab, a in zip(labels, adapters)
+             if a.meta.format == "peft" and a.meta.extra.get("alpha_assumed")]
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{shown}: no adapter_config.json, so alpha is assumed = r (scale 1); if an input was trained with "
+            f"another alpha, state it: {names[0].split(':alpha=')[0]}:alpha=16")
+
+
+__all__ = ["assumed_alpha", "did_you_mean", "split_alpha"]
