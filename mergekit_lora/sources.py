@@ -68,4 +68,17 @@ def assumed_alpha(labels: Sequence[str], adapters: Sequence[Any]) -> str | None:
             f"another alpha, state it: {names[0].split(':alpha=')[0]}:alpha=16")
 
 
-__all__ = ["assumed_alpha", "did_you_mean", "split_alpha"]
+def refuse_gguf(path: Path) -> None:
+    """A ``.gguf`` (llama.cpp model or LoRA) named as an input: say what it is, not "header too large"."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return
+    if magic == b"GGUF":
+        raise LoraMergeError(f"{path} is a GGUF file (a llama.cpp model or LoRA adapter); loramerge reads PEFT, kohya "
+                             "and diffusers adapters (.safetensors folders or files) — GGUF is what `loramerge export` "
+                             "writes for llama.cpp / Ollama")
+
+
+__all__ = ["assumed_alpha", "did_you_mean", "refuse_gguf", "split_alpha"]

@@ -13,7 +13,7 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..hub import parse_hub_id, resolve_hub
-from ..sources import did_you_mean, split_alpha
+from ..sources import did_you_mean, refuse_gguf, split_alpha
 from .peft_layout import is_peft_folder
 from .peft_read import adapter_from_peft_source, read_peft
 from .registry import sniff
@@ -80,6 +80,7 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
                 f"{path}: no adapter_config.json and {len(files)} .safetensors files; point at one adapter file"
             )
         path = files[0]
+    refuse_gguf(path)
     src = TensorSource.open(path, allow_pickle=allow_pickle)
     spec = sniff(src.keys, src.metadata)
     if spec is not None and spec.read is not None:
