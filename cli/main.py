@@ -42,7 +42,7 @@ class _OneLineErrors(TyperGroup):
             command = e.ctx.command_path if isinstance(e, click_errors.UsageError) and e.ctx else "loramerge"
             typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
             sys.exit(2 if isinstance(e, click_errors.UsageError) else e.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             rv = 130
         if rv == 130:  # typer turns KeyboardInterrupt into Exit(130)
             typer.echo("interrupted", err=True)
