@@ -28,6 +28,9 @@ def fidelity(
     plot: Annotated[Path | None, typer.Option(help="also write a PNG: error and energy per layer and module type")] = None,
 ) -> None:
     """How faithfully MERGED reproduces Σ wᵢ ΔWᵢ of its inputs (factor space, no model needed)."""
+    from mergekit_lora.sources import check_sources
+
+    check_sources([merged, *against])  # before torch
     from mergekit_lora.evals.fidelity import fidelity_report
 
     rep = fidelity_report(merged, against, parse_floats(weights))

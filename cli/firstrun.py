@@ -48,9 +48,8 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
     messages): method (did you mean), its parameters, the weights count, local paths (did you mean), the
     output.  Hub ids are left to ``plan``."""
     from mergekit_lora.atomic import check_output
-    from mergekit_lora.hub import parse_hub_id
     from mergekit_lora.registry import available, field_names, parse_params, unknown_method
-    from mergekit_lora.sources import did_you_mean, split_alpha
+    from mergekit_lora.sources import missing_source
 
     problems: list[LoraMergeError] = []
     algos = available()
@@ -69,12 +68,11 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
                                        "adapter", field="weights"))
     for s in sources:
         try:
-            path, _ = split_alpha(s)
+            missing = missing_source(s)
         except LoraMergeError as e:
-            problems.append(e)
-            continue
-        if not Path(path).exists() and parse_hub_id(path) is None:
-            problems.append(LoraMergeError(f"{path}: no such file or folder{did_you_mean(Path(path))}"))
+            missing = e
+        if missing is not None:
+            problems.append(missing)
     if out is not None:
         try:
             check_output(out, force)

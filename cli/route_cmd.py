@@ -11,6 +11,7 @@ from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .common import console, emit, err_console, parse_floats, user_errors
+from .firstrun import preflight
 from .options import EmitRecipeOpt, with_options
 
 
@@ -60,9 +61,6 @@ def route(
     options: MergeOptions,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
-    from mergekit_lora.recipe import recipe_yaml
-    from mergekit_lora.routing.api import route as run_route
-
     if profile_old:  # --profile is the PEFT output profile everywhere else: one meaning per option name
         err_console.print("[bold yellow]warning:[/] route --profile is deprecated (elsewhere --profile is the PEFT "
                           "output profile); use --profile-data", highlight=False, soft_wrap=True)
@@ -70,6 +68,10 @@ def route(
     if router not in ("implicit", "gate", "hierarchical"):
         raise LoraMergeError(f"--router must be implicit, gate or hierarchical (got {router!r})")
     w = parse_floats(weights)
+    preflight(sources, "route", {"top_k": top_k}, w, out, options.force)  # before torch
+    from mergekit_lora.recipe import recipe_yaml
+    from mergekit_lora.routing.api import route as run_route
+
     if emit_recipe is not None:
         if calibrate is not None or profile:
             raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop "

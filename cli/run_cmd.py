@@ -66,6 +66,9 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Run a YAML merge recipe (validated up front: every problem is listed with its line)."""
+    from mergekit_lora.recipe import read_recipe_text, validate_recipe
+
+    validate_recipe(read_recipe_text(recipe), str(recipe), force=force or dry_run, check_token=not dry_run)  # no torch
     from mergekit_lora.pipeline import (  # the core loads when a command runs (start-up time)
         execute,
         plan_recipe,

@@ -23,7 +23,7 @@ from .formats.peft_layout import has_peft_keys, is_peft_folder, locate, peft_lay
 from .formats.safetensors_header import DTYPE_NAMES, SafetensorsHeader
 from .formats.serving import serving_warnings_for
 from .names import module_group
-from .sources import refuse_gguf
+from .sources import check_sources, refuse_gguf
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -66,6 +66,7 @@ class Contents:
 def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict[str, Any]:
     """A JSON-able report; ``norms`` loads each module once to compute ‖ΔW‖ in factor space."""
     if isinstance(source, (str, Path)):
+        check_sources([source])  # before torch: a typo answers at once, with a suggestion
         refuse_gguf(Path(source))
         if is_peft_safetensors(Path(source)) or _peft_file(Path(source)):
             return build_report(peft_contents(Path(source)), norms)

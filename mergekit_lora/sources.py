@@ -43,6 +43,34 @@ def did_you_mean(path: Path) -> str:
     return f" (did you mean {shown}?)"
 
 
+def missing_source(source: str | Path) -> LoraMergeError | None:
+    """The error for a source that is neither an existing path nor a Hub id (torch-free, before any read)."""
+    from .hub import parse_hub_id
+
+    path, _ = split_alpha(source) if isinstance(source, str) else (source, None)
+    if Path(path).exists():
+        return None
+    hint = did_you_mean(Path(path))
+    if parse_hub_id(str(path)) is not None and not (hint and Path(Path(path).parts[0]).is_dir()):
+        return None  # a Hub id (a local near-miss under an existing folder is a typo, not a repo)
+    return LoraMergeError(f"{path}: no such file or folder{hint}")
+
+
+def check_sources(sources: Sequence[str | Path]) -> None:
+    """Raise every :func:`missing_source` problem of ``sources`` at once."""
+    from .errors import raise_all
+
+    problems = []
+    for s in sources:
+        try:
+            e = missing_source(s)
+        except LoraMergeError as bad:
+            e = bad
+        if e is not None:
+            problems.append(e)
+    raise_all(problems)
+
+
 def split_alpha(source: str) -> tuple[str, float | None]:
     """``FILE:alpha=N`` -> (FILE, N); anything else -> (source, None).  N must be a positive number."""
     m = _ALPHA.match(source)
@@ -81,4 +109,4 @@ def refuse_gguf(path: Path) -> None:
                              "writes for llama.cpp / Ollama")
 
 
-__all__ = ["assumed_alpha", "did_you_mean", "refuse_gguf", "split_alpha"]
+__all__ = ["assumed_alpha", "check_sources", "did_you_mean", "missing_source", "refuse_gguf", "split_alpha"]

@@ -130,9 +130,14 @@ def test_click_errors_are_one_error_line_exit_2(tmp_path, args, message):
     (["merge", SHIFT, DOUBLE, "--weights", "1,2,3", "-o", "o"], "got 3 weights for 2 adapters"),
     (["merge", SHIFT, DOUBLE, "-o", "exists"], "exists already exists; choose another output or pass --force"),
     (["cluster", SHIFT, DOUBLE, "--weights", "1,1", "-m", "x"], "No such option: -m"),
+    (["route", SHIFT, DOUBLE, "--top-k", "4", "-o", "exists"], "exists already exists"),
+    (["run", "bad.yaml"], "method (line 1): unknown method 'tiess' (did you mean 'ties'?)"),
+    (["inspect", str(SHIFT) + "x"], f"no such file or folder (did you mean {SHIFT}?)"),
+    (["eval", "fidelity", "nothere", "--against", SHIFT], "nothere: no such file or folder"),
 ])
 def test_plan_stage_errors_come_before_torch_and_fast(tmp_path, args, message):
     (tmp_path / "exists").mkdir()
+    (tmp_path / "bad.yaml").write_text(f"method: tiess\nadapters:\n  - source: {SHIFT}\noutput: {{path: o}}\n")
     t0 = time.perf_counter()
     r = cli(*args, cwd=tmp_path, probe=True)
     wall = time.perf_counter() - t0

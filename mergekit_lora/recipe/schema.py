@@ -32,10 +32,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LoraMergeError
-from ..formats.registry import writable
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
-from ..registry import available
+from ..registry import available, unknown_method
+from ..sources import did_you_mean
 from .gradients import check_parameters
 from .problems import Problems
 from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
@@ -195,9 +195,9 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
     algo = None
     if isinstance(method, str):
         if method not in algos:
-            problems.add(("method",), f"unknown method {method!r}; available: {', '.join(algos) or 'none'}")
+            problems.add(("method",), unknown_method(method, algos))
         else:
-            algo = algos[method].load()()
+            algo = algos[method]  # its entry: name and Params, without importing the class (and torch)
     base_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
     if algo is not None:
         check_parameters(algo, {}, base_params, ("parameters",), problems)
@@ -205,7 +205,7 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         src = a.get("source") if isinstance(a, dict) else None
         if isinstance(src, str) and not Path(src).exists():
             if parse_hub_id(src) is None:
-                problems.add(("adapters", i, "source"), f"{src}: no such file or folder")
+                problems.add(("adapters", i, "source"), f"{src}: no such file or folder{did_you_mean(Path(src))}")
     modules = data.get("modules") if isinstance(data.get("modules"), list) else []
     for i, m in enumerate(modules):
         if not isinstance(m, dict):
@@ -252,7 +252,12 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
         elif p.exists() and not force:
             problems.add(("output", "path"), f"{path} already exists; choose another path or pass --force to replace it")
     fmt = out.get("format")
-    formats = writable()
+    if isinstance(fmt, str):
+        from ..formats.registry import (
+            writable,  # the format modules import torch: only when a format is named
+        )
+
+        formats = writable()
     if isinstance(fmt, str) and fmt not in formats:
         problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(formats))}")
     dtype = out.get("dtype")
