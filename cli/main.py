@@ -40,7 +40,7 @@ class _OneLineErrors(TyperGroup):
             if not standalone_mode:
                 raise
             command = e.ctx.command_path if isinstance(e, click_errors.UsageError) and e.ctx else "loramerge"
-            typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+            typer.echo(f"error: {e.format_message().rstrip('.')} (see `{command} --help`)", err=True)
             sys.exit(2 if isinstance(e, click_errors.UsageError) else e.exit_code)
         except typer.Abort:
             rv = 130

@@ -92,8 +92,8 @@ def assumed_alpha(labels: Sequence[str], adapters: Sequence[Any]) -> str | None:
     if not names:
         return None
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{shown}: no adapter_config.json, so alpha is assumed = r (scale 1); if an input was trained with "
-            f"another alpha, state it: {names[0].split(':alpha=')[0]}:alpha=16")
+    return (f"{shown}: no adapter_config.json, so alpha is assumed = r (scale 1) and the base model is not "
+            f"checked; if an input was trained with another alpha, state it: {names[0].split(':alpha=')[0]}:alpha=16")
 
 
 def refuse_gguf(path: Path) -> None:
