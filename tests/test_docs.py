@@ -108,3 +108,17 @@ def test_site_builds_strict(tmp_path):
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_install_changes_nothing_else_and_says_how_to_run_loramerge():
+    """`make demo` never touches the system, and ends with the activation line and the README's next command."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "apt-get" not in makefile and "sudo" not in makefile
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "source $(VENV)/bin/activate" in demo
+    readme = (ROOT / "README.md").read_text()
+    shown = [ln.split("@echo", 1)[1].strip().strip('"').strip() for ln in demo.splitlines() if "loramerge merge" in ln
+             and "@echo" in ln]
+    assert shown and shown[0] in readme  # the command it suggests is the README's, word for word
+    assert "pypi.org" not in (ROOT / "mergekit_lora" / "card.py").read_text()  # no page that does not exist
+    assert "make docs" in (ROOT / ".ci" / "run").read_text() and ".ci/wheel_check" in (ROOT / ".ci" / "run").read_text()

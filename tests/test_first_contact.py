@@ -87,9 +87,14 @@ def test_merge_without_out_names_method_and_inputs_and_force_reuses_it(tmp_path)
 
 def test_alpha_suffix_states_the_strength_of_a_bare_file(tmp_path):
     a = bare(tmp_path, "a")
-    r = cli("merge", f"{a}:alpha=8", "-o", tmp_path / "stated", cwd=tmp_path)  # r = 4 in this file: scale 2
+    r = cli("merge", f"{a}:alpha=8", "-o", tmp_path / "stated", "--emit-recipe", tmp_path / "r.yaml",
+            cwd=tmp_path)  # r = 4 in this file: scale 2
     assert r.returncode == 0, r.stderr
     assert "alpha is assumed" not in r.stderr
+    written = (tmp_path / "stated" / "adapter_model.safetensors").read_bytes()
+    r = cli("run", tmp_path / "r.yaml", "--force", cwd=tmp_path)  # the suffix is part of the recipe's source
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "stated" / "adapter_model.safetensors").read_bytes() == written
     r = cli("merge", a, "-o", tmp_path / "assumed", cwd=tmp_path)
     assert r.returncode == 0 and "alpha is assumed = r" in r.stderr
     stated, assumed = delta(tmp_path / "stated", MODULE), delta(tmp_path / "assumed", MODULE)

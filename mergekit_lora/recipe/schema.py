@@ -35,7 +35,7 @@ from ..errors import LoraMergeError
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
 from ..registry import available, unknown_method
-from ..sources import did_you_mean
+from ..sources import missing_source
 from .gradients import check_parameters
 from .problems import Problems
 from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
@@ -203,9 +203,13 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         check_parameters(algo, {}, base_params, ("parameters",), problems)
     for i, a in enumerate(adapters or []):
         src = a.get("source") if isinstance(a, dict) else None
-        if isinstance(src, str) and not Path(src).exists():
-            if parse_hub_id(src) is None:
-                problems.add(("adapters", i, "source"), f"{src}: no such file or folder{did_you_mean(Path(src))}")
+        if isinstance(src, str):
+            try:
+                missing = missing_source(src)  # FILE:alpha=N is a local file too
+            except LoraMergeError as e:
+                missing = e
+            if missing is not None:
+                problems.add(("adapters", i, "source"), str(missing))
     modules = data.get("modules") if isinstance(data.get("modules"), list) else []
     for i, m in enumerate(modules):
         if not isinstance(m, dict):
