@@ -81,9 +81,24 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
     raise_all(problems)
 
 
-def input_warnings(plan: Any) -> list[str]:
-    """Warnings about the inputs of a checked plan (one line each): an alpha assumed = r."""
+def warn(message: str) -> None:
+    """One ``warning: …`` line on stderr (never on stdout: ``--emit-recipe -`` keeps stdout for the YAML)."""
+    from rich.markup import escape
+
+    from .common import err_console
+
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def warn_inputs(plan: Any) -> None:
+    """Warnings about the inputs of a checked plan: an alpha assumed = r (before the merge starts)."""
     from mergekit_lora.sources import assumed_alpha
 
-    note = assumed_alpha(plan.labels, plan.adapters)
-    return [note] if note else []
+    if note := assumed_alpha(plan.labels, plan.adapters):
+        warn(note)
+
+
+def warn_result(report: dict[str, Any]) -> None:
+    """The algorithm's own warning (LEGO: k ≥ the pooled rank clusters nothing), printed last."""
+    if "warning" in report:
+        warn(str(report["warning"]))

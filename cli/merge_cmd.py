@@ -12,7 +12,7 @@ from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
-from .firstrun import default_out, input_warnings, preflight
+from .firstrun import default_out, preflight, warn_inputs, warn_result
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 from .report import print_fidelity
@@ -55,20 +55,16 @@ def run_and_report(sources: list[str], method: str, params: dict[str, Any], weig
     out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
     if chosen:
         out.print(f"no -o given: writing to ./{escape(str(options.out))}/", highlight=False)
-    warnings = input_warnings(p)
-    for w in warnings:
-        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    warn_inputs(p)
     from mergekit_lora.distributed.ray_merge import ray_stream
 
     result = execute(p, ray_stream(ray) if ray is not None else None)
     print_fidelity(result.fidelity, out)
-    warnings = {k: v for k, v in result.report.items() if k == "warning"}
     for k, v in result.report.items():
         if k != "warning":
             out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
     out.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
-    for v in warnings.values():  # last, on stderr, where it is not missed
-        err_console.print(f"[bold yellow]warning:[/] {escape(str(v))}", highlight=False, soft_wrap=True)
+    warn_result(result.report)  # last, on stderr, where it is not missed
 
 
 @user_errors

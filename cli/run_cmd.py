@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .common import console, user_errors
+from .firstrun import warn_inputs, warn_result
 from .report import print_fidelity
 
 if TYPE_CHECKING:
@@ -79,9 +80,11 @@ def run(
         print_plan(r, p)
         console.print("[yellow]dry run:[/] nothing was merged or written")
         return
+    warn_inputs(p)
     result = execute(replace(p, options=p.options.model_copy(update={"progress": True})))
     print_fidelity(result.fidelity)
     out = r.output
     console.print(f"[green]wrote[/] {out.path} ({result.modules} modules, {result.seconds:.2f} s)")
+    warn_result(result.report)
     if out.push_to_hub:
         console.print(f"[green]pushed[/] to {out.push_to_hub}")
