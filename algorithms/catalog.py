@@ -13,11 +13,16 @@ from .lego.params import LegoParams
 from .params import (
     DareLinearParams,
     DareTiesParams,
+    IsoCParams,
+    IsoCtsParams,
+    KnotsDareTiesParams,
+    KnotsTiesParams,
     LinearParams,
     MagnitudePruneParams,
     RouteParams,
     SvdParams,
     TiesParams,
+    TsvParams,
 )
 
 _PKG = "mergekit_lora.algorithms"
@@ -41,7 +46,24 @@ MAGNITUDE_PRUNE = AlgorithmEntry(
     MagnitudePruneParams, f"{_PKG}.magnitude_prune:MagnitudePrune")
 LEGO = AlgorithmEntry("lego", "LoRA-LEGO: k-means over all inputs' rank units, centroids -> rank-k LoRA, dual reweighting",
                       LegoParams, f"{_PKG}.lego.algorithm:Lego")
+# route keeps every unit: its default strength (`sum`) scales the weights so that they sum to n — each
+# input's units at full strength under the default weights 1/n, as routing selects them per token
 ROUTE = AlgorithmEntry("route", "rank routing: pool all units, activate the top-k per token (routed adapter + runtime)",
-                       RouteParams, f"{_PKG}.route:Route")
+                       RouteParams, f"{_PKG}.route:Route", default_scale="sum")
 
-BUILTINS = (LINEAR, CAT, SVD, TIES, DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE, LEGO, ROUTE)
+KNOTS_TIES = AlgorithmEntry(
+    "knots_ties", "KnOTS-TIES: TIES on each task's diag(s)·Vₜᵀ in the shared SVD basis U of [ΔW₁ … ΔW_T]; ΔW = U · merged",
+    KnotsTiesParams, f"{_PKG}.knots:KnotsTies")
+KNOTS_DARE_TIES = AlgorithmEntry(
+    "knots_dare_ties", "KnOTS-DARE-TIES: DARE (seeded) then sign election + disjoint mean in the KnOTS basis",
+    KnotsDareTiesParams, f"{_PKG}.knots:KnotsDareTies")
+TSV = AlgorithmEntry("tsv", "TSV-M: each task's singular triplets, U and V decorrelated by polar factors (core variant)",
+                     TsvParams, f"{_PKG}.tsv:Tsv")
+ISO_C = AlgorithmEntry("iso_c", "Iso-C: the sum's singular vectors with a flat spectrum, mean σ (core variant)",
+                       IsoCParams, f"{_PKG}.iso:IsoC")
+ISO_CTS = AlgorithmEntry(
+    "iso_cts", "Iso-CTS: common + task-specific directions, polar-decorrelated, flat spectrum (core variant)",
+    IsoCtsParams, f"{_PKG}.iso:IsoCts")
+
+BUILTINS = (LINEAR, CAT, SVD, TIES, DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE, KNOTS_TIES, KNOTS_DARE_TIES, TSV, ISO_C,
+            ISO_CTS, LEGO, ROUTE)

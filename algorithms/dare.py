@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,16 +19,24 @@ def dare_linear_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[
                       ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ for a batch of same-shape modules; each module's masks come from its
     own generator seeded by (--seed, module name), drawn for the inputs in order."""
-    return dense_combine(modules, weights, dtype, combine="sum", density=params.density,
-                         drop=[c.generator("dare") for c in ctxs], workers=chunk_workers(modules))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **dare_linear_step(params, ctxs))
+
+
+def dare_linear_step(params: DareLinearParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
+    """Seeded drop + rescale, then the sum (the same step in full and core space)."""
+    return dict(combine="sum", density=params.density, drop=[c.generator("dare") for c in ctxs])
+
+
+def dare_ties_step(params: DareTiesParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
+    """Seeded drop + rescale, sign election, disjoint mean, × λ."""
+    return dict(combine=params.majority_sign, density=params.density, drop=[c.generator("dare") for c in ctxs],
+                scale=params.lambda_)
 
 
 def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareTiesParams,
                     ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ) for a batch of same-shape modules (masks as above)."""
-    return dense_combine(modules, weights, dtype, combine=params.majority_sign, density=params.density,
-                         drop=[c.generator("dare") for c in ctxs], scale=params.lambda_,
-                         workers=chunk_workers(modules))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **dare_ties_step(params, ctxs))
 
 
 class DareLinear(DenseAlgorithm[DareLinearParams], entry=DARE_LINEAR):
@@ -40,6 +49,7 @@ class DareLinear(DenseAlgorithm[DareLinearParams], entry=DARE_LINEAR):
     """
 
     dense_batch = staticmethod(dare_linear_dense)
+    elementwise = staticmethod(dare_linear_step)
 
 
 class DareTies(DenseAlgorithm[DareTiesParams], entry=DARE_TIES):
@@ -51,3 +61,4 @@ class DareTies(DenseAlgorithm[DareTiesParams], entry=DARE_TIES):
     """
 
     dense_batch = staticmethod(dare_ties_dense)
+    elementwise = staticmethod(dare_ties_step)

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
-from mergekit_lora.threads import matmul_flops, parallel_for, single_thread, threads_for
+from mergekit_lora.threads import matmul, single_thread, threads_for
 from mergekit_lora.units import RankUnits
 
 from .elementwise import Combine, dense_combine_factors, row_chunks
@@ -98,8 +98,7 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _mm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    with parallel_for(matmul_flops(X.shape[-2], X.shape[-1], Y.shape[-1], X.shape[0])):
-        return X @ Y
+    return matmul(X.contiguous(), Y.contiguous())
 
 
 def sq_norms(D: torch.Tensor) -> torch.Tensor:
@@ -206,6 +205,12 @@ class DenseAlgorithm(Algorithm[P]):
         """The combined dense updates D [M, d_out, d_in] before refactorisation."""
         raise NotImplementedError
 
+    @staticmethod
+    def elementwise(params: Any, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
+        """The keyword arguments of :func:`dense_combine_factors` (combine, density, drop, scale) for
+        ``params``; ``space=core`` runs the same step on the core matrices (:mod:`algorithms.core_space`)."""
+        raise NotImplementedError
+
     def dense(self, units: list[RankUnits], weights: list[float], params: P, ctx: ModuleContext) -> torch.Tensor:
         """One module's D ([d_out, d_in])."""
         return self.dense_batch([units], weights, params, [ctx], work_dtype(units))[0]
@@ -215,6 +220,11 @@ class DenseAlgorithm(Algorithm[P]):
 
     def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: P,
                     ctxs: list[ModuleContext]) -> list[MergedModule]:
+        if params.space == "core":
+            from .core_space import elementwise_merge
+
+            return [elementwise_merge(u, w, self.elementwise(params, [c]), params.rank)
+                    for u, w, c in zip(units, weights, ctxs)]
         if any(list(w) != list(weights[0]) for w in weights):  # the driver groups equal weights; be safe
             return [self.merge_batch([u], [w], params, [c])[0] for u, w, c in zip(units, weights, ctxs)]
         res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)
@@ -225,4 +235,8 @@ class DenseAlgorithm(Algorithm[P]):
         return self.merge_batch([units], [weights], params, [ctx])[0]
 
     def report(self, notes: Sequence[tuple[str, Notes]], params: P) -> dict[str, Any]:
+        if params.space == "core":
+            from .core_space import report
+
+            return report(notes, "core (singular-vector bases of the stacked B's and A's; exact)")
         return report_notes([n for _, n in notes], params)  # type: ignore[arg-type]

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from mergekit_lora.threads import run_pool
 
 from .params import SignMethod
 
@@ -43,21 +44,9 @@ def row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> li
 
 
 def run_chunks(fn: Callable[[int, int, int], Any], chunks: Sequence[Chunk], workers: int) -> list[Any]:
-    """fn over the chunks, in order; with ``workers`` > 1 on a thread pool (torch ops release the GIL;
-    chunks are independent, so the result does not depend on the worker count).
-
-    Each worker runs its ops single-threaded: a new thread otherwise gets OpenMP's default (all
-    cores), and MKL's threaded GEMM gives other bits than its 1-thread GEMM for some chunk shapes
-    (measured: 291×8 @ 8×900).  torch's thread setting is process-wide, so it is restored after.
-    """
-    if workers <= 1 or len(chunks) < 2:
-        return [fn(*c) for c in chunks]
-    prev = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
-            return list(ex.map(lambda c: fn(*c), chunks))
-    finally:
-        torch.set_num_threads(prev)
+    """fn over the chunks, in order; with ``workers`` > 1 on a thread pool (:func:`mergekit_lora.threads.run_pool`:
+    chunks are independent, so the result does not depend on the worker count)."""
+    return run_pool(fn, chunks, workers)
 
 
 def chunk_product(B: torch.Tensor, A: torch.Tensor, j: int, a: int, b: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +19,12 @@ def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Seque
                           params: MagnitudePruneParams, ctxs: Sequence[ModuleContext],
                           dtype: torch.dtype) -> torch.Tensor:
     """D [M, d_out, d_in] = Σ w_i · trim_ρ(ΔW_i) for a batch of same-shape modules."""
-    return dense_combine(modules, weights, dtype, combine="sum", density=params.density,
-                         workers=chunk_workers(modules))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **prune_step(params, ctxs))
+
+
+def prune_step(params: MagnitudePruneParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
+    """Trim each input to density, then sum (the same step in full and core space)."""
+    return dict(combine="sum", density=params.density)
 
 
 class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams], entry=MAGNITUDE_PRUNE):
@@ -31,3 +36,4 @@ class MagnitudePrune(DenseAlgorithm[MagnitudePruneParams], entry=MAGNITUDE_PRUNE
     """
 
     dense_batch = staticmethod(magnitude_prune_dense)
+    elementwise = staticmethod(prune_step)

@@ -27,8 +27,13 @@ class SvdParams(AlgorithmParams):
 class DenseParams(AlgorithmParams):
     """Refactorisation knobs shared by every dense-then-refactor method."""
 
-    density: float = Field(..., gt=0, le=1, description="fraction of each input's ΔW entries kept, in (0, 1]")
-    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank)")
+    density: float = Field(..., gt=0, le=1, description="fraction of each input's entries kept, in (0, 1]: of "
+                                                        "its m×n ΔW (space=full) or of its R×R core matrix (core)")
+    rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank; space=core: "
+                                                     "R = Σ rᵢ, lossless)")
+    space: Literal["full", "core"] = Field(
+        "full", description="full: on each dense ΔW, refactored; core: on the R×R core matrices in the singular-vector "
+                            "bases of the stacked B's and A's (Core Space merging; exact, no m×n matrix)")
     exact_svd: bool = Field(False, description="always refactor with the exact dense SVD (default: exact "
                                                "for small matrices, else the subspace iteration)")
     oversample: int = Field(8, ge=0, description="subspace iteration: Gaussian columns added to the inputs' B columns")
@@ -58,6 +63,38 @@ class DareTiesParams(SignParams):
 
 class MagnitudePruneParams(DenseParams):
     pass
+
+
+class KnotsTiesParams(AlgorithmParams):
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task's k×n entries of diag(s)·Vₜᵀ kept "
+                                                        "(per module); 1 = sign election + disjoint mean only, as "
+                                                        "the reference's Llama config")
+    majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
+    rank: int | None = Field(None, ge=1, description="output rank (default: k, the rank of [ΔW₁ … ΔW_T], ≤ Σ rᵢ)")
+
+
+class KnotsDareTiesParams(AlgorithmParams):
+    density: float = Field(0.2, gt=0, le=1, description="DARE keep probability on each task's diag(s)·Vₜᵀ "
+                                                        "(reference Llama config: drop 0.8)")
+    majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
+    rank: int | None = Field(None, ge=1, description="output rank (default: k, the rank of [ΔW₁ … ΔW_T], ≤ Σ rᵢ)")
+
+
+class CoreRankParams(AlgorithmParams):
+    rank: int | None = Field(None, ge=1, description="output rank (default: R = Σ rᵢ; smaller: exact SVD truncation)")
+
+
+class TsvParams(CoreRankParams):
+    pass
+
+
+class IsoCParams(CoreRankParams):
+    pass
+
+
+class IsoCtsParams(CoreRankParams):
+    common_fraction: float = Field(0.8, ge=0, le=1, description="share of the R directions taken from the sum's "
+                                                                "common subspace (the rest: task-specific)")
 
 
 class RouteParams(AlgorithmParams):

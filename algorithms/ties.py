@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,11 +15,15 @@ from .dense import DenseAlgorithm, chunk_workers, dense_combine
 from .params import TiesParams
 
 
+def ties_step(params: TiesParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
+    """Trim to density, elect sign, disjoint mean, × λ (the same step in full and core space)."""
+    return dict(combine=params.majority_sign, density=params.density, scale=params.lambda_)
+
+
 def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: TiesParams,
                ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D [M, d_out, d_in] = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)) for a batch of same-shape modules."""
-    return dense_combine(modules, weights, dtype, combine=params.majority_sign, density=params.density,
-                         scale=params.lambda_, workers=chunk_workers(modules))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **ties_step(params, ctxs))
 
 
 class Ties(DenseAlgorithm[TiesParams], entry=TIES):
@@ -32,6 +37,8 @@ class Ties(DenseAlgorithm[TiesParams], entry=TIES):
     the sign on the *unweighted* trimmed tensors (so negative or unequal weights differ) and has no λ.
     PEFT refactors with a dense full SVD; ours is exact for small matrices and a subspace iteration that
     matches the exact rank-k SVD to ~1e-4 otherwise (``exact_svd`` forces the exact one).
+    ``space=core``: the same steps on the R×R core matrices (Core Space merging, :mod:`algorithms.core_space`).
     """
 
     dense_batch = staticmethod(ties_dense)
+    elementwise = staticmethod(ties_step)

@@ -78,6 +78,8 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
             check_output(out, force)
         except LoraMergeError as e:
             problems.append(e)
+        except OSError:
+            pass  # e.g. a name too long for the filesystem: plan() words it (checks.output_path_ok)
     raise_all(problems)
 
 

@@ -26,8 +26,8 @@ def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
 
 
 @user_errors
-@with_options("seed", "missing", "device", "dtype", "output_format", "force", "allow_pickle", "ignore_modules_to_save",
-              "threads")
+@with_options("seed", "scale", "missing", "device", "dtype", "output_format", "force", "allow_pickle",
+              "ignore_modules_to_save", "threads")
 def route(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]

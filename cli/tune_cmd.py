@@ -17,7 +17,7 @@ from .options import with_options
 
 
 @user_errors
-@with_options("seed", "missing", "device", "dtype", "output_format", "allow_pickle")
+@with_options("seed", "scale", "missing", "device", "dtype", "output_format", "allow_pickle")
 def tune(
     sources: Annotated[list[str], typer.Argument(help="input adapters: folders, .safetensors files")],
     objective: Annotated[Path, typer.Option(help="objective YAML: base model, few-shot tasks, metric, l1")],

@@ -25,7 +25,7 @@ from mergekit_lora.registry import available
 from .fidelity import fidelity_report
 from .report import write_report
 from .score_cache import cached_scores
-from .stats import add_intervals
+from .stats import add_intervals, add_paired_mean
 from .tasks import encode_suite, load_base, normalized_accuracy, pad_id_of
 
 
@@ -42,6 +42,7 @@ class MethodSpec(BaseModel):
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     weights: list[float] | None = None
+    scale: str | float = "auto"  # the strength policy (mergekit_lora.strength); a grid may search it
     grid: dict[str, list[Any]] | None = None
 
 
@@ -64,6 +65,11 @@ class CompareConfig(BaseModel):
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals (0: none)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (1 on a busy shared machine); None: torch's default
     cache: bool = True  # reuse scores of the base model and input/reference adapters (see score_cache)
+    # harm outside the merged tasks (see harm.py): generic-text passages for perplexity (0: off), and
+    # suite tasks none of the inputs was trained for (scored for the base and every merge)
+    harm_passages: int = Field(0, ge=0)
+    unseen: list[str] = Field(default_factory=list)
+    reference_row: str = "linear"  # paired Δ of mean accuracy against this row (the exact average)
 
 
 def load_config(path: str | Path) -> tuple[CompareConfig, Path]:
@@ -148,7 +154,8 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
         got, cached = cached_scores(model, base_folder, adapter, enc, enabled=cfg.cache, **ev)
         return {"tasks": got, "cached": cached, "eval_seconds": time.perf_counter() - t0}
 
-    rows.append({"variant": "base", "kind": "base", **fixed(None, encoded)})
+    harm = _harm_probe(cfg, model, tok, ev, fixed)
+    rows.append({"variant": "base", "kind": "base", **fixed(None, encoded), **harm(None)})
     refs = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.references.items()}
     for kind, group in (("individual", paths), ("reference", refs)):
         for name, p in group.items():
@@ -172,17 +179,18 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                     spec, w, row["tuning"] = tune_spec(spec, w, paths, cfg, tok, tasks, Path(tmp),
                                                        lambda f, enc: fixed(f, enc)["tasks"], log)
                     row.update(params=spec.params, weights=w, tuned=True)
+                row["scale"] = str(spec.scale)
                 log(f"merging with {label}")
                 t0 = time.perf_counter()
                 res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
-                            device=cfg.device, seed=cfg.seed)
+                            device=cfg.device, seed=cfg.seed, scale=spec.scale)
                 row["merge_seconds"] = time.perf_counter() - t0
                 fid = fidelity_report(Path(tmp) / label, list(paths.values()), w)
                 row["fidelity"] = fid.overall
                 row["rank"] = max((m.rank for m in fid.modules), default=0)
                 row["modules"] = res.modules
                 log(f"evaluating {label}")
-                row.update(fixed(Path(tmp) / label, encoded))
+                row.update(fixed(Path(tmp) / label, encoded), **harm(Path(tmp) / label))
             except Exception as e:  # a failing method is a row in the report, not the end of the run
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"  {label} failed: {row['error']}")
@@ -194,6 +202,7 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
             row["mean_accuracy"] = sum(accs) / len(accs)
             row["normalized_accuracy"] = normalized_accuracy(matrix, row["variant"], own)
     add_intervals(rows, tasks, own, resamples=cfg.bootstrap, seed=cfg.seed)
+    add_paired_mean(rows, tasks, cfg.reference_row, resamples=cfg.bootstrap, seed=cfg.seed)
     report = {"config": cfg.model_dump(), "device": str(device), "tasks": tasks, "own": own, "rows": rows}
     with atomic_output(out, force) as tmp_out:
         write_report(report, tmp_out)
@@ -220,3 +229,30 @@ def rerender(report_json: str | Path, out: Path, *, force: bool = False) -> dict
     with atomic_output(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report
+
+
+def _harm_probe(cfg: CompareConfig, model, tok, ev: dict[str, Any], fixed):
+    """``harm(adapter) -> {"harm": {...}}`` (empty when the config measures no harm)."""
+    if not cfg.harm_passages and not cfg.unseen:
+        return lambda adapter: {}
+    from .harm import encode_passages, generic_passages, perplexity
+    from .tasks import attached
+
+    rows = encode_passages(tok, generic_passages(cfg.harm_passages)) if cfg.harm_passages else []
+    unseen = encode_suite(tok, cfg.unseen, cfg.examples, cfg.max_text_tokens) if cfg.unseen else {}
+
+    def measure(adapter: Path | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if rows:
+            kw = dict(device=ev["device"], pad_id=ev["pad_id"], batch_size=ev["batch_size"])
+            if adapter is None:
+                out["ppl"] = perplexity(model, rows, **kw)
+            else:
+                with attached(model, adapter) as m:
+                    out["ppl"] = perplexity(m, rows, **kw)
+        if unseen:
+            got = fixed(adapter, unseen)["tasks"]
+            out["unseen"] = {t: got[t]["accuracy"] for t in unseen}
+        return {"harm": out}
+
+    return measure

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .report_html import html
-from .report_text import ci_text, number, paired_text, variant_name
+from .report_text import ci_text, harm_text, mean_text, number, paired_text, variant_name
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -16,15 +16,21 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     tasks = report["tasks"]
     head = ["variant", *tasks, "mean acc", "norm. acc", "95% CI", "Δ vs best static [95% CI]",
             "Δ vs best static of equal rank [95% CI]", "rel. error", "energy", "rank", "merge s"]
+    ref = report["config"].get("reference_row", "linear")
+    harmed = any(r.get("harm") for r in report["rows"])
+    base_harm = next((r.get("harm") or {} for r in report["rows"] if r.get("kind") == "base"), {})
+    extra = [f"Δ mean acc vs {ref} [95% CI]"] + (["harm: ppl ×base", "harm: unseen Δ"] if harmed else [])
+    head = head[:len(tasks) + 3] + extra + head[len(tasks) + 3:]
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([variant_name(r), *(["–"] * (len(tasks) + 8)), f"failed: {r['error']}"])
+            rows.append([variant_name(r), *(["–"] * (len(tasks) + 8 + len(extra))), f"failed: {r['error']}"])
             continue
         fid = r.get("fidelity") or {}
         accs = [number(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "–" for t in tasks]
+        more = [mean_text(r)] + (harm_text(r.get("harm") or {}, base_harm) if harmed else [])
         rows.append([
-            variant_name(r), *accs, number(r.get("mean_accuracy")),
+            variant_name(r), *accs, number(r.get("mean_accuracy")), *more,
             number(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
             paired_text(r, "paired_rank", named=True),
             number(fid.get("rel_error"), ".2e") if fid else "–",

@@ -60,3 +60,20 @@ def verdict(report: dict[str, Any]) -> str:
     q = runner["paired"]
     return (f"{head}, the best static merge; next {variant_name(runner)}: Δ {q['diff']:+.3f} "
             f"[{q['ci'][0]:+.3f}, {q['ci'][1]:+.3f}]")
+
+
+def mean_text(r: dict[str, Any]) -> str:
+    """The paired difference of mean accuracy to the reference row, in points: ``+2.6 [+1.1, +4.0]``."""
+    p = r.get("paired_mean")
+    if not p:
+        return "–"
+    return f"{100 * p['diff']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
+
+
+def harm_text(h: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """[perplexity on generic text as a ratio to the base's, mean accuracy change on unseen tasks in points]."""
+    ppl = f"{h['ppl'] / base['ppl']:.3f}" if h.get("ppl") and base.get("ppl") else "–"
+    un, bu = h.get("unseen") or {}, base.get("unseen") or {}
+    common = [t for t in un if t in bu]
+    delta = f"{100 * sum(un[t] - bu[t] for t in common) / len(common):+.1f}" if common else "–"
+    return [ppl, delta]

@@ -105,3 +105,36 @@ def add_intervals(rows: list[dict[str, Any]], tasks: list[str], own: dict[str, s
             same = best_static([q for q in scored if q is not r and q.get("rank") == r["rank"]])
             if same is not None:
                 r["paired_rank"] = paired(r, same)
+
+
+def add_paired_mean(rows: list[dict[str, Any]], tasks: list[str], reference: str, *, resamples: int = 1000,
+                    seed: int = 0) -> None:
+    """Add ``paired_mean`` (mean accuracy minus the ``reference`` row's, in accuracy units, with a paired
+    percentile interval) to every other row scored on all ``tasks``; in place.  The resamples are
+    :func:`resample_indices`' (per task, the same for every row).  Nothing without the reference row."""
+    by_name = {r["variant"]: r for r in rows}
+    ref = by_name.get(reference)
+    if resamples <= 0 or ref is None or "tasks" not in ref or not all(t in ref["tasks"] for t in tasks):
+        return
+    try:
+        ref_c = {t: outcome_array(ref["tasks"][t]["correct"]) for t in tasks}
+    except KeyError:
+        return
+    idx = resample_indices({t: len(c) for t, c in ref_c.items()}, resamples, seed + 1)
+
+    def mean_samples(c: dict[str, np.ndarray]) -> np.ndarray:
+        return np.mean(np.stack([c[t][idx[t]].mean(1) for t in tasks]), axis=0)
+
+    ref_s = mean_samples(ref_c)
+    for r in rows:
+        if r is ref or "tasks" not in r or not all(t in r["tasks"] for t in tasks):
+            continue
+        try:
+            c = {t: outcome_array(r["tasks"][t]["correct"]) for t in tasks}
+        except KeyError:
+            continue
+        if any(len(c[t]) != len(ref_c[t]) for t in tasks):
+            continue
+        diff = mean_samples(c) - ref_s
+        point = float(np.mean([c[t].mean() - ref_c[t].mean() for t in tasks]))
+        r["paired_mean"] = {"vs": reference, "diff": point, "ci": interval(diff)}

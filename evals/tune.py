@@ -3,7 +3,8 @@
 The validation slice is the head of each task's *train* split (:meth:`Task.validation`), never the test
 examples the report scores; the choice maximises mean validation accuracy over the tasks (ties: the
 first setting in grid order).  Grid keys: ``weight`` sets every input's weight (numbers or ``"1/n"``,
-``"2/n"``: n = the number of inputs); any other key is a method parameter (numbers or ``"r"``, ``"2r"``,
+``"2/n"``: n = the number of inputs), ``scale`` the strength policy (``average``, ``1.5*average``, a number);
+any other key is a method parameter (numbers or ``"r"``, ``"2r"``,
 ``"4r"``: r = the largest input rank), e.g. ``{weight: [1/n, 2/n, 1], density: [0.3, 0.5, 0.7]}``.
 """
 
@@ -26,6 +27,8 @@ def resolve_value(value: Any, *, n: int, r: int, key: str) -> float | int:
     """``"2/n"`` -> 2/n, ``"4r"`` -> 4·r, numbers unchanged."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
+    if key == "scale":
+        return str(value)
     s = str(value).replace(" ", "")
     if m := re.fullmatch(r"(\d*\.?\d*)/n", s):
         return float(m.group(1) or 1) / n
@@ -62,20 +65,26 @@ def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, tok, task
     scores = []
     best: tuple[float, dict[str, Any]] | None = None
     for i, point in enumerate(points):
-        params = {**spec.params, **{k: v for k, v in point.items() if k != "weight"}}
-        w = [point["weight"]] * n if "weight" in point else weights
+        params, w, scale = _setting(spec, point, weights, n)
         folder = tmp / f"tune-{i}"
-        merge(list(paths.values()), spec.method, folder, weights=w, params=params, device=cfg.device, seed=cfg.seed)
+        merge(list(paths.values()), spec.method, folder, weights=w, params=params, device=cfg.device, seed=cfg.seed,
+              scale=scale)
         res = scores_of(folder, val)
         shutil.rmtree(folder, ignore_errors=True)
         acc = sum(res[t]["accuracy"] for t in tasks) / len(tasks)
-        scores.append({"setting": point, "validation_accuracy": acc})
+        scores.append({"setting": point, "validation_accuracy": acc,
+                       "tasks": {t: res[t]["accuracy"] for t in tasks}})
         log(f"  {point}: validation mean accuracy {acc:.3f}")
         if best is None or acc > best[0]:
             best = (acc, point)
     assert best is not None
-    point = best[1]
-    params = {**spec.params, **{k: v for k, v in point.items() if k != "weight"}}
+    params, w, scale = _setting(spec, best[1], weights, n)
+    return spec.model_copy(update={"params": params, "scale": scale}), w, {
+        "chosen": best[1], "scores": scores, "validation_examples": cfg.validation}
+
+
+def _setting(spec, point: dict[str, Any], weights: list[float], n: int) -> tuple[dict[str, Any], list[float], Any]:
+    """(method parameters, weights, scale) of one grid point."""
+    params = {**spec.params, **{k: v for k, v in point.items() if k not in ("weight", "scale")}}
     w = [point["weight"]] * n if "weight" in point else weights
-    return spec.model_copy(update={"params": params}), w, {"chosen": point, "scores": scores,
-                                                            "validation_examples": cfg.validation}
+    return params, w, point.get("scale", spec.scale)

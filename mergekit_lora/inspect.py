@@ -91,9 +91,11 @@ def _peft_file(path: Path) -> bool:
     if not (path.suffix == ".safetensors" and path.is_file()):
         return False
     try:
-        return has_peft_keys(SafetensorsHeader.open(path).keys)
+        keys = SafetensorsHeader.open(path).keys
     except LoraMergeError:
         return False  # the full reader says what is wrong
+    # PEFT saves every key under base_model.model.; anything else (diffusers, routed …) takes the full reader
+    return bool(keys) and all(k.startswith("base_model.model.") for k in keys) and has_peft_keys(keys)
 
 
 def peft_contents(folder: Path) -> Contents:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import LoraMergeError, raise_all
+from .strength import SCALE_HELP, normalize_scale
 
 MissingPolicy = Literal["union", "intersection", "error"]
 # Output dtype names users may write -> torch dtype attribute names.
@@ -37,6 +38,7 @@ class MergeOptions(BaseModel):
     dtype: str | None = Field(None, description="output dtype (default: the inputs')")
     device: str = Field("auto", description="where to compute: auto|cpu|cuda")
     seed: int = Field(0, ge=0, description="seed for everything random")
+    scale: str = Field("auto", description=SCALE_HELP)
     missing: MissingPolicy = Field("union", description="modules missing from some inputs: union|intersection|error")
     force: bool = Field(False, description="replace an existing output")
     allow_pickle: bool = Field(False, description="read .bin/.pt pickle files (only if you trust them)")
@@ -58,6 +60,11 @@ class MergeOptions(BaseModel):
         if v is not None and v not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
         return v
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: object) -> str:
+        return normalize_scale(v)
 
     @field_validator("missing", mode="before")
     @classmethod

@@ -103,10 +103,11 @@ class AlgorithmEntry:
     description: str
     Params: type[AlgorithmParams]
     target: str | type[Algorithm]
+    default_scale: str = "none"  # the strength `scale: auto` means for this method (mergekit_lora.strength)
 
     @classmethod
     def of(cls, algo: type[Algorithm]) -> AlgorithmEntry:
-        return cls(algo.name, algo.description, algo.Params, algo)
+        return cls(algo.name, algo.description, algo.Params, algo, algo.default_scale)
 
     def load(self) -> type[Algorithm]:
         """The implementation class (importing its module: torch and the math)."""
@@ -121,7 +122,7 @@ class AlgorithmEntry:
         return obj
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.name, self.description, self.Params)
+        return {**describe(self.name, self.description, self.Params), "default_scale": self.default_scale}
 
 
 class Algorithm(Generic[P]):
@@ -132,11 +133,14 @@ class Algorithm(Generic[P]):
     Params: ClassVar[type[AlgorithmParams]] = AlgorithmParams
     # The output format this algorithm's results need (e.g. "routed"); None: any static LoRA format.
     output_format: ClassVar[str | None] = None
+    # What `scale: auto` means for this method (see mergekit_lora.strength); chosen by measurement.
+    default_scale: ClassVar[str] = "none"
 
     def __init_subclass__(cls, entry: AlgorithmEntry | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if entry is not None:  # a built-in: its metadata lives in its (torch-free) catalogue entry
             cls.name, cls.description, cls.Params = entry.name, entry.description, entry.Params
+            cls.default_scale = entry.default_scale
 
     def batch_limit(self, params: P) -> int:
         """How many same-shape modules the driver may hand to :meth:`merge_batch` at once.
@@ -176,7 +180,7 @@ class Algorithm(Generic[P]):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.name, self.description, self.Params)
+        return {**describe(self.name, self.description, self.Params), "default_scale": self.default_scale}
 
 
 def describe(name: str, description: str, params: type[AlgorithmParams]) -> dict[str, Any]:

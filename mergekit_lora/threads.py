@@ -40,8 +40,10 @@ across thread counts, run under :func:`single_thread`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
@@ -50,6 +52,12 @@ import torch
 # cannot dominate.  The policy as a whole is checked against torch's default and fixed 1 / 2 threads
 # under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
 PARALLEL_MIN_FLOPS = 1.5e8
+
+# Rows of one block of a big product in :func:`matmul`: a function of the shape only, so the blocks (and
+# their bits) are the same whatever the number of workers computing them.
+MATMUL_ROW_BLOCK = 256
+
+T = TypeVar("T")
 
 # Largest implicit budget parallel_for trims to the idle CPUs: every count in [1, 2] gives the same GEMM bits.
 LOAD_AWARE_MAX_BUDGET = 2
@@ -218,3 +226,47 @@ def single_thread() -> Iterator[None]:
 def matmul_flops(m: int, k: int, n: int, batch: int = 1) -> float:
     """Floating-point operations of a [batch, m, k] @ [batch, k, n] product (2·m·k·n per matrix)."""
     return 2.0 * batch * m * k * n
+
+
+def run_pool(fn: Callable[..., T], items: Sequence[tuple], workers: int) -> list[T]:
+    """``[fn(*item) for item in items]``, on a pool of ``workers`` threads when > 1 (torch ops release the GIL).
+
+    Each worker runs its torch ops single-threaded (a new thread otherwise gets OpenMP's default, all
+    cores); torch's thread setting is process-wide, so it is restored afterwards.  The items must be
+    independent: the result never depends on ``workers``.
+    """
+    if workers <= 1 or len(items) < 2:
+        return [fn(*it) for it in items]
+    prev = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            return list(ex.map(lambda it: fn(*it), items))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def matmul(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``X @ Y`` for [m, k] @ [k, n] or batched [M, m, k] @ [M, k, n], with bits that do not depend on the
+    thread count.
+
+    MKL's threaded GEMM splits the work differently with 1 and 2 threads on some CPUs (measured on an
+    AVX-512 Xeon: a 300×900 @ 900×16 product), so a big product is cut into fixed blocks of
+    ``MATMUL_ROW_BLOCK`` rows of X (per batch entry), each a single-threaded GEMM, run on
+    :func:`gemm_threads_for` workers.  Products below PARALLEL_MIN_FLOPS, and everything outside
+    :func:`thread_policy`, are one plain ``X @ Y``.  The choice depends on the shapes only.
+    """
+    m, k = X.shape[-2], X.shape[-1]
+    n = Y.shape[-1]
+    batch = X.shape[0] if X.ndim == 3 else 1
+    flops = matmul_flops(m, k, n, batch)
+    if _budget is None or flops < PARALLEL_MIN_FLOPS or X.device.type != "cpu":
+        return X @ Y
+    X3, Y3 = (X, Y) if X.ndim == 3 else (X[None], Y[None])
+    out = torch.empty(X3.shape[0], m, n, dtype=torch.promote_types(X.dtype, Y.dtype))
+    blocks = [(b, a, min(a + MATMUL_ROW_BLOCK, m)) for b in range(X3.shape[0]) for a in range(0, m, MATMUL_ROW_BLOCK)]
+
+    def block(b: int, a: int, e: int) -> None:
+        torch.mm(X3[b, a:e], Y3[b], out=out[b, a:e])
+
+    run_pool(block, blocks, gemm_threads_for(flops))
+    return out if X.ndim == 3 else out[0]

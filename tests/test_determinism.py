@@ -20,7 +20,9 @@ METHODS = {
     "linear": [], "cat": [], "svd": ["-p", "rank=8"], "lego": ["-p", "k=8"],
     "ties": ["--density", "0.5"], "dare_linear": ["--density", "0.5"], "dare_ties": ["--density", "0.5"],
     "magnitude_prune": ["--density", "0.5"], "ties-exact": ["--density", "0.5", "-p", "exact_svd=true"],
-    "route": ["-p", "top_k=1"],
+    "route": ["-p", "top_k=1"], "ties-core": ["--density", "0.5", "-p", "space=core"],
+    "dare_ties-core": ["--density", "0.5", "-p", "space=core"], "knots_ties": ["--density", "0.5"],
+    "knots_dare_ties": [], "tsv": [], "iso_c": ["--rank", "8"], "iso_cts": [],
 }
 
 RUN_ALL = textwrap.dedent("""

@@ -89,9 +89,10 @@ def test_route_is_the_same_through_every_entry_point_and_exact_at_full_top_k(tmp
     src = families[family]
     _all_entry_points(tmp_path, src, "route", {"top_k": 64}, ["route", "--top-k", "64"],
                       lambda s, o: route(s, o, top_k=64, weights=[0.5, 0.5], seed=3))
-    # top-k ≥ R keeps every unit: read as an adapter, the routed output is exactly 0.5 ΔW_1 + 0.5 ΔW_2.
+    # top-k ≥ R keeps every unit: read as an adapter, the routed output at route's default strength (`sum`:
+    # the weights scaled to sum to n, every unit at full strength) is exactly ΔW_1 + ΔW_2.
     routed = load_adapter(tmp_path / "api")
-    merge(src, "linear", tmp_path / "lin", weights=[0.5, 0.5])
+    merge(src, "linear", tmp_path / "lin", weights=[1.0, 1.0])
     lin = load_adapter(tmp_path / "lin")
     assert sorted(routed.module_names()) == sorted(lin.module_names())
     for n in lin.module_names():

@@ -130,7 +130,7 @@ def test_routed_adapters_attach_through_the_harness(tmp_path):
     a = make_peft_adapter(tmp_path / "a", seed=5, scale_b=0.3)
     b = make_peft_adapter(tmp_path / "b", seed=6, scale_b=0.3, r=2)
     merge([a, b], "route", tmp_path / "routed", params={"top_k": 6}, device="cpu")
-    merge([a, b], "cat", tmp_path / "cat", device="cpu")
+    merge([a, b], "cat", tmp_path / "cat", device="cpu", weights=[1.0, 1.0])
     assert adapter_kind(tmp_path / "routed") == "routed"
     model = tiny_llama(0)
     x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))

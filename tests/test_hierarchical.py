@@ -84,7 +84,7 @@ def test_planted_two_domains_pick_the_right_adapter_exactly(tmp_path, two_domain
 def test_mass_one_keeps_every_adapter_and_equals_cat(tmp_path, two_domains):
     a, b, data = two_domains
     m, handle, _ = profiled(tmp_path, a, b, data, mass=1.0, top_k=8)
-    merge([a, b], "cat", tmp_path / "cat")
+    merge([a, b], "cat", tmp_path / "cat", weights=[1.0, 1.0])  # route keeps every unit at full strength
     x = left_padded(domain_batch(0, 3, seed=7))
     with torch.no_grad():
         got = m(**x).logits

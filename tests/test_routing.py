@@ -46,7 +46,7 @@ def test_top_k_R_equals_cat(tmp_path, model):
 
 def test_gate_router_at_full_activation_and_huge_temperature_equals_cat(tmp_path):
     a, b = two_adapters(tmp_path)
-    merge([a, b], "cat", tmp_path / "cat")
+    merge([a, b], "cat", tmp_path / "cat", weights=[1.0, 1.0])  # route keeps every unit at full strength
     route([a, b], tmp_path / "routed", top_k=1000, router="gate", temperature=1e9)
     m = tiny_llama(0)
     attach(m, load_routed(tmp_path / "routed"))
@@ -119,7 +119,7 @@ def test_save_load_identical_outputs_and_adapter_view(tmp_path):
         assert torch.equal(m.activation, mods[n].activation) and m.temperature == 0.7
     # load_adapter reads the folder as pooled units (ΔW at full activation) = the cat merge
     view = load_adapter(tmp_path / "r")
-    merge([a, b], "cat", tmp_path / "cat")
+    merge([a, b], "cat", tmp_path / "cat", weights=[1.0, 1.0])  # route keeps every unit at full strength
     cat = load_adapter(tmp_path / "cat")
     assert view.meta.format == "routed" and set(view.module_names()) == set(cat.module_names())
     for n in cat.module_names():

@@ -221,7 +221,7 @@ def test_kohya_plus_diffusers_merge_normalises_to_kohya_names(tmp_path):
     k = save(tmp_path / "k.safetensors", sdk)
     d = save(tmp_path / "d.safetensors", diffusers_state_dict(seed=2, style="processor"))
     dk = load_adapter(d)
-    merge([k, d], "linear", tmp_path / "m")
+    merge([k, d], "linear", tmp_path / "m", weights=[1.0, 1.0])
     m = load_adapter(tmp_path / "m")
     assert m.meta.format == "kohya" and len(m) == len(sd_modules())
     for mod in sd_modules():

@@ -174,3 +174,18 @@ def test_load_trimmed_thread_counts_give_the_same_bytes(monkeypatch, name, param
             u = algo.merge_module(us, [0.25] * 4, p, ctx).units
         outs.append((u.A.clone(), u.B.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_matmul_bits_do_not_depend_on_the_thread_count_and_equal_the_product(monkeypatch):
+    # MKL's threaded GEMM rounds 300×900 @ 900×16 differently at 1 and 2 threads on AVX-512 CPUs: the
+    # policy's matmul cuts big products into fixed row blocks, each a single-threaded GEMM
+    monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
+    g = torch.Generator().manual_seed(3)
+    for xs, ys in (((300, 900), (900, 16)), ((3, 700, 900), (3, 900, 24))):
+        X, Y = torch.randn(*xs, generator=g), torch.randn(*ys, generator=g)
+        outs = []
+        for n in (1, 2, 3):
+            with threads.thread_policy(n):
+                outs.append(threads.matmul(X, Y))
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        assert torch.allclose(outs[0], (X.double() @ Y.double()).float(), rtol=1e-4, atol=1e-3)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergekit_lora.threads import matmul_flops, parallel_for
+from mergekit_lora.threads import matmul
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -169,9 +169,8 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
             at += u.rank
-    with parallel_for(matmul_flops(N, d_in + d_out, N, batch=M)):  # the two N×N Grams: the big products
-        GA = torch.bmm(A, A.transpose(1, 2))
-        GB = torch.bmm(B.transpose(1, 2), B)
+    GA = matmul(A, A.transpose(1, 2).contiguous())  # the two N×N Grams: the big products
+    GB = matmul(B.transpose(1, 2).contiguous(), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     if features == "canonical":  # balanced as RankUnits.canonical: ‖a'‖ = ‖b'‖

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_lora.threads import matmul_flops, parallel_for
+from mergekit_lora.threads import matmul
 
 from .pool import PoolBatch
 
@@ -89,9 +89,8 @@ def centroids(pool: PoolBatch, stats: list[ClusterStats]) -> tuple[torch.Tensor,
     each centroid vector's max-abs norm ‖[ā_j ; b̄_j]‖_∞ [M, k] (float64, CPU)."""
     W = pool.unsort(torch.stack([st.W for st in stats]))  # [M, N, k] over the input-order units
     M, N, d_in = pool.A.shape
-    with parallel_for(matmul_flops(W.shape[2], N, d_in + pool.B.shape[1], batch=M)):  # the centroid factors
-        A_c = torch.bmm((W * pool.ca[:, :, None]).transpose(1, 2), pool.A)
-        B_c = torch.bmm(pool.B, W * pool.cb[:, :, None])
+    A_c = matmul((W * pool.ca[:, :, None]).transpose(1, 2).contiguous(), pool.A)  # the centroid factors
+    B_c = matmul(pool.B, W * pool.cb[:, :, None])
     g = math.gcd(B_c.shape[1], 8)  # B_c's columns are k wide: g row-groups side by side reduce faster (exact)
     b_linf = B_c.reshape(M, -1, g * B_c.shape[2]).abs().amax(1).reshape(M, g, -1).amax(1)
     linf = torch.maximum(A_c.abs().amax(2), b_linf).double().cpu()

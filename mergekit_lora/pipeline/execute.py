@@ -8,8 +8,9 @@ merged modules are kept in memory (``MergeResult.merged``), e.g. for evaluation 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from ..progress import progress_bar
 from ..registry import ModuleContext, Notes
+from ..strength import Scale
 from ..threads import thread_policy
 from ..units import RankUnits
 from .output import push_output, write_output
@@ -55,6 +57,8 @@ def execute(plan: MergePlan, stream_fn: Any = None) -> MergeResult:
         if plan.options.push_to_hub:
             push_output(plan)
     report = plan.algorithm.report(notes, plan.params)
+    if not plan.scale.is_identity:
+        report = {"strength": plan.scale.describe(), **report}
     return MergeResult(Path(out) if out is not None else None, len(plan.modules), summarize(rows),
                        time.perf_counter() - t0, rows, config, report, merged)
 
@@ -80,13 +84,34 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
             else:
                 outs = algo.merge_batch(loaded, weights, p, ctxs)
             for mp, u, w, m in zip(batch, loaded, weights, outs):
-                if rows is not None and isinstance(m.units, RankUnits):
-                    rows.append(m.fidelity if m.fidelity is not None
-                                else module_fidelity(mp.name, m.units, weighted_target(u, w)))
+                units, row = m.units, m.fidelity
+                if isinstance(units, RankUnits) and not plan.scale.is_identity:
+                    units, row = apply_scale(plan.scale, mp.name, units, row, u, w, plan.weights)
+                if rows is not None and isinstance(units, RankUnits):
+                    rows.append(row if row is not None else module_fidelity(mp.name, units, weighted_target(u, w)))
                 if notes is not None and m.notes:
                     notes.append((mp.name, m.notes))
-                yield mp.name, m.units.to("cpu")
+                yield mp.name, units.to("cpu")
                 bar.advance(task)
+
+
+def apply_scale(scale: Scale, name: str, merged: RankUnits, row: ModuleFidelity | None, units: list[RankUnits],
+                weights: list[float], all_weights: Sequence[float]) -> tuple[RankUnits, ModuleFidelity]:
+    """One module's merged units at the plan's strength, and their fidelity row against Σ wᵢ ΔWᵢ.
+
+    The reference norm of ``average`` is ‖Σ wᵢ ΔWᵢ‖ / Σ|w| over *all* inputs' weights (a module missing
+    from an input counts as ΔW = 0 there); the row is updated exactly from ⟨m, t⟩ = (m² + t² − e²)/2.
+    """
+    if row is None or not math.isfinite(row.target_norm):
+        row = module_fidelity(name, merged, weighted_target(units, weights))
+    average = row.target_norm / (sum(abs(w) for w in all_weights) or 1.0)
+    c = scale.norm_factor(row.merged_norm, average, len(all_weights))
+    if c == 1.0:
+        return merged, row
+    m, t = row.merged_norm, row.target_norm
+    inner = (m * m + t * t - row.error_norm**2) / 2
+    e2 = max(c * c * m * m - 2 * c * inner + t * t, 0.0)
+    return merged.scaled(c), ModuleFidelity(name, t, c * m, math.sqrt(e2))
 
 
 def merge_batches(plan: MergePlan) -> Iterator[list[ModulePlan]]:

@@ -35,6 +35,7 @@ from ..names import layer_index, matches
 from ..options import DTYPE_NAMES, MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
 from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
+from ..strength import Scale, parse_scale
 from .compat import check_compatible
 
 Source = str | Path | Adapter
@@ -81,6 +82,7 @@ class MergePlan:
     device: torch.device
     target_modules: list[str] | None
     recipe: str | None = None  # the request as YAML, written beside the output
+    scale: Scale = Scale()  # the resolved strength (routed outputs: already folded into the weights)
     matched: Mapping[int, int] = field(default_factory=dict)  # override index -> modules matched
 
 
@@ -159,7 +161,11 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     if refusal:
         raise LoraMergeError(refusal, field="output_format")
     _check_writer_options(fmt, opts)
-    w = list(weights) if weights is not None else [1.0] * len(adapters)
+    w = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
+    scale = parse_scale(algo.default_scale if opts.scale == "auto" else opts.scale)
+    if algo.output_format is not None and not scale.is_identity:  # routed: every unit kept, scale the weights
+        c = scale.weight_factor([float(at(x, 0.0)) for x in w])
+        w, scale = [_times(x, c) for x in w], Scale()
     modules, matched = _module_table(algo, params, w, overrides, adapters, shared.names, shared.present)
     targets = carried_target_modules([a.meta for a in adapters], [a.module_names() for a in adapters],
                                      [m.name for m in modules])
@@ -167,7 +173,12 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
         method=method, algorithm=algo, params=top, weights=tuple(float(at(x, 0.0)) for x in w), options=opts,
         adapters=tuple(adapters), labels=tuple(labels), modules=tuple(modules), partial=tuple(shared.partial),
         base_model=shared.base_model, output_format=fmt, out_dtype=resolve_dtype(opts.dtype, adapters),
-        device=device, target_modules=targets, recipe=recipe, matched=matched)
+        device=device, target_modules=targets, recipe=recipe, scale=scale, matched=matched)
+
+
+def _times(x: Any, c: float) -> Any:
+    """A weight (a number or a layer gradient) times c."""
+    return [v * c for v in x] if isinstance(x, (list, tuple)) else x * c
 
 
 def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Source], params: Any,

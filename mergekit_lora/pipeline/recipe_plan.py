@@ -40,7 +40,7 @@ def plan_recipe(path_or_text: str | Path, name: str | None = None, *, force: boo
     recipe, lines = validate_recipe(text, name, force=force, check_token=check_token)
     try:
         p = plan([a.source for a in recipe.adapters], recipe.method, recipe.parameters,
-                 [a.weight for a in recipe.adapters], recipe.options(force=force), overrides=recipe.modules,
+                 recipe.weights(), recipe.options(force=force), overrides=recipe.modules,
                  base_model=recipe.base_model, recipe=text)
     except LoraMergeError as e:
         problems = Problems(name, lines)

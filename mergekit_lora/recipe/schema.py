@@ -36,6 +36,7 @@ from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
 from ..registry import available, unknown_method
 from ..sources import missing_source
+from ..strength import normalize_scale
 from .gradients import check_parameters
 from .problems import Problems
 from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
@@ -64,7 +65,7 @@ class _Strict(BaseModel):
 
 class AdapterSpec(_Strict):
     source: str
-    weight: Gradient = 1.0
+    weight: Gradient | None = None  # None: 1/n (every command's default: the average)
 
 
 class ModuleSpec(_Strict):
@@ -95,10 +96,18 @@ class Recipe(_Strict):
     modules: list[ModuleSpec] = Field(default_factory=list)
     output: OutputSpec
     seed: int = 0
+    scale: Annotated[str | float, AfterValidator(normalize_scale)] = "auto"
     missing: Literal["union", "intersection", "error"] = "union"
     device: str = "auto"
     allow_pickle: bool = False
     ignore_modules_to_save: bool = False
+
+    def weights(self) -> list[Any] | None:
+        """The adapters' weights for ``plan`` (an adapter without one gets 1/n; None: all 1/n)."""
+        if all(a.weight is None for a in self.adapters):
+            return None
+        n = len(self.adapters)
+        return [a.weight if a.weight is not None else 1.0 / n for a in self.adapters]
 
     @classmethod
     def from_yaml(cls, text: str, name: str = "recipe", *, force: bool = False, check_token: bool = True) -> Recipe:
@@ -110,14 +119,14 @@ class Recipe(_Strict):
         doc: dict[str, Any] = {"method": self.method}
         if self.base_model:
             doc["base_model"] = self.base_model
-        doc["adapters"] = [a.model_dump() for a in self.adapters]
+        doc["adapters"] = [a.model_dump(exclude_none=True) for a in self.adapters]
         if self.parameters:
             doc["parameters"] = dict(self.parameters)
         if self.modules:
             doc["modules"] = [m.model_dump(exclude_defaults=True) for m in self.modules]
         doc["output"] = {"path": self.output.path, **self.output.model_dump(exclude_defaults=True)}
         doc["seed"] = self.seed
-        for key, default in (("missing", "union"), ("device", "auto"), ("allow_pickle", False),
+        for key, default in (("scale", "auto"), ("missing", "union"), ("device", "auto"), ("allow_pickle", False),
                              ("ignore_modules_to_save", False)):
             if getattr(self, key) != default:
                 doc[key] = getattr(self, key)
@@ -129,7 +138,7 @@ class Recipe(_Strict):
         return MergeOptions(**{
             "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
             "profile": out.profile, "base_gguf": Path(out.base_gguf) if out.base_gguf else None,
-            "device": self.device, "seed": self.seed, "missing": self.missing, "allow_pickle": self.allow_pickle,
+            "device": self.device, "seed": self.seed, "scale": self.scale, "missing": self.missing, "allow_pickle": self.allow_pickle,
             "ignore_modules_to_save": self.ignore_modules_to_save, "push_to_hub": out.push_to_hub,
             "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
 
@@ -284,14 +293,14 @@ _ALIASES = {"lambda_": "lambda"}
 def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, Any] | None, weights: Sequence[float] | None,
                 options: MergeOptions, base_model: str | None = None) -> str:
     """The recipe YAML of a merge request (``--emit-recipe``; running it gives the same output bytes)."""
-    w = weights if weights is not None else [1.0] * len(sources)
+    w = weights if weights is not None else [None] * len(sources)
     o = options
     return Recipe(
         method=method, base_model=base_model,
-        adapters=[AdapterSpec(source=str(s), weight=float(wi)) for s, wi in zip(sources, w)],
+        adapters=[AdapterSpec(source=str(s), weight=None if wi is None else float(wi)) for s, wi in zip(sources, w)],
         parameters={_ALIASES.get(k, k): v for k, v in (params or {}).items() if v is not None},
         output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
                           profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
-        seed=o.seed, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
+        seed=o.seed, scale=o.scale, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
         ignore_modules_to_save=o.ignore_modules_to_save,
     ).to_yaml()
