@@ -49,7 +49,7 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
     output.  Hub ids are left to ``plan``."""
     from mergekit_lora.atomic import check_output
     from mergekit_lora.registry import available, field_names, parse_params, unknown_method
-    from mergekit_lora.sources import missing_source
+    from mergekit_lora.sources import source_problems
 
     problems: list[LoraMergeError] = []
     algos = available()
@@ -66,13 +66,7 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
     if weights is not None and len(weights) != len(sources):
         problems.append(LoraMergeError(f"got {len(weights)} weights for {len(sources)} adapters; give one weight per "
                                        "adapter", field="weights"))
-    for s in sources:
-        try:
-            missing = missing_source(s)
-        except LoraMergeError as e:
-            missing = e
-        if missing is not None:
-            problems.append(missing)
+    problems += source_problems(sources)
     if out is not None:
         try:
             check_output(out, force)

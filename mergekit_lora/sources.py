@@ -56,10 +56,8 @@ def missing_source(source: str | Path) -> LoraMergeError | None:
     return LoraMergeError(f"{path}: no such file or folder{hint}")
 
 
-def check_sources(sources: Sequence[str | Path]) -> None:
-    """Raise every :func:`missing_source` problem of ``sources`` at once."""
-    from .errors import raise_all
-
+def source_problems(sources: Sequence[str | Path]) -> list[LoraMergeError]:
+    """Every :func:`missing_source` problem of ``sources`` (and bad ``:alpha=`` suffixes)."""
     problems = []
     for s in sources:
         try:
@@ -68,7 +66,14 @@ def check_sources(sources: Sequence[str | Path]) -> None:
             e = bad
         if e is not None:
             problems.append(e)
-    raise_all(problems)
+    return problems
+
+
+def check_sources(sources: Sequence[str | Path]) -> None:
+    """Raise every :func:`missing_source` problem of ``sources`` at once."""
+    from .errors import raise_all
+
+    raise_all(source_problems(sources))
 
 
 def split_alpha(source: str) -> tuple[str, float | None]:
@@ -109,4 +114,4 @@ def refuse_gguf(path: Path) -> None:
                              "writes for llama.cpp / Ollama")
 
 
-__all__ = ["assumed_alpha", "check_sources", "did_you_mean", "missing_source", "refuse_gguf", "split_alpha"]
+__all__ = ["assumed_alpha", "check_sources", "did_you_mean", "missing_source", "source_problems", "refuse_gguf", "split_alpha"]
