@@ -98,6 +98,7 @@ def test_readme_first_merge_writes_what_it_says(tmp_path):
         assert (tmp_path / folder / "README.md").is_file()
     assert r.stderr.strip().splitlines()[-1].startswith("warning: k = 16 ≥ the pooled rank (16)")
     assert "concatenation" in r.stderr
+    assert "alpha is assumed" not in r.stderr  # a bare file with adapter_config.json beside it uses the config
 
 
 def test_site_builds_strict(tmp_path):
