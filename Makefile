@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a local wheel on our machines); override e.g. TORCH_SPEC=torch on a CUDA box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint examples bench clean
+.PHONY: setup demo test lint docs wheel examples bench clean
 
 setup: $(STAMP)
 
@@ -28,12 +28,24 @@ demo: $(STAMP)
 	$(VENV)/bin/loramerge cluster $(SUITE) -k 8 --weights 0.25,0.25,0.25,0.25 --report -o out/demo-lego --force
 	$(VENV)/bin/loramerge eval fidelity out/demo-lego --against examples/suite/topic --against examples/suite/sentiment \
 		--against examples/suite/genre --against examples/suite/language --weights 0.25,0.25,0.25,0.25
+	@echo
+	@echo "Done: the merges are in out/demo-*/. loramerge is installed in $(VENV)/bin; to use it as in the README:"
+	@echo "    source $(VENV)/bin/activate"
+	@echo "    loramerge merge examples/suite/topic examples/suite/genre -m ties --density 0.5"
 
 test: $(STAMP)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The documentation site (docs/ + mkdocs.yml) into out/site; --strict fails on a broken link or a page missing from nav.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d out/site
+
+# The wheel (what `pip install` of a release would get) into out/dist.
+wheel: $(STAMP)
+	$(PY) -m build --wheel --outdir out/dist
 
 examples: $(STAMP)
 	$(PY) examples/make_examples.py

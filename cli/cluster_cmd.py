@@ -10,6 +10,7 @@ import typer
 from mergekit_lora.options import MergeOptions
 
 from .common import console, err_console, parse_floats, user_errors
+from .firstrun import default_out
 from .merge_cmd import run_and_report
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
@@ -21,7 +22,8 @@ def cluster(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     k: Annotated[int | None, typer.Option("-k", "--k", help="clusters per module = merged rank (default: the inputs' largest rank)")] = None,
     k_ratio: Annotated[float | None, typer.Option(help="k as a fraction of the pooled rank (instead of -k)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: a new folder "
+                                                                "lego-INPUTS here)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
     features: Annotated[str | None, typer.Option(help="paper ([a/‖a‖; b/‖b‖] features, raw centroids: the published "
                                                         "method) | canonical | raw")] = None,
@@ -49,8 +51,9 @@ def cluster(
              "balance_inputs": balance_inputs, "backend": backend, "n_init": n_init, "max_iter": max_iter,
              "report": report or None}
     params = {key: v for key, v in given.items() if v is not None}
-    run_and_report(sources, "lego", params, parse_floats(weights), options.model_copy(update={"out": out}),
-                   emit_recipe, ray_options(ray, ray_address, ray_workers))
+    options = options.model_copy(update={"out": out or default_out("lego", sources, options.force)})
+    run_and_report(sources, "lego", params, parse_floats(weights), options, emit_recipe,
+                   ray_options(ray, ray_address, ray_workers), chosen=out is None)
     if report:
         (err_console if emit_recipe == "-" else console).print(
-            f"cluster report: {out / 'lego_report.md'} (and lego_report.json, lego_report.png)")
+            f"cluster report: {options.out / 'lego_report.md'} (and lego_report.json, lego_report.png)")

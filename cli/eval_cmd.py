@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from mergekit_lora.errors import LoraMergeError
@@ -27,6 +28,9 @@ def fidelity(
     plot: Annotated[Path | None, typer.Option(help="also write a PNG: error and energy per layer and module type")] = None,
 ) -> None:
     """How faithfully MERGED reproduces Σ wᵢ ΔWᵢ of its inputs (factor space, no model needed)."""
+    from mergekit_lora.sources import check_sources
+
+    check_sources([merged, *against])  # before torch
     from mergekit_lora.evals.fidelity import fidelity_report
 
     rep = fidelity_report(merged, against, parse_floats(weights))
@@ -154,13 +158,15 @@ def report(
 
 
 def _print_report(report: dict, out: Path) -> None:
-    from mergekit_lora.evals.report import table_rows
+    from mergekit_lora.evals.report_text import console_table, verdict
 
-    head, rows = table_rows(report)
-    t = Table(title=f"method comparison ({report['device']})", title_justify="left")
+    head, rows = console_table(report)  # fits 80 columns; the full table is in report.md / report.html
+    t = Table(title=f"method comparison ({report['device']})", title_justify="left", box=box.SIMPLE, padding=(0, 1),
+              show_edge=False, pad_edge=False)
     for i, h in enumerate(head):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
     for r in rows:
         t.add_row(*r)
     console.print(t)
-    console.print(f"[green]wrote[/] {out}/report.md, report.png, report.json")
+    console.print(f"[green]wrote[/] {out}/report.md (.html, .png, .json; per-task accuracy there)")
+    console.print(verdict(report), highlight=False, soft_wrap=True)

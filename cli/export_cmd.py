@@ -25,6 +25,8 @@ def export(
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
     force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files (only if you trust them)")] = False,
+    static: Annotated[str | None, typer.Option(
+        help="a routed adapter has no static form; 'cat' exports all its units at once (routing dropped)")] = None,
 ) -> None:
     """Convert an adapter into another runtime's format (today: a llama.cpp LoRA GGUF)."""
     import torch
@@ -37,7 +39,14 @@ def export(
         raise LoraMergeError(f"export format {fmt!r} is not supported; available: gguf")
     if dtype not in _DTYPES:
         raise LoraMergeError(f"dtype {dtype!r} is not supported for GGUF; use float32, float16 or bfloat16")
+    if static not in (None, "cat"):
+        raise LoraMergeError(f"--static {static!r}: the one static form of a routed adapter is 'cat' (all units at "
+                             "once); for a smaller one merge the inputs: loramerge merge INPUTS -m svd --rank K")
     adapter = load_adapter(source, allow_pickle=allow_pickle)
+    if adapter.meta.format == "routed" and static is None:
+        raise LoraMergeError(f"{source} is a routed adapter: GGUF runtimes cannot route, so exporting it would drop "
+                             "the routing; pass --static cat to export every unit at once (the cat merge), or "
+                             "export one of its inputs")
     info = export_gguf(adapter, out, base_gguf, architecture=architecture, dtype=getattr(torch, _DTYPES[dtype]),
                        force=force)
     console.print(f"[green]wrote[/] {out}: {info['modules']} LoRA modules for {info['architecture']}, "

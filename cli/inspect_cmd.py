@@ -44,7 +44,8 @@ def inspect(
         head.add_row("base model", str(r["base_model"] or "not recorded"))
         head.add_row("modules", str(r["modules"]))
         head.add_row("rank", _fmt(r["rank"]))
-        alpha = _fmt(r["alpha"]) + ("  (assumed = rank: no adapter_config.json)" if r["alpha_assumed"] else "")
+        alpha = _fmt(r["alpha"]) + ("  (assumed = rank: no adapter_config.json; state it as FILE:alpha=N)"
+                                        if r["alpha_assumed"] else "")
         head.add_row("alpha", alpha)
         head.add_row("scale", _fmt(r["scale"]) + ("  (rsLoRA: alpha/√r)" if r["use_rslora"] else ""))
         head.add_row("dtype", r["dtype"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from typer._click import exceptions as click_errors  # typer 0.29 vendors click: its exceptions live here
+from typer.core import TyperGroup
 
 from mergekit_lora import __version__
 
@@ -19,7 +22,37 @@ from .route_cmd import route
 from .run_cmd import run
 from .tune_cmd import tune
 
+
+class _OneLineErrors(TyperGroup):
+    """click's own errors (missing option, bad int, unknown flag) as the one ``error: …`` line, exit 2,
+    like every other user error; Ctrl-C prints ``interrupted`` and exits 130."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare `loramerge` / `loramerge eval`: the help
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            if not standalone_mode:
+                raise
+            command = e.ctx.command_path if isinstance(e, click_errors.UsageError) and e.ctx else "loramerge"
+            typer.echo(f"error: {e.format_message().rstrip('.')} (see `{command} --help`)", err=True)
+            sys.exit(2 if isinstance(e, click_errors.UsageError) else e.exit_code)
+        except typer.Abort:
+            rv = 130
+        if rv == 130:  # typer turns KeyboardInterrupt into Exit(130)
+            typer.echo("interrupted", err=True)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="loramerge",
     help="Merge and compose LoRA adapters as LoRAs.",
     no_args_is_help=True,

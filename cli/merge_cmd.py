@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
+from .firstrun import default_out, preflight, warn_inputs, warn_result
 from .options import WRITE_OPTIONS, EmitRecipeOpt, with_options
 from .ray_opts import RayAddressOpt, RayOpt, RayWorkersOpt, ray_options
 from .report import print_fidelity
@@ -36,21 +38,33 @@ def collect_params(method: str, shortcuts: dict[str, Any], extra: list[str] | No
 
 
 def run_and_report(sources: list[str], method: str, params: dict[str, Any], weights: list[float] | None,
-                   options: MergeOptions, emit_recipe: str | None, ray: Any = None) -> None:
-    """Plan (every check), emit the recipe if asked, execute, print the fidelity table (shared with cluster)."""
-    from mergekit_lora.distributed.ray_merge import ray_stream
+                   options: MergeOptions, emit_recipe: str | None, ray: Any = None, chosen: bool = False) -> None:
+    """Plan (every check), emit the recipe if asked, execute, print the fidelity table (shared with cluster).
+
+    Without ``-o`` (``options.out`` None) the output is a new folder named from the method and inputs."""
+    if options.out is None:
+        chosen = True
+        options = options.model_copy(update={"out": default_out(method, sources, options.force)})
+    preflight(sources, method, params, weights, options.out, options.force)  # before torch: typos in < 0.5 s
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
     recipe = recipe_yaml(sources, method, params, weights, options)
     p = plan(sources, method, params, weights, options.model_copy(update={"progress": True}), recipe=recipe)
     emit(recipe, emit_recipe)
-    result = execute(p, ray_stream(ray) if ray is not None else None)
     out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
+    if chosen:
+        out.print(f"no -o given: writing to ./{escape(str(options.out))}/", highlight=False)
+    warn_inputs(p)
+    from mergekit_lora.distributed.ray_merge import ray_stream
+
+    result = execute(p, ray_stream(ray) if ray is not None else None)
     print_fidelity(result.fidelity, out)
     for k, v in result.report.items():
-        out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
+        if k != "warning":
+            out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
     out.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
+    warn_result(result.report)  # last, on stderr, where it is not missed
 
 
 @user_errors
@@ -58,7 +72,8 @@ def run_and_report(sources: list[str], method: str, params: dict[str, Any], weig
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `loramerge methods`)")] = "linear",
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: a new folder "
+                                                                "METHOD-INPUTS here)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
     rank: Annotated[int | None, typer.Option(help="output rank (methods that re-rank)")] = None,
     density: Annotated[float | None, typer.Option(

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import console, user_errors
@@ -32,5 +33,5 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
             (f"{k} (required)" if v.get("required") else f"{k}={v['default']!r}") + (f"  {v['help']}" if v["help"] else "")
             for k, v in d["parameters"].items()
         )
-        t.add_row(d["name"], d["description"], params or "-")
+        t.add_row(escape(d["name"]), escape(d["description"]), escape(params) or "-")  # "[a/‖a‖; b/‖b‖]" is text
     console.print(t)

@@ -19,7 +19,7 @@ from mergekit_lora.options import MergeOptions, make_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_FLAGS = {"output_format": "--format", "calibrate_data": "--calibrate", "lambda_": "--lambda", "profiles": "--profile"}
+_FLAGS = {"output_format": "--format", "calibrate_data": "--calibrate", "lambda_": "--lambda", "profiles": "--profile-data"}
 _SHORT = {"out": "-o"}
 
 
@@ -63,6 +63,6 @@ def with_options(*fields: str) -> Callable[[F], F]:
 
 # Options every command that writes an adapter shares.
 WRITE_OPTIONS = ("seed", "scale", "missing", "device", "dtype", "output_format", "profile", "base_gguf", "force",
-                 "allow_pickle", "ignore_modules_to_save")
+                 "allow_pickle", "ignore_modules_to_save", "threads")
 
 EmitRecipeOpt = Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")]

@@ -11,6 +11,7 @@ from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .common import console, emit, err_console, parse_floats, user_errors
+from .firstrun import preflight
 from .options import EmitRecipeOpt, with_options
 
 
@@ -25,7 +26,8 @@ def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
 
 
 @user_errors
-@with_options("seed", "scale", "missing", "device", "dtype", "output_format", "force", "allow_pickle", "ignore_modules_to_save")
+@with_options("seed", "scale", "missing", "device", "dtype", "output_format", "force", "allow_pickle",
+              "ignore_modules_to_save", "threads")
 def route(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
@@ -46,8 +48,11 @@ def route(
     bias_rate: Annotated[float, typer.Option(help="step of the selection-bias balancing rule")] = 1e-3,
     export_static: Annotated[bool, typer.Option(help="also write OUT/static: the expected-activation static merge "
                                                      "as a PEFT adapter (needs --calibrate)")] = False,
-    profile: Annotated[list[Path] | None, typer.Option(help="hierarchical: unlabeled JSONL examples of one adapter's "
-                                                           "domain; repeat once per input, in input order")] = None,
+    profile_data: Annotated[list[Path] | None, typer.Option(
+        help="hierarchical: unlabeled JSONL examples of one adapter's domain; repeat once per input, in input "
+             "order")] = None,
+    profile_old: Annotated[list[Path] | None, typer.Option(
+        "--profile", hidden=True, help="deprecated spelling of --profile-data")] = None,
     top_m: Annotated[int, typer.Option(help="hierarchical: adapters chosen per sequence")] = 1,
     mass: Annotated[float | None, typer.Option(help="hierarchical: instead of --top-m, the fewest adapters whose "
                                                     "probability reaches this mass")] = None,
@@ -56,16 +61,21 @@ def route(
     options: MergeOptions,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
-    from mergekit_lora.recipe import recipe_yaml
-    from mergekit_lora.routing.api import route as run_route
-
+    if profile_old:  # --profile is the PEFT output profile everywhere else: one meaning per option name
+        err_console.print("[bold yellow]warning:[/] route --profile is deprecated (elsewhere --profile is the PEFT "
+                          "output profile); use --profile-data", highlight=False, soft_wrap=True)
+    profile = [*(profile_data or []), *(profile_old or [])] or None
     if router not in ("implicit", "gate", "hierarchical"):
         raise LoraMergeError(f"--router must be implicit, gate or hierarchical (got {router!r})")
     w = parse_floats(weights)
+    preflight(sources, "route", {"top_k": top_k}, w, out, options.force)  # before torch
+    from mergekit_lora.recipe import recipe_yaml
+    from mergekit_lora.routing.api import route as run_route
+
     if emit_recipe is not None:
         if calibrate is not None or profile:
             raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop "
-                                 "--calibrate/--profile or --emit-recipe")
+                                 "--calibrate/--profile-data or --emit-recipe")
         params = {"router": router, "top_k": top_k, "temperature": temperature,
                   "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
                   "mass": mass}

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .common import console, user_errors
+from .firstrun import warn_inputs, warn_result
 from .report import print_fidelity
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Run a YAML merge recipe (validated up front: every problem is listed with its line)."""
+    from mergekit_lora.recipe import read_recipe_text, validate_recipe
+
+    validate_recipe(read_recipe_text(recipe), str(recipe), force=force or dry_run, check_token=not dry_run)  # no torch
     from mergekit_lora.pipeline import (  # the core loads when a command runs (start-up time)
         execute,
         plan_recipe,
@@ -76,9 +80,11 @@ def run(
         print_plan(r, p)
         console.print("[yellow]dry run:[/] nothing was merged or written")
         return
+    warn_inputs(p)
     result = execute(replace(p, options=p.options.model_copy(update={"progress": True})))
     print_fidelity(result.fidelity)
     out = r.output
     console.print(f"[green]wrote[/] {out.path} ({result.modules} modules, {result.seconds:.2f} s)")
+    warn_result(result.report)
     if out.push_to_hub:
         console.print(f"[green]pushed[/] to {out.push_to_hub}")

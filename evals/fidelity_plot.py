@@ -63,7 +63,7 @@ def plot_fidelity(report: FidelityReport, out: str | Path, title: str | None = N
         from matplotlib.figure import Figure
     except ImportError:
         raise LoraMergeError("the fidelity plot needs matplotlib; install it with "
-                             "`pip install 'mergekit-lora[eval]'`") from None
+                             "`pip install -e '.[eval]'` in the clone") from None
     g = fidelity_grid(report)
     if not g.types:
         raise LoraMergeError("the fidelity report has no modules to plot")

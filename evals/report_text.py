@@ -27,6 +27,41 @@ def paired_text(r: dict[str, Any], key: str = "paired", *, named: bool = False) 
     return (f"{p['vs']}: " if named else "") + f"{p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
 
 
+def console_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The terminal's table: what fits 80 columns (variant, normalised accuracy with its CI, Δ to the best
+    static merge, rank); per-task accuracies, fidelity and timings are in report.md/.html."""
+    head = ["variant", "norm. acc", "95% CI", "Δ vs best static [CI]", "rank"]
+    rows = []
+    for r in report["rows"]:
+        if "error" in r:
+            rows.append([variant_name(r), "–", "–", f"failed: {str(r['error'])[:24]}", "–"])
+            continue
+        rows.append([variant_name(r), number(r.get("normalized_accuracy")), ci_text(r), paired_text(r),
+                     str(r.get("rank") or "–")])
+    return head, rows
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: the merge with the best normalised accuracy and its paired Δ (95% CI) to the best static merge."""
+    merges = [r for r in report["rows"] if r.get("kind") == "merge" and r.get("normalized_accuracy") is not None]
+    if not merges:
+        return "verdict: no merge was scored"
+    merges.sort(key=lambda r: r["normalized_accuracy"], reverse=True)
+    best = merges[0]
+    head = f"verdict: {variant_name(best)} is the best merge (norm. acc {best['normalized_accuracy']:.3f})"
+    p = best.get("paired")
+    if p:
+        lo, hi = p["ci"]
+        sure = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+        return f"{head}: Δ {p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {p['vs']}, paired 95% CI {sure}"
+    runner = next((r for r in merges[1:] if r.get("paired")), None)
+    if runner is None:
+        return f"{head}, the best static merge"
+    q = runner["paired"]
+    return (f"{head}, the best static merge; next {variant_name(runner)}: Δ {q['diff']:+.3f} "
+            f"[{q['ci'][0]:+.3f}, {q['ci'][1]:+.3f}]")
+
+
 def mean_text(r: dict[str, Any]) -> str:
     """The paired difference of mean accuracy to the reference row, in points: ``+2.6 [+1.1, +4.0]``."""
     p = r.get("paired_mean")

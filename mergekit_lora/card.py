@@ -40,7 +40,7 @@ def render_card(info: CardInfo) -> str:
     front["tags"] = ["lora", "mergekit-lora", info.method]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     lines += [f"# Merged LoRA ({info.method})", ""]
-    lines += [f"This adapter was produced by [mergekit-lora](https://pypi.org/project/mergekit-lora/) "
+    lines += [f"This adapter was produced by mergekit-lora (`loramerge`) "
               f"with the `{info.method}` method"
               + (f" on top of `{info.base_model}`." if info.base_model else "."), ""]
     lines += ["## Inputs", "", "| # | source | revision | weight | rank |", "|---|---|---|---|---|"]

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .formats.peft_layout import is_peft_folder, locate, peft_layout, read_config
+from .errors import LoraMergeError
+from .formats.peft_layout import has_peft_keys, is_peft_folder, locate, peft_layout, read_config
 from .formats.safetensors_header import DTYPE_NAMES, SafetensorsHeader
 from .formats.serving import serving_warnings_for
 from .names import module_group
+from .sources import check_sources, refuse_gguf
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -63,8 +65,11 @@ class Contents:
 
 def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict[str, Any]:
     """A JSON-able report; ``norms`` loads each module once to compute ‖ΔW‖ in factor space."""
-    if isinstance(source, (str, Path)) and is_peft_safetensors(Path(source)):
-        return build_report(peft_contents(Path(source)), norms)
+    if isinstance(source, (str, Path)):
+        check_sources([source])  # before torch: a typo answers at once, with a suggestion
+        refuse_gguf(Path(source))
+        if is_peft_safetensors(Path(source)) or _peft_file(Path(source)):
+            return build_report(peft_contents(Path(source)), norms)
     # lazily: torch and every format's reader, for the sources the header path does not cover
     from .formats import load_adapter
     from .formats.registry import inspect_sections
@@ -79,6 +84,18 @@ def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict
 def is_peft_safetensors(path: Path) -> bool:
     """A local PEFT folder whose weights are ``adapter_model.safetensors`` (what ``load_adapter`` reads as PEFT)."""
     return is_peft_folder(path) and (path / "adapter_model.safetensors").is_file()
+
+
+def _peft_file(path: Path) -> bool:
+    """A local ``.safetensors`` file with PEFT keys (e.g. DIR/adapter_model.safetensors): read without torch too."""
+    if not (path.suffix == ".safetensors" and path.is_file()):
+        return False
+    try:
+        keys = SafetensorsHeader.open(path).keys
+    except LoraMergeError:
+        return False  # the full reader says what is wrong
+    # PEFT saves every key under base_model.model.; anything else (diffusers, routed …) takes the full reader
+    return bool(keys) and all(k.startswith("base_model.model.") for k in keys) and has_peft_keys(keys)
 
 
 def peft_contents(folder: Path) -> Contents:

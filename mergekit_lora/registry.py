@@ -248,10 +248,30 @@ def available() -> dict[str, AlgorithmEntry]:
     return dict(sorted(out.items()))
 
 
+def field_names(algo: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters under their field names: a field's alias (``lambda`` for ``lambda_``) is the same parameter."""
+    alias = {f.alias: name for name, f in algo.Params.model_fields.items() if f.alias}
+    return {alias.get(k, k): v for k, v in params.items()}
+
+
+def user_names(algo: Any) -> list[str]:
+    """The parameter names a user writes (aliases where a field has one: ``lambda``, not ``lambda_``)."""
+    return [f.alias or name for name, f in algo.Params.model_fields.items()]
+
+
+def unknown_method(name: str, algos: Mapping[str, Any]) -> str:
+    """``unknown method 'tiess' (did you mean 'ties'?); available: …``"""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(algos), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown method {name!r}{hint}; available: {', '.join(algos) or 'none'}"
+
+
 def get_algorithm(name: str) -> Algorithm:
     algos = available()
     if name not in algos:
-        raise LoraMergeError(f"unknown method {name!r}; available: {', '.join(algos) or 'none'}", field="method")
+        raise LoraMergeError(unknown_method(name, algos), field="method")
     return algos[name].load()()
 
 

@@ -164,6 +164,8 @@ def test_signal_mid_merge_cleans_up(tmp_path, sig, code):
             p.kill()
     assert p.returncode == code, err
     assert "Traceback" not in err
+    if sig == signal.SIGINT:  # issue 23: Ctrl-C says so (one line), not a silent exit 130
+        assert err.strip().splitlines()[-1] == "interrupted", err
     assert not debris(tmp_path)
     assert [q.name for q in out.iterdir()] == ["keep"]
 

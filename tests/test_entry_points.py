@@ -114,7 +114,7 @@ def test_route_refuses_conv_modules_at_plan_time(tmp_path, monkeypatch):
 
 
 def test_route_fits_hierarchical_profiles_from_the_cli(tmp_path):
-    """--router hierarchical --profile A.jsonl --profile B.jsonl: each adapter's input Gaussians are fitted on
+    """--router hierarchical --profile-data A.jsonl --profile-data B.jsonl: each adapter's input Gaussians are fitted on
     its own file, stored in the routed adapter, and the card says so; profile misuse is one error line."""
     import json
 
@@ -129,14 +129,15 @@ def test_route_fits_hierarchical_profiles_from_the_cli(tmp_path):
         files.append(str(f))
     out = tmp_path / "hier"
     _cli("route", shift, double, "--top-k", "4", "--router", "hierarchical", "--base", base,
-         "--profile", files[0], "--profile", files[1], "-o", out)
+         "--profile-data", files[0], "--profile-data", files[1], "-o", out)
     with safe_open(str(out / "routed_model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
     assert any(k.endswith(".profile_mean") for k in keys) and any(k.endswith(".profile_var") for k in keys)
     assert "## Profiles" in (out / "README.md").read_text()
-    for args, message in ((["--profile", files[0]], "1 profile files for 2 adapters"),
-                          (["--router", "implicit", "--profile", files[0], "--profile", files[1]],
-                           "(--profile) are for the hierarchical router")):
+    for args, message in ((["--profile-data", files[0]], "1 profile files for 2 adapters"),
+                          (["--router", "implicit", "--profile-data", files[0], "--profile-data", files[1]],
+                           "(--profile-data) are for the hierarchical router"),
+                          (["--profile", files[0]], "route --profile is deprecated")):  # old spelling: warns
         cmd = ["route", shift, double, "--top-k", "4", "--base", base, "-o", str(tmp_path / "x")]
         if "--router" not in args:
             cmd += ["--router", "hierarchical"]

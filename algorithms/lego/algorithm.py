@@ -111,10 +111,16 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
     # ------------------------------------------------------------------ after the merge
     def report(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> dict[str, Any]:
         """Says when k ≥ the pooled rank left modules unclustered (the merge is then the plain weighted pool)."""
-        kept = sum(1 for _, n in notes if n["record"].exact)
+        kept = [n["record"] for _, n in notes if n["record"].exact]
         if not kept:
             return {}
-        return {"modules not clustered (k ≥ their pooled rank: units kept as they are)": f"{kept} of {len(notes)}"}
+        pools = sorted({r.pool for r in kept})
+        pooled = str(pools[0]) if len(pools) == 1 else f"{pools[0]}–{pools[-1]}"
+        scope = "every module" if len(kept) == len(notes) else f"{len(kept)} of {len(notes)} modules"
+        k = params.k if params.k is not None else kept[0].k
+        return {"warning": f"k = {k} ≥ the pooled rank ({pooled}) of {scope}: modules not clustered, "
+                           f"the result there is the concatenation of the weighted inputs (what `merge -m cat` "
+                           f"writes); choose -k below {pools[0]} to compress"}
 
     def card_sections(self, notes: Sequence[tuple[str, Notes]], params: LegoParams) -> list[tuple[str, str]]:
         records = [n["record"] for _, n in notes]

@@ -12,7 +12,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise LoraMergeError("Ray is not installed; install it with `pip install 'mergekit-lora[ray]'`") from None
+        raise LoraMergeError("Ray is not installed; install it with `pip install -e '.[ray]'` in the clone (or `make setup`)") from None
     return ray
 
 

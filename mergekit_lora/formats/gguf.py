@@ -192,12 +192,13 @@ def gguf_tensor_name(module: str, arch: GGUFArch | str) -> str:
                          f"supported modules: model.layers.N.{{{known}}}")
 
 
-def _permute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
+def _permute_rows(B: torch.Tensor, n_head: int, module: str = "") -> torch.Tensor:
     """Reorder B's rows [d_out, r] like llama.cpp's Q/K permute: per head, interleaved halves -> halves."""
     d_out, r = B.shape
     if n_head <= 0 or d_out % (2 * n_head):
-        raise LoraMergeError(f"cannot permute {d_out} rows for {n_head} heads (the base's head counts do "
-                             "not fit this adapter)")
+        raise LoraMergeError(f"module {module or 'Q/K'!r} has {d_out} output rows, which the base GGUF's {n_head} "
+                             "attention heads cannot split into halves per head: the adapter was not trained on "
+                             "this base model; pass the .gguf of the model it was trained on (--base-gguf)")
     return B.reshape(n_head, 2, d_out // n_head // 2, r).transpose(1, 2).reshape(d_out, r)
 
 
@@ -214,7 +215,7 @@ def gguf_factors(module: str, u: RankUnits, base: GGUFBase, alpha: float) -> tup
         if heads is None:
             raise LoraMergeError(f"module {module!r}: the {base.arch.name} layout permutes Q/K rows by head; "
                                  "give base_gguf (or head_count/head_count_kv)")
-        B = _permute_rows(B, heads)
+        B = _permute_rows(B, heads, module)
     if u.kind == "embedding":  # llama.cpp gathers rows of lora_a by token id: [d_vocab, r]
         A = A.T
         want = (u.d_out, u.d_in)  # ne of token_embd = [d_model, d_vocab]

@@ -13,8 +13,9 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..hub import parse_hub_id, resolve_hub
+from ..sources import did_you_mean, refuse_gguf, split_alpha
 from .peft_layout import is_peft_folder
-from .peft_read import read_peft
+from .peft_read import adapter_from_peft_source, read_peft
 from .registry import sniff
 from .tensors import TensorSource
 
@@ -29,22 +30,43 @@ def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> tuple[P
             return resolve_hub(str(source), allow_pickle=allow_pickle)
         except LoraMergeError as e:
             if len(p.parts) > 1 and Path(p.parts[0]).exists():  # e.g. a typo in examples/…: say both readings
-                raise LoraMergeError(f"{source}: no such local file or folder (and as a Hub repo: "
+                raise LoraMergeError(f"{source}: no such local file or folder{did_you_mean(p)} (and as a Hub repo: "
                                      f"{str(e).removeprefix(f'{source}: ')})") from None
             raise
-    raise LoraMergeError(f"{source}: no such file or folder")
+    raise LoraMergeError(f"{source}: no such file or folder{did_you_mean(p)}")
 
 
 def load_adapter(source: str | Path, *, allow_pickle: bool = False, ignore_modules_to_save: bool = False,
                  strict: bool = True) -> Adapter:
-    """Read an adapter from a folder, a file or a Hub id (any registered format) into rank units, lazily."""
+    """Read an adapter from a folder, a file or a Hub id (any registered format) into rank units, lazily.
+
+    ``FILE.safetensors:alpha=16`` states the alpha of a bare PEFT file that has no adapter_config.json
+    (without it alpha = r is assumed, which is scale 1)."""
+    source, alpha = split_alpha(source) if isinstance(source, str) else (source, None)
     path, extras = resolve_source(source, allow_pickle=allow_pickle)
     adapter = _load_local(path, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save,
                           strict=strict)
+    if alpha is not None:
+        adapter = _with_alpha(adapter, path, alpha, allow_pickle=allow_pickle,
+                              ignore_modules_to_save=ignore_modules_to_save, strict=strict)
     if extras:
         adapter.meta.extra.update(extras)
         adapter.label = str(source)
     return adapter
+
+
+def _with_alpha(adapter: Adapter, path: Path, alpha: float, **opts: Any) -> Adapter:
+    """The bare PEFT file at ``path`` read again with ``lora_alpha = alpha`` (only where alpha was assumed)."""
+    if adapter.meta.format != "peft" or not adapter.meta.extra.get("alpha_assumed"):
+        where = "its adapter_config.json" if adapter.meta.format == "peft" else f"the {adapter.meta.format} file"
+        raise LoraMergeError(f"{path}: :alpha= is only for a bare PEFT .safetensors without adapter_config.json; "
+                             f"this adapter's alpha comes from {where} — drop :alpha=")
+    weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))))
+    src = TensorSource.open(weights, allow_pickle=opts["allow_pickle"])
+    out = adapter_from_peft_source(src, {"lora_alpha": alpha}, ignore_modules_to_save=opts["ignore_modules_to_save"],
+                                   strict=opts["strict"])
+    out.meta.extra["alpha_stated"] = alpha
+    return out
 
 
 def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool, strict: bool) -> Adapter:
@@ -58,6 +80,7 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
                 f"{path}: no adapter_config.json and {len(files)} .safetensors files; point at one adapter file"
             )
         path = files[0]
+    refuse_gguf(path)
     src = TensorSource.open(path, allow_pickle=allow_pickle)
     spec = sniff(src.keys, src.metadata)
     if spec is not None and spec.read is not None:

@@ -16,7 +16,7 @@ def make_lloyd(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.
 
     use_gpu = device.type == "cuda"
     if use_gpu and (not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0):
-        raise LoraMergeError("«backend» faiss on CUDA needs faiss-gpu (pip install 'mergekit-lora[gpu]'); "
+        raise LoraMergeError("«backend» faiss on CUDA needs faiss-gpu (pip install -e '.[gpu]' in the clone); "
                              "use «backend» torch or «device» cpu")
 
     def lloyd(X: torch.Tensor, K: torch.Tensor, init: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from ..fidelity import ModuleFidelity, summarize
 from ..formats.registry import get_writer
 from ..hub import push_folder
 from ..registry import Notes
+from ..sources import assumed_alpha
 from .plan import MergePlan
 
 LIBRARY = {"peft": "peft", "routed": "mergekit-lora"}
@@ -36,6 +37,8 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                             module_names=[m.name for m in plan.modules], profile=opts.profile,
                             base_gguf=opts.base_gguf)
         sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+        if note := assumed_alpha(plan.labels, plan.adapters):  # issue 23: never a silent loss of strength
+            sections.append(("Input notes", note))
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
             base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),

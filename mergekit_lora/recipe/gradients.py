@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from ..registry import field_names, user_names
+
 if TYPE_CHECKING:
     from ..registry import Algorithm
     from .problems import Problems
@@ -61,6 +63,7 @@ def _literal_list_ok(algo: Algorithm, field: str, value: Any) -> bool:
 def gradient_fields(algo: Algorithm, params: dict[str, Any]) -> dict[str, Any]:
     """Mark list values of scalar parameters as gradients; list-typed parameters stay lists."""
     fields = algo.Params.model_fields
+    params = field_names(algo, params)
     return {k: (v if k in fields and is_gradient(v) and not _literal_list_ok(algo, k, v) else _Literal(v))
             for k, v in params.items()}
 
@@ -88,10 +91,12 @@ def check_parameters(algo: Algorithm, base: dict[str, Any], values: dict[str, An
                      problems: Problems) -> None:
     """Validate ``values`` (layered on ``base``) with ``algo.Params`` at every gradient anchor."""
     fields = algo.Params.model_fields
-    for k in values:
+    given = values
+    base, values = field_names(algo, base), field_names(algo, values)
+    for k, k_given in zip(values, given):
         if k not in fields:
-            takes = f"it takes: {', '.join(fields)}" if fields else "it takes no parameters"
-            problems.add(loc + (k,), f"method {algo.name!r} does not take {k!r}; {takes}")
+            takes = f"it takes: {', '.join(user_names(algo))}" if fields else "it takes no parameters"
+            problems.add(loc + (k_given,), f"method {algo.name!r} does not take {k_given!r}; {takes}")
     known = {k: v for k, v in {**base, **values}.items() if k in fields}
     marked = gradient_fields(algo, known)
     grads = [v for v in marked.values() if not isinstance(v, _Literal)]

@@ -32,10 +32,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LoraMergeError
-from ..formats.registry import writable
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
-from ..registry import available
+from ..registry import available, unknown_method
+from ..sources import missing_source
 from ..strength import normalize_scale
 from .gradients import check_parameters
 from .problems import Problems
@@ -204,17 +204,21 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
     algo = None
     if isinstance(method, str):
         if method not in algos:
-            problems.add(("method",), f"unknown method {method!r}; available: {', '.join(algos) or 'none'}")
+            problems.add(("method",), unknown_method(method, algos))
         else:
-            algo = algos[method].load()()
+            algo = algos[method]  # its entry: name and Params, without importing the class (and torch)
     base_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
     if algo is not None:
         check_parameters(algo, {}, base_params, ("parameters",), problems)
     for i, a in enumerate(adapters or []):
         src = a.get("source") if isinstance(a, dict) else None
-        if isinstance(src, str) and not Path(src).exists():
-            if parse_hub_id(src) is None:
-                problems.add(("adapters", i, "source"), f"{src}: no such file or folder")
+        if isinstance(src, str):
+            try:
+                missing = missing_source(src)  # FILE:alpha=N is a local file too
+            except LoraMergeError as e:
+                missing = e
+            if missing is not None:
+                problems.add(("adapters", i, "source"), str(missing))
     modules = data.get("modules") if isinstance(data.get("modules"), list) else []
     for i, m in enumerate(modules):
         if not isinstance(m, dict):
@@ -261,7 +265,12 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
         elif p.exists() and not force:
             problems.add(("output", "path"), f"{path} already exists; choose another path or pass --force to replace it")
     fmt = out.get("format")
-    formats = writable()
+    if isinstance(fmt, str):
+        from ..formats.registry import (
+            writable,  # the format modules import torch: only when a format is named
+        )
+
+        formats = writable()
     if isinstance(fmt, str) and fmt not in formats:
         problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(formats))}")
     dtype = out.get("dtype")
@@ -277,6 +286,10 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
                          "pushing needs a token: set HF_TOKEN (a write token) or run `hf auth login`")
 
 
+# Parameters whose Python field name differs from the name users write (``lambda`` is a Python keyword).
+_ALIASES = {"lambda_": "lambda"}
+
+
 def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, Any] | None, weights: Sequence[float] | None,
                 options: MergeOptions, base_model: str | None = None) -> str:
     """The recipe YAML of a merge request (``--emit-recipe``; running it gives the same output bytes)."""
@@ -285,7 +298,7 @@ def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, An
     return Recipe(
         method=method, base_model=base_model,
         adapters=[AdapterSpec(source=str(s), weight=None if wi is None else float(wi)) for s, wi in zip(sources, w)],
-        parameters={k: v for k, v in (params or {}).items() if v is not None},
+        parameters={_ALIASES.get(k, k): v for k, v in (params or {}).items() if v is not None},
         output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
                           profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
         seed=o.seed, scale=o.scale, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
