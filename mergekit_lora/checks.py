@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import LoraMergeError
+from .paths import exists
 
 
 def _non_finite(value: Any, where: str) -> str | None:
@@ -86,7 +87,7 @@ def output_not_input(out: str | Path, input_paths: Iterable[str | Path]) -> None
                              "name a new folder for the merged adapter", field="out")
     for src in input_paths:
         s = Path(str(src))
-        if not s.exists():
+        if not exists(s):
             continue
         si = _resolved(s)
         if _inside(o, si):

@@ -22,6 +22,7 @@ from .formats.peft_layout import is_peft_folder, locate, peft_layout, read_confi
 from .formats.safetensors_header import DTYPE_NAMES, SafetensorsHeader
 from .formats.serving import serving_warnings_for
 from .names import module_group
+from .paths import path_fits
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -63,6 +64,8 @@ class Contents:
 
 def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict[str, Any]:
     """A JSON-able report; ``norms`` loads each module once to compute ‖ΔW‖ in factor space."""
+    if isinstance(source, (str, Path)):
+        path_fits(source)  # issue 28: a name over 255 bytes is one sentence, not an OSError
     if isinstance(source, (str, Path)) and is_peft_safetensors(Path(source)):
         return build_report(peft_contents(Path(source)), norms)
     # lazily: torch and every format's reader, for the sources the header path does not cover

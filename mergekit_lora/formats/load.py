@@ -21,6 +21,9 @@ from .tensors import TensorSource
 
 def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
     """A local path for ``source`` (itself if it exists, else the Hub snapshot) and metadata extras."""
+    from ..paths import path_fits
+
+    path_fits(source)  # issue 28: a 300-byte name is one sentence, not an OSError from stat
     p = Path(source)
     if p.exists():
         return p, {}

@@ -43,7 +43,36 @@ def read_header(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
+    _refuse_duplicate_names(path)
     return keys, shapes, names, metadata, (st.st_size, st.st_mtime_ns)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _Duplicate(k)
+        seen[k] = v
+    return seen
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _refuse_duplicate_names(path: Path) -> None:
+    """A header naming one tensor (or metadata key) twice is ambiguous (JSON keeps the last, another
+    reader may keep the first): refused (issue 28).  safe_open has validated the header already."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(n)
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise LoraMergeError(f"{path}: the safetensors header names {e.args[0]!r} more than once; the file is "
+                             "ambiguous (corrupt or hand-edited), re-export the adapter") from None
+    except (OSError, ValueError, struct.error) as e:
+        raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class SafetensorsHeader:

@@ -140,7 +140,10 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, check_output, Path(opts.out), opts.force)
-    top = _collect(problems, _top_params, algo, params) if algo is not None else None
+    # a NaN/Inf parameter is already one problem (finite_numbers); validating it again would add a second,
+    # wrong one ("should be ≤ 1", issue 28)
+    non_finite = any(p.field == "parameters" for p in problems)
+    top = _collect(problems, _top_params, algo, params) if algo is not None and not non_finite else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
     # Stage 2: the sources' headers.

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from ..paths import exists, path_fits
 from ..errors import LoraMergeError
 from ..formats.registry import writable
 from ..hub import env_token, parse_hub_id
@@ -38,7 +39,7 @@ from ..options import DTYPE_NAMES, MergeOptions
 from ..registry import available
 from .gradients import check_parameters
 from .problems import Problems
-from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
+from .yaml_lines import Loc, format_loc, load_yaml_with_lines, read_text_utf8
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -182,9 +183,31 @@ def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
         for err in e.errors():
             problems.add(tuple(err["loc"]), _pydantic_message(err))
     _check_semantics(data, problems, available(), force=force, check_token=check_token)
+    if recipe is not None:
+        _check_options(recipe, problems)
     problems.raise_if_any()
     assert recipe is not None
     return recipe, lines
+
+
+# MergeOptions field -> where a recipe sets it (issue 28: ``seed: -1`` was a raw ValidationError at run time)
+_OPTION_LOCS: dict[str, Loc] = {"out": ("output", "path"), "output_format": ("output", "format"),
+                                "dtype": ("output", "dtype"), "profile": ("output", "profile"),
+                                "base_gguf": ("output", "base_gguf"), "push_to_hub": ("output", "push_to_hub"),
+                                "private": ("output", "private"), "revision": ("output", "revision"),
+                                "commit_message": ("output", "commit_message")}
+
+
+def _check_options(recipe: Recipe, problems: Problems) -> None:
+    """The run options the recipe asks for pass MergeOptions' own checks (each at the recipe's line)."""
+    try:
+        recipe.options()
+    except ValidationError as e:
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            loc = _OPTION_LOCS.get(field, (field,) if field else ())
+            if not any(path == format_loc(loc) for _, path, _ in problems.items):
+                problems.add(loc, _pydantic_message(err))
 
 
 def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, Any], *, force: bool,
@@ -203,7 +226,9 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         check_parameters(algo, {}, base_params, ("parameters",), problems)
     for i, a in enumerate(adapters or []):
         src = a.get("source") if isinstance(a, dict) else None
-        if isinstance(src, str) and not Path(src).exists():
+        if isinstance(src, str) and (why := _too_long(src)):
+            problems.add(("adapters", i, "source"), why)
+        elif isinstance(src, str) and not exists(src):
             if parse_hub_id(src) is None:
                 problems.add(("adapters", i, "source"), f"{src}: no such file or folder")
     modules = data.get("modules") if isinstance(data.get("modules"), list) else []
@@ -239,13 +264,24 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
             problems.add(("device",), e.errors()[0]["msg"].removeprefix("Value error, "))
 
 
+def _too_long(path: str) -> str | None:
+    """Why ``path`` cannot exist (a name over 255 bytes, issue 28), else None."""
+    try:
+        path_fits(path)
+    except LoraMergeError as e:
+        return str(e)
+    return None
+
+
 def _n(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
     path = out.get("path")
-    if isinstance(path, str):
+    if isinstance(path, str) and (why := _too_long(path)):
+        problems.add(("output", "path"), why)
+    elif isinstance(path, str):
         p = Path(path)
         if p.exists() and not p.is_dir():
             problems.add(("output", "path"), f"{path} exists and is not a folder; choose another path")
