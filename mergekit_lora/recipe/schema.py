@@ -31,11 +31,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..paths import exists, path_fits
 from ..errors import LoraMergeError
 from ..formats.registry import writable
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
+from ..paths import exists, path_fits
 from ..registry import available
 from .gradients import check_parameters
 from .problems import Problems
