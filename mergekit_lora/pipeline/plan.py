@@ -31,6 +31,7 @@ from ..formats import load_adapter
 from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, get_writer
+from ..formats.safetensors_header import content_fingerprints
 from ..names import layer_index, matches
 from ..options import DTYPE_NAMES, MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
@@ -230,8 +231,9 @@ def _load_sources(sources: Sequence[Source], opts: MergeOptions) -> tuple[list[A
             labels.append(s.label)
             continue
         try:
-            adapters.append(load_adapter(s, allow_pickle=opts.allow_pickle,
-                                         ignore_modules_to_save=opts.ignore_modules_to_save))
+            with content_fingerprints(opts.verify_inputs):  # issue 28
+                adapters.append(load_adapter(s, allow_pickle=opts.allow_pickle,
+                                             ignore_modules_to_save=opts.ignore_modules_to_save))
             labels.append(str(s))
         except LoraMergeError as e:
             problems.append(LoraMergeError(e.template, field=f"adapters[{i}].source"))

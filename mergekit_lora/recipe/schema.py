@@ -100,6 +100,7 @@ class Recipe(_Strict):
     device: str = "auto"
     allow_pickle: bool = False
     ignore_modules_to_save: bool = False
+    verify_inputs: bool = False
 
     @classmethod
     def from_yaml(cls, text: str, name: str = "recipe", *, force: bool = False, check_token: bool = True) -> Recipe:
@@ -119,7 +120,7 @@ class Recipe(_Strict):
         doc["output"] = {"path": self.output.path, **self.output.model_dump(exclude_defaults=True)}
         doc["seed"] = self.seed
         for key, default in (("missing", "union"), ("device", "auto"), ("allow_pickle", False),
-                             ("ignore_modules_to_save", False)):
+                             ("ignore_modules_to_save", False), ("verify_inputs", False)):
             if getattr(self, key) != default:
                 doc[key] = getattr(self, key)
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
@@ -131,7 +132,8 @@ class Recipe(_Strict):
             "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
             "profile": out.profile, "base_gguf": Path(out.base_gguf) if out.base_gguf else None,
             "device": self.device, "seed": self.seed, "missing": self.missing, "allow_pickle": self.allow_pickle,
-            "ignore_modules_to_save": self.ignore_modules_to_save, "push_to_hub": out.push_to_hub,
+            "ignore_modules_to_save": self.ignore_modules_to_save, "verify_inputs": self.verify_inputs,
+            "push_to_hub": out.push_to_hub,
             "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
 
 
@@ -316,5 +318,5 @@ def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, An
         output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
                           profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
         seed=o.seed, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
-        ignore_modules_to_save=o.ignore_modules_to_save,
+        ignore_modules_to_save=o.ignore_modules_to_save, verify_inputs=o.verify_inputs,
     ).to_yaml()
