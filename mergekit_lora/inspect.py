@@ -121,11 +121,12 @@ def factor_norm(A: np.ndarray, B: np.ndarray, scale: float) -> float:
     r = A.shape[0]
     A2 = A.reshape(r, -1)
     B2 = B.reshape(B.shape[0], r)
-    if scale != 1.0:
-        B2 = B2 * B2.dtype.type(scale)
-    a64, b64 = A2.astype(np.float64), B2.astype(np.float64)
-    n2 = max(float(((b64.T @ b64) * (a64 @ a64.T)).sum()), 0.0)
-    return float(n2**0.5)
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme factors: inf/nan in the table, no warnings
+        if scale != 1.0:
+            B2 = B2 * B2.dtype.type(scale)
+        a64, b64 = A2.astype(np.float64), B2.astype(np.float64)
+        n2 = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    return float(max(n2, 0.0) ** 0.5) if n2 == n2 else n2
 
 
 def build_report(c: Contents, norms: bool) -> dict[str, Any]:
