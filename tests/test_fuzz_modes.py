@@ -10,16 +10,18 @@ written (no output folder, no temp debris).  A fixed seed (derandomized); a few 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import string
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, seed
 from hypothesis import strategies as st
-from reliab_helpers import debris, peft_config, write_peft
+from reliab_helpers import debris, peft_config, required_params, write_peft
 from test_fuzz import assert_clean, finite_output, fuzz_settings
 from typer.testing import CliRunner
 
@@ -34,17 +36,16 @@ def examples(ci: int, long: int) -> int:
     return long if LONG else ci
 
 
-def _required(name: str) -> list[str]:
-    algo = available()[name].load()()
-    out = []
-    for key, f in algo.Params.model_fields.items():
-        if f.is_required():
-            out += ["-p", f"{key}={0.5 if f.annotation is float else 2}"]
-    return out
-
-
 METHODS = sorted(available())
-REQUIRED = {m: _required(m) for m in METHODS}
+REQUIRED = {m: required_params(m) for m in METHODS}
+
+
+@contextlib.contextmanager
+def two_inputs() -> Iterator[tuple[CliRunner, Path, Path, Path, Path]]:
+    """(runner, folder, adapter a, adapter b, the output path) in a fresh temp folder."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        yield CliRunner(), folder, write_peft(folder / "a", 0), write_peft(folder / "b", 1), folder / "merged"
 
 
 def check(result, out: Path | None, what: str) -> None:
@@ -170,12 +171,8 @@ def recipe_text(draw, a: Path, b: Path, out: Path) -> str:
 @seed(SEED)
 @fuzz_settings(examples(60, 8000))
 @given(data=st.data(), dry=st.booleans())
-def test_fuzz_recipe_yaml(tmp_path_factory, data, dry):
-    runner = CliRunner()
-    with tempfile.TemporaryDirectory() as d:
-        folder = Path(d)
-        a, b = write_peft(folder / "a", 0), write_peft(folder / "b", 1)
-        out = folder / "merged"
+def test_fuzz_recipe_yaml(data, dry):
+    with two_inputs() as (runner, folder, a, b, out):
         r = folder / "r.yaml"
         r.write_text(data.draw(recipe_text(a, b, out)), encoding="utf-8", errors="surrogatepass")
         result = runner.invoke(app, ["run", str(r), *(["--dry-run"] if dry else [])])
@@ -194,11 +191,7 @@ PARAM_KEYS = ["rank", "density", "k", "k_ratio", "lambda", "majority_sign", "see
        value=st.one_of(yaml_value(), st.text(max_size=30), st.sampled_from(TOKENS)),
        method=st.sampled_from(["svd", "ties", "linear", "dare_linear", "lego"]))
 def test_fuzz_param_values(key, value, method):
-    runner = CliRunner()
-    with tempfile.TemporaryDirectory() as d:
-        folder = Path(d)
-        a, b = write_peft(folder / "a", 0), write_peft(folder / "b", 1)
-        out = folder / "merged"
+    with two_inputs() as (runner, _, a, b, out):
         result = runner.invoke(app, ["merge", str(a), str(b), "--method", method, *REQUIRED[method],
                                      "-p", f"{key}={value}", "-o", str(out)])
         check(result, out, f"-p {key}={value!r}")

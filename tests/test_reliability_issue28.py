@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliab_helpers import PEFT_W, assert_one_error, peft_tensors, snapshot, write_peft
+from reliab_helpers import PEFT_W, assert_one_error, peft_tensors, required_params, snapshot, write_peft
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -108,15 +108,6 @@ def test_nan_parameter_from_python_is_one_problem(two):
 
 
 # ---------------------------------------------------------------- extreme but finite factors, every method
-def _required(name: str) -> list[str]:
-    algo = available()[name].load()()
-    out = []
-    for key, f in algo.Params.model_fields.items():
-        if f.is_required():
-            out += ["-p", f"{key}={0.5 if f.annotation is float else 2}"]
-    return out
-
-
 METHODS = sorted(available())
 
 
@@ -128,7 +119,7 @@ def test_extreme_factor_is_refused_by_every_method(tmp_path, method):
     x, b = write_peft(tmp_path / "x", tensors=t), write_peft(tmp_path / "b", 1)
     before = snapshot(x, b)
     out = tmp_path / "merged"
-    assert_one_error(cli("merge", x, b, "--method", method, *_required(method), "-o", out),
+    assert_one_error(cli("merge", x, b, "--method", method, *required_params(method), "-o", out),
                      [x / PEFT_W, key.removesuffix(".lora_A.weight").removeprefix("base_model.model."), "2.6e+36",
                       "lora_A", "overflow float32"], out=out)
     assert not out.exists() and snapshot(x, b) == before
@@ -140,7 +131,7 @@ def test_large_but_safe_factors_merge_finite_with_every_method(tmp_path, method)
     t[sorted(k for k in t if "lora_B" in k)[0]][0, 0] = 1e10  # × scale 2 × |A| ≤ 5 × rank 4 < 1e15
     x, b = write_peft(tmp_path / "x", tensors=t), write_peft(tmp_path / "b", 1)
     out = tmp_path / "merged"
-    r = cli("merge", x, b, "--method", method, *_required(method), "-o", out)
+    r = cli("merge", x, b, "--method", method, *required_params(method), "-o", out)
     assert r.exit_code == 0, r.output
     for f in out.glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as fh:
