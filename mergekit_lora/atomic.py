@@ -107,11 +107,12 @@ def _try_lock(p: Path) -> int | None:
     return fd
 
 
-def _stale(p: Path, pid: int) -> bool:
+def _stale(pid: int) -> bool:
     """A temp/old folder nobody is writing: its PID is not a live process, or (unlocked) it is a PID that
     cannot tell — 0, beyond any PID, 1 (init: never our dead writer, but PID 1 in a container may have
     been one) or this process's own PID (a previous incarnation).  Every live writer of this version
-    holds a ``flock`` on its temp folder, so an unlocked folder with such a PID is nobody's."""
+    holds a ``flock`` on its temp folder, so an unlocked folder with such a PID is nobody's (within one
+    process, :data:`_CREATING` closes the gap between creating a folder and locking it)."""
     if pid in (1, os.getpid()) or not (0 < pid <= PID_LIMIT):
         return True
     return not _pid_alive(pid)
@@ -121,23 +122,24 @@ def remove_stale(out: Path) -> list[Path]:
     """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID-*`` folders beside ``out`` that no live writer holds:
     unlocked, and process PID gone (or a PID that cannot be a live writer, see :func:`_stale`)."""
     pat = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-")
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
         return removed
-    for p in siblings:
-        m = pat.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or not _stale(p, int(m.group(1))):
-            continue
-        fd = _try_lock(p)
-        if fd is None:  # a live writer (this version) holds it
-            continue
-        try:
-            shutil.rmtree(p, ignore_errors=True)
-        finally:
-            os.close(fd)
-        removed.append(p)
+    with _CREATING:
+        for p in siblings:
+            m = pat.match(p.name)
+            if not m or p.is_symlink() or not p.is_dir() or not _stale(int(m.group(1))):
+                continue
+            fd = _try_lock(p)
+            if fd is None:  # a live writer (this version) holds it
+                continue
+            try:
+                shutil.rmtree(p, ignore_errors=True)
+            finally:
+                os.close(fd)
+            removed.append(p)
     return removed
 
 
@@ -237,13 +239,20 @@ def _make_temp(out: Path, kind: str) -> Path:
                              "choose another output") from None
 
 
+# Held while a temp folder is created and locked, and while stale ones are looked for: another thread of
+# this process never sees our own fresh folder unlocked.
+_CREATING = threading.Lock()
+
+
 @contextmanager
-def _held(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on our own temp folder while we write it: :func:`remove_stale` in
-    another run never removes a locked folder, whatever its PID says."""
-    fd = _try_lock(folder)
+def _locked_temp(out: Path, kind: str) -> Iterator[Path]:
+    """A new temp folder beside ``out``, with an exclusive ``flock`` held on it for the block:
+    :func:`remove_stale` in another run never removes a locked folder, whatever its PID says."""
+    with _CREATING:
+        folder = _make_temp(out, kind)
+        fd = _try_lock(folder)
     try:
-        yield
+        yield folder
     finally:
         if fd is not None:
             os.close(fd)
@@ -258,11 +267,18 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output(out, force)
     remove_stale(out)
-    tmp = _make_temp(out, "tmp")
+    with _locked_temp(out, "tmp") as tmp, _guarded(out, tmp, force):
+        yield tmp
+
+
+@contextmanager
+def _guarded(out: Path, tmp: Path, force: bool) -> Iterator[None]:
+    """The body of :func:`atomic_output`: errors become one line, success swaps ``tmp`` in, anything
+    else removes ``tmp``."""
     try:
-        with _held(tmp), _sigterm_as_exit():
+        with _sigterm_as_exit():
             try:
-                yield tmp
+                yield
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise _no_space(out, tmp) from None
@@ -287,8 +303,7 @@ def _swap(out: Path, tmp: Path, force: bool) -> None:
                                      "pass «force» to replace it, or choose another output", field="out")
             if not out.is_dir():
                 raise LoraMergeError(f"{out} exists and is not a folder")
-            trash = _make_temp(out, "old")
-            with _held(trash):
+            with _locked_temp(out, "old") as trash:
                 try:
                     out.rename(trash / "old")
                 except BaseException:
