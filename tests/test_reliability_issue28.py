@@ -206,6 +206,19 @@ def test_rewritten_input_with_mtime_restored_is_refused_with_verify_inputs(tmp_p
     assert not out.exists()
 
 
+def test_rewritten_kohya_file_is_refused_with_verify_inputs(tmp_path, monkeypatch):
+    from reliab_helpers import kohya_tensors
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(kohya_tensors(0), str(a))
+    save_file(kohya_tensors(1), str(b))
+    _tamper_after_plan(monkeypatch, b)
+    out = tmp_path / "merged"
+    assert_one_error(cli("merge", a, b, "--verify-inputs", "-o", out), [b, "changed after the merge was planned"],
+                     out=out)
+
+
 def test_without_verify_inputs_such_a_rewrite_is_not_detected(tmp_path, two, monkeypatch):
     """The documented limit (docs/reliability.md): size + mtime cannot see it."""
     a, b = two

@@ -16,6 +16,7 @@ from ..hub import parse_hub_id, resolve_hub
 from .peft_layout import is_peft_folder
 from .peft_read import read_peft
 from .registry import sniff
+from .safetensors_header import content_fingerprints
 from .tensors import TensorSource
 
 
@@ -61,7 +62,8 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
                 f"{path}: no adapter_config.json and {len(files)} .safetensors files; point at one adapter file"
             )
         path = files[0]
-    src = TensorSource.open(path, allow_pickle=allow_pickle)
+    with content_fingerprints(False):  # only sniffed here; the format's reader opens (and fingerprints) it
+        src = TensorSource.open(path, allow_pickle=allow_pickle)
     spec = sniff(src.keys, src.metadata)
     if spec is not None and spec.read is not None:
         return spec.read(path, **opts)
