@@ -146,6 +146,17 @@ def test_scale_overflowing_float32_is_refused(tmp_path):
         assert_one_error(cli(cmd[0], x, b, *cmd[1:], "-o", tmp_path / "m"), ["not finite once the scale"])
 
 
+def test_routed_output_beyond_float16_is_refused(tmp_path):
+    """Found by the long fuzz run: route wrote inf unit_B (float16 inputs, --weights 1e30,1)."""
+    half = {k: v.half() for k, v in peft_tensors(0).items()}
+    a = write_peft(tmp_path / "a", tensors=half)
+    b = write_peft(tmp_path / "b", tensors={k: v.half() for k, v in peft_tensors(1).items()})
+    out = tmp_path / "merged"
+    assert_one_error(cli("merge", a, b, "--method", "route", "-p", "top_k=2", "--weights", "1e30,1", "-o", out),
+                     ["(B) has entries beyond the torch.float16 range"], out=out)
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- path components over 255 bytes
 def test_long_path_components_are_one_sentence(tmp_path, two):
     a, b = two
