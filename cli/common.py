@@ -51,15 +51,22 @@ def parse_floats(text: str | None, what: str = "weights") -> list[float] | None:
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:
-    """``-p key=value`` pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
-    import yaml
+    """``-p key=value`` pairs; values parsed as YAML (numbers, booleans, strings, lists) by the recipes'
+    safe loader: a malformed value or a refused tag is one error naming the pair (issue 28)."""
+    from mergekit_lora.recipe.yaml_lines import load_yaml_with_lines
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise LoraMergeError(f"--param takes key=value (got {item!r})")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        try:
+            value = load_yaml_with_lines(v, "value")[0]
+        except LoraMergeError as e:
+            why = str(e).removeprefix("value: ").replace("YAML (line 1, column", "YAML (column")
+            raise LoraMergeError(f"-p {item}: the value is {why}; quote it, or write a number, true/false, a word "
+                                 "or a list like [1, 2]") from None
+        out[k.strip().replace("-", "_")] = value
     return out
 
 

@@ -63,6 +63,6 @@ def with_options(*fields: str) -> Callable[[F], F]:
 
 # Options every command that writes an adapter shares.
 WRITE_OPTIONS = ("seed", "scale", "missing", "device", "dtype", "output_format", "profile", "base_gguf", "force",
-                 "allow_pickle", "ignore_modules_to_save", "threads")
+                 "allow_pickle", "ignore_modules_to_save", "threads", "verify_inputs")
 
 EmitRecipeOpt = Annotated[str | None, typer.Option(help="also write the equivalent recipe YAML here ('-' prints it)")]

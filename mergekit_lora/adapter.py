@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .errors import LoraMergeError
 from .units import ModuleKind, RankUnits
 
 
@@ -91,6 +93,7 @@ class Adapter:
     def units(self, name: str, source: int = 0) -> RankUnits:
         """Load one module's units (scale folded into B), tagging every unit with ``source``."""
         u = self._loader(self.modules[name])
+        check_magnitude(u, name, self.path or self.label)
         if source:
             u = u.with_factors(u.A, u.B, torch.full((u.rank,), int(source), dtype=torch.long))
         return u
@@ -123,3 +126,30 @@ def output_meta(adapters: Sequence[Adapter]) -> AdapterMeta:
         config={},
         extra=dict(first.extra),
     )
+
+
+# Issue 28: the largest |ΔW| entry an input may reach, max|B|·max|A|·r (scale folded into B), and the
+# largest factor entry.  Every method squares such values somewhere (Gram matrices, norms, ‖ΔW‖² in the
+# card) and float32 ends at 3.4e38: 1e15 leaves room for a square times a dimension of 10⁸.  Real
+# adapters stay below 1e3; an input beyond this is refused by name before any method sees it.
+MAX_MAGNITUDE = 1e15
+
+
+def check_magnitude(u: RankUnits, name: str, where: object) -> None:
+    """Refuse a module whose factors would overflow float32 products (see :data:`MAX_MAGNITUDE`)."""
+    A, B = getattr(u, "A", None), getattr(u, "B", None)
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or not A.numel() or not B.numel():
+        return
+    a, b = float(A.detach().abs().max()), float(B.detach().abs().max())
+    bound = a * b * max(1, u.rank)
+    if not (math.isfinite(a) and math.isfinite(b)):  # read finite: the scale alpha/r overflowed float32
+        raise LoraMergeError(
+            f"{where}: module {name}: factor entries are not finite once the scale alpha/r is folded into lora_B "
+            f"(up to {a:.3g} in lora_A, {b:.3g} in lora_B); the adapter is corrupt or mis-scaled: re-export it")
+    if a <= MAX_MAGNITUDE and b <= MAX_MAGNITUDE and bound <= MAX_MAGNITUDE:
+        return
+    raise LoraMergeError(
+        f"{where}: module {name}: factor entries up to {a:.3g} (lora_A) and {b:.3g} (lora_B, scale folded in) at "
+        f"rank {u.rank}, so ΔW = B·A could reach {bound:.3g}; beyond {MAX_MAGNITUDE:.0e} the merge would overflow "
+        "float32 products. The adapter is corrupt or mis-scaled: re-export it (or rescale its factors)")
+

@@ -6,7 +6,9 @@ What holds (Linux/macOS, one local filesystem):
 - a failed, interrupted (Ctrl-C) or terminated (SIGTERM, exit 143) run removes its temp folder and
   leaves a previous output untouched;
 - a run killed outright (SIGKILL, power loss) leaves ``.OUT.tmp-PID-*``; the next run for the same
-  output removes such folders when process PID is gone (a live PID's folder is kept);
+  output removes such folders when process PID is gone (a live PID's folder is kept); a writer holds
+  a ``flock`` on its temp folder, so a folder whose PID cannot tell (0, 1, beyond any PID, our own) is
+  removed only when unlocked (issue 28);
 - two runs replacing the same output take turns (``fcntl.flock`` on the output's parent folder)
   for the swap, so the result is one complete output from one of them and no ``.OUT.old-*`` debris;
 - a full disk (ENOSPC) is one error naming the filesystem and the bytes involved, with the temp
@@ -73,28 +75,70 @@ def _umask() -> int:
     return mask
 
 
+PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT (64-bit); macOS PIDs stay below 100,000
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a running process; 0 and numbers beyond any PID (2**31: OverflowError in
+    ``os.kill``, issue 28) name none."""
+    if pid <= 0 or pid > PID_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # exists, owned by someone else
         return True
     return True
 
 
+def _try_lock(p: Path) -> int | None:
+    """An fd holding an exclusive non-blocking ``flock`` on folder ``p``, or None when a live writer holds
+    it (or it cannot be opened)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _stale(pid: int) -> bool:
+    """A temp/old folder nobody is writing: its PID is not a live process, or (unlocked) it is a PID that
+    cannot tell — 0, beyond any PID, 1 (init: never our dead writer, but PID 1 in a container may have
+    been one) or this process's own PID (a previous incarnation).  Every live writer of this version
+    holds a ``flock`` on its temp folder, so an unlocked folder with such a PID is nobody's (within one
+    process, :data:`_CREATING` closes the gap between creating a folder and locking it)."""
+    if pid in (1, os.getpid()) or not (0 < pid <= PID_LIMIT):
+        return True
+    return not _pid_alive(pid)
+
+
 def remove_stale(out: Path) -> list[Path]:
-    """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID-*`` folders beside ``out`` whose process PID is gone."""
+    """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID-*`` folders beside ``out`` that no live writer holds:
+    unlocked, and process PID gone (or a PID that cannot be a live writer, see :func:`_stale`)."""
     pat = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-")
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
         return removed
-    for p in siblings:
-        m = pat.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+    with _CREATING:
+        for p in siblings:
+            m = pat.match(p.name)
+            if not m or p.is_symlink() or not p.is_dir() or not _stale(int(m.group(1))):
+                continue
+            fd = _try_lock(p)
+            if fd is None:  # a live writer (this version) holds it
+                continue
+            try:
+                shutil.rmtree(p, ignore_errors=True)
+            finally:
+                os.close(fd)
             removed.append(p)
     return removed
 
@@ -157,17 +201,28 @@ def _mount_point(p: Path) -> Path:
     return p
 
 
-def _no_space(out: Path, tmp: Path) -> LoraMergeError:
-    written = _folder_bytes(tmp)
+def _free_text(folder: Path) -> str:
     try:
-        st = os.statvfs(out.parent)
-        free = f"{st.f_bavail * st.f_frsize:,} bytes free"
+        st = os.statvfs(folder)
     except OSError:
-        free = "free space unknown"
+        return "free space unknown"
+    text = f"{st.f_bavail * st.f_frsize:,} bytes free"
+    if st.f_files and not st.f_favail:  # f_files 0: a filesystem without inode counts
+        text += f", no free inodes (of {st.f_files:,})"
+    return text
+
+
+def _no_space(out: Path, tmp: Path) -> LoraMergeError:
+    """ENOSPC/EDQUOT while writing: what was written, then the free space once the partial output is gone
+    (so the numbers are true together; issue 28: "0 bytes written … 1,953,792 bytes free")."""
+    written = _folder_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = f"after {written:,} bytes written" if written else "before any byte of it was written"
     return LoraMergeError(
-        f"no space left on the filesystem at {_mount_point(out.parent)} while writing {out}: the output needs "
-        f"more than the {written:,} bytes written before it ran out ({free}); nothing was written, free space "
-        "or choose an output on another filesystem")
+        f"no space left on the filesystem at {_mount_point(out.parent)} while writing {out}: it ran out {done} "
+        f"({_free_text(out.parent)} with the partial output removed; a disk quota, reserved blocks or another "
+        "writer may leave less than that usable); nothing was written, free space or choose an output on "
+        "another filesystem")
 
 
 def _make_temp(out: Path, kind: str) -> Path:
@@ -175,8 +230,32 @@ def _make_temp(out: Path, kind: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
     except OSError as e:
-        raise LoraMergeError(f"cannot create the output {out}: {e.strerror or e} ({e.filename or out.parent}); "
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # issue 28: name the folder, not a temp that never existed
+            raise LoraMergeError(f"cannot create the output {out}: no space left on the filesystem at "
+                                 f"{_mount_point(out.parent)} ({_free_text(out.parent)}); free space or inodes, "
+                                 "or choose an output on another filesystem") from None
+        where = e.filename if e.filename and Path(e.filename).exists() else out.parent
+        raise LoraMergeError(f"cannot create the output {out}: {e.strerror or e} ({where}); "
                              "choose another output") from None
+
+
+# Held while a temp folder is created and locked, and while stale ones are looked for: another thread of
+# this process never sees our own fresh folder unlocked.
+_CREATING = threading.Lock()
+
+
+@contextmanager
+def _locked_temp(out: Path, kind: str) -> Iterator[Path]:
+    """A new temp folder beside ``out``, with an exclusive ``flock`` held on it for the block:
+    :func:`remove_stale` in another run never removes a locked folder, whatever its PID says."""
+    with _CREATING:
+        folder = _make_temp(out, kind)
+        fd = _try_lock(folder)
+    try:
+        yield folder
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 @contextmanager
@@ -188,11 +267,18 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output(out, force)
     remove_stale(out)
-    tmp = _make_temp(out, "tmp")
+    with _locked_temp(out, "tmp") as tmp, _guarded(out, tmp, force):
+        yield tmp
+
+
+@contextmanager
+def _guarded(out: Path, tmp: Path, force: bool) -> Iterator[None]:
+    """The body of :func:`atomic_output`: errors become one line, success swaps ``tmp`` in, anything
+    else removes ``tmp``."""
     try:
         with _sigterm_as_exit():
             try:
-                yield tmp
+                yield
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise _no_space(out, tmp) from None
@@ -217,18 +303,18 @@ def _swap(out: Path, tmp: Path, force: bool) -> None:
                                      "pass «force» to replace it, or choose another output", field="out")
             if not out.is_dir():
                 raise LoraMergeError(f"{out} exists and is not a folder")
-            trash = _make_temp(out, "old")
-            try:
-                out.rename(trash / "old")
-            except BaseException:
+            with _locked_temp(out, "old") as trash:
+                try:
+                    out.rename(trash / "old")
+                except BaseException:
+                    shutil.rmtree(trash, ignore_errors=True)
+                    raise
+                try:
+                    tmp.rename(out)
+                except BaseException:
+                    (trash / "old").rename(out)  # put the previous output back
+                    shutil.rmtree(trash, ignore_errors=True)
+                    raise
                 shutil.rmtree(trash, ignore_errors=True)
-                raise
-            try:
-                tmp.rename(out)
-            except BaseException:
-                (trash / "old").rename(out)  # put the previous output back
-                shutil.rmtree(trash, ignore_errors=True)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(out)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import LoraMergeError
+from .paths import exists
 
 
 def _non_finite(value: Any, where: str) -> str | None:
@@ -86,7 +87,7 @@ def output_not_input(out: str | Path, input_paths: Iterable[str | Path]) -> None
                              "name a new folder for the merged adapter", field="out")
     for src in input_paths:
         s = Path(str(src))
-        if not s.exists():
+        if not exists(s):
             continue
         si = _resolved(s)
         if _inside(o, si):
@@ -192,7 +193,8 @@ def finite_units(stream: Iterable[tuple[str, Any]], dtype: torch.dtype | None = 
     failing factor pays for the detailed count."""
     limit = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
     for name, u in stream:
-        for half, t in (("A", getattr(u, "A", None)), ("B", getattr(u, "B", None))):
+        inner = getattr(u, "units", u)  # a routed module's pooled units (issue 28: route + --weights 1e30)
+        for half, t in (("A", getattr(inner, "A", None)), ("B", getattr(inner, "B", None))):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                 lo, hi = (float(v) for v in torch.aminmax(t))
                 if math.isfinite(lo) and math.isfinite(hi) and (limit is None or max(-lo, hi) <= limit):

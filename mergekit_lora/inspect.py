@@ -23,6 +23,7 @@ from .formats.peft_layout import has_peft_keys, is_peft_folder, locate, peft_lay
 from .formats.safetensors_header import DTYPE_NAMES, SafetensorsHeader
 from .formats.serving import serving_warnings_for
 from .names import module_group
+from .paths import path_fits
 from .sources import check_sources, refuse_gguf
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Contents:
 def inspect_adapter(source: str | Path | Adapter, *, norms: bool = True) -> dict[str, Any]:
     """A JSON-able report; ``norms`` loads each module once to compute ‖ΔW‖ in factor space."""
     if isinstance(source, (str, Path)):
+        path_fits(source)  # issue 28: a name over 255 bytes is one sentence, not an OSError
         check_sources([source])  # before torch: a typo answers at once, with a suggestion
         refuse_gguf(Path(source))
         if is_peft_safetensors(Path(source)) or _peft_file(Path(source)):
@@ -135,11 +137,12 @@ def factor_norm(A: np.ndarray, B: np.ndarray, scale: float) -> float:
     r = A.shape[0]
     A2 = A.reshape(r, -1)
     B2 = B.reshape(B.shape[0], r)
-    if scale != 1.0:
-        B2 = B2 * B2.dtype.type(scale)
-    a64, b64 = A2.astype(np.float64), B2.astype(np.float64)
-    n2 = max(float(((b64.T @ b64) * (a64 @ a64.T)).sum()), 0.0)
-    return float(n2**0.5)
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme factors: inf/nan in the table, no warnings
+        if scale != 1.0:
+            B2 = B2 * B2.dtype.type(scale)
+        a64, b64 = A2.astype(np.float64), B2.astype(np.float64)
+        n2 = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    return float(max(n2, 0.0) ** 0.5) if n2 == n2 else n2
 
 
 def build_report(c: Contents, norms: bool) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class MergeOptions(BaseModel):
     force: bool = Field(False, description="replace an existing output")
     allow_pickle: bool = Field(False, description="read .bin/.pt pickle files (only if you trust them)")
     ignore_modules_to_save: bool = Field(False, description="drop modules_to_save tensors instead of refusing")
+    verify_inputs: bool = Field(False, description="fingerprint every input tensor's bytes when planning and check "
+                                                   "them when read (an input rewritten in place is refused)")
     profile: Literal["default", "portable"] = Field(
         "default", description="PEFT output profile: portable = one rank, no rank/alpha patterns, lora_alpha = r "
                                "(what vLLM, SGLang and LoRAX load)")

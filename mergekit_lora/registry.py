@@ -49,9 +49,10 @@ ENTRY_POINT_GROUP = "mergekit_lora.algorithms"
 
 
 class AlgorithmParams(BaseModel):
-    """Base of every algorithm's parameters: frozen, unknown keys rejected."""
+    """Base of every algorithm's parameters: frozen, unknown keys rejected, NaN/Inf refused (one problem:
+    "Input should be a finite number", never also a bound like "≤ 1" that NaN happens to fail)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 P = TypeVar("P", bound=AlgorithmParams)

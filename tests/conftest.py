@@ -9,9 +9,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true", default=False,
-                     help="run the fuzz test (tests/test_fuzz.py) with 10,000 examples instead of 300")
+                     help="long fuzz runs: tests/test_fuzz.py with 10,000 examples instead of 300, and "
+                          "tests/test_fuzz_modes.py with 15,300 (also LORAMERGE_FUZZ_LONG=1)")
 
 
 def pytest_configure(config):
-    if config.getoption("--fuzz-long"):
-        os.environ["LORAMERGE_FUZZ_EXAMPLES"] = "10000"
+    if config.getoption("--fuzz-long") or os.environ.get("LORAMERGE_FUZZ_LONG", "") not in ("", "0"):
+        os.environ.setdefault("LORAMERGE_FUZZ_EXAMPLES", "10000")
+        os.environ["LORAMERGE_FUZZ_LONG"] = "1"

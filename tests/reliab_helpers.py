@@ -129,3 +129,16 @@ def retype(tensors: dict[str, torch.Tensor], key: str, dtype: str, shape: list[i
         n *= d
     out[key] = (dtype, shp, bytes(range(7, 7 + n * itemsize)) if n * itemsize < 240 else b"\x01" * (n * itemsize))
     return out
+
+
+def required_params(method: str) -> list[str]:
+    """``-p key=value`` flags for a method's required parameters (0.5 for floats, 2 otherwise)."""
+    from mergekit_lora.registry import available
+
+    algo = available()[method].load()()
+    out = []
+    for key, f in algo.Params.model_fields.items():
+        if f.is_required():
+            out += ["-p", f"{key}={0.5 if f.annotation is float else 2}"]
+    return out
+

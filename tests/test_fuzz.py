@@ -138,7 +138,18 @@ def apply(kind: str, how: str, data, source: Path, weights: Path) -> None:
         save_file(tensors, str(weights))
 
 
+def _count(what: str, code: int) -> None:
+    """``LORAMERGE_FUZZ_COUNT_FILE=path``: one line per CLI run (test, command, exit code), for the counts
+    in docs/reliability.md (appended as it goes, so a run cut short still counts what it did)."""
+    path = os.environ.get("LORAMERGE_FUZZ_COUNT_FILE")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        with open(path, "a") as f:
+            f.write(f"{test} {what.split()[0] if what.split() else '?'} {code}\n")
+
+
 def assert_clean(result, what: str) -> None:
+    _count(what, result.exit_code)
     if result.exit_code == 0:
         return
     exc = result.exception

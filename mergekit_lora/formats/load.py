@@ -17,11 +17,15 @@ from ..sources import did_you_mean, refuse_gguf, split_alpha
 from .peft_layout import is_peft_folder
 from .peft_read import adapter_from_peft_source, read_peft
 from .registry import sniff
+from .safetensors_header import content_fingerprints
 from .tensors import TensorSource
 
 
 def resolve_source(source: str | Path, *, allow_pickle: bool = False) -> tuple[Path, dict[str, Any]]:
     """A local path for ``source`` (itself if it exists, else the Hub snapshot) and metadata extras."""
+    from ..paths import path_fits
+
+    path_fits(source)  # issue 28: a 300-byte name is one sentence, not an OSError from stat
     p = Path(source)
     if p.exists():
         return p, {}
@@ -81,7 +85,8 @@ def _load_local(path: Path, *, allow_pickle: bool, ignore_modules_to_save: bool,
             )
         path = files[0]
     refuse_gguf(path)
-    src = TensorSource.open(path, allow_pickle=allow_pickle)
+    with content_fingerprints(False):  # only sniffed here; the format's reader opens (and fingerprints) it
+        src = TensorSource.open(path, allow_pickle=allow_pickle)
     spec = sniff(src.keys, src.metadata)
     if spec is not None and spec.read is not None:
         return spec.read(path, **opts)

@@ -9,8 +9,12 @@ descriptor, after checking that the file did not change since its header was rea
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import struct
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,26 @@ DTYPE_NAMES = {
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
+# Issue 28, ``MergeOptions.verify_inputs``: while set, every header opened also fingerprints each tensor's
+# bytes (BLAKE2b-128 of its byte range); each later read is checked against it.
+_VERIFY = ContextVar("verify_inputs", default=False)
+_CHUNK = 1 << 24
+
+
+@contextlib.contextmanager
+def content_fingerprints(on: bool = True) -> Iterator[None]:
+    """Inside: headers opened record a content fingerprint of every tensor (read back and checked later)."""
+    token = _VERIFY.set(on)
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+def _digest(view: memoryview | bytes) -> bytes:
+    return hashlib.blake2b(view, digest_size=16).digest()
+
+
 # numpy storage of the factor codes (bfloat16 as its raw 16 bits: numpy has no bfloat16).
 _NP_STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 READ_ERRORS = (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error)
@@ -43,7 +67,36 @@ def read_header(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
+    _refuse_duplicate_names(path)
     return keys, shapes, names, metadata, (st.st_size, st.st_mtime_ns)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _Duplicate(k)
+        seen[k] = v
+    return seen
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _refuse_duplicate_names(path: Path) -> None:
+    """A header naming one tensor (or metadata key) twice is ambiguous (JSON keeps the last, another
+    reader may keep the first): refused (issue 28).  safe_open has validated the header already."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(n)
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise LoraMergeError(f"{path}: the safetensors header names {e.args[0]!r} more than once; the file is "
+                             "ambiguous (corrupt or hand-edited), re-export the adapter") from None
+    except (OSError, ValueError, struct.error) as e:
+        raise LoraMergeError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class SafetensorsHeader:
@@ -58,13 +111,26 @@ class SafetensorsHeader:
         self.dtype_names: dict[str, str] = {}  # the header's own dtype codes (safetensors files)
         self._stat: tuple[int, int] | None = None  # (size, mtime_ns) when the header was read
         self._reader: RangeReader | None = None
+        self._digests: dict[str, bytes] | None = None  # key -> BLAKE2b of its bytes (verify_inputs)
+
+    def _record(self, stat: tuple[int, int]) -> None:
+        """Remember the file as it is now: size and mtime, and (``verify_inputs``) each tensor's bytes' digest."""
+        self._stat = stat
+        if _VERIFY.get():
+            try:
+                if self._reader is None:
+                    self._reader = RangeReader(self.path)
+                self._digests = {k: self._reader.digest(k) for k in self.keys}
+            except READ_ERRORS as e:
+                raise LoraMergeError(f"{self.path}: cannot fingerprint its tensors ({type(e).__name__}: {e})") from None
 
     @classmethod
     def open(cls, path: Path) -> SafetensorsHeader:
         path = Path(path)
         keys, shapes, names, metadata, stat = read_header(path)
         h = cls(path, keys, shapes, metadata)
-        h.dtype_names, h._stat = names, stat
+        h.dtype_names = names
+        h._record(stat)
         return h
 
     def dtype_name(self, key: str) -> str:
@@ -99,6 +165,10 @@ class SafetensorsHeader:
             self._reader.read_into(key, view, what)
         except READ_ERRORS as e:
             raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({type(e).__name__}: {e})") from None
+        if self._digests is not None and key in self._digests and _digest(view) != self._digests[key]:
+            raise LoraMergeError(f"{self.path}: tensor {key} changed after the merge was planned (its bytes differ "
+                                 "from the content fingerprint taken then, though size and modification time "
+                                 "did not change); run again when the input is no longer being written")
 
     def array(self, key: str) -> np.ndarray:
         """A LoRA factor as a numpy array in its math precision (float64 stays, the rest becomes float32;
@@ -153,6 +223,20 @@ class RangeReader:
         header = json.loads(self._file.read(n))
         self._base = 8 + n
         self._ranges = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+    def digest(self, key: str) -> bytes:
+        """BLAKE2b-128 of tensor ``key``'s bytes, read in 16 MiB chunks."""
+        start, end = self._ranges[key]
+        h = hashlib.blake2b(digest_size=16)
+        self._file.seek(self._base + start)
+        left = end - start
+        while left > 0:
+            chunk = self._file.read(min(left, _CHUNK))
+            if not chunk:
+                raise OSError(f"unexpected end of file reading {key}")
+            h.update(chunk)
+            left -= len(chunk)
+        return h.digest()
 
     def read_into(self, key: str, view: memoryview, what: str) -> None:
         start, end = self._ranges[key]

@@ -49,7 +49,8 @@ class TensorSource(SafetensorsHeader):
         # an unknown dtype string keeps a byte dtype as a placeholder: check_factor refuses it by name
         dtypes = {k: _ST_DTYPES.get(n, torch.uint8) for k, n in names.items()}
         src = cls(path, keys, shapes, dtypes, metadata)
-        src.dtype_names, src._stat = names, stat
+        src.dtype_names = names
+        src._record(stat)
         return src
 
     def dtype_name(self, key: str) -> str:

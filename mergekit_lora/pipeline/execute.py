@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..errors import LoraMergeError
 from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from ..progress import progress_bar
 from ..registry import ModuleContext, Notes
@@ -79,10 +82,16 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
             loaded = [[plan.adapters[i].units(mp.name, source=i).to(plan.device) for i in mp.present] for mp in batch]
             weights = [[mp.weights[i] for i in mp.present] for mp in batch]
             ctxs = [ModuleContext(mp.name, plan.options.seed, plan.device) for mp in batch]
-            if len(batch) == 1:
-                outs = [algo.merge_module(loaded[0], weights[0], p, ctxs[0])]
-            else:
-                outs = algo.merge_batch(loaded, weights, p, ctxs)
+            try:
+                if len(batch) == 1:
+                    outs = [algo.merge_module(loaded[0], weights[0], p, ctxs[0])]
+                else:
+                    outs = algo.merge_batch(loaded, weights, p, ctxs)
+            except torch.linalg.LinAlgError as e:  # issue 28: one sentence, never a traceback
+                raise LoraMergeError(f"method {plan.method!r} could not merge module {batch[0].name}"
+                                     f"{f' (and {len(batch) - 1} more)' if len(batch) > 1 else ''}: "
+                                     f"{str(e).splitlines()[0]}; check the inputs' values (or try another method)"
+                                     ) from None
             for mp, u, w, m in zip(batch, loaded, weights, outs):
                 units, row = m.units, m.fidelity
                 if isinstance(units, RankUnits) and not plan.scale.is_identity:

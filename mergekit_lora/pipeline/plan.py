@@ -31,6 +31,7 @@ from ..formats import load_adapter
 from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, get_writer
+from ..formats.safetensors_header import content_fingerprints
 from ..names import layer_index, matches
 from ..options import DTYPE_NAMES, MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
@@ -142,7 +143,10 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, check_output, Path(opts.out), opts.force)
-    top = _collect(problems, _top_params, algo, params) if algo is not None else None
+    # a NaN/Inf parameter is already one problem (finite_numbers); validating it again would add a second,
+    # wrong one ("should be ≤ 1", issue 28)
+    non_finite = any(p.field == "parameters" for p in problems)
+    top = _collect(problems, _top_params, algo, params) if algo is not None and not non_finite else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
     # Stage 2: the sources' headers.
@@ -238,8 +242,9 @@ def _load_sources(sources: Sequence[Source], opts: MergeOptions) -> tuple[list[A
             labels.append(s.label)
             continue
         try:
-            adapters.append(load_adapter(s, allow_pickle=opts.allow_pickle,
-                                         ignore_modules_to_save=opts.ignore_modules_to_save))
+            with content_fingerprints(opts.verify_inputs):  # issue 28
+                adapters.append(load_adapter(s, allow_pickle=opts.allow_pickle,
+                                             ignore_modules_to_save=opts.ignore_modules_to_save))
             labels.append(str(s))
         except LoraMergeError as e:
             problems.append(LoraMergeError(e.template, field=f"adapters[{i}].source"))

@@ -34,12 +34,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ..errors import LoraMergeError
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
+from ..paths import path_fits
 from ..registry import available, unknown_method
 from ..sources import missing_source
 from ..strength import normalize_scale
 from .gradients import check_parameters
 from .problems import Problems
-from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
+from .yaml_lines import Loc, format_loc, load_yaml_with_lines, read_text_utf8
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -101,6 +102,7 @@ class Recipe(_Strict):
     device: str = "auto"
     allow_pickle: bool = False
     ignore_modules_to_save: bool = False
+    verify_inputs: bool = False
 
     def weights(self) -> list[Any] | None:
         """The adapters' weights for ``plan`` (an adapter without one gets 1/n; None: all 1/n)."""
@@ -127,7 +129,7 @@ class Recipe(_Strict):
         doc["output"] = {"path": self.output.path, **self.output.model_dump(exclude_defaults=True)}
         doc["seed"] = self.seed
         for key, default in (("scale", "auto"), ("missing", "union"), ("device", "auto"), ("allow_pickle", False),
-                             ("ignore_modules_to_save", False)):
+                             ("ignore_modules_to_save", False), ("verify_inputs", False)):
             if getattr(self, key) != default:
                 doc[key] = getattr(self, key)
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
@@ -138,8 +140,9 @@ class Recipe(_Strict):
         return MergeOptions(**{
             "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
             "profile": out.profile, "base_gguf": Path(out.base_gguf) if out.base_gguf else None,
-            "device": self.device, "seed": self.seed, "scale": self.scale, "missing": self.missing, "allow_pickle": self.allow_pickle,
-            "ignore_modules_to_save": self.ignore_modules_to_save, "push_to_hub": out.push_to_hub,
+            "device": self.device, "seed": self.seed, "scale": self.scale, "missing": self.missing,
+            "allow_pickle": self.allow_pickle, "ignore_modules_to_save": self.ignore_modules_to_save,
+            "verify_inputs": self.verify_inputs, "push_to_hub": out.push_to_hub,
             "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
 
 
@@ -191,9 +194,31 @@ def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
         for err in e.errors():
             problems.add(tuple(err["loc"]), _pydantic_message(err))
     _check_semantics(data, problems, available(), force=force, check_token=check_token)
+    if recipe is not None:
+        _check_options(recipe, problems)
     problems.raise_if_any()
     assert recipe is not None
     return recipe, lines
+
+
+# MergeOptions field -> where a recipe sets it (issue 28: ``seed: -1`` was a raw ValidationError at run time)
+_OPTION_LOCS: dict[str, Loc] = {"out": ("output", "path"), "output_format": ("output", "format"),
+                                "dtype": ("output", "dtype"), "profile": ("output", "profile"),
+                                "base_gguf": ("output", "base_gguf"), "push_to_hub": ("output", "push_to_hub"),
+                                "private": ("output", "private"), "revision": ("output", "revision"),
+                                "commit_message": ("output", "commit_message")}
+
+
+def _check_options(recipe: Recipe, problems: Problems) -> None:
+    """The run options the recipe asks for pass MergeOptions' own checks (each at the recipe's line)."""
+    try:
+        recipe.options()
+    except ValidationError as e:
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            loc = _OPTION_LOCS.get(field, (field,) if field else ())
+            if not any(path == format_loc(loc) for _, path, _ in problems.items):
+                problems.add(loc, _pydantic_message(err))
 
 
 def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, Any], *, force: bool,
@@ -212,7 +237,9 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         check_parameters(algo, {}, base_params, ("parameters",), problems)
     for i, a in enumerate(adapters or []):
         src = a.get("source") if isinstance(a, dict) else None
-        if isinstance(src, str):
+        if isinstance(src, str) and (why := _too_long(src)):
+            problems.add(("adapters", i, "source"), why)
+        elif isinstance(src, str):
             try:
                 missing = missing_source(src)  # FILE:alpha=N is a local file too
             except LoraMergeError as e:
@@ -252,13 +279,24 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
             problems.add(("device",), e.errors()[0]["msg"].removeprefix("Value error, "))
 
 
+def _too_long(path: str) -> str | None:
+    """Why ``path`` cannot exist (a name over 255 bytes, issue 28), else None."""
+    try:
+        path_fits(path)
+    except LoraMergeError as e:
+        return str(e)
+    return None
+
+
 def _n(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
     path = out.get("path")
-    if isinstance(path, str):
+    if isinstance(path, str) and (why := _too_long(path)):
+        problems.add(("output", "path"), why)
+    elif isinstance(path, str):
         p = Path(path)
         if p.exists() and not p.is_dir():
             problems.add(("output", "path"), f"{path} exists and is not a folder; choose another path")
@@ -302,5 +340,5 @@ def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, An
         output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
                           profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
         seed=o.seed, scale=o.scale, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
-        ignore_modules_to_save=o.ignore_modules_to_save,
+        ignore_modules_to_save=o.ignore_modules_to_save, verify_inputs=o.verify_inputs,
     ).to_yaml()

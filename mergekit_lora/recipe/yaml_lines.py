@@ -22,7 +22,40 @@ Loc = tuple[str | int, ...]
 MAX_DEPTH = 64
 
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~20x faster
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~20x faster
+# what PyYAML's safe constructors raise on a value that does not fit its explicit tag
+# (``!!int x``: ValueError, ``!!bool x``: KeyError, ``!!timestamp x``: AttributeError, ...)
+_CONSTRUCT_ERRORS = (ValueError, KeyError, AttributeError, TypeError, OverflowError, IndexError, UnicodeError)
+
+
+def _tag(node: yaml.Node) -> str:
+    return str(node.tag).replace("tag:yaml.org,2002:", "!!")
+
+
+class _Constructing:
+    """Mixin: a value that its tag's constructor cannot build is a ConstructorError at the value's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except yaml.YAMLError:
+            raise
+        except _CONSTRUCT_ERRORS:
+            shown = node.value if isinstance(node, yaml.ScalarNode) else f"<{type(node).__name__[:-4].lower()}>"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown!r} is not a valid {_tag(node)} value; remove the tag or fix the value",
+                node.start_mark) from None
+
+
+class _Loader(_Constructing, _BASE_LOADER):  # type: ignore[misc,valid-type]
+    pass
+
+
+class _PyLoader(_Constructing, yaml.SafeLoader):
+    pass
+
+
+_LOADER: type = _Loader if _BASE_LOADER is not yaml.SafeLoader else _PyLoader
 
 
 class _Refused(yaml.composer.ComposerError):
@@ -91,7 +124,7 @@ def load_yaml_with_lines(text: str, name: str) -> tuple[Any, dict[Loc, int], lis
         try:
             _refuse_aliases_and_depth(text)
         except yaml.YAMLError as e:
-            if isinstance(e, _Refused) or _LOADER is yaml.SafeLoader:
+            if isinstance(e, _Refused) or _BASE_LOADER is yaml.SafeLoader:
                 raise
             _refuse_aliases_and_depth(text, yaml.SafeLoader)  # PyYAML's own messages are clearer than libyaml's
             raise
@@ -100,6 +133,8 @@ def load_yaml_with_lines(text: str, name: str) -> tuple[Any, dict[Loc, int], lis
         data = loader.construct_document(node) if node is not None else None
     except RecursionError:
         raise LoraMergeError(f"{name}: not valid YAML: nested too deeply") from None
+    except _CONSTRUCT_ERRORS as e:  # anything the per-node guard did not see (issue 28): still one line
+        raise LoraMergeError(f"{name}: not valid YAML: {type(e).__name__}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
