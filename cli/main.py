@@ -17,6 +17,7 @@ from .methods_cmd import methods
 from .push_cmd import push
 from .route_cmd import route
 from .run_cmd import run
+from .serve_cmd import generate, serve
 from .tune_cmd import tune
 
 app = typer.Typer(
@@ -52,6 +53,8 @@ app.command()(cluster)
 app.command()(route)
 app.command()(tune)
 app.command()(export)
+app.command()(generate)
+app.command()(serve)
 app.add_typer(eval_app, name="eval")
 
 
