@@ -162,9 +162,11 @@ class Engine:
         by_path = {Path(x.path).resolve(): x.name for x in self.targets.values() if x.kind == "peft" and x.path}
         out = []
         for s, src in enumerate(t.routed.sources):
-            name = by_path.get(Path(src).resolve()) if src else None
+            p = Path(str(src)).resolve()
+            folder = p.parent if p.suffix in (".safetensors", ".bin", ".pt") else p  # a source is often the weights file
+            name = by_path.get(folder) or by_path.get(p)
             if name is None:
-                label = Path(str(src)).name or f"input{s}"
+                label = folder.name or f"input{s}"
                 name = f"{t.name}[{label}]"
                 self.targets[name] = Target(name, "routed", t.model, attached=t.attached, routed=t.routed,
                                             force=s, adapters=[label], path=t.path)
