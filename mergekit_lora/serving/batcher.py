@@ -7,7 +7,7 @@ batch (one forward per step for all rows).  Two targets never share a forward pa
 batch of their own (:meth:`Engine.select`) and then queued, with their arrival time, on the chosen target.
 
 Results go to each job's ``sink`` as events from the worker thread: ``("adapters", [...])`` before the
-first text, ``("text", piece)``, then ``("done", row)`` or ``("error", message)``.
+first text, ``("text", piece)`` (streamed jobs only), then ``("done", row)`` or ``("error", message)``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Job:
     ids: list[int]
     sampling: Sampling
     sink: Callable[[tuple[str, Any]], None]
+    stream: bool = False  # text events only for streamed answers (the others read the finished row)
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -131,8 +132,8 @@ class Batcher:
         rows = []
         for j in batch:
             j.sink(("adapters", list(target.adapters)))
-            rows.append(Row(list(j.ids), j.sampling, on_text=lambda p, j=j: j.sink(("text", p)),
-                            cancelled=lambda j=j: j.cancelled))
+            on_text = (lambda p, j=j: j.sink(("text", p))) if j.stream else None
+            rows.append(Row(list(j.ids), j.sampling, on_text=on_text, cancelled=lambda j=j: j.cancelled))
         self.engine.run(target, rows)
         self.batches += 1
         self.rows += len(rows)
