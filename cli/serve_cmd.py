@@ -31,6 +31,17 @@ def _check_base(base: str) -> None:
                              f"folder or {SMOLLM2!r}")
 
 
+def _quiet() -> None:
+    """No per-shard progress bars or deprecation warnings from transformers/PEFT on the user's terminal."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
     if max_tokens < 1:
         raise LoraMergeError(f"--max-tokens must be at least 1 (got {max_tokens})")
@@ -70,6 +81,7 @@ def generate(
     from mergekit_lora.serving.decode import Sampling
     from mergekit_lora.serving.engine import Engine
 
+    _quiet()
     t0 = time.perf_counter()
     engine = Engine(base, {"adapter": adapter} if adapter else {}, device=device, dtype=dtype)
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
@@ -134,6 +146,7 @@ def serve(
     from mergekit_lora.serving.http import Limits
     from mergekit_lora.serving.http import serve as run_server
 
+    _quiet()
     t0 = time.perf_counter()
     engine = Engine(base, adapters, device=device, dtype=dtype)
     err_console.print(f"loaded {base} and {len(adapters)} adapter(s) in {time.perf_counter() - t0:.1f} s on "

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from helpers import VOCAB, make_peft_adapter, tiny_llama
+from test_hierarchical import DOMAINS, planted_llama  # two token ranges: "!".."F" and "Q".."}"
 
 # ids: 0 = " ", 1 = <s>, 2 = </s>, 3.. = the 94 visible ASCII characters (97 = helpers.VOCAB)
 CHARS = [" "] + [chr(c) for c in range(33, 127)]
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
-DOMAINS = [(3, 40), (50, 95)]  # two token ranges: "!".."F" and "Q".."}" (tests/test_hierarchical.py's domains)
 
 
 def char_tokenizer():
@@ -35,22 +35,8 @@ def char_tokenizer():
     return tok
 
 
-def planted(m):
-    """Shift the embeddings of the two token ranges apart (the planted two-domain problem)."""
-    g = torch.Generator().manual_seed(0)
-    shift = torch.randn(m.config.hidden_size, generator=g)
-    shift = 2.0 * shift / shift.norm() * m.model.embed_tokens.weight.norm(dim=1).mean()
-    with torch.no_grad():
-        for d, sign in ((0, -1.0), (1, 1.0)):
-            lo, hi = DOMAINS[d]
-            m.model.embed_tokens.weight[lo:hi] += sign * shift
-    return m
-
-
 def tiny_base(path: Path, *, planted_domains: bool = False) -> Path:
-    m = tiny_llama(0)
-    if planted_domains:
-        planted(m)
+    m = planted_llama() if planted_domains else tiny_llama(0)
     m.save_pretrained(str(path))
     char_tokenizer().save_pretrained(str(path))
     return path

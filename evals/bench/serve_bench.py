@@ -3,7 +3,9 @@
 One real server process (``python -m mergekit_lora.cli.main serve``, ``OMP_NUM_THREADS`` as given) holds
 every target at once, so each comparison is within one run and one process.  For every (model, clients)
 cell, ``--requests`` requests are sent by that many client threads (each waits for its answer before the
-next); a cell stops at ``--time-limit`` seconds, and each request has that limit as its timeout.  A
+next), in ``--rounds`` rounds that go round-robin over the models (so load from other processes hits
+every model alike); a round stops at ``--time-limit`` seconds, and each request has that limit as its
+timeout.  A
 request is *ok* when it returns 200 with a finish reason and the requested token budget is respected;
 anything else is an *error*; a request still open at the limit is *hung*.  Lost = errors + hung (goal: 0).
 
@@ -115,13 +117,22 @@ def cell(url: str, model: str, prompts: list[str], *, clients: int, requests: in
     wall = time.perf_counter() - t0
     after = httpx.get(url + "/health").json()
     hung = sum(t.is_alive() for t in threads)  # a thread still waiting on a request at the limit
-    lat.sort()
-    q = (lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: float("nan"))
-    nb = after["batches"] - before["batches"]
-    return {"model": model, "clients": clients, "sent": done[0] + hung, "ok": len(lat), "errors": len(errors),
-            "hung": hung, "wall": wall, "rps": len(lat) / wall, "tps": toks[0] / wall, "p50": q(0.50),
-            "p95": q(0.95), "batch": (after["rows"] - before["rows"]) / nb if nb else 0.0,
-            "first_error": errors[0] if errors else ""}
+    return {"model": model, "clients": clients, "lat": lat, "tokens": toks[0], "errors": errors, "hung": hung,
+            "sent": done[0] + hung, "wall": wall, "batches": after["batches"] - before["batches"],
+            "rows": after["rows"] - before["rows"]}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """One (model, clients) cell from its rounds: counts and wall times add up, latencies pool."""
+    lat = sorted(x for p in parts for x in p["lat"])
+    wall = sum(p["wall"] for p in parts)
+    q = (lambda f: 1000 * lat[min(len(lat) - 1, int(f * len(lat)))]) if lat else (lambda f: float("nan"))
+    nb = sum(p["batches"] for p in parts)
+    errors = [e for p in parts for e in p["errors"]]
+    return {"model": parts[0]["model"], "clients": parts[0]["clients"], "sent": sum(p["sent"] for p in parts),
+            "ok": len(lat), "errors": len(errors), "hung": sum(p["hung"] for p in parts), "wall": wall,
+            "rps": len(lat) / wall, "tps": sum(p["tokens"] for p in parts) / wall, "p50": q(0.50), "p95": q(0.95),
+            "batch": sum(p["rows"] for p in parts) / nb if nb else 0.0, "first_error": errors[0] if errors else ""}
 
 
 def main() -> None:
@@ -130,6 +141,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per (model, clients) cell")
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4, help="each cell's requests are sent in this many rounds, "
+                    "round-robin over the models")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per cell (and per request)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="append the markdown table here")
@@ -145,9 +158,15 @@ def main() -> None:
         rows = []
         try:
             for clients in [int(c) for c in args.clients.split(",")]:
-                for label, model in (("base", "base"), ("static", static), ("routed", "routed"), ("auto", "auto")):
-                    r = cell(server.url, model, prompts[label], clients=clients, requests=args.requests,
-                             max_tokens=args.max_tokens, limit=args.time_limit)
+                parts: dict[str, list[dict]] = {}
+                for _ in range(args.rounds):  # round-robin: a noisy neighbour hits every model alike
+                    for label, model in (("base", "base"), ("static", static), ("routed", "routed"), ("auto", "auto")):
+                        parts.setdefault(label, []).append(
+                            cell(server.url, model, prompts[label], clients=clients,
+                                 requests=max(1, args.requests // args.rounds), max_tokens=args.max_tokens,
+                                 limit=args.time_limit))
+                for label, ps in parts.items():
+                    r = summarize(ps)
                     r["label"] = label
                     rows.append(r)
                     print(json.dumps(r), file=sys.stderr)
@@ -169,7 +188,8 @@ def render(rows: list[dict], args: argparse.Namespace, rc: int) -> str:
     dev = torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else (
         f"CPU {platform.machine()}, {os.cpu_count()} cores (shared), load average "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
-    out = [f"### {args.model}: {args.requests} requests per cell, max_tokens {args.max_tokens}, greedy",
+    out = [f"### {args.model}: {args.requests} requests per cell in {args.rounds} rounds, max_tokens "
+           f"{args.max_tokens}, greedy",
            "", f"`{cmd}` — {dev}; torch {torch.__version__}; server exit after SIGTERM: {rc}", "",
            "| model | clients | ok / sent | errors | hung | req/s | tokens/s | p50 ms | p95 ms | mean batch |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -119,6 +119,17 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] with every prompt right-aligned (what decoder-only generation wants)."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable[int], pad_id: int,
               device: torch.device) -> list[Row]:
@@ -126,13 +137,8 @@ def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable
     if not rows:
         return rows
     eos = set(eos_ids)
-    B, T = len(rows), max(len(r.ids) for r in rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
-        mask[i, T - len(r.ids):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    B = len(rows)
+    ids, mask = left_pad([r.ids for r in rows], pad_id, device)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache_kw, keep = _forward_args(model)
     gens = [None if r.sampling.greedy else _generator(r.sampling.seed, device) for r in rows]

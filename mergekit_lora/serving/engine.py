@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraMergeError
-from .decode import Row, Sampling, run_batch
+from .decode import Row, Sampling, left_pad, run_batch
 from .sources import AUTO, BASE, adapter_kind
 
 
@@ -220,13 +220,8 @@ class Engine:
         from ..routing.profile import select_adapter
 
         assert self.auto is not None
-        T = max(map(len, prompts))
-        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, T - len(p):] = 1
-        chosen = select_adapter(self.auto.model, self.auto.attached, ids.to(self.device), mask.to(self.device))
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        chosen = select_adapter(self.auto.model, self.auto.attached, ids, mask)
         return [self._choices[int(s)] for s in chosen.tolist()]
 
     def generate(self, name: str, ids: list[int], sampling: Sampling,
