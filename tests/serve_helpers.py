@@ -74,14 +74,15 @@ def hierarchical_adapter(base: Path, a: Path, b: Path, out: Path) -> Path:
 
 
 def adapters(tmp: Path) -> dict[str, Path]:
-    """Two PEFT adapters on the tiny Llama and the routed (implicit, top-3) composition of both."""
+    """Two PEFT adapters on the tiny Llama, their routed compositions (implicit top-3, gate top-4), a ties merge."""
     from mergekit_lora import merge
 
     a = make_peft_adapter(tmp / "a", seed=1, target_modules=["q_proj", "v_proj", "o_proj"])
     b = make_peft_adapter(tmp / "b", seed=2, r=6, target_modules=["q_proj", "o_proj"])
     merge([a, b], "route", tmp / "routed", params={"top_k": 3})
+    merge([a, b], "route", tmp / "gate", params={"top_k": 4, "router": "gate"})
     merge([a, b], "ties", tmp / "ties", params={"density": 0.5})
-    return {"a": a, "b": b, "routed": tmp / "routed", "ties": tmp / "ties"}
+    return {"a": a, "b": b, "routed": tmp / "routed", "gate": tmp / "gate", "ties": tmp / "ties"}
 
 
 def free_port() -> int:

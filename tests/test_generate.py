@@ -53,7 +53,7 @@ def engine(setup):
 
 
 @pytest.mark.parametrize("name,kind", [("base", None), ("a", "peft"), ("b", "peft"), ("routed", "routed"),
-                                       ("ties", "peft")])
+                                       ("gate", "routed"), ("ties", "peft")])
 def test_engine_greedy_equals_transformers_generate(setup, engine, name, kind):
     from mergekit_lora.serving.decode import Sampling
 
@@ -68,6 +68,7 @@ def test_adapters_are_loaded_once_and_switched(engine):
     """One PeftModel holds every PEFT adapter; each routed adapter shares the base's weight tensors."""
     peft = engine.targets["a"].model
     assert peft is engine.targets["b"].model and set(peft.peft_config) == {"a", "b", "ties"}
+    assert engine.targets["gate"].model is not engine.targets["routed"].model  # one module tree per routed adapter
     routed = engine.targets["routed"].model
     w = "model.layers.0.mlp.up_proj.weight"
     assert routed.get_parameter(w) is engine.model.get_parameter(w)

@@ -29,7 +29,7 @@ def stack(tmp_path_factory):
     ad = adapters(tmp)
     ad["hier"] = hierarchical_adapter(base, ad["a"], ad["b"], tmp / "hier")
     args = ["--base", str(base), "--api-key", KEY, "--log-level", "warning",
-            *[x for name in ("a", "b", "routed", "hier") for x in ("--adapter", f"{name}={ad[name]}")]]
+            *[x for name in ("a", "b", "routed", "gate", "hier") for x in ("--adapter", f"{name}={ad[name]}")]]
     server = Server(args)
     yield base, ad, server
     rc, out = server.stop()
@@ -53,10 +53,11 @@ def chat_ids(messages) -> list[int]:
 
 def test_models_lists_base_adapters_and_auto(client):
     names = [m.id for m in client.models.list().data]
-    assert names == ["base", "a", "b", "routed", "hier", "auto"]
+    assert names == ["base", "a", "b", "routed", "gate", "hier", "auto"]
 
 
-@pytest.mark.parametrize("model,kind", [("base", None), ("a", "peft"), ("routed", "routed"), ("hier", "routed")])
+@pytest.mark.parametrize("model,kind", [("base", None), ("a", "peft"), ("routed", "routed"), ("gate", "routed"),
+                                        ("hier", "routed")])
 def test_completion_greedy_equals_transformers_generate(stack, client, model, kind):
     base, ad, _ = stack
     r = client.completions.create(model=model, prompt="Hello world", max_tokens=20, temperature=0)
