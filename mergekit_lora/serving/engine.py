@@ -79,6 +79,23 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _reason(e: Exception) -> str:
+    """The informative line of a PEFT/torch loading error (the first size mismatch, else the first line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+    return line[:300].rstrip(".")
+
+
+def _made_for(local: Path) -> str:
+    import json
+
+    try:
+        made = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        made = None
+    return f" (the adapter was made for {made})" if made else ""
+
+
 class Engine:
     """The base model, its tokenizer and the registered targets (all loaded before the first request)."""
 
@@ -130,8 +147,8 @@ class Engine:
             else:
                 self._peft.load_adapter(str(local), adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise LoraMergeError(f"{local}: PEFT cannot load this adapter onto --base {self.base_name}: {first}") from None
+            raise LoraMergeError(f"{local}: PEFT cannot load this adapter onto --base {self.base_name}: "
+                                 f"{_reason(e)}{_made_for(local)}") from None
         self._peft.to(self.device).eval()
         return Target(name, "peft", self._peft, peft_name=name)
 
