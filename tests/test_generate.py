@@ -201,3 +201,37 @@ def test_smollm2_generate_equals_peft_and_attach(tmp_path):
         assert r.exit_code == 0, r.output
         want = reference(folder, kind, path, ids, n=12, eos=tok.eos_token_id)
         assert r.stdout.rstrip("\n") == tok.decode(want, skip_special_tokens=True)
+
+
+def test_batcher_never_mixes_adapters_in_a_batch(engine):
+    """Interleaved jobs for two adapters: every batch holds one adapter's rows, and rows do get batched."""
+    import time as _time
+
+    from mergekit_lora.serving.batcher import Batcher, Job
+    from mergekit_lora.serving.decode import Sampling
+
+    runs: list[tuple[str, int]] = []
+    real_run = engine.run
+
+    def spy(target, rows):
+        runs.append((target.name, len(rows)))
+        return real_run(target, rows)
+
+    engine.run = spy
+    try:
+        b = Batcher(engine, max_batch=4, window_s=0.05)
+        done: list[tuple] = []
+        for i in range(8):
+            name = ("a", "routed")[i % 2]
+            b.submit(Job(name, engine.encode("Hello"), Sampling(max_tokens=4),
+                         lambda ev, name=name: done.append((name, *ev)) if ev[0] == "done" else None))
+        b.start()
+        deadline = _time.monotonic() + 30
+        while len(done) < 8 and _time.monotonic() < deadline:
+            _time.sleep(0.01)
+        b.stop()
+    finally:
+        del engine.run
+    assert len(done) == 8 and sorted(n for n, _ in runs) == ["a", "routed"] and sum(k for _, k in runs) == 8
+    single = {n: engine.generate(n, engine.encode("Hello"), Sampling(max_tokens=4))[0].tokens for n in ("a", "routed")}
+    assert all(row.tokens == single[n] for n, _, row in done)

@@ -100,6 +100,8 @@ def test_chat_and_streaming_equal_the_reference(stack, client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    by_ids = client.completions.create(model="routed", prompt=ids_of("Hello"), max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == text(reference(base, "routed", ad["routed"], ids_of("Hello"), n=12))
     parts = list(client.completions.create(model="b", prompt="Hello", max_tokens=15, temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in parts) == text(reference(base, "peft", ad["b"], ids_of("Hello"), n=15))
     assert all(p.mergekit_lora["adapters"] == ["b"] for p in parts)
