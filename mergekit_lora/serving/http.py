@@ -156,8 +156,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | N
                            code="context_length_exceeded" if "context length" in str(e) else "invalid_value") from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(name, ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  stream=bool(req.stream))
+        def sink(ev: tuple[str, Any]) -> None:  # called from the batcher's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+                job.cancelled = True
+
+        job = Job(name, ids, params, sink, stream=bool(req.stream))
         try:
             batcher.submit(job)
         except Busy as e:
