@@ -5,6 +5,7 @@ Arguments are checked before torch (or fastapi) is imported: a wrong path or opt
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import Annotated
@@ -62,7 +63,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="sampling seed (the same seed gives the same text)")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop before this text (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="wrap the prompt as a user message in the tokenizer's chat template")] = False,
-    compare: Annotated[bool, typer.Option(help="generate with the base model too: base, then the adapter")] = False,
+    compare: Annotated[bool, typer.Option(help="the base model too: two columns on a terminal, one block after the other in a pipe")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
 ) -> None:
@@ -88,19 +89,43 @@ def generate(
     if not ids:
         raise LoraMergeError("the prompt is empty")
     params = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()))
-    err_console.print(f"loaded in {time.perf_counter() - t0:.1f} s on {engine.device}", style="dim", highlight=False)
+    err_console.print(f"loaded in {time.perf_counter() - t0:.1f} s on {engine.device}", style="dim", highlight=False,
+                      markup=False)
     runs = ([BASE, "adapter"] if compare else ["adapter" if adapter else BASE])
+    # --compare on a terminal: two columns once both are done; in a pipe: one labelled block after the other
+    columns = compare and sys.stdout.isatty() and shutil.get_terminal_size().columns >= 80
+    texts = []
     for name in runs:
-        if compare:
-            label = "base" if name == BASE else adapter
+        label = "base" if name == BASE else str(adapter)
+        if compare and not columns:
             sys.stdout.write(f"{'' if name == BASE else chr(10)}── {label} ──\n")
         t = time.perf_counter()
-        row, _used = engine.generate(name, ids, params, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        row, _used = engine.generate(name, ids, params, on_text=None if columns else _write)
+        if not columns:
+            _write("\n")
         dt = time.perf_counter() - t
-        err_console.print(f"[{len(row.tokens)} tokens, {row.finish_reason}, {len(row.tokens) / max(dt, 1e-9):.1f} tok/s]",
-                          style="dim", highlight=False)
+        texts.append((label, row.text))
+        err_console.print(f"[{label}: {len(row.tokens)} tokens, {row.finish_reason}, "
+                          f"{len(row.tokens) / max(dt, 1e-9):.1f} tok/s]", style="dim", highlight=False, markup=False)
+    if columns:
+        side_by_side(texts)
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def side_by_side(texts: list[tuple[str, str]], console=None) -> None:
+    """The answers in columns, one per model, wrapped to the terminal's width."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False, expand=True)
+    for label, _ in texts:
+        table.add_column(label, ratio=1, overflow="fold")
+    table.add_row(*[text for _, text in texts])
+    (console or Console()).print(table, highlight=False, markup=False)
 
 
 @user_errors
@@ -150,9 +175,9 @@ def serve(
     t0 = time.perf_counter()
     engine = Engine(base, adapters, device=device, dtype=dtype)
     err_console.print(f"loaded {base} and {len(adapters)} adapter(s) in {time.perf_counter() - t0:.1f} s on "
-                      f"{engine.device}; models: {', '.join(engine.names())}", highlight=False)
+                      f"{engine.device}; models: {', '.join(engine.names())}", highlight=False, markup=False)
     err_console.print(f"serving http://{host}:{port}/v1 (OpenAI API{', API key required' if api_key else ''})",
-                      highlight=False)
+                      highlight=False, markup=False)
     limits = Limits(max_tokens=max_tokens_limit, max_request_bytes=max_request_bytes, max_batch=max_batch,
                     window_ms=batch_window_ms)
     run_server(engine, host=host, port=port, api_key=api_key, limits=limits, log_level=log_level)

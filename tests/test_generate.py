@@ -235,3 +235,18 @@ def test_batcher_never_mixes_adapters_in_a_batch(engine):
     assert len(done) == 8 and sorted(n for n, _ in runs) == ["a", "routed"] and sum(k for _, k in runs) == 8
     single = {n: engine.generate(n, engine.encode("Hello"), Sampling(max_tokens=4))[0].tokens for n in ("a", "routed")}
     assert all(row.tokens == single[n] for n, _, row in done)
+
+
+def test_compare_columns_show_both_answers():
+    import io
+
+    from rich.console import Console
+
+    from mergekit_lora.cli.serve_cmd import side_by_side
+
+    out = io.StringIO()
+    side_by_side([("base", "The capital is Paris."), ("out/ties", "Paris [b;a] of course.")],
+                 Console(file=out, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert "base" in lines[1] and "out/ties" in lines[1]
+    assert "The capital is Paris." in out.getvalue() and "Paris [b;a] of course." in out.getvalue()

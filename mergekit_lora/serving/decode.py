@@ -152,7 +152,9 @@ def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable
         if keep:
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
-        cache = out.get("cache", None) or out.get("past_key_values", None)
+        cache = out.get("cache", None)
+        if cache is None:  # transformers before the `cache` rename
+            cache = out.get("past_key_values", None)
         nxt = _pick(out.logits[:, -1, :].float(), rows, gens)
         for i, r in enumerate(rows):
             if r.done:
