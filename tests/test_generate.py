@@ -84,10 +84,11 @@ def test_batched_rows_equal_single_rows(engine):
     from mergekit_lora.serving.decode import Row, Sampling
 
     prompts = ["Hi", "Hello world", "abc def ghi", "Q"]
-    single = [engine.generate("routed", engine.encode(p), Sampling(max_tokens=12))[0].tokens for p in prompts]
-    rows = [Row(engine.encode(p), Sampling(max_tokens=12)) for p in prompts]
+    params = [Sampling(max_tokens=n) for n in (3, 12, 7, 12)]  # rows that finish early leave the batch
+    single = [engine.generate("routed", engine.encode(p), s)[0].tokens for p, s in zip(prompts, params)]
+    rows = [Row(engine.encode(p), s) for p, s in zip(prompts, params)]
     engine.run(engine.targets["routed"], rows)
-    assert [r.tokens for r in rows] == single
+    assert [r.tokens for r in rows] == single and [len(t) for t in single] == [3, 12, 7, 12]
 
 
 def test_sampling_seed_is_reproducible_and_top_p_tiny_is_greedy(engine):

@@ -137,7 +137,6 @@ def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable
     if not rows:
         return rows
     eos = set(eos_ids)
-    B = len(rows)
     ids, mask = left_pad([r.ids for r in rows], pad_id, device)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache_kw, keep = _forward_args(model)
@@ -145,6 +144,7 @@ def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable
     streams = [TextStream(tokenizer, r.sampling.stop) for r in rows]
     cache = None
     cur, cur_pos = ids, pos
+    live = list(range(len(rows)))  # the rows still in the batch, in batch order
     for _step in range(max(r.sampling.max_tokens for r in rows)):
         kwargs = {"input_ids": cur, "attention_mask": mask, "position_ids": cur_pos, "use_cache": True}
         if cache is not None:
@@ -155,35 +155,45 @@ def run_batch(model: nn.Module, rows: list[Row], tokenizer, *, eos_ids: Iterable
         cache = out.get("cache", None)
         if cache is None:  # transformers before the `cache` rename
             cache = out.get("past_key_values", None)
-        nxt = _pick(out.logits[:, -1, :].float(), rows, gens)
-        for i, r in enumerate(rows):
-            if r.done:
-                continue
-            if r.cancelled is not None and r.cancelled():
-                r.finish_reason = "cancelled"
-                continue
-            if nxt[i] in eos:
-                r.finish_reason = "stop"
-                _emit(r, streams[i].finish(r.tokens))
-                continue
-            r.tokens.append(nxt[i])
-            piece, stopped = streams[i].push(r.tokens)
-            _emit(r, piece)
-            if stopped:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.sampling.max_tokens:
-                r.finish_reason = "length"
-                _emit(r, streams[i].finish(r.tokens))
-        if all(r.done for r in rows):
+        nxt = _pick(out.logits[:, -1, :].float(), [rows[j] for j in live], [gens[j] for j in live])
+        for i, j in enumerate(live):
+            _advance(rows[j], nxt[i], streams[j], eos)
+        still = [i for i, j in enumerate(live) if not rows[j].done]
+        if not still:
             break
         cur = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
         cur_pos = cur_pos[:, -1:] + 1
+        if len(still) < len(live) and hasattr(cache, "batch_select_indices"):  # finished rows leave the batch
+            keep_idx = torch.tensor(still, dtype=torch.long, device=device)
+            cache.batch_select_indices(keep_idx)
+            cur, mask, cur_pos = cur[keep_idx], mask[keep_idx], cur_pos[keep_idx]
+            live = [live[i] for i in still]
     for i, r in enumerate(rows):
         if not r.done:  # max_tokens of 0 never enters the loop body for this row
             r.finish_reason = "length"
         r.text = streams[i].text
     return rows
+
+
+def _advance(r: Row, token: int, stream: TextStream, eos: set[int]) -> None:
+    """Take one sampled token into a row: eos, stop sequences, max_tokens and cancellation end it."""
+    if r.done:
+        return
+    if r.cancelled is not None and r.cancelled():
+        r.finish_reason = "cancelled"
+    elif token in eos:
+        r.finish_reason = "stop"
+        _emit(r, stream.finish(r.tokens))
+    else:
+        r.tokens.append(token)
+        piece, stopped = stream.push(r.tokens)
+        _emit(r, piece)
+        if stopped:
+            r.finish_reason = "stop"
+        elif len(r.tokens) >= r.sampling.max_tokens:
+            r.finish_reason = "length"
+            _emit(r, stream.finish(r.tokens))
 
 
 def _emit(row: Row, piece: str) -> None:
