@@ -251,3 +251,21 @@ def test_compare_columns_show_both_answers():
     lines = out.getvalue().splitlines()
     assert "base" in lines[1] and "out/ties" in lines[1]
     assert "The capital is Paris." in out.getvalue() and "Paris [b;a] of course." in out.getvalue()
+
+
+def test_auto_without_peft_twins_runs_the_routed_adapter_with_one_input(tmp_path):
+    """Only the hierarchical routed adapter is registered: auto serves input s with exactly s's units (= its LoRA)."""
+    from serve_helpers import domain_text, hierarchical_adapter
+
+    from mergekit_lora.serving.decode import Sampling
+    from mergekit_lora.serving.engine import Engine
+
+    base = tiny_base(tmp_path / "base", planted_domains=True)
+    ad = adapters(tmp_path)
+    hier = hierarchical_adapter(base, ad["a"], ad["b"], tmp_path / "hier")
+    eng = Engine(str(base), {"hier": str(hier)})
+    assert eng.names() == ["base", "hier", "auto"]
+    for d, name in ((0, "a"), (1, "b")):
+        ids = eng.encode(domain_text(d, 1, seed=200 + d, length=12)[0])
+        row, used = eng.generate("auto", ids, Sampling(max_tokens=12))
+        assert used == [name] and row.tokens == reference(base, "peft", ad[name], ids, n=12)
