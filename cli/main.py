@@ -20,6 +20,7 @@ from .methods_cmd import methods
 from .push_cmd import push
 from .route_cmd import route
 from .run_cmd import run
+from .serve_cmd import generate, serve
 from .tune_cmd import tune
 
 
@@ -85,6 +86,8 @@ app.command()(cluster)
 app.command()(route)
 app.command()(tune)
 app.command()(export)
+app.command()(generate)
+app.command()(serve)
 app.add_typer(eval_app, name="eval")
 
 
