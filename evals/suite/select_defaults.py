@@ -41,7 +41,7 @@ SELECTION: dict[str, dict[str, str]] = {
 }
 
 VALIDATION = 40
-STRONG = ["average", "1.5*average", "2*average"]
+STRONG = ["average", "1.5*average", "2*average", "3*average"]
 
 
 def candidates() -> list[dict[str, Any]]:
@@ -53,20 +53,22 @@ def candidates() -> list[dict[str, Any]]:
     def add(method: str, params: dict[str, Any] | None = None, scales: list[str] = STRONG) -> None:
         out.extend({"method": method, "params": dict(params or {}), "scale": s} for s in scales)
 
-    add("linear", scales=["none", "1.5*average", "2*average"])
-    add("svd", scales=["none", "1.5*average", "2*average"])
+    add("linear", scales=["none", "1.5*average", "2*average", "3*average"])
+    add("svd", scales=["none", "1.5*average", "2*average", "3*average"])
     for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
         add(m, {"density": 0.5}, ["none", *STRONG])
     add("ties", {"density": 0.2}, ["average"])
     add("ties", {"density": 0.8}, ["average"])
-    add("ties", {"density": 0.5, "space": "core"})
+    add("ties", {"density": 0.5, "space": "core"}, STRONG[:3])
     add("lego", scales=["none", *STRONG])
     add("lego", {"reweight": "lsq"}, ["average"])
+    # (the 3*average candidates of the methods above were added after a first pass put them at 2*average,
+    # the grid's edge; tsv/iso got 4* and 6* for the same reason)
     add("knots_ties", {"density": 0.2})
-    add("knots_ties", {"density": 1.0})
+    add("knots_ties", {"density": 1.0}, STRONG[:3])
     add("knots_dare_ties")
     for m in ("tsv", "iso_c", "iso_cts"):
-        add(m, scales=[*STRONG, "3*average", "4*average", "6*average"])
+        add(m, scales=[*STRONG, "4*average", "6*average"])
     for k in ("r/4", "r/2", "r"):
         add("route", {"top_k": k}, ["sum"])
     return out
