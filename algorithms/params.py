@@ -27,7 +27,7 @@ class SvdParams(AlgorithmParams):
 class DenseParams(AlgorithmParams):
     """Refactorisation knobs shared by every dense-then-refactor method."""
 
-    density: float = Field(..., gt=0, le=1, description="fraction of each input's entries kept, in (0, 1]: of "
+    density: float = Field(0.5, gt=0, le=1, description="fraction of each input's entries kept, in (0, 1]: of "
                                                         "its m×n ΔW (space=full) or of its R×R core matrix (core)")
     rank: int | None = Field(None, ge=1, description="output rank k (default: the largest input rank; space=core: "
                                                      "R = Σ rᵢ, lossless)")
@@ -66,9 +66,10 @@ class MagnitudePruneParams(DenseParams):
 
 
 class KnotsTiesParams(AlgorithmParams):
-    density: float = Field(1.0, gt=0, le=1, description="fraction of each task's k×n entries of diag(s)·Vₜᵀ kept "
-                                                        "(per module); 1 = sign election + disjoint mean only, as "
-                                                        "the reference's Llama config")
+    density: float = Field(0.2, gt=0, le=1, description="fraction of each task's k×n entries of diag(s)·Vₜᵀ kept "
+                                                        "(per module; chosen on the suite's selection scenarios, "
+                                                        "0.2 over 1.0); 1 = sign election + disjoint mean only, "
+                                                        "as the reference's Llama config")
     majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
     rank: int | None = Field(None, ge=1, description="output rank (default: k, the rank of [ΔW₁ … ΔW_T], ≤ Σ rᵢ)")
 
@@ -102,7 +103,8 @@ class RouteParams(AlgorithmParams):
     router: Literal["implicit", "gate", "hierarchical"] = Field(
         "implicit", description="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical (sequence -> adapter "
                                 "-> unit; needs per-adapter profile data)")
-    top_k: int = Field(..., ge=1, description="active units per token (capped at a module's unit count R)")
+    top_k: int | None = Field(None, ge=1, description="active units per token (capped at a module's unit count R; "
+                                                      "default: half the largest input rank, chosen on the suite)")
     top_k_pattern: dict[str, int] = Field(default_factory=dict,
                                           description="per-module top-k: module name suffix or regex -> k")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the gate router's weights "

@@ -38,7 +38,7 @@ class Route(Algorithm[RouteParams], entry=ROUTE):
         if kinds:
             return (f"module {name} is a {kinds.pop()} LoRA; routing supports linear (and GPT-2 Conv1D) modules "
                     "only; drop it from the inputs or use a static method")
-        k = pattern_value(params.top_k_pattern, name, params.top_k)
+        k = pattern_value(params.top_k_pattern, name, params.top_k or 1)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             return f"top_k_pattern gives {k!r} for module {name}; use a positive integer"
         return None
@@ -46,7 +46,8 @@ class Route(Algorithm[RouteParams], entry=ROUTE):
     def merge_module(self, units: list[RankUnits], weights: list[float], params: RouteParams,
                      ctx: ModuleContext) -> MergedModule:
         pooled = RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
-        k = min(pattern_value(params.top_k_pattern, ctx.name, params.top_k), pooled.rank)
+        default_k = params.top_k or max(1, max(u.rank for u in units) // 2)
+        k = min(pattern_value(params.top_k_pattern, ctx.name, default_k), pooled.rank)
         gate = init_gate(pooled) if params.router == "gate" else None
         return MergedModule(RoutedUnits(pooled, params.router, k, params.temperature,
                                         torch.zeros(pooled.rank, dtype=torch.float32), gate, top_m=params.top_m,

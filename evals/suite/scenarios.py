@@ -101,7 +101,7 @@ def scenarios() -> dict[str, tuple[str, dict]]:
 GEN_2024 = ["linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "lego"]
 GEN_2025 = ["knots_ties", "knots_dare_ties", "tsv", "iso_c", "iso_cts"]
 TUNED = ["ties", "lego", "knots_ties", "tsv", "iso_c"]
-TUNE_SCALES = ["average", "1.5*average", "2*average", "3*average"]
+TUNE_SCALES = ["average", "1.5*average", "2*average", "3*average", "4*average"]
 
 
 def v3_methods() -> list:
