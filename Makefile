@@ -32,8 +32,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# ruff, then the import contracts of pyproject.toml (the floors of docs/ARCHITECTURE.md)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) .ci/import_contracts.py
 
 examples: $(STAMP)
 	$(PY) examples/make_examples.py

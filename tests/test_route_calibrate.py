@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mergekit_lora.cli.main import app
 from mergekit_lora.routing import load_routed, route
 from mergekit_lora.routing.calibrate import calibrate, lm_loss, make_batches
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 
 
 def task_rows(task: int, n: int, seed: int, T: int = 12) -> list[tuple[list[int], list[int]]]:

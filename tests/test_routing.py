@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 from mergekit_lora import LoraMergeError, load_adapter, merge
 from mergekit_lora.atomic import atomic_output
 from mergekit_lora.cli.main import app
+from mergekit_lora.formats.routed import RoutedUnits
 from mergekit_lora.inspect import inspect_adapter
 from mergekit_lora.routing import RoutedAdapter, load_routed, route, write_routed
-from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate, route_weights
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 from mergekit_lora.units import RankUnits
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}

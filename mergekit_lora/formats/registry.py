@@ -20,8 +20,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from ..routing import format as routed
-from . import diffusers, gguf, kohya, peft_read, sd, sd_detect, writers
+from . import diffusers, gguf, kohya, peft_read, routed, sd, sd_detect, writers
 
 ENTRY_POINT_GROUP = "mergekit_lora.formats"
 

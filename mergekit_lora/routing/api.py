@@ -21,12 +21,12 @@ from ..atomic import atomic_output
 from ..card import CardInfo, SourceInfo, render_card
 from ..errors import LoraMergeError
 from ..formats.peft_write import write_peft
+from ..formats.routed import RoutedAdapter, iter_static, write_routed
 from ..options import MergeOptions
 from ..pipeline import execute, make_options, plan
-from ..runtime import attach, detach
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
-from .format import RoutedAdapter, iter_static, write_routed
 from .profile import fit_profiles, load_profile_data
+from .runtime import attach, detach
 
 STATIC_DIR = "static"
 

@@ -214,6 +214,8 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
         return _LocalPool(ev_args, ev_kwargs)
     from mergekit_lora.distributed.actors import RayTrialPool
 
+    from .evaluator import Evaluator
+
     if str(s.device).startswith("cuda") and not s.ray_address:
         import os
 
@@ -221,7 +223,7 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
 
         if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
             raise LoraMergeError("device cuda was requested but CUDA is not available on this machine; use device cpu")
-    return RayTrialPool(s.workers, ev_args, ev_kwargs, address=s.ray_address, device=s.device)
+    return RayTrialPool(Evaluator, s.workers, ev_args, ev_kwargs, address=s.ray_address, device=s.device)
 
 
 def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
