@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import LoraMergeError
+from .errors import LoraMergeError, not_finite
 
 
 def _non_finite(value: Any, where: str) -> str | None:
@@ -59,8 +59,7 @@ def finite_numbers(name: str, values: Any) -> None:
     data = values.model_dump() if hasattr(values, "model_dump") else values
     hit = _non_finite(data, name)
     if hit is not None:
-        raise LoraMergeError(f"{hit} is not a finite number; NaN and Inf cannot be merged, give a finite value",
-                             field=name.split("[")[0].split(" ")[0])
+        raise LoraMergeError(not_finite(hit), field=name.split("[")[0].split(" ")[0])
 
 
 def _resolved(p: str | Path) -> Path:

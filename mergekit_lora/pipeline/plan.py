@@ -142,7 +142,8 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, check_output, Path(opts.out), opts.force)
-    top = _collect(problems, _top_params, algo, params) if algo is not None else None
+    finite = not any(p.field == "parameters" for p in problems)  # a NaN/Inf parameter is reported once, above
+    top = _collect(problems, _top_params, algo, params) if algo is not None and finite else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
     # Stage 2: the sources' headers.

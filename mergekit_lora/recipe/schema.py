@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import LoraMergeError
+from ..errors import LoraMergeError, not_finite
 from ..formats.registry import writable
 from ..hub import env_token, parse_hub_id
 from ..options import DTYPE_NAMES, MergeOptions
@@ -39,7 +39,7 @@ from ..registry import available
 from ..strength import normalize_scale
 from .gradients import check_parameters
 from .problems import Problems
-from .yaml_lines import Loc, load_yaml_with_lines, read_text_utf8
+from .yaml_lines import Loc, format_loc, load_yaml_with_lines, read_text_utf8
 
 GRADIENT_HELP = "a number or a list of at least two numbers (a layer gradient)"
 
@@ -48,7 +48,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_NOT_FINITE = "not a finite number"  # the schema's marker; reported in the one wording of errors.not_finite
+
+
 def _gradient(v: Any) -> float | list[float]:
+    values = v if isinstance(v, list) else [v]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+        raise ValueError(_NOT_FINITE)
     if _is_number(v):
         return float(v)
     if isinstance(v, list) and len(v) >= 2 and all(_is_number(x) for x in v):
@@ -160,6 +166,8 @@ def _pydantic_message(err: dict[str, Any]) -> str:
     if kind == "too_short" and loc == ("adapters",):
         return "list at least one adapter (source and weight)"
     msg = err["msg"].removeprefix("Value error, ")
+    if msg == _NOT_FINITE:
+        return not_finite(format_loc(loc))
     value = err.get("input")
     if isinstance(value, (str, int, float, bool)) or value is None:
         msg += f" (got {value!r})"
