@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .atomic import check_output  # noqa: F401  (the output-exists check, here with the request's others)
 from .errors import LoraMergeError, not_finite
 
 
@@ -60,6 +61,14 @@ def finite_numbers(name: str, values: Any) -> None:
     hit = _non_finite(data, name)
     if hit is not None:
         raise LoraMergeError(not_finite(hit), field=name.split("[")[0].split(" ")[0])
+
+
+def weight_count(weights: Any, adapters: int, field: str = "weights") -> None:
+    """The one validator of "one weight per adapter" (``weights`` None: the default, always right)."""
+    if weights is not None and len(weights) != adapters:
+        n = len(weights)
+        raise LoraMergeError(f"got {n} weight{'' if n == 1 else 's'} for {adapters} adapter{'' if adapters == 1 else 's'}; "
+                             "give one weight per adapter", field=field)
 
 
 def _resolved(p: str | Path) -> Path:

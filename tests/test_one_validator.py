@@ -62,3 +62,65 @@ def test_cli_nan_parameter_is_one_line(tmp_path, args):
     assert r.exit_code == 2, r.output
     assert f"error: parameters.density {WORDING}" in r.output, r.output
     assert "problems" not in r.output and "less than or equal" not in r.output
+
+
+def _recipe_problem(text: str) -> str:
+    problems = _problems(text)
+    assert len(problems) == 1, problems
+    return problems[0].split("): ", 1)[1]
+
+
+def test_dtype_has_one_validator_and_one_wording(tmp_path):
+    from mergekit_lora.options import check_dtype
+    from mergekit_lora.pipeline import resolve_dtype
+
+    with pytest.raises(ValueError) as want:
+        check_dtype("fp8")
+    with pytest.raises(LoraMergeError) as opts:
+        make_options(dtype="fp8")
+    with pytest.raises(LoraMergeError) as resolved:
+        resolve_dtype("fp8", [])
+    text = _recipe("linear", "{}", tmp_path / "out").replace("output:\n", "output:\n  dtype: fp8\n")
+    assert str(want.value) in str(opts.value)
+    assert str(resolved.value) == str(want.value) == _recipe_problem(text)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cudax", "cuda:x"])
+def test_device_has_one_validator_and_one_wording(tmp_path, device):
+    from mergekit_lora.options import check_device
+    from mergekit_lora.pipeline import resolve_device
+
+    with pytest.raises(ValueError) as want:
+        check_device(device)
+    with pytest.raises(LoraMergeError) as opts:
+        make_options(device=device)
+    with pytest.raises(LoraMergeError) as resolved:  # was a RuntimeError from torch for "cudax"
+        resolve_device(device)
+    text = _recipe("linear", "{}", tmp_path / "out") + f"device: {device}\n"
+    assert str(want.value) in str(opts.value)
+    assert str(resolved.value) == str(want.value) == _recipe_problem(text)
+
+
+def test_weight_count_has_one_wording(tmp_path):
+    from mergekit_lora.evals.fidelity import fidelity_report
+
+    want = "got 3 weights for 2 adapters; give one weight per adapter"
+    with pytest.raises(LoraMergeError, match=want):
+        plan([A, B], "linear", None, [1, 1, 1], make_options(out=tmp_path / "o"))
+    with pytest.raises(LoraMergeError, match=want):
+        fidelity_report(A, [A, B], [1, 1, 1])
+    text = _recipe("linear", "{}", tmp_path / "out") + "modules:\n  - match: '*'\n    weights: [1, 1, 1]\n"
+    assert _recipe_problem(text) == want
+
+
+def test_existing_output_has_one_wording(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    want = f"{out} already exists; choose another output or pass --force to replace it"
+    merge = CliRunner().invoke(app, ["merge", A, B, "-m", "linear", "-o", str(out)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe("linear", "{}", out))
+    run = CliRunner().invoke(app, ["run", str(recipe)])
+    assert merge.exit_code == run.exit_code == 2
+    assert want in " ".join(merge.output.split()), merge.output
+    assert want in " ".join(run.output.split()), run.output

@@ -32,7 +32,7 @@ from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, get_writer
 from ..names import layer_index, matches
-from ..options import DTYPE_NAMES, MergeOptions
+from ..options import MergeOptions, check_device, check_dtype
 from ..recipe.gradients import at, evaluate, gradient_fields
 from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
 from ..strength import Scale, parse_scale
@@ -89,13 +89,15 @@ class MergePlan:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is an error, not a fallback."""
     d = str(device)
+    try:
+        check_device(d)
+    except ValueError as e:
+        raise LoraMergeError(str(e), field="device") from None
     if d == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda") and not torch.cuda.is_available():
         raise LoraMergeError("«device» cuda was requested but CUDA is not available on this machine; use «device» cpu",
                              field="device")
-    if d != "cpu" and not d.startswith("cuda"):
-        raise LoraMergeError(f"unknown device {d!r}; use auto, cpu or cuda", field="device")
     return torch.device(d)
 
 
@@ -104,9 +106,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, adapters: Sequence[Adapter]) 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
-        if dtype not in DTYPE_NAMES:
-            raise LoraMergeError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}", field="dtype")
-        return getattr(torch, DTYPE_NAMES[dtype])
+        try:
+            return getattr(torch, check_dtype(dtype))
+        except ValueError as e:
+            raise LoraMergeError(str(e), field="dtype") from None
     out = adapters[0].meta.dtype
     for a in adapters[1:]:
         out = torch.promote_types(out, a.meta.dtype)
@@ -129,9 +132,7 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     device = _collect(problems, resolve_device, opts.device)
     if not sources:
         problems.append(LoraMergeError("no input adapters given", field="adapters"))
-    if weights is not None and len(weights) != len(sources):
-        problems.append(LoraMergeError(f"got {len(weights)} weights for {len(sources)} adapters; give one weight per "
-                                       "adapter", field="weights"))
+    _collect(problems, checks.weight_count, weights, len(sources))
     if opts.output_format is not None:
         _collect(problems, get_writer, opts.output_format)
     if algo is not None and algo.output_format and opts.output_format and opts.output_format != algo.output_format:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_lora.checks import weight_count
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
 
@@ -94,8 +95,7 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
     algo = get_algorithm(s.method)
     opts = merge_options(s)
     adapters = [load_adapter(src, allow_pickle=s.allow_pickle) for src in s.sources]  # headers only
-    if s.weights is not None and len(s.weights) != len(adapters):
-        raise LoraMergeError(f"got {len(s.weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    weight_count(s.weights, len(adapters))
     space = build_space(algo, s.search, len(adapters), pooled_rank=pooled_rank(adapters), ranges=s.ranges,
                         fixed=s.params, weights=s.weights)
     start = {"params": {**s.params, **{d.name: d.init for d in space.dims}}, "weights": list(space.fixed_weights)
