@@ -46,3 +46,14 @@ def test_an_upward_import_breaks_a_contract(tmp_path, capsys, module, line):
     path.write_text(path.read_text() + f"\n{line}\n")
     assert tool.lint_tree(tree) == 1
     assert "BROKEN" in capsys.readouterr().out
+
+
+def test_the_pipeline_names_no_format():
+    """Format facts live in their FormatSpec (options, check_options, library, refuse_inputs, align)."""
+    from mergekit_lora.formats.registry import builtin_formats
+
+    names = [s.name for s in builtin_formats()]
+    for path in sorted((ROOT / "mergekit_lora" / "pipeline").glob("*.py")):
+        text = path.read_text()
+        for name in names:
+            assert f'"{name}"' not in text and f"'{name}'" not in text, (path.name, name)

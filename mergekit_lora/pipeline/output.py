@@ -16,8 +16,6 @@ from ..hub import push_folder
 from ..registry import Notes
 from .plan import MergePlan
 
-LIBRARY = {"peft": "peft", "routed": "mergekit-lora"}
-
 
 def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list[ModuleFidelity],
                  notes: list[tuple[str, Notes]]) -> dict[str, Any]:
@@ -40,7 +38,7 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
             base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),
             fidelity=summarize(rows), recipe=plan.recipe, extra_sections=sections,
-            library_name=LIBRARY.get(plan.output_format, "diffusers"),
+            library_name=spec.library,
         )
         (tmp / "README.md").write_text(render_card(card))
         if plan.recipe:

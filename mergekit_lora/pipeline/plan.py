@@ -28,9 +28,8 @@ from ..adapter import Adapter, ModuleInfo
 from ..atomic import check_output
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
-from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
-from ..formats.registry import align_names, default_output_format, get_writer
+from ..formats.registry import align_names, default_output_format, formats, get_writer
 from ..names import layer_index, matches
 from ..options import MergeOptions, check_device, check_dtype
 from ..recipe.gradients import at, evaluate, gradient_fields
@@ -201,17 +200,14 @@ def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Sourc
 
 
 def _check_writer_options(fmt: str, opts: MergeOptions) -> None:
-    """Options that only one output format takes, and what that format needs (read from headers only)."""
-    if opts.profile != "default" and fmt != "peft":
-        raise LoraMergeError(f"«profile» {opts.profile} is a PEFT output profile; the output format is {fmt}",
-                             field="profile")
-    if fmt == "gguf":
-        if opts.base_gguf is None:
-            raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
-                                 "architecture come from it): pass «base_gguf»", field="base_gguf")
-        resolve_base(opts.base_gguf)
-    elif opts.base_gguf is not None:
-        raise LoraMergeError(f"«base_gguf» is for output format gguf, not {fmt}", field="base_gguf")
+    """Options that only another output format takes, then what this one needs (its FormatSpec's hooks)."""
+    for other in formats():
+        for name in other.options if other.name != fmt else ():
+            if getattr(opts, name) != MergeOptions.model_fields[name].default:
+                raise LoraMergeError(f"«{name}» is for output format {other.name}, not {fmt}", field=name)
+    spec = get_writer(fmt)
+    if spec.check_options is not None:
+        spec.check_options(opts)
 
 
 def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:
