@@ -57,6 +57,7 @@ def route(
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
     from mergekit_lora.recipe import recipe_yaml
+    from mergekit_lora.routing.api import Calibration
     from mergekit_lora.routing.api import route as run_route
 
     if router not in ("implicit", "gate", "hierarchical"):
@@ -70,12 +71,11 @@ def route(
                   "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
                   "mass": mass}
         emit(recipe_yaml(sources, "route", params, w, options.model_copy(update={"out": out})), emit_recipe)
-    res = run_route(
-        sources, out, top_k=top_k, router=router, weights=w, temperature=temperature,
-        top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
-        batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
-        export_static=export_static, top_m=top_m, mass=mass, profiles=profile, options=options.model_copy(update={"progress": True}),
-    )
+    params = {"router": router, "top_k": top_k, "temperature": temperature,
+              "top_k_pattern": _top_k_pattern(top_k_module) or {}, "top_m": top_m, "mass": mass}
+    fit = Calibration(base=base, calibrate_data=calibrate, profiles=profile, steps=steps, lr=lr, batch_size=batch_size,
+                      max_length=max_length, balance=balance, bias_rate=bias_rate, export_static=export_static)
+    res = run_route(sources, out, params, w, fit, options.model_copy(update={"progress": True}))
     say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:
         c = res.calibration

@@ -51,7 +51,7 @@ def test_gate_calibration_reduces_task_loss(tmp_path):
     own = [lm_loss(pms[t], evals[t]) for t in (0, 1)]
     assert all(o < b - 0.3 for o, b in zip(own, base_loss))  # each LoRA really solves its task
     mixed = task_rows(0, 48, 200) + task_rows(1, 48, 201)
-    route([tmp_path / "lora0", tmp_path / "lora1"], tmp_path / "routed", top_k=2, router="gate")
+    route([tmp_path / "lora0", tmp_path / "lora1"], tmp_path / "routed", {"top_k": 2, "router": "gate"})
     model = tiny_llama(0)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     units_before = load_routed(tmp_path / "routed")

@@ -14,7 +14,7 @@ from typing import Any
 _EXPORTS = {
     "RoutedAdapter": "..formats.routed", "RoutedUnits": "..formats.routed", "load_routed": "..formats.routed",
     "write_routed": "..formats.routed", "attach": ".runtime", "detach": ".runtime",
-    "RouteResult": ".api", "route": ".api",
+    "Calibration": ".api", "RouteResult": ".api", "route": ".api",
 }
 
 __all__ = sorted(_EXPORTS)
