@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 
 from .common import console, emit, err_console, parse_floats, user_errors
 from .options import EmitRecipeOpt, with_options
@@ -70,12 +70,12 @@ def route(
         params = {"router": router, "top_k": top_k, "temperature": temperature,
                   "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
                   "mass": mass}
-        emit(recipe_yaml(sources, "route", params, w, options.model_copy(update={"out": out})), emit_recipe)
+        emit(recipe_yaml(sources, "route", params, w, make_options(options, out=out)), emit_recipe)
     params = {"router": router, "top_k": top_k, "temperature": temperature,
               "top_k_pattern": _top_k_pattern(top_k_module) or {}, "top_m": top_m, "mass": mass}
     fit = Calibration(base=base, calibrate_data=calibrate, profiles=profile, steps=steps, lr=lr, batch_size=batch_size,
                       max_length=max_length, balance=balance, bias_rate=bias_rate, export_static=export_static)
-    res = run_route(sources, out, params, w, fit, options.model_copy(update={"progress": True}))
+    res = run_route(sources, out, params, w, fit, make_options(options, progress=True))
     say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:
         c = res.calibration

@@ -68,6 +68,7 @@ def run(
     """Run a YAML merge recipe (validated up front: every problem is listed with its line)."""
     from mergekit_lora.pipeline import (  # the core loads when a command runs (start-up time)
         execute,
+        make_options,
         plan_recipe,
     )
 
@@ -76,7 +77,7 @@ def run(
         print_plan(r, p)
         console.print("[yellow]dry run:[/] nothing was merged or written")
         return
-    result = execute(replace(p, options=p.options.model_copy(update={"progress": True})))
+    result = execute(replace(p, options=make_options(p.options, progress=True)))
     print_fidelity(result.fidelity)
     out = r.output
     console.print(f"[green]wrote[/] {out.path} ({result.modules} modules, {result.seconds:.2f} s)")

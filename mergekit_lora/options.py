@@ -7,7 +7,7 @@ Importing this module imports no torch.
 Example::
 
     opts = MergeOptions(out="merged", dtype="bfloat16", seed=0)
-    opts.model_copy(update={"force": True})
+    make_options(opts, force=True)  # a changed copy, validated (model_copy(update=...) is not)
 """
 
 from __future__ import annotations

@@ -124,3 +124,13 @@ def test_existing_output_has_one_wording(tmp_path):
     assert merge.exit_code == run.exit_code == 2
     assert want in " ".join(merge.output.split()), merge.output
     assert want in " ".join(run.output.split()), run.output
+
+
+def test_changed_options_are_validated():
+    """The core changes options with make_options (validated), never model_copy(update=...) (not validated)."""
+    opts = make_options(seed=1)
+    with pytest.raises(LoraMergeError, match="unknown device 'tpu'"):
+        make_options(opts, device="tpu")
+    for path in sorted((ROOT / "mergekit_lora").rglob("*.py")):
+        code = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not any("model_copy(update" in ln.split("#")[0] for ln in code), path

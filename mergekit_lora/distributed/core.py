@@ -16,7 +16,7 @@ from typing import Any
 
 from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 from mergekit_lora.pipeline import MergePlan, execute, merge_stream, plan
 from mergekit_lora.pipeline.execute import merge_batches
 from mergekit_lora.registry import AlgorithmParams, Notes
@@ -36,9 +36,9 @@ def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
     inputs (already read: headers are not read again) with other settings."""
     if params is not None or weights is not None:
         p = plan(list(p.adapters), p.method, params if params is not None else p.params,
-                 weights if weights is not None else p.weights, p.options.model_copy(update={"out": None}))
+                 weights if weights is not None else p.weights, make_options(p.options, out=None))
     elif p.options.out is not None:
-        p = replace(p, options=p.options.model_copy(update={"out": None}))
+        p = replace(p, options=make_options(p.options, out=None))
     merged = execute(p).merged
     assert merged is not None
     return merged

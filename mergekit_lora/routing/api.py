@@ -140,7 +140,7 @@ def _fit_and_write(p: MergePlan, cal: Calibration, opts: MergeOptions, t0: float
                             batch_size) if calibrate_data is not None else [])
     profile_data = (load_profile_data(profiles, base=base, max_length=max_length, batch_size=batch_size,
                                       vocab_size=vocab) if profiles is not None else None)
-    in_memory = replace(p, options=opts.model_copy(update={"out": None, "push_to_hub": None}))
+    in_memory = replace(p, options=make_options(opts, out=None, push_to_hub=None))
     routed = RoutedAdapter(execute(in_memory).merged or {}, p.base_model, list(p.labels))
     handle = attach(model, routed)
     fit = None

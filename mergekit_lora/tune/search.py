@@ -228,12 +228,13 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
 
 def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
     """The best trial merged and written like ``merge`` (card with the search summary, recipe.yaml)."""
+    from mergekit_lora.options import make_options
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
     dest = out / "best"
     params = {**s.params, **best["params"]}
-    opts = merge_options(s, dest).model_copy(update={"force": True})
+    opts = make_options(merge_options(s, dest), force=True)
     recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
     execute(plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe))
     start = rows[0]
