@@ -33,7 +33,8 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                                     "seed": opts.seed},
                             module_names=[m.name for m in plan.modules], profile=opts.profile,
                             base_gguf=opts.base_gguf)
-        sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+        sections = (report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+                    + list(plan.card_sections))  # inside the atomic folder: the card is whole when it appears
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
             base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),

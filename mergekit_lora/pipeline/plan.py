@@ -83,6 +83,7 @@ class MergePlan:
     recipe: str | None = None  # the request as YAML, written beside the output
     scale: Scale = Scale()  # the resolved strength (routed outputs: already folded into the weights)
     matched: Mapping[int, int] = field(default_factory=dict)  # override index -> modules matched
+    card_sections: tuple[tuple[str, str], ...] = ()  # a caller's own card sections (tune's search summary)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +236,6 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
     params = {**s.params, **best["params"]}
     opts = make_options(merge_options(s, dest), force=True)
     recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
-    execute(plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe))
     start = rows[0]
     fmt = lambda v: "failed" if v is None else f"{v:.6g}"  # noqa: E731
     summary = "\n".join([
@@ -247,6 +246,6 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
         f"- failed trials: {sum(r['score'] is None for r in rows)}",
         "- every trial is in `trials.jsonl` next to this folder; `recipe.yaml` reproduces this adapter",
     ])
-    card = dest / "README.md"
-    card.write_text(card.read_text().rstrip("\n") + "\n\n## Tuned with loramerge tune\n\n" + summary + "\n")
+    p = plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe)
+    execute(replace(p, card_sections=(("Tuned with loramerge tune", summary),)))  # written inside the atomic swap
     return dest
