@@ -84,6 +84,10 @@ def test_route_cli_calibrate_and_export_static(tmp_path):
     routed = load_routed(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "routing_config.json").read_text())
     assert cfg["calibrated"] is True and cfg["router"] == "gate"
+    assert cfg["sources"] == [str(a), str(b)] and cfg["calibration"]["steps"] == 5
+    card = (tmp_path / "out" / "README.md").read_text()  # written by pipeline/output.py, as every output
+    assert "## Calibration" in card and "## Static export" in card and "library_name: mergekit-lora" in card
+    assert not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("*.tmp*"))  # no temp folder left
     for m in routed.modules.values():
         assert m.activation is not None
         assert abs(float(m.activation.sum()) - m.top_k) < 1e-3  # k gate weights of mean 1 per token

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,12 @@ from .plan import MergePlan
 
 
 def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list[ModuleFidelity],
-                 notes: list[tuple[str, Notes]]) -> dict[str, Any]:
-    """Write ``modules`` (consumed here, in plan order) and the card into ``plan.options.out``; return the config."""
+                 notes: list[tuple[str, Notes]], *, writer_options: Mapping[str, Any] | None = None,
+                 extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write ``modules`` (consumed here, in plan order) and the card into ``plan.options.out``; return the config.
+
+    ``writer_options`` go to the format's writer as keywords; ``extra(tmp)`` adds files to the temporary folder
+    before the swap (calibrated routing: the static export) — every output folder is written here."""
     opts = plan.options
     assert opts.out is not None
     spec = get_writer(plan.output_format)
@@ -32,7 +36,9 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                             recipe={"params": plan.params.model_dump(), "weights": list(plan.weights),
                                     "seed": opts.seed},
                             module_names=[m.name for m in plan.modules], profile=opts.profile,
-                            base_gguf=opts.base_gguf)
+                            base_gguf=opts.base_gguf, **(writer_options or {}))
+        if extra is not None:
+            extra(tmp)
         sections = (report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
                     + list(plan.card_sections))  # inside the atomic folder: the card is whole when it appears
         card = CardInfo(

@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, output_meta
-from ..atomic import atomic_output
-from ..card import CardInfo, SourceInfo, render_card
 from ..errors import LoraMergeError
 from ..formats.peft_write import write_peft
-from ..formats.routed import RoutedAdapter, iter_static, write_routed
+from ..formats.routed import RoutedAdapter, iter_static
 from ..options import MergeOptions
 from ..pipeline import MergePlan, execute, make_options, plan
+from ..pipeline.output import write_output
 from ..registry import AlgorithmParams
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
 from .profile import fit_profiles, load_profile_data
@@ -167,19 +166,17 @@ def _fit_and_write(p: MergePlan, cal: Calibration, opts: MergeOptions, t0: float
         sections.append(("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
                                         f"{fit.loss_before:.4f} → {fit.loss_after:.4f}."))
     meta = output_meta(p.adapters)
-    with atomic_output(out_path, opts.force) as tmp:
-        cfg = write_routed(tmp, fitted.modules.items(), base_model=p.base_model, sources=list(p.labels),
-                           dtype=meta.dtype, info=fitted.info)
-        if export_static:
-            (tmp / STATIC_DIR).mkdir()
-            write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
-                       metadata={"mergekit_lora.method": "route-static"})
-            sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
-                                              "its mean activation on the calibration data."))
-        card = CardInfo(method="route", params=p.params.model_dump(), seed=opts.seed, base_model=p.base_model,
-                        sources=[SourceInfo(lab, wi, a.meta.extra.get("resolved_revision") or a.meta.revision)
-                                 for lab, a, wi in zip(p.labels, p.adapters, p.weights)],
-                        extra_sections=sections, library_name="mergekit-lora")
-        (tmp / "README.md").write_text(render_card(card))
+
+    def static_export(tmp: Path) -> None:
+        (tmp / STATIC_DIR).mkdir()
+        write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
+                   metadata={"mergekit_lora.method": "route-static"})
+
+    if export_static:
+        sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
+                                          "its mean activation on the calibration data."))
+    written = replace(p, options=make_options(opts, push_to_hub=None), card_sections=tuple(sections))
+    cfg = write_output(written, fitted.modules.items(), [], [], extra=static_export if export_static else None,
+                       writer_options={"info": fitted.info, "sources": list(p.labels)})
     return RouteResult(out_path, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
                        time.perf_counter() - t0, cfg, fit)
