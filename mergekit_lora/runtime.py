@@ -1,7 +1,7 @@
 """The public name of the routed-adapter runtime (``mergekit_lora.routing.runtime``).
 
 Model cards of routed adapters print ``from mergekit_lora.runtime import attach``; this alias keeps that
-line working. Code inside the package imports :mod:`mergekit_lora.routing.runtime` (an import contract).
+line working. The core imports :mod:`mergekit_lora.routing.runtime` (an import contract).
 """
 
 from .routing.runtime import Attached, RoutedLoraLayer, attach, detach
