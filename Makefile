@@ -36,8 +36,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# ruff, then the import contracts of pyproject.toml (the floors of docs/ARCHITECTURE.md)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) .ci/import_contracts.py
 
 # The documentation site (docs/ + mkdocs.yml) into out/site; --strict fails on a broken link or a page missing from nav.
 docs: $(STAMP)

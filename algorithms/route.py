@@ -1,7 +1,7 @@
 """``route``: keep every rank unit of every input and route over them per token (FlyLoRA / SMoRA style).
 
 The result is a routed adapter (format ``routed``), not a static LoRA: run it with
-:func:`mergekit_lora.runtime.attach`, or export a static merge with ``loramerge route --export-static``.
+:func:`mergekit_lora.routing.runtime.attach`, or export a static merge with ``loramerge route --export-static``.
 Calibration of the gate needs a base model and data, so it lives in :func:`mergekit_lora.routing.route`;
 this algorithm is the training-free part (also usable from recipes as ``method: route``).
 """
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_lora.adapter import ModuleInfo
+from mergekit_lora.formats.routed import RoutedUnits
 from mergekit_lora.names import pattern_value
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext
-from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate
 from mergekit_lora.units import RankUnits
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 
 from .common import console, emit, err_console, parse_floats, user_errors
 from .firstrun import preflight
@@ -70,6 +70,7 @@ def route(
     w = parse_floats(weights)
     preflight(sources, "route", {"top_k": top_k}, w, out, options.force)  # before torch
     from mergekit_lora.recipe import recipe_yaml
+    from mergekit_lora.routing.api import Calibration
     from mergekit_lora.routing.api import route as run_route
 
     if emit_recipe is not None:
@@ -79,13 +80,12 @@ def route(
         params = {"router": router, "top_k": top_k, "temperature": temperature,
                   "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
                   "mass": mass}
-        emit(recipe_yaml(sources, "route", params, w, options.model_copy(update={"out": out})), emit_recipe)
-    res = run_route(
-        sources, out, top_k=top_k, router=router, weights=w, temperature=temperature,
-        top_k_pattern=_top_k_pattern(top_k_module), calibrate_data=calibrate, base=base, steps=steps, lr=lr,
-        batch_size=batch_size, max_length=max_length, balance=balance, bias_rate=bias_rate,
-        export_static=export_static, top_m=top_m, mass=mass, profiles=profile, options=options.model_copy(update={"progress": True}),
-    )
+        emit(recipe_yaml(sources, "route", params, w, make_options(options, out=out)), emit_recipe)
+    params = {"router": router, "top_k": top_k, "temperature": temperature,
+              "top_k_pattern": _top_k_pattern(top_k_module) or {}, "top_m": top_m, "mass": mass}
+    fit = Calibration(base=base, calibrate_data=calibrate, profiles=profile, steps=steps, lr=lr, batch_size=batch_size,
+                      max_length=max_length, balance=balance, bias_rate=bias_rate, export_static=export_static)
+    res = run_route(sources, out, params, w, fit, make_options(options, progress=True))
     say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:
         c = res.calibration

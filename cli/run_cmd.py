@@ -72,6 +72,7 @@ def run(
     validate_recipe(read_recipe_text(recipe), str(recipe), force=force or dry_run, check_token=not dry_run)  # no torch
     from mergekit_lora.pipeline import (  # the core loads when a command runs (start-up time)
         execute,
+        make_options,
         plan_recipe,
     )
 
@@ -81,7 +82,7 @@ def run(
         console.print("[yellow]dry run:[/] nothing was merged or written")
         return
     warn_inputs(p)
-    result = execute(replace(p, options=p.options.model_copy(update={"progress": True})))
+    result = execute(replace(p, options=make_options(p.options, progress=True)))
     print_fidelity(result.fidelity)
     out = r.output
     console.print(f"[green]wrote[/] {out.path} ({result.modules} modules, {result.seconds:.2f} s)")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_lora.atomic import atomic_output, check_output
+from mergekit_lora.checks import weight_count
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
@@ -136,8 +137,7 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
     own = {t: t for t in tasks if t in cfg.adapters}
     n = len(paths)
     weights = cfg.weights or [1.0 / n] * n
-    if len(weights) != n:
-        raise LoraMergeError(f"weights: {len(weights)} weights for {n} adapters")
+    weight_count(weights, n)
     specs = expand_methods(cfg)
     model, tok = load_base(cfg.base, device)
     encoded = encode_suite(tok, tasks, cfg.examples, cfg.max_text_tokens)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lora.adapter import Adapter
-from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.checks import weight_count
 from mergekit_lora.fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
 from mergekit_lora.formats import load_adapter
 from mergekit_lora.lowrank import singular_values
@@ -108,8 +108,7 @@ def fidelity_report(merged: str | Path | Adapter, inputs: Sequence[str | Path | 
     """Compare ``merged`` with Σ wᵢ ΔWᵢ of ``inputs``, one module at a time (default weights: 1)."""
     mad = _load(merged)
     ins = [_load(a) for a in inputs]
-    if weights is not None and len(weights) != len(ins):
-        raise LoraMergeError(f"got {len(weights)} weights for {len(ins)} adapters; give one weight per adapter")
+    weight_count(weights, len(ins))
     w = [float(x) for x in weights] if weights is not None else [1.0] * len(ins)
     names = list(dict.fromkeys([*mad.module_names(), *(n for a in ins for n in a.module_names())]))
     rows = []

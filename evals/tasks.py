@@ -154,8 +154,8 @@ register_attacher("peft", lambda p: (p / "adapter_config.json").is_file(), attac
 @contextmanager
 def attach_routed(model: nn.Module, path: Path) -> Iterator[nn.Module]:
     """Attach a routed adapter (``loramerge route`` output) with the torch runtime; detach on exit."""
-    from mergekit_lora.routing.format import load_routed
-    from mergekit_lora.runtime import attach, detach
+    from mergekit_lora.formats.routed import load_routed
+    from mergekit_lora.routing.runtime import attach, detach
 
     attach(model, load_routed(path))
     try:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import LoraMergeError
+from .atomic import check_output  # noqa: F401  (the output-exists check, here with the request's others)
+from .errors import LoraMergeError, not_finite
 from .paths import exists
 
 
@@ -60,8 +61,15 @@ def finite_numbers(name: str, values: Any) -> None:
     data = values.model_dump() if hasattr(values, "model_dump") else values
     hit = _non_finite(data, name)
     if hit is not None:
-        raise LoraMergeError(f"{hit} is not a finite number; NaN and Inf cannot be merged, give a finite value",
-                             field=name.split("[")[0].split(" ")[0])
+        raise LoraMergeError(not_finite(hit), field=name.split("[")[0].split(" ")[0])
+
+
+def weight_count(weights: Any, adapters: int, field: str = "weights") -> None:
+    """The one validator of "one weight per adapter" (``weights`` None: the default, always right)."""
+    if weights is not None and len(weights) != adapters:
+        n = len(weights)
+        raise LoraMergeError(f"got {n} weight{'' if n == 1 else 's'} for {adapters} adapter{'' if adapters == 1 else 's'}; "
+                             "give one weight per adapter", field=field)
 
 
 def _resolved(p: str | Path) -> Path:

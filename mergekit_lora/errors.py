@@ -55,3 +55,8 @@ def raise_all(problems: Sequence[LoraMergeError]) -> None:
         raise problems[0]
     if problems:
         raise PlanErrors(problems)
+
+
+def not_finite(where: str) -> str:
+    """The one wording of a NaN/Inf number (weights, parameters, recipe values), wherever it is found."""
+    return f"{where} is not a finite number; NaN and Inf cannot be merged, give a finite value"

@@ -7,7 +7,7 @@ Importing this module imports no torch.
 Example::
 
     opts = MergeOptions(out="merged", dtype="bfloat16", seed=0)
-    opts.model_copy(update={"force": True})
+    make_options(opts, force=True)  # a changed copy, validated (model_copy(update=...) is not)
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ MissingPolicy = Literal["union", "intersection", "error"]
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_dtype(name: str) -> str:
+    """The one validator of an output dtype name (ValueError); returns the torch attribute name."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
+    return DTYPE_NAMES[name]
+
+
+def check_device(name: str) -> str:
+    """The one validator of a device name (ValueError): auto, cpu, cuda or cuda:N."""
+    if not _DEVICE.match(name):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return name
 
 
 class MergeOptions(BaseModel):
@@ -59,8 +73,8 @@ class MergeOptions(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        if v is not None and v not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
+        if v is not None:
+            check_dtype(v)
         return v
 
     @field_validator("scale", mode="before")
@@ -78,9 +92,7 @@ class MergeOptions(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
-            raise ValueError(f"unknown device {v!r}; use auto, cpu or cuda")
-        return v
+        return check_device(v)
 
 
 

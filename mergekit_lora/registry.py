@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import LoraMergeError
+from .errors import LoraMergeError, not_finite
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +49,8 @@ ENTRY_POINT_GROUP = "mergekit_lora.algorithms"
 
 
 class AlgorithmParams(BaseModel):
-    """Base of every algorithm's parameters: frozen, unknown keys rejected, NaN/Inf refused (one problem:
-    "Input should be a finite number", never also a bound like "≤ 1" that NaN happens to fail)."""
+    """Base of every algorithm's parameters: frozen, unknown keys rejected, NaN/Inf refused (by its own type,
+    ``finite_number``, before any bound is compared: one problem, worded by :func:`errors.not_finite`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -281,8 +281,12 @@ def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "paramete
     try:
         return algo.Params(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
+        errors = e.errors()
+        bad = [err for err in errors if err["type"] == "finite_number"]
+        if bad:  # the fact "a number is NaN/Inf" has one wording (also checks.finite_numbers', in plan stage 1)
+            raise LoraMergeError(not_finite(f"{where}.{bad[0]['loc'][0]}"), field=where) from None
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or where}: "
             + ("required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, "))
-            for err in e.errors())
+            for err in errors)
         raise LoraMergeError(f"invalid {where} for method {algo.name!r}: {problems}", field="params") from None

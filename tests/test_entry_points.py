@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter, merge
 from mergekit_lora.cli.main import app
+from mergekit_lora.pipeline import make_options
 from mergekit_lora.routing import route
 
 runner = CliRunner()
@@ -88,7 +89,7 @@ def test_lego_is_the_same_through_every_entry_point(tmp_path, families, family):
 def test_route_is_the_same_through_every_entry_point_and_exact_at_full_top_k(tmp_path, families, family):
     src = families[family]
     _all_entry_points(tmp_path, src, "route", {"top_k": 64}, ["route", "--top-k", "64"],
-                      lambda s, o: route(s, o, top_k=64, weights=[0.5, 0.5], seed=3))
+                      lambda s, o: route(s, o, {"top_k": 64}, [0.5, 0.5], options=make_options(seed=3)))
     # top-k ≥ R keeps every unit: read as an adapter, the routed output at route's default strength (`sum`:
     # the weights scaled to sum to n, every unit at full strength) is exactly ΔW_1 + ΔW_2.
     routed = load_adapter(tmp_path / "api")
@@ -109,7 +110,7 @@ def test_route_refuses_conv_modules_at_plan_time(tmp_path, monkeypatch):
     read = []
     monkeypatch.setattr(Adapter, "units", lambda self, *a, **kw: read.append(a) or None)
     with pytest.raises(LoraMergeError, match="routing supports linear"):
-        route([str(k)], tmp_path / "o", top_k=2)
+        route([str(k)], tmp_path / "o", {"top_k": 2})
     assert read == [] and not (tmp_path / "o").exists()
 
 

@@ -8,7 +8,7 @@ from mergekit_lora import LoraMergeError, merge
 from mergekit_lora.routing import load_routed, write_routed
 from mergekit_lora.routing.calibrate import make_batches
 from mergekit_lora.routing.profile import fit_profiles, select_adapter
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 DOMAINS = [(3, 40), (50, 95)]  # disjoint token ranges: the two planted domains

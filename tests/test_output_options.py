@@ -68,4 +68,4 @@ def test_portable_profile_from_the_cli_loads_clean(tmp_path):
     assert {i.rank for i in load_adapter(tmp_path / "p").modules.values()} == {cfg["r"]}
     assert inspect_adapter(tmp_path / "p")["serving_warnings"] == []
     r = runner.invoke(app, ["merge", SHIFT, "-o", str(tmp_path / "k"), "--profile", "portable", "--format", "gguf"])
-    assert r.exit_code == 2 and "--profile portable is a PEFT output profile" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "--profile is for output format peft, not gguf" in " ".join(r.output.split())

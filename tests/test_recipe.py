@@ -74,7 +74,7 @@ BROKEN = [
   - parameters.k (line 8): method 'linear' does not take 'k'; it takes: rank
   - parameters.rank[1] (line 8): Input should be greater than or equal to 1 (got 0)
   - modules[0].match (line 10): invalid regular expression: missing ), unterminated subpattern at position 0
-  - modules[0].weights (line 11): 1 weight for 2 adapters; give one weight per adapter
+  - modules[0].weights (line 11): got 1 weight for 2 adapters; give one weight per adapter
   - modules[1] (line 12): an override needs parameters or weights (or both)
   - output.format (line 13): unknown output format 'onnx'; available: {FORMATS}
   - output.dtype (line 13): unknown dtype 'fp8'; use one of bf16, bfloat16, float16, float32, float64, fp16, fp32
@@ -155,8 +155,8 @@ def test_broken_recipes_report_every_problem_with_lines(work, text, expected):
 def test_existing_output_needs_force(work):
     (work / "o").mkdir()
     text = "method: linear\nadapters:\n  - {source: examples/tiny-llama-shift}\noutput: {path: o}\n"
-    assert problems(text) == ("r.yaml: output.path (line 4): o already exists; choose another path or pass --force "
-                              "to replace it")
+    assert problems(text) == ("r.yaml: output.path (line 4): o already exists; choose another output or pass force "
+                              "to replace it")  # plan's own check and wording (the CLI writes --force)
     validate_recipe(text, "r.yaml", force=True)  # no error
     (work / "r.yaml").write_text(text)
     r = cli("run", "r.yaml")

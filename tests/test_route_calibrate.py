@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mergekit_lora.cli.main import app
 from mergekit_lora.routing import load_routed, route
 from mergekit_lora.routing.calibrate import calibrate, lm_loss, make_batches
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 
 
 def task_rows(task: int, n: int, seed: int, T: int = 12) -> list[tuple[list[int], list[int]]]:
@@ -51,7 +51,7 @@ def test_gate_calibration_reduces_task_loss(tmp_path):
     own = [lm_loss(pms[t], evals[t]) for t in (0, 1)]
     assert all(o < b - 0.3 for o, b in zip(own, base_loss))  # each LoRA really solves its task
     mixed = task_rows(0, 48, 200) + task_rows(1, 48, 201)
-    route([tmp_path / "lora0", tmp_path / "lora1"], tmp_path / "routed", top_k=2, router="gate")
+    route([tmp_path / "lora0", tmp_path / "lora1"], tmp_path / "routed", {"top_k": 2, "router": "gate"})
     model = tiny_llama(0)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     units_before = load_routed(tmp_path / "routed")
@@ -84,6 +84,10 @@ def test_route_cli_calibrate_and_export_static(tmp_path):
     routed = load_routed(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "routing_config.json").read_text())
     assert cfg["calibrated"] is True and cfg["router"] == "gate"
+    assert cfg["sources"] == [str(a), str(b)] and cfg["calibration"]["steps"] == 5
+    card = (tmp_path / "out" / "README.md").read_text()  # written by pipeline/output.py, as every output
+    assert "## Calibration" in card and "## Static export" in card and "library_name: mergekit-lora" in card
+    assert not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("*.tmp*"))  # no temp folder left
     for m in routed.modules.values():
         assert m.activation is not None
         assert abs(float(m.activation.sum()) - m.top_k) < 1e-3  # k gate weights of mean 1 per token

@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 from mergekit_lora import LoraMergeError, load_adapter, merge
 from mergekit_lora.atomic import atomic_output
 from mergekit_lora.cli.main import app
+from mergekit_lora.formats.routed import RoutedUnits
 from mergekit_lora.inspect import inspect_adapter
+from mergekit_lora.pipeline import make_options
 from mergekit_lora.routing import RoutedAdapter, load_routed, route, write_routed
-from mergekit_lora.routing.format import RoutedUnits
 from mergekit_lora.routing.routers import init_gate, route_weights
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 from mergekit_lora.units import RankUnits
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -35,7 +36,7 @@ def two_adapters(tmp_path, model="llama"):
 def test_top_k_R_equals_cat(tmp_path, model):
     a, b = two_adapters(tmp_path, model)
     merge([a, b], "cat", tmp_path / "cat", weights=[0.7, 1.3])
-    route([a, b], tmp_path / "routed", top_k=1000, weights=[0.7, 1.3])  # capped at each module's R
+    route([a, b], tmp_path / "routed", {"top_k": 1000}, [0.7, 1.3])  # capped at each module's R
     routed = load_routed(tmp_path / "routed")
     assert all(m.top_k == m.rank for m in routed.modules.values())
     want = outputs(peft_model(tmp_path / "cat", model), model)
@@ -47,7 +48,7 @@ def test_top_k_R_equals_cat(tmp_path, model):
 def test_gate_router_at_full_activation_and_huge_temperature_equals_cat(tmp_path):
     a, b = two_adapters(tmp_path)
     merge([a, b], "cat", tmp_path / "cat", weights=[1.0, 1.0])  # route keeps every unit at full strength
-    route([a, b], tmp_path / "routed", top_k=1000, router="gate", temperature=1e9)
+    route([a, b], tmp_path / "routed", {"top_k": 1000, "router": "gate", "temperature": 1e9})
     m = tiny_llama(0)
     attach(m, load_routed(tmp_path / "routed"))
     assert rel(outputs(m, "llama"), outputs(peft_model(tmp_path / "cat"), "llama")) < 1e-6
@@ -129,7 +130,7 @@ def test_save_load_identical_outputs_and_adapter_view(tmp_path):
 def test_route_is_deterministic_and_inspect_reports_routing(tmp_path):
     a, b = two_adapters(tmp_path)
     for out in ("r1", "r2"):
-        route([a, b], tmp_path / out, top_k=3, router="gate", seed=4)
+        route([a, b], tmp_path / out, {"top_k": 3, "router": "gate"}, options=make_options(seed=4))
     f1, f2 = ((tmp_path / o / "routed_model.safetensors").read_bytes() for o in ("r1", "r2"))
     assert f1 == f2
     rep = inspect_adapter(tmp_path / "r1")
@@ -153,7 +154,7 @@ def test_route_errors(tmp_path):
     assert not (tmp_path / "x").exists()
     conv = make_peft_adapter(tmp_path / "conv", "conv", target_modules=["conv"])
     with pytest.raises(LoraMergeError, match="conv LoRA"):
-        route([conv], tmp_path / "x", top_k=1)
+        route([conv], tmp_path / "x", {"top_k": 1})
     assert not (tmp_path / "x").exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "routed_model.safetensors").write_bytes(b"")
@@ -189,7 +190,7 @@ def test_route_cli_errors(tmp_path, monkeypatch, args, message):
 
 def test_detach_after_gpt2_attach_restores_conv1d(tmp_path):
     a, b = two_adapters(tmp_path, "gpt2")
-    route([a, b], tmp_path / "r", top_k=2)
+    route([a, b], tmp_path / "r", {"top_k": 2})
     m = tiny_gpt2(0)
     before = outputs(m, "gpt2")
     originals = {n: m.get_submodule(n) for n in load_routed(tmp_path / "r").modules}
@@ -199,3 +200,20 @@ def test_detach_after_gpt2_attach_restores_conv1d(tmp_path):
     detach(m)
     assert all(m.get_submodule(n) is mod for n, mod in originals.items())
     assert torch.equal(outputs(m, "gpt2"), before)
+
+
+def test_route_takes_one_request(tmp_path):
+    """route(sources, out, params, weights, calibration, options): the method's Params, not 21 keywords."""
+    import inspect as pyinspect
+
+    from mergekit_lora.routing import Calibration
+
+    assert list(pyinspect.signature(route).parameters) == ["sources", "out", "params", "weights", "calibration",
+                                                           "options"]
+    a = make_peft_adapter(tmp_path / "a", seed=1)
+    with pytest.raises(LoraMergeError, match="pass «calibrate_data» and «base»|pass calibrate_data and base"):
+        route([a], tmp_path / "r", {"top_k": 1}, calibration=Calibration(export_static=True))
+    with pytest.raises(LoraMergeError, match="hierarchical router"):
+        route([a], tmp_path / "r", {"top_k": 1}, calibration=Calibration(base=tmp_path, profiles=["p.jsonl"]))
+    res = route([a], tmp_path / "r", {"top_k": 1, "router": "hierarchical", "evidence": "module"})
+    assert json.loads((res.out / "routing_config.json").read_text())["router"] == "hierarchical"

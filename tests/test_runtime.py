@@ -6,9 +6,9 @@ from helpers import inputs_for, make_peft_adapter, outputs, rel, tiny_gpt2, tiny
 from torch import nn
 
 from mergekit_lora import LoraMergeError, merge
+from mergekit_lora.formats.routed import RoutedUnits
 from mergekit_lora.routing import load_routed
-from mergekit_lora.routing.format import RoutedUnits
-from mergekit_lora.runtime import RoutedLoraLayer, attach, detach
+from mergekit_lora.routing.runtime import RoutedLoraLayer, attach, detach
 from mergekit_lora.units import RankUnits
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -128,3 +128,14 @@ def test_attach_on_cuda_matches_cpu(tmp_path):
         want = cpu(**x).logits
         got = gpu(**{k: v.cuda() for k, v in x.items()}).logits.cpu()
     assert rel(got, want) < 1e-4
+
+
+def test_public_runtime_name_is_the_routing_runtime():
+    """Routed model cards print ``from mergekit_lora.runtime import attach``: the alias stays."""
+    import mergekit_lora.routing as routing
+    import mergekit_lora.runtime as public
+    from mergekit_lora.routing import runtime
+
+    assert public.attach is runtime.attach is routing.attach
+    assert public.detach is runtime.detach is routing.detach
+    assert routing.RoutedUnits is RoutedUnits

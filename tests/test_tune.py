@@ -79,6 +79,8 @@ def test_tune_writes_best_adapter_trials_and_plot(sequential, objective):
     assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "best" / "README.md").read_text()
     assert "Tuned with loramerge tune" in card and f"best: trial {res.best['trial']}" in card
+    assert card.index("## Tuned with loramerge tune") < card.index("## Recipe")  # a section of the card the
+    # pipeline writes inside the atomic swap, not text appended to the published folder afterwards
     assert json.loads((out / "tune.json").read_text())["best"]["trial"] == res.best["trial"]
 
 

@@ -25,7 +25,7 @@ from mergekit_lora import merge
 from mergekit_lora.routing import load_routed
 from mergekit_lora.routing.calibrate import make_batches
 from mergekit_lora.routing.profile import fit_profiles
-from mergekit_lora.runtime import attach
+from mergekit_lora.routing.runtime import attach
 
 
 def build(seed: int = 0) -> LlamaForCausalLM:

@@ -44,7 +44,7 @@ from mergekit_lora.evals.tasks import (
 from mergekit_lora.routing import load_routed, write_routed
 from mergekit_lora.routing.calibrate import make_batches
 from mergekit_lora.routing.profile import fit_profiles, select_adapter
-from mergekit_lora.runtime import attach, detach
+from mergekit_lora.routing.runtime import attach, detach
 
 TASKS = ("topic", "sentiment", "genre", "language")
 ROOT = Path(__file__).resolve().parents[2]

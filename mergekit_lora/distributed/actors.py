@@ -1,5 +1,8 @@
 """Tune trials on Ray: one actor per worker holds the base model (loaded once), trials are its method calls.
 
+The pool is handed the worker class it runs (``tune``'s evaluator: ``__init__(*args, worker=…, **kwargs)``,
+``ping()``, ``run(trial) -> row``), so this floor imports nothing of the search above it.
+
 A batch of trials goes out at once (trial i to actor i), results are collected in trial order.  An
 actor that dies mid-trial (killed, out of memory) is restarted by Ray once and its trial retried once;
 a second death makes the trial an error row and the search goes on.
@@ -16,10 +19,8 @@ from .session import cluster_gpus, ensure_ray
 
 
 class RayTrialPool:
-    def __init__(self, workers: int, evaluator_args: tuple, evaluator_kwargs: dict[str, Any], *,
+    def __init__(self, worker: type, workers: int, evaluator_args: tuple, evaluator_kwargs: dict[str, Any], *,
                  address: str | None = None, device: str = "auto") -> None:
-        from mergekit_lora.tune.evaluator import Evaluator
-
         from .session import import_ray
 
         self.started = not import_ray().is_initialized()  # shut down on close only what this pool started
@@ -28,7 +29,7 @@ class RayTrialPool:
         if str(device).startswith("cuda") and gpus == 0:
             raise LoraMergeError("device cuda was requested but the Ray cluster has no GPU; use device cpu or auto")
         num_gpus = 1 if gpus and device != "cpu" else 0
-        cls = self.ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=1, max_task_retries=0)(Evaluator)
+        cls = self.ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=1, max_task_retries=0)(worker)
         self.actors = [cls.remote(*evaluator_args, **{**evaluator_kwargs, "worker": f"ray-{i}"})
                        for i in range(workers)]
         try:

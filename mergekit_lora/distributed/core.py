@@ -39,7 +39,7 @@ def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
         p = plan(list(p.adapters), p.method, params if params is not None else p.params,
                  weights if weights is not None else p.weights, opts)
     elif p.options.out is not None:
-        p = replace(p, options=p.options.model_copy(update={"out": None}))
+        p = replace(p, options=make_options(p.options, out=None))
     merged = execute(p).merged
     assert merged is not None
     return merged

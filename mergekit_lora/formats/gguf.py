@@ -285,6 +285,14 @@ def write_gguf(out_file: Path, modules: Iterable[tuple[str, RankUnits]], base: G
             "ranks": dict(Counter(u.rank for _, u in kept)), "dtype": _DTYPES[dtype]}
 
 
+def check_options(opts: Any) -> None:
+    """What the ``gguf`` output format needs of the run options (``plan`` stage 3, headers only)."""
+    if opts.base_gguf is None:
+        raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
+                             "architecture come from it): pass «base_gguf»", field="base_gguf")
+    resolve_base(opts.base_gguf)
+
+
 def gguf_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
                 dtype: torch.dtype, target_modules: list[str] | None, method: str,
                 base_gguf: str | Path | None = None, architecture: str | None = None,

@@ -3,7 +3,9 @@
 A spec bundles everything the pipeline needs to know about a family: how to recognise a safetensors
 file of it (``sniff``, on the header only), how to ``read`` it, how to ``write`` a merged result, which
 output format inputs of the family default to, how to ``align`` module names when it is mixed with
-another family, what it adds to ``loramerge inspect``, and which inputs it refuses to write.
+another family, what it adds to ``loramerge inspect``, which inputs it refuses to write, which run
+options only it takes (``options``) and what it needs of them (``check_options``), and the model card's
+``library`` — so the pipeline names no format.
 
 Built-ins are listed in :func:`builtin_formats`; third-party formats come through the entry-point
 group ``mergekit_lora.formats`` (an entry point names a FormatSpec or a list of them) or, in-process,
@@ -20,8 +22,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from ..routing import format as routed
-from . import diffusers, gguf, kohya, peft_read, sd, sd_detect, writers
+from . import diffusers, gguf, kohya, peft_read, routed, sd, sd_detect, writers
 
 ENTRY_POINT_GROUP = "mergekit_lora.formats"
 
@@ -41,20 +42,25 @@ class FormatSpec:
     align: Callable[[list[Adapter]], list[Adapter]] | None = None  # bring mixed inputs to one naming
     inspect: Callable[[Adapter, dict[str, Any]], None] | None = None  # add a section to the inspect report
     refuse_inputs: Callable[[Sequence[Adapter]], str | None] | None = None  # why this writer cannot take them
+    options: tuple[str, ...] = ()  # MergeOptions fields only this output format takes (refused for the others)
+    check_options: Callable[[Any], None] | None = None  # (MergeOptions) -> None: what this writer needs, headers only
+    library: str = "diffusers"  # the model card's library_name
 
 
 def builtin_formats() -> list[FormatSpec]:
     """Our formats in sniffing order (the most specific header tests first)."""
     return [
         FormatSpec("routed", routed.sniff_routed, routed.read_routed_adapter, routed.routed_writer, "peft",
-                   inspect=routed.inspect_routing),
+                   inspect=routed.inspect_routing, library="mergekit-lora"),
         FormatSpec("kohya", lambda keys, meta: sd_detect.is_kohya(keys), kohya.read_kohya, kohya.write_kohya, "kohya",
                    align=sd.align_sd, inspect=sd.inspect_sd),
         FormatSpec("diffusers", lambda keys, meta: diffusers.is_diffusers(keys), diffusers.read_diffusers,
                    diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
         FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
-                   writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output),
-        FormatSpec("gguf", write=gguf.gguf_writer),  # llama.cpp LoRA (issue 18): needs base_gguf= or architecture=
+                   writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output, options=("profile",),
+                   library="peft"),
+        # llama.cpp LoRA (issue 18): needs base_gguf= or architecture=
+        FormatSpec("gguf", write=gguf.gguf_writer, options=("base_gguf",), check_options=gguf.check_options),
     ]
 
 

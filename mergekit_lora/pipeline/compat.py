@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
+from ..formats.sd import SD_NAMINGS
 from ..options import MissingPolicy
 
 
@@ -40,8 +41,8 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
     if len({f for f in families.values() if f != "unknown"}) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in families.items())
         raise LoraMergeError(f"the inputs belong to different model families ({listing}); they cannot be merged")
-    sd = [a.label for a in adapters if a.meta.extra.get("naming") in ("kohya", "diffusers")]
-    other = [a.label for a in adapters if a.meta.extra.get("naming") not in ("kohya", "diffusers")]
+    sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
+    other = [a.label for a in adapters if a.meta.extra.get("naming") not in SD_NAMINGS]
     if sd and other:
         raise LoraMergeError(
             f"the inputs belong to different model families: {other[0]} is a LoRA of a transformers model and "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,14 @@ from ..registry import Notes
 from ..sources import assumed_alpha
 from .plan import MergePlan
 
-LIBRARY = {"peft": "peft", "routed": "mergekit-lora"}
-
 
 def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list[ModuleFidelity],
-                 notes: list[tuple[str, Notes]]) -> dict[str, Any]:
-    """Write ``modules`` (consumed here, in plan order) and the card into ``plan.options.out``; return the config."""
+                 notes: list[tuple[str, Notes]], *, writer_options: Mapping[str, Any] | None = None,
+                 extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write ``modules`` (consumed here, in plan order) and the card into ``plan.options.out``; return the config.
+
+    ``writer_options`` go to the format's writer as keywords; ``extra(tmp)`` adds files to the temporary folder
+    before the swap (calibrated routing: the static export) — every output folder is written here."""
     opts = plan.options
     assert opts.out is not None
     spec = get_writer(plan.output_format)
@@ -35,15 +37,18 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                             recipe={"params": plan.params.model_dump(), "weights": list(plan.weights),
                                     "seed": opts.seed},
                             module_names=[m.name for m in plan.modules], profile=opts.profile,
-                            base_gguf=opts.base_gguf)
-        sections = report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+                            base_gguf=opts.base_gguf, **(writer_options or {}))
+        if extra is not None:
+            extra(tmp)
+        sections = (report_section(algo.report(notes, plan.params)) + algo.card_sections(notes, plan.params)
+                    + list(plan.card_sections))  # inside the atomic folder: the card is whole when it appears
         if note := assumed_alpha(plan.labels, plan.adapters):  # issue 23: never a silent loss of strength
             sections.append(("Input notes", note))
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
             base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),
             fidelity=summarize(rows), recipe=plan.recipe, extra_sections=sections,
-            library_name=LIBRARY.get(plan.output_format, "diffusers"),
+            library_name=spec.library,
         )
         (tmp / "README.md").write_text(render_card(card))
         if plan.recipe:

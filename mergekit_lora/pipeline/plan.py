@@ -28,12 +28,11 @@ from ..adapter import Adapter, ModuleInfo
 from ..atomic import check_output
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
-from ..formats.gguf import resolve_base
 from ..formats.peft_write import carried_target_modules
-from ..formats.registry import align_names, default_output_format, get_writer
+from ..formats.registry import align_names, default_output_format, formats, get_writer
 from ..formats.safetensors_header import content_fingerprints
 from ..names import layer_index, matches
-from ..options import DTYPE_NAMES, MergeOptions
+from ..options import MergeOptions, check_device, check_dtype
 from ..recipe.gradients import at, evaluate, gradient_fields
 from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
 from ..strength import Scale, parse_scale
@@ -85,18 +84,21 @@ class MergePlan:
     recipe: str | None = None  # the request as YAML, written beside the output
     scale: Scale = Scale()  # the resolved strength (routed outputs: already folded into the weights)
     matched: Mapping[int, int] = field(default_factory=dict)  # override index -> modules matched
+    card_sections: tuple[tuple[str, str], ...] = ()  # a caller's own card sections (tune's search summary)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is an error, not a fallback."""
     d = str(device)
+    try:
+        check_device(d)
+    except ValueError as e:
+        raise LoraMergeError(str(e), field="device") from None
     if d == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda") and not torch.cuda.is_available():
         raise LoraMergeError("«device» cuda was requested but CUDA is not available on this machine; use «device» cpu",
                              field="device")
-    if d != "cpu" and not d.startswith("cuda"):
-        raise LoraMergeError(f"unknown device {d!r}; use auto, cpu or cuda", field="device")
     return torch.device(d)
 
 
@@ -105,9 +107,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, adapters: Sequence[Adapter]) 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
-        if dtype not in DTYPE_NAMES:
-            raise LoraMergeError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}", field="dtype")
-        return getattr(torch, DTYPE_NAMES[dtype])
+        try:
+            return getattr(torch, check_dtype(dtype))
+        except ValueError as e:
+            raise LoraMergeError(str(e), field="dtype") from None
     out = adapters[0].meta.dtype
     for a in adapters[1:]:
         out = torch.promote_types(out, a.meta.dtype)
@@ -130,9 +133,7 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     device = _collect(problems, resolve_device, opts.device)
     if not sources:
         problems.append(LoraMergeError("no input adapters given", field="adapters"))
-    if weights is not None and len(weights) != len(sources):
-        problems.append(LoraMergeError(f"got {len(weights)} weights for {len(sources)} adapters; give one weight per "
-                                       "adapter", field="weights"))
+    _collect(problems, checks.weight_count, weights, len(sources))
     if opts.output_format is not None:
         _collect(problems, get_writer, opts.output_format)
     if algo is not None and algo.output_format and opts.output_format and opts.output_format != algo.output_format:
@@ -143,10 +144,8 @@ def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | Alg
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, check_output, Path(opts.out), opts.force)
-    # a NaN/Inf parameter is already one problem (finite_numbers); validating it again would add a second,
-    # wrong one ("should be ≤ 1", issue 28)
-    non_finite = any(p.field == "parameters" for p in problems)
-    top = _collect(problems, _top_params, algo, params) if algo is not None and not non_finite else None
+    finite = not any(p.field == "parameters" for p in problems)  # a NaN/Inf parameter is reported once, above
+    top = _collect(problems, _top_params, algo, params) if algo is not None and finite else None
     raise_all(problems)
     assert algo is not None and device is not None and top is not None
     # Stage 2: the sources' headers.
@@ -203,17 +202,14 @@ def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Sourc
 
 
 def _check_writer_options(fmt: str, opts: MergeOptions) -> None:
-    """Options that only one output format takes, and what that format needs (read from headers only)."""
-    if opts.profile != "default" and fmt != "peft":
-        raise LoraMergeError(f"«profile» {opts.profile} is a PEFT output profile; the output format is {fmt}",
-                             field="profile")
-    if fmt == "gguf":
-        if opts.base_gguf is None:
-            raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
-                                 "architecture come from it): pass «base_gguf»", field="base_gguf")
-        resolve_base(opts.base_gguf)
-    elif opts.base_gguf is not None:
-        raise LoraMergeError(f"«base_gguf» is for output format gguf, not {fmt}", field="base_gguf")
+    """Options that only another output format takes, then what this one needs (its FormatSpec's hooks)."""
+    for other in formats():
+        for name in other.options if other.name != fmt else ():
+            if getattr(opts, name) != MergeOptions.model_fields[name].default:
+                raise LoraMergeError(f"«{name}» is for output format {other.name}, not {fmt}", field=name)
+    spec = get_writer(fmt)
+    if spec.check_options is not None:
+        spec.check_options(opts)
 
 
 def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from ..errors import not_finite
 from ..registry import field_names, user_names
+from .yaml_lines import format_loc
 
 if TYPE_CHECKING:
     from ..registry import Algorithm
@@ -122,6 +124,9 @@ def _report(algo: Algorithm, err: dict[str, Any], values: dict[str, Any], marked
         return  # reported where it was set (the recipe's top-level parameters)
     where: Loc = loc + (field,)
     v = marked.get(field)
+    if err["type"] == "finite_number":  # NaN/Inf: one wording, whatever validator meets it first
+        problems.add(where, not_finite(format_loc(where)))
+        return
     msg = err["msg"].removeprefix("Value error, ")
     if v is not None and not isinstance(v, _Literal):
         n = len(v)

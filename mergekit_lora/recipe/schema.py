@@ -31,9 +31,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import LoraMergeError
+from ..checks import check_output, weight_count
+from ..errors import LoraMergeError, not_finite
 from ..hub import env_token, parse_hub_id
-from ..options import DTYPE_NAMES, MergeOptions
+from ..options import MergeOptions, check_device, check_dtype
 from ..paths import path_fits
 from ..registry import available, unknown_method
 from ..sources import missing_source
@@ -49,7 +50,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_NOT_FINITE = "not a finite number"  # the schema's marker; reported in the one wording of errors.not_finite
+
+
 def _gradient(v: Any) -> float | list[float]:
+    values = v if isinstance(v, list) else [v]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+        raise ValueError(_NOT_FINITE)
     if _is_number(v):
         return float(v)
     if isinstance(v, list) and len(v) >= 2 and all(_is_number(x) for x in v):
@@ -163,6 +170,8 @@ def _pydantic_message(err: dict[str, Any]) -> str:
     if kind == "too_short" and loc == ("adapters",):
         return "list at least one adapter (source and weight)"
     msg = err["msg"].removeprefix("Value error, ")
+    if msg == _NOT_FINITE:
+        return not_finite(format_loc(loc))
     value = err.get("input")
     if isinstance(value, (str, int, float, bool)) or value is None:
         msg += f" (got {value!r})"
@@ -265,18 +274,17 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
         if algo is not None and isinstance(m.get("parameters"), dict):
             check_parameters(algo, base_params, m["parameters"], loc + ("parameters",), problems)
         w = m.get("weights")
-        if isinstance(w, list) and adapters is not None and len(w) != len(adapters):
-            problems.add(loc + ("weights",), f"{_n(len(w), 'weight')} for {_n(len(adapters), 'adapter')}; "
-                         "give one weight per adapter")
+        if isinstance(w, list) and adapters is not None:
+            try:
+                weight_count(w, len(adapters))
+            except LoraMergeError as e:
+                problems.add(loc + ("weights",), e.template)
     out = data.get("output")
     if isinstance(out, dict):
         _check_output(out, problems, force=force, check_token=check_token)
     dev = data.get("device")
     if isinstance(dev, str):
-        try:
-            MergeOptions(device=dev)
-        except ValidationError as e:
-            problems.add(("device",), e.errors()[0]["msg"].removeprefix("Value error, "))
+        _option(problems, ("device",), check_device, dev)
 
 
 def _too_long(path: str) -> str | None:
@@ -292,16 +300,23 @@ def _n(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
+def _option(problems: Problems, loc: Loc, check: Any, value: str) -> None:
+    """An option's one validator (:mod:`mergekit_lora.options`), its problem at the recipe's line."""
+    try:
+        check(value)
+    except ValueError as e:
+        problems.add(loc, str(e))
+
+
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
     path = out.get("path")
     if isinstance(path, str) and (why := _too_long(path)):
         problems.add(("output", "path"), why)
-    elif isinstance(path, str):
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            problems.add(("output", "path"), f"{path} exists and is not a folder; choose another path")
-        elif p.exists() and not force:
-            problems.add(("output", "path"), f"{path} already exists; choose another path or pass --force to replace it")
+    elif isinstance(path, str) and path:
+        try:
+            check_output(Path(path), force)  # the pipeline's own check (plan stage 1), one wording
+        except LoraMergeError as e:
+            problems.add(("output", "path"), e.template)
     fmt = out.get("format")
     if isinstance(fmt, str):
         from ..formats.registry import (
@@ -312,8 +327,8 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
     if isinstance(fmt, str) and fmt not in formats:
         problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(formats))}")
     dtype = out.get("dtype")
-    if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
-        problems.add(("output", "dtype"), f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
+    if isinstance(dtype, str):
+        _option(problems, ("output", "dtype"), check_dtype, dtype)
     repo = out.get("push_to_hub")
     if isinstance(repo, str):
         hub = parse_hub_id(repo)

@@ -1,7 +1,8 @@
 """Rank routing: FlyLoRA / SMoRA-style routed composition of frozen LoRAs.
 
-The routed format (``format.py``) is one entry of the format registry; ``route()`` (``api.py``) is a
-thin caller of the merge pipeline plus optional calibration.  Names are imported on first use, so
+The routed format (``formats/routed.py``) is one entry of the format registry; ``runtime.py`` attaches
+routed adapters to a torch model; ``route()`` (``api.py``) is a thin caller of the merge pipeline plus
+optional calibration.  Names are imported on first use, so
 importing this package costs nothing.
 """
 
@@ -11,8 +12,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "RoutedAdapter": ".format", "RoutedUnits": ".format", "load_routed": ".format", "write_routed": ".format",
-    "RouteResult": ".api", "route": ".api",
+    "RoutedAdapter": "..formats.routed", "RoutedUnits": "..formats.routed", "load_routed": "..formats.routed",
+    "write_routed": "..formats.routed", "attach": ".runtime", "detach": ".runtime",
+    "Calibration": ".api", "RouteResult": ".api", "route": ".api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ fitted, activation statistics are measured, and the result (plus an optional sta
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,16 +17,16 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, output_meta
-from ..atomic import atomic_output
-from ..card import CardInfo, SourceInfo, render_card
 from ..errors import LoraMergeError
 from ..formats.peft_write import write_peft
+from ..formats.routed import RoutedAdapter, iter_static
 from ..options import MergeOptions
-from ..pipeline import execute, make_options, plan
-from ..runtime import attach, detach
+from ..pipeline import MergePlan, execute, make_options, plan
+from ..pipeline.output import write_output
+from ..registry import AlgorithmParams
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
-from .format import RoutedAdapter, iter_static, write_routed
 from .profile import fit_profiles, load_profile_data
+from .runtime import attach, detach
 
 STATIC_DIR = "static"
 
@@ -58,71 +58,80 @@ def load_base_model(base: str | Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def route(
-    sources: Sequence[str | Path | Adapter],
-    out: str | Path | None = None,
-    *,
-    top_k: int,
-    router: str = "implicit",
-    weights: Sequence[float] | None = None,
-    temperature: float = 1.0,
-    top_k_pattern: dict[str, int] | None = None,
-    calibrate_data: str | Path | None = None,
-    base: str | Path | None = None,
-    steps: int = 200,
-    lr: float = 1e-2,
-    batch_size: int = 8,
-    max_length: int = 128,
-    balance: float = 0.01,
-    bias_rate: float = 1e-3,
-    export_static: bool = False,
-    top_m: int = 1,
-    mass: float | None = None,
-    profiles: Sequence[str | Path] | None = None,
-    options: MergeOptions | None = None,
-    **option_fields: Any,
-) -> RouteResult:
-    """Pool the units of ``sources`` and write a routed adapter to ``out`` (calibrated when data is given).
+@dataclass(frozen=True)
+class Calibration:
+    """What fits a routed adapter to data; every part needs the base model (a transformers folder).
 
-    ``profiles`` (hierarchical router): one JSONL of unlabeled examples per source, in source order; each
-    adapter's input Gaussians are fitted on its own file (needs ``base``).  ``top_m`` / ``mass``: how many
-    adapters the hierarchical router keeps per sequence.
-
-    Run options (device, seed, force, missing, …) come from ``options`` and/or keyword fields of
-    :class:`MergeOptions`, as for :func:`mergekit_lora.merge`.
+    ``calibrate_data``: JSONL examples to train the gate router on (``steps``, ``lr``, ``batch_size``,
+    ``balance``, ``bias_rate``) and to measure each unit's activation on; ``profiles`` (hierarchical router):
+    one JSONL of unlabeled examples per source, in source order; ``export_static``: also write
+    ``OUT/static``, a PEFT adapter weighting each unit by its measured activation (needs ``calibrate_data``).
     """
-    t0 = time.perf_counter()
-    opts = make_options(options, out=Path(out) if out is not None else (options.out if options else None),
-                        **option_fields)
-    if opts.out is None:
-        raise LoraMergeError("a routed adapter needs an output folder («out»)", field="out")
-    params = {"router": router, "top_k": top_k, "temperature": temperature, "top_k_pattern": top_k_pattern or {},
-              "top_m": top_m, "mass": mass}
-    if export_static and calibrate_data is None:
+
+    base: str | Path | None = None
+    calibrate_data: str | Path | None = None
+    profiles: Sequence[str | Path] | None = None
+    steps: int = 200
+    lr: float = 1e-2
+    batch_size: int = 8
+    max_length: int = 128
+    balance: float = 0.01
+    bias_rate: float = 1e-3
+    export_static: bool = False
+
+
+def _check_calibration(cal: Calibration, router: str, n_sources: int) -> None:
+    if cal.export_static and cal.calibrate_data is None:
         raise LoraMergeError("«export_static» weights each unit by its activation frequency on data; "
                              "pass «calibrate_data» and «base»", field="export_static")
-    if calibrate_data is not None and base is None:
+    if cal.calibrate_data is not None and cal.base is None:
         raise LoraMergeError("«calibrate_data» needs the base model: pass «base» (a transformers folder)", field="base")
-    if profiles is not None:
+    if cal.profiles is not None:
         if router != "hierarchical":
             raise LoraMergeError("profile files («profiles») are for the hierarchical router: pass «router» "
                                  "hierarchical", field="profiles")
-        if base is None:
+        if cal.base is None:
             raise LoraMergeError("profile files («profiles») need the base model: pass «base» (a transformers folder)",
                                  field="base")
-        if len(profiles) != len(sources):
-            raise LoraMergeError(f"got {len(profiles)} profile files for {len(sources)} adapters; give one per "
+        if len(cal.profiles) != n_sources:
+            raise LoraMergeError(f"got {len(cal.profiles)} profile files for {n_sources} adapters; give one per "
                                  "adapter, in the same order", field="profiles")
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
+    for name in ("steps", "batch_size", "max_length"):
+        v = getattr(cal, name)
         if v < (0 if name == "steps" else 1):
             raise LoraMergeError(f"«{name}» must be {'>= 0' if name == 'steps' else 'positive'} (got {v})", field=name)
-    p = plan(sources, "route", params, weights, opts)
-    if calibrate_data is None and profiles is None:
+
+
+def route(sources: Sequence[str | Path | Adapter], out: str | Path | None = None,
+          params: Mapping[str, Any] | AlgorithmParams | None = None, weights: Sequence[float] | None = None,
+          calibration: Calibration | None = None, options: MergeOptions | None = None) -> RouteResult:
+    """Pool the units of ``sources`` and write a routed adapter to ``out`` (fitted to data with ``calibration``).
+
+    ``params``: the ``route`` method's parameters (``top_k`` required; ``router``, ``temperature``,
+    ``top_k_pattern``, ``top_m``, ``mass``, ``evidence``), as for ``merge(..., method="route")``.  Run options
+    (device, seed, force, missing, …) come from ``options``; ``out`` overrides ``options.out``.
+    """
+    t0 = time.perf_counter()
+    opts = make_options(options, out=Path(out) if out is not None else (options.out if options else None))
+    if opts.out is None:
+        raise LoraMergeError("a routed adapter needs an output folder («out»)", field="out")
+    cal = calibration or Calibration()
+    values = params.model_dump() if isinstance(params, AlgorithmParams) else dict(params or {})
+    _check_calibration(cal, str(values.get("router", "implicit")), len(sources))
+    p = plan(sources, "route", values, weights, opts)
+    if cal.calibrate_data is None and cal.profiles is None:
         res = execute(p)
         cfg = res.config
         return RouteResult(Path(opts.out), res.modules, sum(m["R"] for m in cfg["modules"].values()),
                            time.perf_counter() - t0, cfg)
+    return _fit_and_write(p, cal, opts, t0)
 
+
+def _fit_and_write(p: MergePlan, cal: Calibration, opts: MergeOptions, t0: float) -> RouteResult:
+    """Calibrated routing: the routed modules in memory, fitted on the base model, then written with a card."""
+    base, calibrate_data, profiles, max_length = cal.base, cal.calibrate_data, cal.profiles, cal.max_length
+    steps, lr, balance, bias_rate, export_static = cal.steps, cal.lr, cal.balance, cal.bias_rate, cal.export_static
+    batch_size = cal.batch_size
     out_path = Path(opts.out)
     model = load_base_model(base, p.device)  # type: ignore[arg-type]
     vocab = getattr(model.config, "vocab_size", None)
@@ -130,15 +139,15 @@ def route(
                             batch_size) if calibrate_data is not None else [])
     profile_data = (load_profile_data(profiles, base=base, max_length=max_length, batch_size=batch_size,
                                       vocab_size=vocab) if profiles is not None else None)
-    in_memory = replace(p, options=opts.model_copy(update={"out": None, "push_to_hub": None}))
+    in_memory = replace(p, options=make_options(opts, out=None, push_to_hub=None))
     routed = RoutedAdapter(execute(in_memory).merged or {}, p.base_model, list(p.labels))
     handle = attach(model, routed)
-    cal = None
+    fit = None
     try:
         if profile_data is not None:
             fit_profiles(model, handle, profile_data, device=p.device, progress=opts.progress)
         if calibrate_data is not None:
-            cal = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
+            fit = calibrate(model, handle, batches, steps=steps, lr=lr, balance=balance, bias_rate=bias_rate,
                             seed=opts.seed, device=p.device, progress=opts.progress)
             measure_activation(model, handle, batches, p.device)
         fitted = handle.routed(routed)
@@ -150,26 +159,24 @@ def route(
         fitted.info["profiles"] = {"data": [str(f) for f in profiles], "max_length": max_length}
         sections.append(("Profiles", "Hierarchical router: each adapter's input Gaussians fitted on "
                                      + ", ".join(f"`{f}`" for f in profiles) + " (one file per adapter)."))
-    if cal is not None:
+    if fit is not None:
         fitted.info["calibration"] = {"data": str(calibrate_data), "steps": steps, "lr": lr, "balance": balance,
-                                      "bias_rate": bias_rate, "seed": opts.seed, "loss_before": cal.loss_before,
-                                      "loss_after": cal.loss_after}
+                                      "bias_rate": bias_rate, "seed": opts.seed, "loss_before": fit.loss_before,
+                                      "loss_after": fit.loss_after}
         sections.append(("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
-                                        f"{cal.loss_before:.4f} → {cal.loss_after:.4f}."))
+                                        f"{fit.loss_before:.4f} → {fit.loss_after:.4f}."))
     meta = output_meta(p.adapters)
-    with atomic_output(out_path, opts.force) as tmp:
-        cfg = write_routed(tmp, fitted.modules.items(), base_model=p.base_model, sources=list(p.labels),
-                           dtype=meta.dtype, info=fitted.info)
-        if export_static:
-            (tmp / STATIC_DIR).mkdir()
-            write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
-                       metadata={"mergekit_lora.method": "route-static"})
-            sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
-                                              "its mean activation on the calibration data."))
-        card = CardInfo(method="route", params=p.params.model_dump(), seed=opts.seed, base_model=p.base_model,
-                        sources=[SourceInfo(lab, wi, a.meta.extra.get("resolved_revision") or a.meta.revision)
-                                 for lab, a, wi in zip(p.labels, p.adapters, p.weights)],
-                        extra_sections=sections, library_name="mergekit-lora")
-        (tmp / "README.md").write_text(render_card(card))
+
+    def static_export(tmp: Path) -> None:
+        (tmp / STATIC_DIR).mkdir()
+        write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
+                   metadata={"mergekit_lora.method": "route-static"})
+
+    if export_static:
+        sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
+                                          "its mean activation on the calibration data."))
+    written = replace(p, options=make_options(opts, push_to_hub=None), card_sections=tuple(sections))
+    cfg = write_output(written, fitted.modules.items(), [], [], extra=static_export if export_static else None,
+                       writer_options={"info": fitted.info, "sources": list(p.labels)})
     return RouteResult(out_path, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
-                       time.perf_counter() - t0, cfg, cal)
+                       time.perf_counter() - t0, cfg, fit)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LoraMergeError
 from ..progress import progress_bar
-from ..runtime import Attached, RoutedLoraLayer
+from .runtime import Attached, RoutedLoraLayer
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..errors import LoraMergeError
 from ..progress import progress_bar
-from ..runtime import Attached, RoutedLoraLayer
 from .calibrate import Batch, load_examples, make_batches
 from .hierarchical import HierContext
+from .runtime import Attached, RoutedLoraLayer
 
 
 def load_profile_data(paths: Sequence[str | Path], *, base: str | Path | None = None, max_length: int = 128,

@@ -153,8 +153,8 @@ class Engine:
         return Target(name, "peft", self._peft, peft_name=name)
 
     def _add_routed(self, name: str, local: Path) -> Target:
-        from ..routing.format import load_routed
-        from ..runtime import attach
+        from ..formats.routed import load_routed
+        from ..routing.runtime import attach
 
         routed = load_routed(local)
         tree = _shared_copy(self.model)

@@ -16,7 +16,7 @@ import torch
 
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 
 from .objective import Objective, encode_objective
 from .space import split_scale
@@ -53,7 +53,7 @@ class Evaluator:
 
         self.obj, self.method, self.worker, self.start_params = objective, method, worker, dict(start["params"])
         self.device = resolve_device(options.device)
-        opts = options.model_copy(update={"out": None, "progress": False, "device": str(self.device)})
+        opts = make_options(options, out=None, progress=False, device=str(self.device))
         with self._threads():
             self.model, tok = load_model(objective.base, self.device)
             self.tasks = encode_objective(objective, Path(root), tok)

@@ -12,10 +12,11 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mergekit_lora.checks import weight_count
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import make_options
@@ -95,8 +96,7 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
     algo = get_algorithm(s.method)
     opts = merge_options(s)
     adapters = [load_adapter(src, allow_pickle=s.allow_pickle) for src in s.sources]  # headers only
-    if s.weights is not None and len(s.weights) != len(adapters):
-        raise LoraMergeError(f"got {len(s.weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    weight_count(s.weights, len(adapters))
     space = build_space(algo, s.search, len(adapters), pooled_rank=pooled_rank(adapters), ranges=s.ranges,
                         fixed=s.params, weights=s.weights)
     start = {"params": {**s.params, **{d.name: d.init for d in space.dims}}, "weights": list(space.fixed_weights)
@@ -217,6 +217,8 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
         return _LocalPool(ev_args, ev_kwargs)
     from mergekit_lora.distributed.actors import RayTrialPool
 
+    from .evaluator import Evaluator
+
     if str(s.device).startswith("cuda") and not s.ray_address:
         import os
 
@@ -224,11 +226,12 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
 
         if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
             raise LoraMergeError("device cuda was requested but CUDA is not available on this machine; use device cpu")
-    return RayTrialPool(s.workers, ev_args, ev_kwargs, address=s.ray_address, device=s.device)
+    return RayTrialPool(Evaluator, s.workers, ev_args, ev_kwargs, address=s.ray_address, device=s.device)
 
 
 def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
     """The best trial merged and written like ``merge`` (card with the search summary, recipe.yaml)."""
+    from mergekit_lora.options import make_options
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
@@ -236,7 +239,6 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
     params, scale = split_scale({**s.params, **best["params"]})
     opts = make_options(merge_options(s, dest), force=True, **({"scale": scale} if scale else {}))
     recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
-    execute(plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe))
     start = rows[0]
     fmt = lambda v: "failed" if v is None else f"{v:.6g}"  # noqa: E731
     summary = "\n".join([
@@ -247,6 +249,6 @@ def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]
         f"- failed trials: {sum(r['score'] is None for r in rows)}",
         "- every trial is in `trials.jsonl` next to this folder; `recipe.yaml` reproduces this adapter",
     ])
-    card = dest / "README.md"
-    card.write_text(card.read_text().rstrip("\n") + "\n\n## Tuned with loramerge tune\n\n" + summary + "\n")
+    p = plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe)
+    execute(replace(p, card_sections=(("Tuned with loramerge tune", summary),)))  # written inside the atomic swap
     return dest

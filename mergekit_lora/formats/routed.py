@@ -337,7 +337,10 @@ def iter_static(modules: Iterable[tuple[str, RoutedUnits]]) -> Iterator[tuple[st
 
 def routed_writer(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], adapters: Sequence[Adapter], *,
                   dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                  recipe: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-    """The driver's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card."""
-    labels = [str(a.path or a.label) for a in adapters]
-    return write_routed(out_dir, modules, base_model=output_meta(adapters).base_model, sources=labels, dtype=dtype)
+                  recipe: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+                  sources: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
+    """The driver's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card.
+    Calibrated routing adds ``info`` (calibration, profiles) and names its ``sources`` as the user gave them."""
+    labels = list(sources) if sources is not None else [str(a.path or a.label) for a in adapters]
+    return write_routed(out_dir, modules, base_model=output_meta(adapters).base_model, sources=labels, dtype=dtype,
+                        info=info)
