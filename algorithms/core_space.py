@@ -187,15 +187,22 @@ def elementwise_merge(units: Sequence[RankUnits], weights: Sequence[float], comb
     elementwise methods depend on the basis, and these are the reference's.  Core matrices M_t = U_bᵀ K_t U_a = (U_bᵀ R_B[:, t])
     (R_A[:, t]ᵀ U_a) are handed as factors to the same fused trim/DARE/sign-election pass as the full
     space (:func:`~algorithms.elementwise.dense_combine_factors`, on [1, k_B, k_A]); the weights are
-    already in B_stack.  ΔW' = U_B M* V_Aᵀ, re-ranked by the exact SVD of M* (default rank R: lossless).
+    already in B_stack.  With ``sign_from="unweighted"`` (PEFT's sign rule) the pass gets the *unweighted*
+    cores U_bᵀ Q_Bᵀ B_t (R_A[:, t]ᵀ U_a) and the weights instead (for w_t ≠ 0, Q_Bᵀ B_t = R_B[:, t] / w_t; a zero
+    weight's task votes with its projection onto the basis).  ΔW' = U_B M* V_Aᵀ, re-ranked by the exact SVD
+    of M* (default rank R: lossless).
     """
     from .elementwise import dense_combine_factors
 
     st = stack(units, weights)
     Ub, Ua = sign_fixed(st.QB, svd(st.RB)[0]), sign_fixed(st.QA, svd(st.RA)[0])
+    unweighted = combine_kwargs.get("sign_from") == "unweighted" and combine_kwargs.get("combine") != "sum"
     factors = []
-    for t in range(len(units)):
+    for t, u in enumerate(units):
         L, F = st.core(t)
+        if unweighted:
+            L = st.QB.T @ u.B.double()
         factors.append(((Ub.T @ L)[None], (F @ Ua)[None]))
-    core = dense_combine_factors(factors, [1.0] * len(units), **combine_kwargs)[0]
+    w = [float(x) for x in weights] if unweighted else [1.0] * len(units)
+    core = dense_combine_factors(factors, w, **combine_kwargs)[0]
     return merged_core(st, Ub @ core @ Ua.T, rank)

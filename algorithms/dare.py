@@ -30,7 +30,7 @@ def dare_linear_step(params: DareLinearParams, ctxs: Sequence[ModuleContext]) ->
 def dare_ties_step(params: DareTiesParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
     """Seeded drop + rescale, sign election, disjoint mean, × λ."""
     return dict(combine=params.majority_sign, density=params.density, drop=[c.generator("dare") for c in ctxs],
-                scale=params.lambda_)
+                scale=params.lambda_, sign_from=params.sign_from)
 
 
 def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareTiesParams,
@@ -56,8 +56,9 @@ class DareTies(DenseAlgorithm[DareTiesParams], entry=DARE_TIES):
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ): DARE instead of magnitude trimming, then TIES.
 
     Masks as in ``dare_linear``; sign election and disjoint mean as in ``ties`` (on the weighted
-    tensors).  PEFT's ``dare_ties`` works on A and B separately; its ``dare_ties_svd`` forms our D for
-    equal positive weights and the same masks, elects the sign on unweighted tensors and has no λ.
+    tensors; ``sign_from=unweighted``: on the unweighted ones, PEFT's rule).  PEFT's ``dare_ties`` works on
+    A and B separately; its ``dare_ties_svd`` forms our D given the same masks for equal positive weights,
+    and for any weights with ``sign_from=unweighted`` (λ = 1); PEFT has no λ.
     """
 
     dense_batch = staticmethod(dare_ties_dense)

@@ -41,7 +41,7 @@ from mergekit_lora.units import RankUnits
 from .elementwise import Combine, dense_combine_factors, row_chunks
 from .elementwise import disjoint_mean as disjoint_mean  # re-exported
 from .elementwise import trim_thresholds as trim_thresholds  # re-exported
-from .params import DenseParams
+from .params import DenseParams, SignFrom
 
 # Elements of one [M, d_out, d_in] work tensor per sub-batch (~8 such tensors live at once: 32 MiB
 # each in float32), so a batch's memory is bounded whatever the driver hands over.
@@ -78,12 +78,12 @@ def chunk_workers(modules: Sequence[Sequence[RankUnits]]) -> int:
 
 def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
                   combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
-                  scale: float = 1.0, workers: int = 1) -> torch.Tensor:
+                  scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted") -> torch.Tensor:
     """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused
     (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``)."""
     factors = [stacked(modules, i, dtype) for i in range(len(weights))]
     return dense_combine_factors(factors, weights, combine=combine, density=density, drop=drop, scale=scale,
-                                 workers=workers)
+                                 workers=workers, sign_from=sign_from)
 
 
 # ---------------------------------------------------------------------------------------- refactorisation

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mergekit_lora.threads import run_pool
 
-from .params import SignMethod
+from .params import SignFrom, SignMethod
 
 Combine = Literal["sum", "total", "frequency"]
 Chunk = tuple[int, int, int]  # (module j, first row a, end row b)
@@ -128,14 +128,10 @@ def _full_kth(B: torch.Tensor, A: torch.Tensor, j: int, k: int, chunks: Sequence
 
 
 # ---------------------------------------------------------------------------------------- sign election
-def disjoint_mean(xs: list[torch.Tensor], method: SignMethod, out: torch.Tensor | None = None) -> torch.Tensor:
-    """TIES sign election and disjoint mean of the (weighted) tensors ``xs`` (consumed: modified in place).
-
-    e = sign of Σ x_i (``total``, summed in input order) or of Σ sign(x_i) (``frequency``), +1 on a tie;
-    result: e · Σ relu(e·x_i) / #{i: e·x_i > 0} — the mean of the entries agreeing with e (multiplying
-    by ±1 is exact, so this is the textbook formula's value).  Written into ``out`` when given.
-    Float ops only: e = sign(sign(mass) + ½) maps mass ≥ 0 (−0 included) to +1, mass < 0 to −1.
-    """
+def elect(xs: list[torch.Tensor], method: SignMethod) -> torch.Tensor:
+    """The elected sign e (±1 per entry) of the tensors ``xs`` (not modified): sign of Σ x_i (``total``,
+    summed in input order) or of Σ sign(x_i) (``frequency``), +1 on a tie.  Float ops only:
+    e = sign(sign(mass) + ½) maps mass ≥ 0 (−0 included) to +1, mass < 0 to −1."""
     if method == "total":
         mass = xs[0].clone() if len(xs) == 1 else torch.add(xs[0], xs[1])
         for x in xs[2:]:
@@ -144,7 +140,16 @@ def disjoint_mean(xs: list[torch.Tensor], method: SignMethod, out: torch.Tensor 
         mass = xs[0].sign()
         for x in xs[1:]:
             mass.add_(x.sign())
-    e = mass.sign_().add_(0.5).sign_()
+    return mass.sign_().add_(0.5).sign_()
+
+
+def disjoint_mean(xs: list[torch.Tensor], method: SignMethod, out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES sign election and disjoint mean of the (weighted) tensors ``xs`` (consumed: modified in place).
+
+    e = :func:`elect` (xs); result: e · Σ relu(e·x_i) / #{i: e·x_i > 0} — the mean of the entries agreeing
+    with e (multiplying by ±1 is exact, so this is the textbook formula's value).  Written into ``out`` when given.
+    """
+    e = elect(xs, method)
     num = out if out is not None else torch.empty_like(xs[0])
     cnt = torch.empty_like(xs[0])
     for i, x in enumerate(xs):
@@ -158,17 +163,42 @@ def disjoint_mean(xs: list[torch.Tensor], method: SignMethod, out: torch.Tensor 
     return num.mul_(e).div_(cnt.clamp_(min=1))
 
 
+def disjoint_mean_unweighted(xs: list[torch.Tensor], weights: Sequence[float], method: SignMethod,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """PEFT's rule (``merge_utils.ties``): the sign elected on the *unweighted* tensors ``xs`` (consumed),
+    then the disjoint mean of the weighted entries w_i·x_i whose x_i agree with it.
+
+    e = :func:`elect` (xs); result: e · Σ w_i relu(e·x_i) / #{i: e·x_i > 0} (= Σ_{agreeing} w_i x_i / count
+    exactly, since e·(w_i·|x_i|) = w_i·x_i).  A negative weight's agreeing entries count with their sign
+    flipped; a zero weight still votes and counts.
+    """
+    e = elect(xs, method)
+    num = out if out is not None else torch.empty_like(xs[0])
+    cnt = torch.empty_like(xs[0])
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        y = x.mul_(e).relu_()
+        if i == 0:
+            torch.mul(y, w, out=num)
+            torch.sign(y, out=cnt)
+        else:
+            num.add_(y, alpha=w)
+            cnt.add_(y.sign_())
+    return num.mul_(e).div_(cnt.clamp_(min=1))
+
+
 # ---------------------------------------------------------------------------------------- the fused pass
 def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], *,
                           combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
-                          scale: float = 1.0, workers: int = 1) -> torch.Tensor:
+                          scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted") -> torch.Tensor:
     """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(B_i A_i)) from the inputs' batched factors.
 
     ``step``: magnitude trim to ``density`` (exact per-module thresholds), or, with ``drop`` (one
     seeded CPU generator per module), DARE masks M_i ~ Bernoulli(ρ) drawn per module for the inputs in
     order over the whole [d_out, d_in] (the stream of PEFT's ``bernoulli(full_like(ΔW_i, ρ))``: uniform
     draws compared with ρ), rescaled by 1/ρ.  ``combine``: weighted sum (in input order), or TIES sign
-    election (``total``/``frequency``) and disjoint mean.  Besides D only one module's float masks
+    election (``total``/``frequency``) and disjoint mean, the sign elected on the weighted w_i·step_ρ(ΔW_i)
+    or, with ``sign_from="unweighted"``, on step_ρ(ΔW_i) (PEFT's rule, :func:`disjoint_mean_unweighted`;
+    DARE's 1/ρ is then a division, as PEFT's).  Besides D only one module's float masks
     (DARE) are held; each chunk goes through product, mask, weight and running sums in cache.
     """
     n_in = len(weights)
@@ -183,7 +213,8 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
         if int(density * m * n) <= 0:
             return torch.zeros(M, m, n, dtype=dtype, device=dev)
         thr = [lambdas(trim_thresholds(B, A, density, chunks, workers)) for B, A in factors]
-    mult = [w * (1.0 / density if dare else 1.0) for w in weights]
+    peft_rule = sign_from == "unweighted" and combine != "sum"
+    mult = [1.0] * n_in if peft_rule else [w * (1.0 / density if dare else 1.0) for w in weights]
     D = torch.empty(M, m, n, dtype=dtype, device=dev)
     masks: list[torch.Tensor] = []
 
@@ -195,6 +226,8 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
                 x = keep_at_least(x, thr[i][j])
             elif dare:
                 x.mul_(masks[i][a:b])
+                if peft_rule:
+                    x.div_(density)
             if mult[i] != 1.0:
                 x.mul_(mult[i])
             xs.append(x)
@@ -206,6 +239,8 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
                 torch.add(xs[0], xs[1], out=out)
             for x in xs[2:]:
                 out.add_(x)
+        elif peft_rule:
+            disjoint_mean_unweighted(xs, weights, combine, out=out)
         else:
             disjoint_mean(xs, combine, out=out)
         if scale != 1.0:

@@ -7,13 +7,14 @@ the implementations (``linear.py``, ``dense.py``, …) import them from here.  L
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mergekit_lora.registry import AlgorithmParams
 
 SignMethod = Literal["total", "frequency"]
+SignFrom = Literal["weighted", "unweighted"]
 
 
 class LinearParams(AlgorithmParams):
@@ -46,7 +47,20 @@ class SignParams(DenseParams):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     majority_sign: SignMethod = Field("total", description="elect each entry's sign by total mass or by frequency")
+    sign_from: SignFrom = Field(
+        "weighted", description="elect the sign on the weighted trimmed tensors wᵢ·xᵢ, or on the unweighted xᵢ "
+                                "as PEFT's ties/dare_ties (then the disjoint mean of the wᵢ·xᵢ whose xᵢ agree "
+                                "with it: PEFT's dense result for any weights)")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged update")
+
+    @model_serializer(mode="wrap")
+    def _quiet_default(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """``sign_from`` came after outputs were published: at its default it stays out of every record
+        (card, the adapter config's recipe), so default merges keep their bytes."""
+        d = handler(self)
+        if isinstance(d, dict) and self.sign_from == "weighted":
+            d.pop("sign_from", None)
+        return d
 
 
 class TiesParams(SignParams):

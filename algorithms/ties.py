@@ -17,7 +17,8 @@ from .params import TiesParams
 
 def ties_step(params: TiesParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
     """Trim to density, elect sign, disjoint mean, × λ (the same step in full and core space)."""
-    return dict(combine=params.majority_sign, density=params.density, scale=params.lambda_)
+    return dict(combine=params.majority_sign, density=params.density, scale=params.lambda_,
+                sign_from=params.sign_from)
 
 
 def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: TiesParams,
@@ -32,9 +33,12 @@ class Ties(DenseAlgorithm[TiesParams], entry=TIES):
     trim_ρ keeps the top ``int(ρ·numel)`` entries of each input's dense ΔW_i by magnitude; the sign s of
     each entry is elected from the weighted trimmed tensors x_i = w_i trim_ρ(ΔW_i) (sign of Σ x_i, or of
     Σ sign(x_i) with ``majority_sign=frequency``); the disjoint mean averages the x_i agreeing with s.
+    ``sign_from=unweighted`` elects s on the unweighted trim_ρ(ΔW_i) instead and averages the w_i·trim_ρ(ΔW_i)
+    whose unweighted entry agrees with it: PEFT's rule.
     Differences from PEFT: PEFT's ``ties`` trims A and B separately (a different, inexact method); our
-    D equals PEFT's ``ties_svd`` intermediate when the weights are equal and positive, but PEFT elects
-    the sign on the *unweighted* trimmed tensors (so negative or unequal weights differ) and has no λ.
+    D equals PEFT's ``ties_svd`` intermediate for any weights with ``sign_from=unweighted`` (λ = 1), and by
+    default only for equal positive weights (PEFT elects the sign on the *unweighted* trimmed tensors, so
+    negative or unequal weights differ) — PEFT has no λ.
     PEFT refactors with a dense full SVD; ours is exact for small matrices and a subspace iteration that
     matches the exact rank-k SVD to ~1e-4 otherwise (``exact_svd`` forces the exact one).
     ``space=core``: the same steps on the R×R core matrices (Core Space merging, :mod:`algorithms.core_space`).

@@ -7,12 +7,12 @@ for a thread the OS has descheduled.  Large dense work (a 1024×2816 product, a 
 gain from the cores even under load.  So:
 
 - inside :func:`thread_policy` torch runs **single-threaded** by default;
-- an operation big enough to deserve threads opts in with :func:`parallel_for` (by its flop
-  count), which raises the thread count to the budget for that call only;
+- an operation big enough to deserve threads (by its flop count) gets workers from the budget for that
+  call only: a product through :func:`matmul`, a pool of independent chunks through :func:`threads_for`;
 - the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
   (``os.sched_getaffinity``);
 - **load-aware threads**: when the budget was *not* set explicitly, chunk pools
-  (:func:`threads_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, :func:`parallel_for` GEMMs
+  (:func:`threads_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, products (:func:`matmul`)
   get only the cores nobody else is using: :func:`barrier_threads` = clamp(online CPUs − other
   runnable threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this
   process's own running threads (``/proc/self/task/*/stat``; ~0.05 ms, negligible next to a ≥ 5 ms op).
@@ -21,20 +21,23 @@ gain from the cores even under load.  So:
   cores of a 2-core box, LoRA-LEGO took 4.08 s with 2-thread GEMMs vs 3.02 s with one thread.  Pools
   of independent chunks (``algorithms/elementwise.run_chunks``) have no barrier but still lost on that
   busy box (``ties`` 1.34 s with 2 workers vs 1.14 s with 1, RESULTS-threads.md), so they are trimmed
-  too, at any budget (the pool size never changes the bytes).  GEMMs on bigger budgets are not
-  trimmed by load but capped at 2 when the budget is implicit: MKL's GEMM gives the same bits at 1 and 2
-  threads (tested) but not at 3–4 for the skinny products of the randomised SVD (measured: ``ties`` at
-  1024×2816 gives other bytes at 4 threads than at 1), so neither the load nor the core count may pick
-  a count above 2.  An explicit ``threads``/``OMP_NUM_THREADS`` above 2 is honoured (faster GEMMs on a
-  big machine; the bytes of ``ties``/``dare_*``/``magnitude_prune``/``lego`` may then differ in the last
-  bits from a ≤ 2-thread run).  Without ``/proc``
-  (non-Linux) the load is unknown and the budget is used.
+  too, at any budget (the pool size never changes the bytes).
+- **big products as fixed blocks** (:func:`matmul`): MKL's threaded GEMM does *not* give the same bits at
+  1 and 2 threads on every CPU (measured on an AVX-512 Xeon: a 300×900 @ 900×16 product) nor at 3–4 for
+  skinny products, so a big product is cut into blocks of ``MATMUL_ROW_BLOCK`` rows, each a
+  single-threaded GEMM, and only the blocks are shared among workers.  The blocks depend on the shapes
+  only, so the bytes do not depend on the thread count at *any* count, explicit budgets above 2 included.
+  With an implicit budget a product still gets at most ``LOAD_AWARE_MAX_BUDGET`` = 2 workers: no longer
+  needed for the bits (the cap dates from before the blocks), kept because more workers per product have
+  not been measured (a 2-core machine never reaches the cap).  Without ``/proc`` (non-Linux) the load is
+  unknown and the budget is used.
 
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
-Results do not depend on the thread count in the code paths that use this module for counts 1 and 2
-(at 4 see above): only GEMMs (same bits with 1 and 2 threads, tested) and pools of
-independent chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not* reproduce
-across thread counts, run under :func:`single_thread`.
+Results do not depend on the thread count in the code paths that use this module: only pools of
+independent blocks or chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not*
+reproduce across thread counts, run under :func:`single_thread`.  (:func:`parallel_for`, a threaded
+region around one op, is kept for callers whose op is bit-stable across counts; the merge paths use
+:func:`matmul` instead.)
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ MATMUL_ROW_BLOCK = 256
 
 T = TypeVar("T")
 
-# Largest implicit budget parallel_for trims to the idle CPUs: every count in [1, 2] gives the same GEMM bits.
+# Most workers a product (and parallel_for) gets with an implicit budget.  Not needed for the bits since
+# matmul's fixed row blocks; kept until more workers per product are measured (module docstring).
 LOAD_AWARE_MAX_BUDGET = 2
 
 _budget: int | None = None  # the active policy's thread budget (None: no policy active)
@@ -149,9 +153,8 @@ def threads_for(flops: float) -> int:
 def gemm_threads_for(flops: float) -> int:
     """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :func:`threads_for` (trimmed
     to the idle CPUs by :func:`barrier_threads` when the budget is implicit), and with an implicit budget
-    never more than ``LOAD_AWARE_MAX_BUDGET`` = 2: MKL's GEMM gives the same bits at 1 and 2 threads but
-    not at 3–4 for skinny products, so the written bytes must not depend on the machine's core count or
-    its load.  An explicit budget (``threads`` option, ``OMP_NUM_THREADS``) is used as given."""
+    never more than ``LOAD_AWARE_MAX_BUDGET`` = 2 (a speed choice: :func:`matmul`'s bits do not depend on the
+    count).  An explicit budget (``threads`` option, ``OMP_NUM_THREADS``) is used as given."""
     n = threads_for(flops)
     return min(n, LOAD_AWARE_MAX_BUDGET) if _load_aware else n
 
@@ -212,9 +215,9 @@ def parallel_for(flops: float) -> Iterator[int]:
 def single_thread() -> Iterator[None]:
     """Run the enclosed LAPACK call (QR, SVD, eigh) on one thread under the policy, whatever its size.
 
-    MKL's threaded LAPACK gives different bits with 1 and 2 threads (GEMM at our shapes does not), so
-    factorisations whose results are written stay single-threaded: output bytes do not depend on the
-    thread budget.
+    MKL's threaded LAPACK gives different bits with 1 and 2 threads (so does its GEMM on some CPUs: big
+    products go through :func:`matmul`), so factorisations whose results are written stay single-threaded:
+    output bytes do not depend on the thread budget.
     """
     if _budget is None:
         yield

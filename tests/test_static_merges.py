@@ -106,6 +106,9 @@ DENSE_CASES = {
                    [0.8, 0.8, 0.8]),
     "ties-frequency": ("ties", dict(density=0.4, majority_sign="frequency"),
                        lambda d, w: merge_utils.ties(d, w, 0.4, "frequency"), "ties_svd", [0.5, 1.0, 1.5]),
+    # PEFT's sign rule (sign_from=unweighted): its ties_svd result for unequal and negative weights too
+    "ties-peft-sign": ("ties", dict(density=0.5, sign_from="unweighted"),
+                       lambda d, w: merge_utils.ties(d, w, 0.5, "total"), "ties_svd", [0.7, -0.4, 1.2]),
     "magnitude_prune": ("magnitude_prune", dict(density=0.3), lambda d, w: merge_utils.magnitude_prune(d, w, 0.3),
                         "magnitude_prune_svd", [0.7, -0.4, 1.2]),
     "dare_linear-d1": ("dare_linear", dict(density=1.0), lambda d, w: merge_utils.dare_linear(d, w, 1.0),
