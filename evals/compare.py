@@ -23,9 +23,8 @@ from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
 
-from .fidelity import fidelity_report
 from .report import write_report
-from .score_cache import cached_scores
+from .score_cache import cached_fidelity, cached_scores
 from .stats import add_intervals, add_paired_mean
 from .tasks import encode_suite, load_base, normalized_accuracy, pad_id_of
 
@@ -65,7 +64,7 @@ class CompareConfig(BaseModel):
     validation: int = Field(50, ge=1)  # validation examples per task for tuned (grid) rows
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals (0: none)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (1 on a busy shared machine); None: torch's default
-    cache: bool = True  # reuse scores of the base model and input/reference adapters (see score_cache)
+    cache: bool = True  # reuse scores (and merges' fidelity) by the adapters' bytes (see score_cache)
     # harm outside the merged tasks (see harm.py): generic-text passages for perplexity (0: off), and
     # suite tasks none of the inputs was trained for (scored for the base and every merge)
     harm_passages: int = Field(0, ge=0)
@@ -185,9 +184,10 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                 res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
                             device=cfg.device, seed=cfg.seed, scale=spec.scale)
                 row["merge_seconds"] = time.perf_counter() - t0
-                fid = fidelity_report(Path(tmp) / label, list(paths.values()), w)
-                row["fidelity"] = fid.overall
-                row["rank"] = max((m.rank for m in fid.modules), default=0)
+                t0 = time.perf_counter()
+                fid, _ = cached_fidelity(Path(tmp) / label, list(paths.values()), w, enabled=cfg.cache)
+                row["fidelity"], row["rank"] = fid["overall"], fid["rank"]
+                row["fidelity_seconds"] = time.perf_counter() - t0
                 row["modules"] = res.modules
                 log(f"evaluating {label}")
                 row.update(fixed(Path(tmp) / label, encoded), **harm(Path(tmp) / label))

@@ -6,7 +6,9 @@ so they are computed once and read back afterwards.  The key hashes the bytes of
 weights and the adapter's files, the token ids and gold labels of every example, the batch size and
 the device type; a changed file or example misses the cache.  Merged adapters are keyed the same way,
 by their bytes (merges are deterministic for a seed), so re-running a scenario re-merges but only
-scores what changed.
+scores what changed.  A merge's fidelity summary (:func:`cached_fidelity`) is cached the same way, keyed
+by the bytes of the merged adapter and of its inputs and by the weights: a re-run with every score
+cached computes no fidelity either.
 
 Entries live under ``<cache_dir>/scores/<key>.json`` (see :func:`suite.model.cache_dir`).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,15 @@ def folder_digest(folder: Path) -> str:
             h.update(f.name.encode())
             h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
     return h.hexdigest()
+
+
+def path_digest(path: Path) -> str:
+    """:func:`folder_digest` of a folder; sha256 of a single file's name and bytes."""
+    p = Path(path)
+    if p.is_dir():
+        return folder_digest(p)
+    st = p.stat()
+    return hashlib.sha256(f"{p.name}:{_file_digest(str(p), st.st_size, st.st_mtime_ns)}".encode()).hexdigest()
 
 
 # Bumped whenever what an entry holds changes (2: per-example outcomes "correct"), so old entries miss.
@@ -100,3 +112,34 @@ def cached_scores(model, base: Path, adapter: Path | None, encoded: dict[str, En
             store(keys[t], v)
             got[t] = v
     return {t: got[t] for t in encoded}, sorted(set(encoded) - set(todo))
+
+
+# Bumped whenever the fidelity summary or its computation changes, so old entries miss.
+FIDELITY_VERSION = 1
+
+
+def fidelity_key(merged: Path, inputs: Sequence[Path], weights: Sequence[float]) -> str:
+    h = hashlib.sha256(f"fidelity-v{FIDELITY_VERSION}".encode())
+    for p in (merged, *inputs):
+        h.update(path_digest(p).encode())
+    h.update(json.dumps([float(w) for w in weights]).encode())
+    return h.hexdigest()
+
+
+def cached_fidelity(merged: Path, inputs: Sequence[Path], weights: Sequence[float], *,
+                    enabled: bool = True) -> tuple[dict[str, Any], bool]:
+    """({"overall": fidelity_report(...).overall, "rank": the merge's largest module rank}, read from the
+    cache?) for the merged adapter ``merged`` of ``inputs`` with ``weights``; computed and stored on a miss.
+
+    JSON keeps every float exactly (shortest round-trip repr; ±inf as ``Infinity``), so a cached entry
+    gives the same numbers as the computation."""
+    key = fidelity_key(merged, inputs, weights) if enabled else None
+    if key is not None and (hit := lookup(key)) is not None:
+        return hit, True
+    from .fidelity import fidelity_report  # torch: only on a miss
+
+    fid = fidelity_report(merged, list(inputs), list(weights))
+    value = {"overall": fid.overall, "rank": max((m.rank for m in fid.modules), default=0)}
+    if key is not None:
+        store(key, value)
+    return value, False
