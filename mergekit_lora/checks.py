@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .atomic import check_output  # noqa: F401  (the output-exists check, here with the request's others)
 from .errors import LoraMergeError, not_finite
 from .paths import exists
+
+if TYPE_CHECKING:  # the request checks run before torch is imported (a typo answers in a fraction of a second)
+    import torch
 
 
 def _non_finite(value: Any, where: str) -> str | None:
@@ -34,7 +36,8 @@ def _non_finite(value: Any, where: str) -> str | None:
         return None
     if isinstance(value, (int, float)):
         return None if math.isfinite(value) else where
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only be here if torch is already imported
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return where
         return None
@@ -186,6 +189,8 @@ def check_unchanged(fingerprints: Mapping[str, Fingerprint], path: str | Path | 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Refuse a NaN/Inf entry in output tensor ``name`` (the merge produced a non-finite value)."""
+    import torch  # lazily: the request checks above run before torch is imported
+
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise LoraMergeError(f"the merged tensor {name} has {bad} NaN or Inf entries of {tensor.numel()}; "
@@ -199,6 +204,8 @@ def finite_units(stream: Iterable[tuple[str, Any]], dtype: torch.dtype | None = 
 
     One min/max reduction per factor (NaN propagates through it, ±Inf is its own extreme); only a
     failing factor pays for the detailed count."""
+    import torch  # lazily: the request checks above run before torch is imported
+
     limit = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
     for name, u in stream:
         inner = getattr(u, "units", u)  # a routed module's pooled units (issue 28: route + --weights 1e30)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraMergeError
+from .paths import path_fits
 
 _ALPHA = re.compile(r"^(?P<path>.+):alpha=(?P<alpha>[^:/]*)$")
 
@@ -48,6 +49,7 @@ def missing_source(source: str | Path) -> LoraMergeError | None:
     from .hub import parse_hub_id
 
     path, _ = split_alpha(source) if isinstance(source, str) else (source, None)
+    path_fits(path)  # a name over 255 bytes: one sentence, not an OSError from the stat (issue 28)
     if Path(path).exists():
         return None
     hint = did_you_mean(Path(path))

@@ -167,7 +167,8 @@ def test_planted_merge_report_and_backends_agree(tmp_path):
            for i, u in enumerate(units)]
     deltas = {}
     for backend in ("torch", "sklearn", "faiss"):
-        r = merge(ads, "lego", tmp_path / backend, params={"k": 4, "backend": backend, "report": True, "reweight": "lsq",
+        r = merge(ads, "lego", tmp_path / backend, scale="none",
+                  params={"k": 4, "backend": backend, "report": True, "reweight": "lsq",
                                                    "features": "canonical"},
                   device="cpu")  # the CPU backends compared; CUDA has its own tests
         rep = json.loads((tmp_path / backend / "lego_report.json").read_text())["modules"]["layers.0.q_proj"]

@@ -53,7 +53,7 @@ def test_cli_cluster_k16_on_examples_is_exact_with_lsq_and_reports(tmp_path):
     runner = CliRunner()
     out = tmp_path / "lego"
     res = runner.invoke(app, ["cluster", "examples/tiny-llama-shift", "examples/tiny-llama-double", "-k", "16",
-                              "--reweight", "lsq", "-o", str(out), "--report"])
+                              "--reweight", "lsq", "--scale", "none", "-o", str(out), "--report"])
     assert res.exit_code == 0, res.output
     a, b = load_adapter("examples/tiny-llama-shift"), load_adapter("examples/tiny-llama-double")
     m = load_adapter(out)

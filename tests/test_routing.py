@@ -146,7 +146,7 @@ def test_route_is_deterministic_and_inspect_reports_routing(tmp_path):
 def test_route_errors(tmp_path):
     a, _ = two_adapters(tmp_path)
     with pytest.raises(LoraMergeError, match="top_k"):
-        merge([a], "route", tmp_path / "x")  # top_k is required
+        merge([a], "route", tmp_path / "x", params={"top_k": 0})  # top_k ≥ 1 (default: half the input rank)
     with pytest.raises(LoraMergeError, match="writes the 'routed' format"):
         merge([a], "route", tmp_path / "x", params={"top_k": 2}, output_format="peft")
     with pytest.raises(LoraMergeError, match="routed modules only"):

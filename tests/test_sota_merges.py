@@ -137,11 +137,11 @@ def test_knots_ties_equals_dense_oracle(case, density):
 
 def test_knots_ties_at_density_one_is_sign_election_and_disjoint_mean(case):
     units, w = case
-    got = ours("knots_ties", units, w)  # default density 1
+    got = ours("knots_ties", units, w, density=1.0)  # no trim
     want = O.knots(units, w, O.elect_and_mean)
     assert rel(got, want) < TOL
     # one input: the disjoint mean of one task is the task itself
-    assert rel(ours("knots_ties", units[:1], [0.5]), O.dense(units[:1], [0.5])[0]) < 1e-12
+    assert rel(ours("knots_ties", units[:1], [0.5], density=1.0), O.dense(units[:1], [0.5])[0]) < 1e-12
 
 
 def test_knots_dare_ties_equals_dense_oracle_with_the_same_masks(case):
@@ -232,7 +232,7 @@ def test_float32_inputs_give_float32_factors_close_to_the_oracle(method, params)
     assert rel(res.units.delta().double().numpy(), want) < 1e-5
 
 
-@pytest.mark.parametrize("method,params", [("tsv", {}), ("knots_ties", {}), ("iso_cts", {}),
+@pytest.mark.parametrize("method,params", [("tsv", {}), ("knots_ties", {"density": 1.0}), ("iso_cts", {}),
                                            ("ties", {"space": "core", "density": 0.4}), ("iso_c", {})])
 def test_degenerate_inputs_identical_tasks_and_zeros(method, params):
     """Two identical tasks: TIES (whose trim keeps the duplicates' 3×3 core support here) / KnOTS (density 1) / TSV
@@ -296,7 +296,8 @@ def test_iso_c_through_the_cli_writes_a_loadable_adapter(tmp_path):
     b = make_peft_adapter(tmp_path / "b", r=2, lora_alpha=6, seed=32, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
     try:
-        app(["merge", str(a), str(b), "-m", "iso_c", "--weights", "0.6,0.9", "-o", str(out)], standalone_mode=False)
+        app(["merge", str(a), str(b), "-m", "iso_c", "--weights", "0.6,0.9", "--scale", "none", "-o", str(out)],
+            standalone_mode=False)
     except SystemExit as e:
         assert not e.code
     da, db, dm = peft_deltas(a), peft_deltas(b), peft_deltas(out)

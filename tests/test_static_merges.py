@@ -189,7 +189,7 @@ ALL = {"linear": {}, "cat": {}, "svd": {}, "ties": {"density": 1.0}, "dare_linea
 def test_one_rslora_input_with_weight_one_is_the_identity(paths, tmp_path, method):
     """The output loads in PeftModel and gives the input's logits (PEFT gets rsLoRA identity merges wrong, #3761)."""
     src = paths[1]  # rsLoRA
-    merge([src], method, tmp_path / "out", weights=[1.0], params=ALL[method], device="cpu")
+    merge([src], method, tmp_path / "out", weights=[1.0], params=ALL[method], device="cpu", scale="none")
     want = outputs(peft_model(src), "llama")
     got = outputs(peft_model(tmp_path / "out"), "llama")
     assert rel(got, want) < 1e-5, rel(got, want)
@@ -197,7 +197,7 @@ def test_one_rslora_input_with_weight_one_is_the_identity(paths, tmp_path, metho
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.5, "lambda": 0.8}), ("svd", {"rank": 3})])
 def test_logits_equal_base_plus_merged_delta(paths, tmp_path, method, params):
-    res = merge(paths, method, tmp_path / "out", weights=[0.6, 0.5, 0.9], params=params, device="cpu")
+    res = merge(paths, method, tmp_path / "out", weights=[0.6, 0.5, 0.9], params=params, device="cpu", scale="none")
     assert res.fidelity["overall"]["rel_error"] > 0  # a lossy merge, measured
     merged = load_adapter(tmp_path / "out")
     base = tiny_llama()

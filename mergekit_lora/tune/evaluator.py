@@ -61,7 +61,7 @@ class Evaluator:
         # the inputs' headers are read once; every trial re-plans these adapters with its own settings
         params, scale = split_scale(start["params"])
         self.plan = core.make_plan(sources, method, params, start["weights"], opts if scale is None else
-                                   opts.model_copy(update={"scale": scale}))
+                                   make_options(opts, scale=scale))
 
     def _threads(self):
         obj = self
