@@ -53,6 +53,8 @@ def test_average_matches_every_module_norm_to_the_exact_average(tmp_path, method
         assert got == pytest.approx(avg, rel=1e-5), name
     assert res.fidelity["overall"]["energy_ratio"] == pytest.approx(1.0, rel=1e-5)
     assert res.report["strength"].startswith("average")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "## Strength" in card and "`scale: average`" in card
 
 
 def test_sum_is_n_times_average_and_a_number_multiplies_the_output(tmp_path):

@@ -44,6 +44,9 @@ def write_output(plan: MergePlan, modules: Iterable[tuple[str, Any]], rows: list
                     + list(plan.card_sections))  # inside the atomic folder: the card is whole when it appears
         if note := assumed_alpha(plan.labels, plan.adapters):  # issue 23: never a silent loss of strength
             sections.append(("Input notes", note))
+        if not plan.scale.is_identity:  # the strength policy (mergekit_lora.strength): what `energy` below means
+            sections.insert(0, ("Strength", f"`scale: {plan.scale}` — {plan.scale.describe()}. The fidelity table's "
+                                            "energy ratio is ‖ΔW‖² against Σ wᵢ ΔWᵢ with the weights above."))
         card = CardInfo(
             method=plan.method, params=plan.params.model_dump(by_alias=True), seed=opts.seed,
             base_model=plan.base_model, sources=source_rows(plan.labels, plan.adapters, plan.weights),

@@ -107,7 +107,7 @@ def route(sources: Sequence[str | Path | Adapter], out: str | Path | None = None
           calibration: Calibration | None = None, options: MergeOptions | None = None) -> RouteResult:
     """Pool the units of ``sources`` and write a routed adapter to ``out`` (fitted to data with ``calibration``).
 
-    ``params``: the ``route`` method's parameters (``top_k`` required; ``router``, ``temperature``,
+    ``params``: the ``route`` method's parameters (``top_k``, default half the largest input rank; ``router``, ``temperature``,
     ``top_k_pattern``, ``top_m``, ``mass``, ``evidence``), as for ``merge(..., method="route")``.  Run options
     (device, seed, force, missing, …) come from ``options``; ``out`` overrides ``options.out``.
     """
