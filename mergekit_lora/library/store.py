@@ -67,9 +67,12 @@ class Library:
                                      f"SOURCES... -o {p}`")
             if p.exists() and not p.is_dir():
                 raise LoraMergeError(f"{p}: exists and is not a folder; give a library folder to -o")
+            if p.is_dir() and any(p.iterdir()):
+                raise LoraMergeError(f"{p}: a folder with other files and no {CATALOGUE}; give -o a new or "
+                                     "empty folder, or an existing library")
             p.mkdir(parents=True, exist_ok=True)
         try:
-            db = sqlite3.connect(p / CATALOGUE, isolation_level=None)  # transactions are explicit (BEGIN)
+            db = sqlite3.connect(p / CATALOGUE, isolation_level=None, timeout=60)  # transactions are explicit (BEGIN)
             db.executescript(SCHEMA)
             lib = cls(p, db)
             stored = lib.meta("signature")
@@ -110,7 +113,11 @@ class Library:
     def apply(self, upserts: Iterable[dict[str, Any]], removed: Iterable[int],
               stats: dict[str, Any] | None = None) -> None:
         """Insert/replace rows, delete ids and refresh stats, all in one transaction (all or nothing)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")  # waits up to 60 s for another writer
+        except sqlite3.OperationalError as e:
+            raise LoraMergeError(f"{self.path / CATALOGUE}: cannot start a transaction ({e}); is another "
+                                 "`library index` running on it?") from None
         try:
             for source, stat in (stats or {}).items():
                 self.db.execute("UPDATE adapters SET stat = ? WHERE source = ?", (json.dumps(stat), source))
