@@ -45,7 +45,7 @@ def search(library: str | Path, like: str | Path, top_m: int = 5,
         if index.ntotal == 0:
             return []
         scores, ids = index.search(q[None, :].astype(np.float32), min(top_m, index.ntotal))
-        rows = {r["id"]: r for r in lib.rows()}
+        rows = {r["id"]: r for r in lib.rows(int(i) for i in ids[0] if i >= 0)}
     finally:
         lib.close()
     out = []

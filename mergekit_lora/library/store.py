@@ -94,8 +94,10 @@ class Library:
         self.db.close()
 
     # ------------------------------------------------------------------ rows
-    def rows(self) -> list[dict[str, Any]]:
-        cur = self.db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM adapters ORDER BY id")
+    def rows(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Catalogue rows (all, or those with ``ids``), in id order."""
+        where = "" if ids is None else f" WHERE id IN ({', '.join(str(int(i)) for i in ids) or 'NULL'})"
+        cur = self.db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM adapters{where} ORDER BY id")
         names = [d[0] for d in cur.description]
         out = []
         for r in cur.fetchall():
@@ -166,7 +168,7 @@ class Library:
         """The faiss index, checked against the catalogue; a missing/corrupt/stale one is rebuilt (one line)."""
         import faiss
 
-        ids, _ = self.vectors()
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM adapters ORDER BY id")], dtype=np.int64)
         p = self.path / INDEX
         why = None
         if not p.is_file():
