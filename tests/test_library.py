@@ -177,3 +177,28 @@ def test_cli_round_trip_and_errors(pool: Path, tmp_path: Path) -> None:
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
+
+
+def test_transaction_is_all_or_nothing(pool: Path, tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    index_sources([str(pool)], lib)
+    db = Library.open(lib)
+    before = [(r["id"], r["source"], r["content_hash"]) for r in db.rows()]
+    good = {**db.rows()[0], "source": "/elsewhere/x"}
+    with pytest.raises(KeyError):  # the second row is broken: the delete and the first insert are rolled back
+        db.apply([good, {"source": "/elsewhere/y"}], removed=[before[1][0]])
+    assert [(r["id"], r["source"], r["content_hash"]) for r in db.rows()] == before
+    db.close()
+
+
+def test_non_lora_files_skipped_in_folders_refused_when_named(pool: Path, tmp_path: Path) -> None:
+    save_file({"weight": torch.zeros(3, 3)}, str(pool / "junk.safetensors"))
+    lines: list[str] = []
+    r = index_sources([str(pool)], tmp_path / "lib", say=lines.append)
+    assert r.total == 7 and len(r.skipped) == 1 and "junk.safetensors" in lines[0] and "not a recognised" in lines[0]
+    runner = CliRunner()
+    for args in (["library", "index", str(pool / "junk.safetensors"), "-o", str(tmp_path / "lib2")],
+                 ["library", "index", str(pool / "a1"), "-o", str(pool / "a2")]):  # -o: not a library folder
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, \
+            res.output
