@@ -21,6 +21,10 @@ LikeOpt = Annotated[str, typer.Option("--like", help="an adapter (catalogued or 
 TopOpt = Annotated[int, typer.Option("--top-m", help="how many adapters to return")]
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _say(line: str) -> None:
     err_console.print(line, highlight=False, soft_wrap=True, markup=False)
 
@@ -95,7 +99,7 @@ def inspect_lib(
     if as_json:
         typer.echo(json.dumps(s, indent=1))
         return
-    console.print(f"library {s['library']}: {s['adapters']} adapters, {s['size_bytes'] / 1e6:.1f} MB, "
+    console.print(f"library {s['library']}: {s['adapters']} adapters, {_size(s['size_bytes'])}, "
                   f"{s['indexed_vectors']} signatures indexed", highlight=False, markup=False, soft_wrap=True)
     for key in ("formats", "base_models", "ranks", "target_modules"):
         shown = ", ".join(f"{k} ×{v}" for k, v in s[key].items()) or "-"

@@ -75,6 +75,10 @@ def test_signature_invariant_to_unit_order_and_scale_split(tmp_path: Path) -> No
     b, nb = signature(load_adapter(y))
     assert np.allclose(a, b, atol=1e-5) and abs(na - nb) < 1e-6 * na
     assert abs(float(np.linalg.norm(a)) - 1.0) < 1e-5
+    cfg = json.loads((y / "adapter_config.json").read_text())
+    (y / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 3 * cfg["r"]}))  # 3× the strength
+    c3, n3 = signature(load_adapter(y))
+    assert np.allclose(a, c3, atol=1e-5) and abs(n3 - 3 * na) < 1e-5 * na  # blind to strength; the norm records it
 
 
 def test_index_search_dedupe_inspect(pool: Path, tmp_path: Path) -> None:
