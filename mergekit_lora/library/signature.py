@@ -28,6 +28,7 @@ import torch
 
 from ..adapter import Adapter
 from ..lowrank import singular_values
+from ..threads import thread_policy
 
 SKETCH = 16
 TOP_K = 8
@@ -46,7 +47,16 @@ def _projection(name: str, side: str, d: int) -> torch.Tensor:
 
 
 def signature(adapter: Adapter) -> tuple[np.ndarray, float]:
-    """(the signature [DIM] float32, ‖ΔW‖ over all modules).  A zero adapter gets a zero vector."""
+    """(the signature [DIM] float32, ‖ΔW‖ over all modules).  A zero adapter gets a zero vector.
+
+    Runs under the thread policy (single-threaded torch): its products are tiny, and threaded LAPACK on a busy
+    machine is both slower (the suite's 12 adapters: 15 s with torch's default threads vs 0.6 s) and not
+    bit-stable across thread counts."""
+    with thread_policy():
+        return _signature(adapter)
+
+
+def _signature(adapter: Adapter) -> tuple[np.ndarray, float]:
     sketch = torch.zeros(SKETCH, SKETCH, dtype=torch.float64)
     spectrum = torch.zeros(TOP_K, dtype=torch.float64)
     total, counted = 0.0, 0
