@@ -206,3 +206,4 @@ def test_non_lora_files_skipped_in_folders_refused_when_named(pool: Path, tmp_pa
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, \
             res.output
+    assert not (tmp_path / "lib2").exists()  # a refused first run leaves no library behind

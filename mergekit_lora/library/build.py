@@ -22,7 +22,7 @@ from ..formats.peft_layout import is_peft_folder
 from ..hub import parse_hub_id
 from ..sources import did_you_mean
 from .signature import signature
-from .store import Library
+from .store import CATALOGUE, Library
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _GLOB = set("*?[")
@@ -139,10 +139,13 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
     if not sources:
         raise LoraMergeError("give at least one SOURCE (a folder, an adapter, a file or a glob)")
     found, skipped = expand(sources)
-    lib = Library.open(library, create=True)
+    new = not (Path(library) / CATALOGUE).is_file()
+    if new:
+        Library.check_new(Path(library))  # before the work; the folder is made only when there is a catalogue
+    lib = None if new else Library.open(library)
     try:
         report = IndexReport(Path(library), skipped=skipped)
-        known = lib.by_source()
+        known = lib.by_source() if lib is not None else {}
         upserts = []
         for p, explicit in found:
             files = adapter_files(p)
@@ -167,12 +170,15 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
             (report.updated if old is not None else report.added).append(str(p))
         gone = [(s, v["id"]) for s, v in known.items() if not Path(s).exists()]
         report.removed = [s for s, _ in gone]
+        if lib is None:
+            lib = Library.open(library, create=True)
         lib.apply([r for kind, _, r in upserts if kind == "row"], [i for _, i in gone],
                   stats={str(p): r for kind, p, r in upserts if kind == "stat"})
         lib.write_index()
         report.total = len(lib.by_source())
     finally:
-        lib.close()
+        if lib is not None:
+            lib.close()
     for line in report.skipped:
         (say or (lambda s: None))(line)
     report.seconds = time.perf_counter() - t0

@@ -65,11 +65,7 @@ class Library:
                 why = "not a folder" if not p.is_dir() else f"no {CATALOGUE} in it"
                 raise LoraMergeError(f"{p}: not a library ({why}); make one with `loramerge library index "
                                      f"SOURCES... -o {p}`")
-            if p.exists() and not p.is_dir():
-                raise LoraMergeError(f"{p}: exists and is not a folder; give a library folder to -o")
-            if p.is_dir() and any(p.iterdir()):
-                raise LoraMergeError(f"{p}: a folder with other files and no {CATALOGUE}; give -o a new or "
-                                     "empty folder, or an existing library")
+            cls.check_new(p)
             p.mkdir(parents=True, exist_ok=True)
         try:
             db = sqlite3.connect(p / CATALOGUE, isolation_level=None, timeout=60)  # transactions are explicit (BEGIN)
@@ -85,6 +81,15 @@ class Library:
         except sqlite3.DatabaseError as e:
             raise LoraMergeError(f"{p / CATALOGUE}: not a readable SQLite catalogue ({e})") from None
         return lib
+
+    @staticmethod
+    def check_new(p: Path) -> None:
+        """Refuse to make a library in a file or in a folder that holds other things (an adapter folder)."""
+        if p.exists() and not p.is_dir():
+            raise LoraMergeError(f"{p}: exists and is not a folder; give a library folder to -o")
+        if p.is_dir() and any(p.iterdir()):
+            raise LoraMergeError(f"{p}: a folder with other files and no {CATALOGUE}; give -o a new or "
+                                 "empty folder, or an existing library")
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
