@@ -89,6 +89,7 @@ def test_index_search_dedupe_inspect(pool: Path, tmp_path: Path) -> None:
     assert [Path(h["source"]).name for h in hits[:2]] == ["a0", "a0-copy"]
     assert hits[0]["score"] > 0.9999 and 0.99 < hits[1]["score"] < hits[0]["score"]
     assert hits[2]["score"] < 0.5  # unrelated adapters are far
+    assert hits[0]["card"] == "Adapter 0" and hits[1]["card"] is None
     pairs = dedupe(lib, 0.99)
     assert [{Path(p["a"]).name, Path(p["b"]).name} for p in pairs] == [{"a0", "a0-copy"}]
     s = summary(lib)

@@ -55,7 +55,7 @@ def search(library: str | Path, like: str | Path, top_m: int = 5,
         r = rows[int(rid)]
         out.append({"source": r["source"], "score": round(float(score), 6),
                     **{k: round(v, 6) for k, v in parts(q, r["signature"]).items()},
-                    "format": r["format"], "base_model": r["base_model"], "ranks": r["ranks"]})
+                    "format": r["format"], "base_model": r["base_model"], "ranks": r["ranks"], "card": r["card"]})
     return out
 
 
