@@ -15,6 +15,7 @@ from .cluster_cmd import cluster
 from .eval_cmd import eval_app
 from .export_cmd import export
 from .inspect_cmd import inspect
+from .library_cmd import library_app
 from .merge_cmd import merge
 from .methods_cmd import methods
 from .push_cmd import push
@@ -89,6 +90,7 @@ app.command()(export)
 app.command()(generate)
 app.command()(serve)
 app.add_typer(eval_app, name="eval")
+app.add_typer(library_app, name="library")
 
 
 def main() -> None:

@@ -1,0 +1,191 @@
+"""``index_sources``: find adapters under SOURCES, describe each (catalogue row + signature), update a library.
+
+Incremental: an adapter whose files have the same names, sizes and mtimes as when it was indexed is kept
+as it is (``rehash=True`` hashes it anyway); one whose content hash changed is re-indexed; a catalogue row
+whose source no longer exists is removed.  All changes go into the catalogue in one transaction, then the
+faiss file is rewritten from the catalogue (atomically).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoraMergeError
+from ..formats.peft_layout import is_peft_folder
+from ..hub import parse_hub_id
+from ..sources import did_you_mean
+from .signature import signature
+from .store import CATALOGUE, Library
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_GLOB = set("*?[")
+
+
+@dataclass
+class IndexReport:
+    library: Path
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # one sentence each
+    total: int = 0
+    seconds: float = 0.0
+
+
+def expand(sources: Sequence[str]) -> tuple[list[tuple[Path, bool]], list[str]]:
+    """(adapter paths, each with "given explicitly"), skipped Hub ids as sentences.  Missing paths are errors."""
+    found: list[tuple[Path, bool]] = []
+    skipped: list[str] = []
+    for s in sources:
+        if _GLOB & set(s):
+            matches = sorted(glob.glob(s))
+            if not matches:
+                raise LoraMergeError(f"{s}: the pattern matches nothing")
+            for m in matches:
+                found += [(p, False) for p in _walk(Path(m))]
+        elif Path(s).exists():
+            p = Path(s)
+            found += [(q, q == p) for q in _walk(p)]
+        elif parse_hub_id(s) is not None:
+            skipped.append(f"skipped {s}: a Hub id; `library index` reads local adapters only "
+                           f"(download it first, e.g. `hf download {s} --local-dir DIR`, and index DIR)")
+        else:
+            raise LoraMergeError(f"{s}: no such file or folder{did_you_mean(Path(s))}")
+    seen: set[Path] = set()
+    unique = []
+    for p, explicit in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((key, explicit))
+    return unique, skipped
+
+
+def _walk(p: Path) -> list[Path]:
+    """A PEFT folder or a .safetensors file is one adapter; any other folder is searched (hidden names skipped)."""
+    if is_peft_folder(p) or (p.is_file() and p.suffix == ".safetensors"):
+        return [p]
+    if p.is_dir():
+        return [q for child in sorted(p.iterdir()) if not child.name.startswith(".") for q in _walk(child)]
+    return []
+
+
+def adapter_files(p: Path) -> list[Path]:
+    """The files whose bytes define the adapter: its weight file(s) and adapter_config.json."""
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES
+                                                             or f.name == "adapter_config.json"))
+
+
+def file_stat(files: Sequence[Path]) -> list[list[Any]]:
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+
+
+def content_hash(files: Sequence[Path]) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def card_summary(p: Path) -> str | None:
+    """The first Markdown heading of the adapter's README.md (else its first line), YAML front matter skipped."""
+    readme = (p if p.is_dir() else p.parent) / "README.md"
+    if not p.is_dir() or not readme.is_file():
+        return None
+    lines = [ln.strip() for ln in readme.read_text(errors="replace").splitlines()]
+    if lines and lines[0] == "---":
+        end = next((i for i, ln in enumerate(lines[1:], 1) if ln == "---"), 0)
+        lines = lines[end + 1:]
+    lines = [ln for ln in lines if ln]
+    heading = next((ln.lstrip("#").strip() for ln in lines if ln.startswith("#")), None)
+    text = heading or (lines[0] if lines else None)
+    return text[:200] if text else None
+
+
+def describe(p: Path, files: Sequence[Path], digest: str, stat: list[list[Any]]) -> dict[str, Any]:
+    """One catalogue row (signature included) for the adapter at ``p``."""
+    from ..formats import load_adapter
+
+    adapter = load_adapter(p)
+    vec, norm = signature(adapter)
+    return {
+        "source": str(p), "revision": adapter.meta.revision, "format": adapter.meta.format,
+        "base_model": adapter.meta.base_model,
+        "ranks": sorted({i.rank for i in adapter.modules.values()}),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}),
+        "modules": len(adapter.modules), "size_bytes": sum(s[1] for s in stat), "content_hash": digest,
+        "stat": stat, "card": card_summary(p), "norm": norm, "signature": vec,
+        "indexed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool = False,
+                  say: Callable[[str], None] | None = None) -> IndexReport:
+    """Index the adapters found under ``sources`` into the library folder ``library`` (created if needed)."""
+    t0 = time.perf_counter()
+    if not sources:
+        raise LoraMergeError("give at least one SOURCE (a folder, an adapter, a file or a glob)")
+    found, skipped = expand(sources)
+    new = not (Path(library) / CATALOGUE).is_file()
+    if new:
+        Library.check_new(Path(library))  # before the work; the folder is made only when there is a catalogue
+    lib = None if new else Library.open(library)
+    try:
+        report = IndexReport(Path(library), skipped=skipped)
+        known = lib.by_source() if lib is not None else {}
+        upserts = []
+        for p, explicit in found:
+            files = adapter_files(p)
+            stat = file_stat(files)
+            old = known.get(str(p))
+            if old is not None and not rehash and old["stat"] == _json(stat):
+                report.unchanged += 1
+                continue
+            digest = content_hash(files)
+            if old is not None and old["content_hash"] == digest:
+                upserts.append(("stat", p, stat))  # touched, not changed: refresh the stat only
+                report.unchanged += 1
+                continue
+            try:
+                row = describe(p, files, digest, stat)
+            except LoraMergeError as e:
+                if explicit:
+                    raise
+                report.skipped.append(f"skipped {p}: {e}")
+                continue
+            upserts.append(("row", p, row))
+            (report.updated if old is not None else report.added).append(str(p))
+        gone = [(s, v["id"]) for s, v in known.items() if not Path(s).exists()]
+        report.removed = [s for s, _ in gone]
+        if lib is None:
+            lib = Library.open(library, create=True)
+        lib.apply([r for kind, _, r in upserts if kind == "row"], [i for _, i in gone],
+                  stats={str(p): r for kind, p, r in upserts if kind == "stat"})
+        lib.write_index()
+        report.total = len(lib.by_source())
+    finally:
+        if lib is not None:
+            lib.close()
+    for line in report.skipped:
+        (say or (lambda s: None))(line)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

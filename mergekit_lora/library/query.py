@@ -1,0 +1,130 @@
+"""Reading a library: ``search`` (nearest by weight signature), ``dedupe``, ``summary`` and ``compose``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LoraMergeError
+from .build import adapter_files, file_stat
+from .signature import parts, signature
+from .store import Library
+
+
+def query_vector(lib: Library, like: str | Path) -> np.ndarray:
+    """The signature of ``like``: the stored one when it is a catalogued adapter unchanged on disk, else computed."""
+    p = Path(like)
+    if not p.exists():
+        from ..sources import did_you_mean
+
+        raise LoraMergeError(f"--like {like}: no such file or folder{did_you_mean(p)}", field="like")
+    key = str(p.resolve())
+    row = lib.db.execute("SELECT stat, signature FROM adapters WHERE source = ?", (key,)).fetchone()
+    if row is not None and row[0] == json.dumps(file_stat(adapter_files(p.resolve()))):
+        return np.frombuffer(row[1], dtype=np.float32)
+    from ..formats import load_adapter
+
+    return signature(load_adapter(p))[0]
+
+
+def search(library: str | Path, like: str | Path, top_m: int = 5,
+           say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The ``top_m`` catalogued adapters nearest to ``like``, best first: source, score and its two parts."""
+    if top_m < 1:
+        raise LoraMergeError(f"--top-m must be at least 1 (got {top_m})", field="top_m")
+    lib = Library.open(library)
+    try:
+        index = lib.index(say)
+        q = query_vector(lib, like)
+        if index.ntotal == 0:
+            return []
+        scores, ids = index.search(q[None, :].astype(np.float32), min(top_m, index.ntotal))
+        rows = {r["id"]: r for r in lib.rows(int(i) for i in ids[0] if i >= 0)}
+    finally:
+        lib.close()
+    out = []
+    for score, rid in zip(scores[0], ids[0]):
+        if rid < 0:
+            continue
+        r = rows[int(rid)]
+        out.append({"source": r["source"], "score": round(float(score), 6),
+                    **{k: round(v, 6) for k, v in parts(q, r["signature"]).items()},
+                    "format": r["format"], "base_model": r["base_model"], "ranks": r["ranks"], "card": r["card"]})
+    return out
+
+
+def dedupe(library: str | Path, threshold: float = 0.99,
+           say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Pairs of catalogued adapters whose signatures score ≥ ``threshold``, highest first."""
+    if not 0.0 < threshold <= 1.0:
+        raise LoraMergeError(f"--threshold must be in (0, 1] (got {threshold})", field="threshold")
+    lib = Library.open(library)
+    try:
+        index = lib.index(say)
+        ids, vecs = lib.vectors()
+        sources = {r["id"]: r["source"] for r in lib.rows()}
+    finally:
+        lib.close()
+    if len(ids) < 2:
+        return []
+    lims, scores, labels = index.range_search(np.ascontiguousarray(vecs), float(threshold) - 1e-6)
+    pairs = []
+    for qi, a in enumerate(ids):
+        for s, b in zip(scores[lims[qi]:lims[qi + 1]], labels[lims[qi]:lims[qi + 1]]):
+            if int(b) > int(a) and s >= threshold - 1e-6:
+                pairs.append({"a": sources[int(a)], "b": sources[int(b)], "score": round(float(s), 6)})
+    return sorted(pairs, key=lambda p: -p["score"])
+
+
+def summary(library: str | Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Counts by format, base model and rank; total size; the index's state (checked, rebuilt if needed)."""
+    lib = Library.open(library)
+    try:
+        index = lib.index(say)
+        rows = lib.rows()
+    finally:
+        lib.close()
+    return {
+        "library": str(library), "adapters": len(rows), "indexed_vectors": int(index.ntotal),
+        "size_bytes": sum(r["size_bytes"] for r in rows),
+        "formats": dict(Counter(r["format"] for r in rows).most_common()),
+        "base_models": dict(Counter(r["base_model"] or "(unknown)" for r in rows).most_common()),
+        "ranks": dict(Counter(",".join(map(str, r["ranks"])) for r in rows).most_common()),
+        "target_modules": dict(Counter(m for r in rows for m in r["target_modules"]).most_common()),
+    }
+
+
+def compose(library: str | Path, like: str | Path, method: str, out: str | Path, *, top_m: int = 3,
+            params: Mapping[str, Any] | None = None, options: Any = None,
+            say: Callable[[str], None] | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    """Retrieve the ``top_m`` adapters nearest to ``like`` and merge them with ``method`` (``route``: routed).
+
+    The request is built with the pipeline's public ``plan``/``execute`` — what ``merge()`` and a training-free
+    ``route()`` run — because neither takes extra card sections; the card gets a "Library query" section
+    (the query and the retrieved set) inside the atomic write.  Returns (MergeResult, the retrieved rows).
+    """
+    from ..pipeline import execute, make_options, plan
+
+    retrieved = search(library, like, top_m, say)
+    if not retrieved:
+        raise LoraMergeError(f"{library}: the library is empty; nothing to compose")
+    opts = make_options(options, out=Path(out))
+    p = plan([r["source"] for r in retrieved], method, dict(params or {}), None, opts)
+    section = query_section(library, like, method, top_m, retrieved)
+    return execute(replace(p, card_sections=tuple(p.card_sections) + (section,))), retrieved
+
+
+def query_section(library: str | Path, like: str | Path, method: str, top_m: int,
+                  retrieved: list[dict[str, Any]]) -> tuple[str, str]:
+    lines = [f"Composed by `loramerge library compose` from the library `{library}`: the top {top_m} adapters "
+             f"by weight signature like `{like}`, merged with `{method}`.", "",
+             "| # | adapter | score | direction | spectrum |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | `{r['source']}` | {r['score']:.4f} | {r['direction']:.4f} | {r['spectrum']:.4f} |"
+              for i, r in enumerate(retrieved, 1)]
+    return ("Library query", "\n".join(lines))
