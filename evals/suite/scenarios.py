@@ -120,7 +120,11 @@ def v3_scenarios() -> dict[str, tuple[str, dict]]:
     r8 = lambda ts: {t: f"{EX}/{t}" for t in ts}  # noqa: E731
     seven = ["sentiment", "genre", "language", "script", "polarity", "region", "subject"]
     fragile = ["sentiment", "script", "region", "subject"]
+    defaults_only = [m for m in v3_methods() if "grid" not in m]
     out = {
+        "v3-pair": ("held out: a pair, language + region, r = 8 (every method at its defaults)",
+                    {**config(r8(["language", "region"]), 8, tuned=False, method_list=defaults_only),
+                     "harm_passages": 48}),
         "v3-seven": ("held out: seven task adapters (every task but topic), r = 8",
                      {**config(r8(seven), 8, tuned=False, method_list=v3_methods()), "harm_passages": 48}),
         "v3-fragile": ("held out, fragile: region (base 0.57) falls below the base under full-strength merges; "
