@@ -33,7 +33,8 @@ def route(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
     router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical "
                                              "(per sequence: adapters by input likelihood, then top-k units)")] = "implicit",
-    top_k: Annotated[int, typer.Option("--top-k", help="active units per token")] = ...,  # type: ignore[assignment]
+    top_k: Annotated[int | None, typer.Option("--top-k", help="active units per token (default: half the largest "
+                                                              "input rank, chosen on the suite)")] = None,
     top_k_module: Annotated[list[str] | None, typer.Option(help="per-module top-k: MODULE=K (suffix or regex)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
     temperature: Annotated[float, typer.Option(help="softmax temperature of the gate weights")] = 1.0,
@@ -91,4 +92,4 @@ def route(
         c = res.calibration
         say.print(f"calibration: loss {c.loss_before:.4f} -> {c.loss_after:.4f} ({c.steps} steps)")
     say.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router {router}, "
-                  f"top-k {top_k}, {res.seconds:.2f} s)")
+                  f"top-k {top_k if top_k is not None else 'r/2'}, {res.seconds:.2f} s)")

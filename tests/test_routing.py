@@ -217,3 +217,16 @@ def test_route_takes_one_request(tmp_path):
         route([a], tmp_path / "r", {"top_k": 1}, calibration=Calibration(base=tmp_path, profiles=["p.jsonl"]))
     res = route([a], tmp_path / "r", {"top_k": 1, "router": "hierarchical", "evidence": "module"})
     assert json.loads((res.out / "routing_config.json").read_text())["router"] == "hierarchical"
+
+
+def test_route_default_top_k_is_half_the_largest_input_rank(tmp_path):
+    """The default chosen on the suite's selection scenarios (evals/RESULTS.md, suite v3): k = r/2."""
+    a, b = two_adapters(tmp_path)
+    r = CliRunner().invoke(app, ["route", str(a), str(b), "-o", str(tmp_path / "routed")])
+    assert r.exit_code == 0, r.output
+    routed = load_routed(tmp_path / "routed")
+    ins = [load_adapter(a), load_adapter(b)]
+    for name, m in routed.modules.items():  # per module: half the largest rank among the inputs that have it
+        r = max(x.units(name).rank for x in ins if name in x.module_names())
+        assert m.top_k == max(1, r // 2), name
+    assert {m.top_k for m in routed.modules.values()} == {2, 3}  # r = 4 alone, r = 4 and 6 together
