@@ -118,7 +118,7 @@ def test_alpha_suffix_refused_where_it_does_not_apply(tmp_path, source, message)
 @pytest.mark.parametrize("args,message", [
     (["merge", SHIFT, DOUBLE, "--bogus"], "No such option: --bogus"),
     (["cluster", SHIFT, DOUBLE, "-k", "abc"], "Invalid value for '-k'"),
-    (["route", SHIFT, DOUBLE, "-o", "x"], "Missing option '--top-k'"),
+    (["route", SHIFT, DOUBLE, "--top-k", "two", "-o", "x"], "Invalid value for '--top-k'"),
     (["merge", SHIFT, "-o"], "requires an argument"),
 ])
 def test_click_errors_are_one_error_line_exit_2(tmp_path, args, message):
