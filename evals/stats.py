@@ -107,34 +107,31 @@ def add_intervals(rows: list[dict[str, Any]], tasks: list[str], own: dict[str, s
                 r["paired_rank"] = paired(r, same)
 
 
+def paired_mean_diff(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, resamples: int = 1000,
+                     seed: int = 0) -> dict[str, Any] | None:
+    """Mean accuracy of row ``a`` minus row ``b`` over ``tasks`` (accuracy units) with a paired percentile
+    interval: each resample draws every task's examples independently (:func:`resample_indices`), the same
+    draws for both rows.  None when a row lacks per-example outcomes for a task or the counts differ."""
+    try:
+        ca = {t: outcome_array(a["tasks"][t]["correct"]) for t in tasks}
+        cb = {t: outcome_array(b["tasks"][t]["correct"]) for t in tasks}
+    except KeyError:
+        return None
+    if any(len(ca[t]) != len(cb[t]) or len(ca[t]) == 0 for t in tasks):
+        return None
+    idx = resample_indices({t: len(c) for t, c in cb.items()}, resamples, seed + 1)
+    diff = np.mean(np.stack([ca[t][idx[t]].mean(1) - cb[t][idx[t]].mean(1) for t in tasks]), axis=0)
+    point = float(np.mean([ca[t].mean() - cb[t].mean() for t in tasks]))
+    return {"vs": b["variant"], "diff": point, "ci": interval(diff)}
+
+
 def add_paired_mean(rows: list[dict[str, Any]], tasks: list[str], reference: str, *, resamples: int = 1000,
                     seed: int = 0) -> None:
-    """Add ``paired_mean`` (mean accuracy minus the ``reference`` row's, in accuracy units, with a paired
-    percentile interval) to every other row scored on all ``tasks``; in place.  The resamples are
-    :func:`resample_indices`' (per task, the same for every row).  Nothing without the reference row."""
-    by_name = {r["variant"]: r for r in rows}
-    ref = by_name.get(reference)
-    if resamples <= 0 or ref is None or "tasks" not in ref or not all(t in ref["tasks"] for t in tasks):
+    """Add ``paired_mean`` (:func:`paired_mean_diff` against the ``reference`` row) to every other row scored
+    on all ``tasks``; in place.  Nothing without the reference row or without ``resamples``."""
+    ref = next((r for r in rows if r["variant"] == reference), None)
+    if resamples <= 0 or ref is None:
         return
-    try:
-        ref_c = {t: outcome_array(ref["tasks"][t]["correct"]) for t in tasks}
-    except KeyError:
-        return
-    idx = resample_indices({t: len(c) for t, c in ref_c.items()}, resamples, seed + 1)
-
-    def mean_samples(c: dict[str, np.ndarray]) -> np.ndarray:
-        return np.mean(np.stack([c[t][idx[t]].mean(1) for t in tasks]), axis=0)
-
-    ref_s = mean_samples(ref_c)
     for r in rows:
-        if r is ref or "tasks" not in r or not all(t in r["tasks"] for t in tasks):
-            continue
-        try:
-            c = {t: outcome_array(r["tasks"][t]["correct"]) for t in tasks}
-        except KeyError:
-            continue
-        if any(len(c[t]) != len(ref_c[t]) for t in tasks):
-            continue
-        diff = mean_samples(c) - ref_s
-        point = float(np.mean([c[t].mean() - ref_c[t].mean() for t in tasks]))
-        r["paired_mean"] = {"vs": reference, "diff": point, "ci": interval(diff)}
+        if r is not ref and (p := paired_mean_diff(r, ref, tasks, resamples=resamples, seed=seed)) is not None:
+            r["paired_mean"] = p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mergekit_lora.pipeline import merge
 from mergekit_lora.strength import Scale, normalize_scale, parse_scale
 
 SUITE = ["examples/suite/script", "examples/suite/polarity", "examples/suite/region"]
+SUITE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("value, want", [
@@ -79,7 +81,7 @@ def test_rescaled_fidelity_rows_equal_a_fresh_measurement(tmp_path):
         assert row.merged_norm == pytest.approx(fresh.merged_norm, rel=1e-6)
 
 
-def test_default_weights_are_the_average_everywhere(tmp_path):
+def test_default_weights_are_the_average(tmp_path):
     merge(SUITE, "linear", tmp_path / "default")
     merge(SUITE, "linear", tmp_path / "third", weights=[1 / 3] * 3)
     a, b = load_adapter(tmp_path / "default"), load_adapter(tmp_path / "third")
@@ -106,4 +108,3 @@ def test_cli_scale_flag_recipe_round_trip_and_methods_listing(tmp_path, monkeypa
     assert listed["route"]["default_scale"] == "sum" and "default_scale" in listed["ties"]
 
 
-SUITE_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 For each report: the best 2024-generation static merge at its defaults (linear, svd, ties, dare_linear,
 dare_ties, magnitude_prune, lego), the best 2025 method at its defaults (knots_ties, knots_dare_ties,
 tsv, iso_c, iso_cts, core-space ties), their paired difference of mean accuracy with a bootstrap 95 % CI
-(the report's per-example outcomes, tasks resampled independently), the same for the tuned rows (``*``),
+(the report's per-example outcomes, tasks resampled independently: ``evals.stats.paired_mean_diff``), the same for the tuned rows (``*``),
 ``cluster``/``lego`` at its defaults against the exact average, and harm beside each.  The best rows are
 picked on these test numbers (that is what "the best at its defaults" means); the *defaults* themselves
 were chosen on other scenarios' validation slices (select_defaults.py).
@@ -20,25 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from mergekit_lora.evals.stats import paired_mean_diff
+
 GEN_2024 = {"linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "lego"}
 GEN_2025 = {"knots_ties", "knots_dare_ties", "tsv", "iso_c", "iso_cts", "ties-core"}
 
 
-def outcomes(row: dict[str, Any], tasks: list[str]) -> dict[str, np.ndarray]:
-    return {t: (np.frombuffer(row["tasks"][t]["correct"].encode(), np.uint8) - 48).astype(float) for t in tasks}
-
-
-def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], resamples: int = 2000, seed: int = 0) -> tuple:
-    """(mean acc a − b, 95 % CI) over tasks, per-task paired bootstrap."""
-    oa, ob = outcomes(a, tasks), outcomes(b, tasks)
-    rng = np.random.default_rng(seed)
-    diffs = np.zeros(resamples)
-    for t in tasks:
-        idx = rng.integers(0, len(oa[t]), size=(resamples, len(oa[t])))
-        diffs += (oa[t][idx].mean(1) - ob[t][idx].mean(1)) / len(tasks)
-    point = float(np.mean([oa[t].mean() - ob[t].mean() for t in tasks]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return point, float(lo), float(hi)
+def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str]) -> tuple[float, float, float]:
+    """(mean acc a − b, 95 % CI low, high): :func:`evals.stats.paired_mean_diff`, 2,000 resamples."""
+    p = paired_mean_diff(a, b, tasks, resamples=2000)
+    assert p is not None, f"{a['variant']} / {b['variant']}: no per-example outcomes"
+    return p["diff"], p["ci"][0], p["ci"][1]
 
 
 def harm(row: dict[str, Any], base: dict[str, Any]) -> str:
