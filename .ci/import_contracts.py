@@ -2,10 +2,10 @@
 
     python .ci/import_contracts.py        # exit 1 when a contract is broken (``make lint``, ``.ci/run``)
 
-import-linter reads a package from its folder, but ``algorithms/``, ``cli/`` and ``evals/`` are installed as
-``mergekit_lora.algorithms``, ``.cli`` and ``.evals`` (pyproject's ``package-dir``), which a folder walk of
-``mergekit_lora/`` does not see. So the Python files are copied into a temporary tree laid out as the wheel
-installs them, and the contracts are checked against that tree: every import of every floor is seen.
+The package lives in one folder, ``mergekit_lora/`` (algorithms, cli and the eval harness included; benchmarks
+and results stay in the top-level ``evals/``, outside the package). The Python files are copied into a temporary
+tree first so that the tests can break a contract on a copy and see the check fail; the real check runs on the
+same copy of the checkout.
 """
 
 from __future__ import annotations
@@ -16,27 +16,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: import-linter depends on tomli there
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage(dest: Path) -> Path:
-    """Copy the package's Python files into ``dest`` as installed (package-dir applied); returns ``dest``."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    mapping: dict[str, str] = config["tool"]["setuptools"]["package-dir"]
-    for package, folder in sorted(mapping.items()):
-        target = dest.joinpath(*package.split("."))
-        for src in (ROOT / folder).rglob("*.py"):
-            rel = src.relative_to(ROOT / folder)
-            if rel.parts[0] in mapping.values() or any(p.startswith(".") for p in rel.parts):
-                continue
-            out = target / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out)
+    """Copy the package's Python files into ``dest/mergekit_lora``; returns ``dest``."""
+    for src in (ROOT / "mergekit_lora").rglob("*.py"):
+        rel = src.relative_to(ROOT)
+        if any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out)
     return dest
 
 

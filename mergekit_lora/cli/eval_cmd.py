@@ -139,7 +139,7 @@ def compare(
     cfg, root = load_config(config)
     updates = {k: v for k, v in {"device": device, "examples": examples}.items() if v is not None}
     if updates:
-        cfg = cfg.model_copy(update=updates)
+        cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})  # validated, unlike model_copy
     report = run_compare(cfg, root, out, force=force, log=lambda m: err_console.print(m, style="dim"))
     _print_report(report, out)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mergekit_lora.options import MergeOptions
+from mergekit_lora.options import MergeOptions, make_options
 
 from .common import console, err_console, parse_floats, user_errors
 from .firstrun import default_out
@@ -51,7 +51,7 @@ def cluster(
              "balance_inputs": balance_inputs, "backend": backend, "n_init": n_init, "max_iter": max_iter,
              "report": report or None}
     params = {key: v for key, v in given.items() if v is not None}
-    options = options.model_copy(update={"out": out or default_out("lego", sources, options.force)})
+    options = make_options(options, out=out or default_out("lego", sources, options.force))
     run_and_report(sources, "lego", params, parse_floats(weights), options, emit_recipe,
                    ray_options(ray, ray_address, ray_workers), chosen=out is None)
     if report:

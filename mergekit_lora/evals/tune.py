@@ -79,7 +79,7 @@ def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, tok, task
             best = (acc, point)
     assert best is not None
     params, w, scale = _setting(spec, best[1], weights, n)
-    return spec.model_copy(update={"params": params, "scale": scale}), w, {
+    return type(spec).model_validate({**spec.model_dump(), "params": params, "scale": scale}), w, {
         "chosen": best[1], "scores": scores, "validation_examples": cfg.validation}
 
 
