@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_adapter": ".formats", "check_compatible": ".pipeline.compat",
     "plan": ".pipeline", "execute": ".pipeline", "merge": ".pipeline", "MergePlan": ".pipeline",
     "MergeResult": ".pipeline", "route": ".routing.api", "routing": ".routing",
+    "export": ".pipeline.output",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

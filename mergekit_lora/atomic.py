@@ -14,6 +14,9 @@ What holds (Linux/macOS, one local filesystem):
 - a full disk (ENOSPC) is one error naming the filesystem and the bytes involved, with the temp
   folder removed;
 - the output folder gets the permissions of ``mkdir`` under the current umask (not mkdtemp's 0700).
+
+An output that is one file (:func:`atomic_file`, ``export``) is written into such a temp folder and its
+file renamed onto the target: the same guarantees, a file's permissions (``0o666`` under the umask).
 """
 
 from __future__ import annotations
@@ -271,10 +274,48 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
 
 
+def check_file_output(out: Path, force: bool) -> None:
+    """:func:`check_output` for an output that is one file: it may replace a file (with ``force``), never a folder."""
+    out = Path(out)
+    _refuse_unnamed(out)
+    if out.is_dir():
+        raise LoraMergeError(f"{out} is a folder; name a file for the output", field="out")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise LoraMergeError(f"{out} already exists; choose another output or pass «force» to replace it",
+                             field="out")
+
+
 @contextmanager
-def _guarded(out: Path, tmp: Path, force: bool) -> Iterator[None]:
-    """The body of :func:`atomic_output`: errors become one line, success swaps ``tmp`` in, anything
-    else removes ``tmp``."""
+def atomic_file(out: Path, member: str, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside the file ``out``; on success its file ``member`` replaces ``out`` (one
+    ``rename``), on any error the folder is removed.  The same guarantees as :func:`atomic_output` (stale
+    temp folders, SIGTERM, a full disk, the umask), for an output that is one file (``export``)."""
+    out = Path(out)
+    check_file_output(out, force)
+    remove_stale(out)
+    with _locked_temp(out, "tmp") as tmp, _guarded(out, tmp, force, member):
+        yield tmp
+
+
+def _swap_file(out: Path, tmp: Path, member: str, force: bool) -> None:
+    """Move the file ``tmp/member`` to ``out`` under the parent's lock, signals deferred, then drop ``tmp``."""
+    src = tmp / member
+    with contextlib.suppress(OSError):
+        src.chmod(0o666 & ~_umask())
+    with _signals_deferred(), _dir_lock(out.parent):
+        if out.is_dir():
+            raise LoraMergeError(f"{out} is a folder; name a file for the output", field="out")
+        if (out.exists() or out.is_symlink()) and not force:
+            raise LoraMergeError(f"{out} was created by another process during this run; "
+                                 "pass «force» to replace it, or choose another output", field="out")
+        os.replace(src, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _guarded(out: Path, tmp: Path, force: bool, member: str | None = None) -> Iterator[None]:
+    """The body of :func:`atomic_output` / :func:`atomic_file`: errors become one line, success swaps
+    ``tmp`` (or its file ``member``) in, anything else removes ``tmp``."""
     try:
         with _sigterm_as_exit():
             try:
@@ -286,6 +327,9 @@ def _guarded(out: Path, tmp: Path, force: bool) -> Iterator[None]:
                         str(e.filename or "").startswith(str(tmp)):
                     raise LoraMergeError(f"cannot write the output {out}: {e.strerror}; choose another output") from None
                 raise
+            if member is not None:
+                _swap_file(out, tmp, member, force)
+                return
             with contextlib.suppress(OSError):
                 tmp.chmod(0o777 & ~_umask())
             _swap(out, tmp, force)

@@ -100,11 +100,11 @@ def test_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- disk full
-def _enospc_writer(tmp, stream, *args, **kwargs):
-    for _ in stream:  # consume some modules, write some bytes, then the disk is full
+def _enospc_writer(req):
+    for _ in req.modules:  # consume some modules, write some bytes, then the disk is full
         pass
-    (Path(tmp) / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
-    raise OSError(errno.ENOSPC, "No space left on device", str(Path(tmp) / "adapter_model.safetensors"))
+    (Path(req.out_dir) / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    raise OSError(errno.ENOSPC, "No space left on device", str(Path(req.out_dir) / "adapter_model.safetensors"))
 
 
 def test_disk_full_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch):
@@ -131,8 +131,8 @@ SLOW_MERGE = textwrap.dedent("""
     from pathlib import Path
     m = importlib.import_module("mergekit_lora.pipeline.output")
     real = m.get_writer
-    def slow(tmp, stream, *a, **k):
-        (Path(tmp) / "partial.safetensors").write_bytes(b"x" * 1000)
+    def slow(req):
+        (Path(req.out_dir) / "partial.safetensors").write_bytes(b"x" * 1000)
         print("writing", flush=True)
         time.sleep(60)
     m.get_writer = lambda fmt: replace(real(fmt), write=slow)

@@ -8,12 +8,19 @@ from typer.testing import CliRunner
 
 from mergekit_lora import load_adapter
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.formats.gguf import export_gguf, gguf_tensor_name, gguf_writer, read_base, read_header
+from mergekit_lora.formats.gguf import GGUFOptions, gguf_tensor_name, gguf_writer, read_base, read_header
+from mergekit_lora.formats.request import WriteRequest
+from mergekit_lora.pipeline.output import export
 
 gguf = pytest.importorskip("gguf")
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 N_HEAD, N_KV, HEAD_DIM = 4, 2, 8  # tests/helpers.tiny_llama
+
+
+def export_gguf(adapter, out, base_gguf=None, *, dtype=torch.float32, force=False, **kw):
+    """``loramerge export``'s Python form: the pipeline's one-file export with the GGUF options."""
+    return export(adapter, out, "gguf", GGUFOptions(base_gguf, **kw), dtype=dtype, force=force)
 
 
 def _fields(r):
@@ -99,8 +106,8 @@ def test_bf16_and_determinism(tmp_path, src):
 
 def test_writer_signature_and_refusals(tmp_path, src):
     a = load_adapter(src)
-    cfg = gguf_writer(tmp_path, a.iter_units(), [a], dtype=torch.float32, target_modules=None, method="linear",
-                      architecture="llama", head_count=N_HEAD, head_count_kv=N_KV)
+    cfg = gguf_writer(WriteRequest(tmp_path, a.iter_units(), [a], torch.float32, method="linear",
+                                   options=GGUFOptions(architecture="llama", head_count=N_HEAD, head_count_kv=N_KV)))
     kv, tensors = _read(tmp_path / "adapter.gguf")
     assert cfg["modules"] == 16 and len(tensors) == 32 and kv["mergekit_lora.method"] == "linear"
     with pytest.raises(LoraMergeError, match="'gemma'"):
@@ -108,10 +115,11 @@ def test_writer_signature_and_refusals(tmp_path, src):
     with pytest.raises(LoraMergeError, match="head_count"):
         export_gguf(a, tmp_path / "h.gguf", architecture="llama")
     with pytest.raises(LoraMergeError, match="base_gguf"):
-        gguf_writer(tmp_path, a.iter_units(), [a], dtype=torch.float32, target_modules=None, method="")
+        gguf_writer(WriteRequest(tmp_path, a.iter_units(), [a], torch.float32))
     with pytest.raises(LoraMergeError, match="qkv_proj"):
         gguf_tensor_name("model.layers.0.self_attn.qkv_proj", "llama")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "h.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.gguf"]  # no temp folder left behind
     with pytest.raises(LoraMergeError, match="already exists"):
         export_gguf(a, tmp_path / "adapter.gguf", architecture="qwen2")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")

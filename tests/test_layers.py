@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def test_staged_tree_holds_the_whole_package(tmp_path):
     ("algorithms/params.py", "import torch"),                                    # the method table with torch
     ("formats/tensors.py", "from mergekit_lora.formats import load"),            # a circle inside one floor
     ("recipe/problems.py", "from mergekit_lora.recipe import schema"),           # a circle inside one package
+    ("formats/gguf.py", "from mergekit_lora.atomic import atomic_file"),         # a second output writer
+    ("evals/compare.py", "from mergekit_lora.atomic import atomic_output"),      # a report folder of its own
 ])
 def test_an_upward_import_breaks_a_contract(tmp_path, capsys, module, line):
     tool = _tool()
@@ -57,3 +60,25 @@ def test_the_pipeline_names_no_format():
         text = path.read_text()
         for name in names:
             assert f'"{name}"' not in text and f"'{name}'" not in text, (path.name, name)
+
+
+# Something renamed into place outside atomic.py: each is not an output of a command (what it is instead).
+NOT_OUTPUTS = {
+    "tune/trials.py": "trials.jsonl, the search's running log, rewritten after each trial",
+    "library/store.py": "the library's faiss index, rebuilt beside its catalogue",
+    "formats/safetensors_stream.py": "a file inside the writer's temp folder",
+    "evals/score_cache.py": "one entry of the score cache",
+    "evals/suite/model.py": "the suite's base model, converted once into the cache",
+}
+_WRITES = re.compile(r"os\.replace\(|\.rename\(|mkstemp\(|mkdtemp\(|\btmp\w*\.replace\(|atomic_output\(|atomic_file\(")
+
+
+def test_no_module_but_the_pipeline_writes_an_output():
+    """No second atomic writer (export had one): outside atomic.py and pipeline/output.py, nothing renames a
+    file or folder into place or opens an atomic output, except the listed non-outputs — and each of those
+    still does (the list does not outlive its reasons)."""
+    pkg = ROOT / "mergekit_lora"
+    found = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py")
+             if p.relative_to(pkg).as_posix() not in ("atomic.py", "pipeline/output.py")
+             and _WRITES.search(p.read_text())}
+    assert found == set(NOT_OUTPUTS)

@@ -85,10 +85,10 @@ def test_disk_full_before_any_byte_says_so(tmp_path, monkeypatch):
 
     import mergekit_lora.pipeline.output as output_mod
 
-    def full(tmp, stream, *args, **kwargs):
-        for _ in stream:
+    def full(req):
+        for _ in req.modules:
             pass
-        raise OSError(errno.ENOSPC, "No space left on device", str(Path(tmp) / "adapter_model.safetensors"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(req.out_dir) / "adapter_model.safetensors"))
 
     real = output_mod.get_writer
     monkeypatch.setattr(output_mod, "get_writer", lambda fmt: replace(real(fmt), write=full))

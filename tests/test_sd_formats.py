@@ -24,6 +24,7 @@ from mergekit_lora.atomic import atomic_output
 from mergekit_lora.cli.main import app
 from mergekit_lora.formats.diffusers import write_diffusers
 from mergekit_lora.formats.kohya import write_kohya
+from mergekit_lora.formats.request import WriteRequest
 from mergekit_lora.formats.sd_meta import canonical_bytes, data_section
 from mergekit_lora.inspect import inspect_adapter
 
@@ -34,7 +35,7 @@ SD1 = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora", "
 
 def _write(tmp_path, writer, a, name="out"):
     with atomic_output(tmp_path / name) as tmp:
-        writer(tmp, a.iter_units(), [a], dtype=torch.float32, method="identity")
+        writer(WriteRequest(tmp, a.iter_units(), [a], torch.float32, method="identity"))
     return next((tmp_path / name).glob("*.safetensors"))
 
 

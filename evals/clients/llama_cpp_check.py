@@ -165,7 +165,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mergekit_lora.formats.gguf as G
-    from mergekit_lora import merge
+    from mergekit_lora import export, merge
     from mergekit_lora.evals.suite.data import get_task
     from mergekit_lora.evals.suite.model import smollm2_folder, smollm2_gguf
     from mergekit_lora.evals.tasks import encode_task, pad_id_of
@@ -192,12 +192,13 @@ def main() -> None:
     variants = {"topic (suite adapter)": suite / "topic", "linear(topic, genre) merge": merged,
                 "topic, ranks 4/8 mixed (rank_pattern)": mixed,
                 "random rank-4 LoRA on the MLP (gate/up/down)": _random_mlp_lora(model, work / "mlp")}
-    ggufs = {name: G.export_gguf(p, work / f"{i}.gguf", base_gguf)["file"] for i, (name, p) in enumerate(variants.items())}
+    ggufs = {name: export(p, work / f"{i}.gguf", "gguf", G.GGUFOptions(base_gguf))["file"]
+             for i, (name, p) in enumerate(variants.items())}
     # negative control: the same adapter without the llama Q/K row permutation
     saved = G.ARCHITECTURES["llama"]
     G.ARCHITECTURES["llama"] = G.GGUFArch("llama", permute_qk=False)
     try:
-        control = G.export_gguf(suite / "topic", work / "control.gguf", base_gguf)["file"]
+        control = export(suite / "topic", work / "control.gguf", "gguf", G.GGUFOptions(base_gguf))["file"]
     finally:
         G.ARCHITECTURES["llama"] = saved
 

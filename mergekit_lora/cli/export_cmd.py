@@ -33,7 +33,8 @@ def export(
 
     from mergekit_lora.errors import LoraMergeError
     from mergekit_lora.formats import load_adapter
-    from mergekit_lora.formats.gguf import export_gguf
+    from mergekit_lora.formats.gguf import GGUFOptions
+    from mergekit_lora.pipeline.output import export as export_file
 
     if fmt != "gguf":
         raise LoraMergeError(f"export format {fmt!r} is not supported; available: gguf")
@@ -47,7 +48,7 @@ def export(
         raise LoraMergeError(f"{source} is a routed adapter: GGUF runtimes cannot route, so exporting it would drop "
                              "the routing; pass --static cat to export every unit at once (the cat merge), or "
                              "export one of its inputs")
-    info = export_gguf(adapter, out, base_gguf, architecture=architecture, dtype=getattr(torch, _DTYPES[dtype]),
+    info = export_file(adapter, out, "gguf", GGUFOptions(base_gguf, architecture), dtype=getattr(torch, _DTYPES[dtype]),
                        force=force)
     console.print(f"[green]wrote[/] {out}: {info['modules']} LoRA modules for {info['architecture']}, "
                   f"alpha {info['lora_alpha']:g}, {info['dtype']}")

@@ -47,7 +47,7 @@ def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weigh
     """The request's own checks that need neither torch nor a tensor (``plan`` repeats them, with the same
     messages): method (did you mean), its parameters, the weights count, local paths (did you mean), the
     output.  Hub ids are left to ``plan``."""
-    from mergekit_lora.atomic import check_output
+    from mergekit_lora.checks import check_output
     from mergekit_lora.registry import available, field_names, parse_params, unknown_method
     from mergekit_lora.sources import source_problems
 

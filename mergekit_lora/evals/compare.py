@@ -17,10 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_lora.atomic import atomic_output, check_output
-from mergekit_lora.checks import weight_count
+from mergekit_lora.checks import check_output, weight_count
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.pipeline import merge, resolve_device
+from mergekit_lora.pipeline.output import output_folder
 from mergekit_lora.registry import available
 
 from .report import write_report
@@ -204,7 +204,7 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
     add_intervals(rows, tasks, own, resamples=cfg.bootstrap, seed=cfg.seed)
     add_paired_mean(rows, tasks, cfg.reference_row, resamples=cfg.bootstrap, seed=cfg.seed)
     report = {"config": cfg.model_dump(), "device": str(device), "tasks": tasks, "own": own, "rows": rows}
-    with atomic_output(out, force) as tmp_out:
+    with output_folder(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report
 
@@ -226,7 +226,7 @@ def rerender(report_json: str | Path, out: Path, *, force: bool = False) -> dict
         for key in ("norm_ci", "paired", "paired_rank"):
             r.pop(key, None)
     add_intervals(rows, tasks, own, resamples=cfg.get("bootstrap", 1000), seed=cfg.get("seed", 0))
-    with atomic_output(out, force) as tmp_out:
+    with output_folder(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report
 

@@ -23,8 +23,8 @@ import torch
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..names import pattern_value
-from ..units import RankUnits
 from .peft_write import peft_config
+from .request import WriteRequest
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import COMPONENTS, UNET_ROOTS, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes
@@ -142,13 +142,13 @@ def _check_metadata_alphas(a: Adapter, metadata: Mapping[str, str]) -> None:
     a.meta.extra["alpha_assumed"] = False
 
 
-def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                    dtype: torch.dtype, target_modules: Any = None, method: str = "",
-                    recipe: Mapping[str, object] | None = None, **_: Any) -> dict[str, Any]:
-    """Write ``pytorch_lora_weights.safetensors`` (lora_A/lora_B keys, scale 1) + ``lora_adapter_metadata``."""
+def write_diffusers(req: WriteRequest) -> dict[str, Any]:
+    """Write ``pytorch_lora_weights.safetensors`` (lora_A/lora_B keys, scale 1) + ``lora_adapter_metadata``
+    into ``req.out_dir``; returns the packed PEFT configs."""
+    dtype = req.dtype
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, dict[str, int]] = {}
-    for name, u in modules:
+    for name, u in req.modules:
         comp, _, path = name.partition(".")
         if comp not in COMPONENTS or not path:
             raise LoraMergeError(
@@ -159,7 +159,7 @@ def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], ada
         tensors[f"{name}.lora_A.weight"] = down
         tensors[f"{name}.lora_B.weight"] = up
         ranks.setdefault(comp, {})[path] = int(down.shape[0])
-    meta = adapters[0].meta
+    meta = req.adapters[0].meta
     packed: dict[str, Any] = {}
     for comp, rk in ranks.items():
         cfg = peft_config(rk, meta)
@@ -167,6 +167,6 @@ def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], ada
                 "lora_dropout", "bias")
         packed.update({f"{comp}.{k}": cfg[k] for k in keep})
     md = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-          "mergekit_lora.recipe": json.dumps({"method": method, **dict(recipe or {})}, sort_keys=True, default=str)}
-    (Path(out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
+          "mergekit_lora.recipe": json.dumps({"method": req.method, **dict(req.recipe or {})}, sort_keys=True, default=str)}
+    (Path(req.out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
     return packed

@@ -18,12 +18,10 @@ HF module names map to GGUF names by a small table per architecture; anything el
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..units import RankUnits
+from .request import WriteRequest
 
 GGUF_NAME = "adapter.gguf"
 
@@ -285,6 +283,21 @@ def write_gguf(out_file: Path, modules: Iterable[tuple[str, RankUnits]], base: G
             "ranks": dict(Counter(u.rank for _, u in kept)), "dtype": _DTYPES[dtype]}
 
 
+@dataclass(frozen=True)
+class GGUFOptions:
+    """The ``gguf`` writer's own options: ``base_gguf`` (the base model's .gguf: architecture, head counts,
+    tensor names and shapes are read from it and checked) or ``architecture`` (+ ``head_count`` /
+    ``head_count_kv`` for ``llama``)."""
+
+    base_gguf: str | Path | None = None
+    architecture: str | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+
+    def base(self) -> GGUFBase:
+        return resolve_base(self.base_gguf, self.architecture, self.head_count, self.head_count_kv)
+
+
 def check_options(opts: Any) -> None:
     """What the ``gguf`` output format needs of the run options (``plan`` stage 3, headers only)."""
     if opts.base_gguf is None:
@@ -293,47 +306,17 @@ def check_options(opts: Any) -> None:
     resolve_base(opts.base_gguf)
 
 
-def gguf_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                base_gguf: str | Path | None = None, architecture: str | None = None,
-                head_count: int | None = None, head_count_kv: int | None = None, **_: Any) -> dict[str, Any]:
-    """The ``gguf`` output format: ``out_dir/adapter.gguf`` (registry signature of ``formats/writers.py``).
+def gguf_options(opts: Any) -> GGUFOptions:
+    """The ``write_options`` hook: the GGUF options out of the run options (``MergeOptions.base_gguf``)."""
+    return GGUFOptions(base_gguf=opts.base_gguf)
 
-    Needs ``base_gguf`` (the base model's .gguf: architecture, head counts, tensor names and shapes are
-    read from it and checked) or ``architecture`` (+ ``head_count``/``head_count_kv`` for ``llama``)."""
-    base = resolve_base(base_gguf, architecture, head_count, head_count_kv)
-    md = {"mergekit_lora.method": method} if method else {}
-    bases = {a.meta.base_model for a in adapters if a.meta.base_model}
+
+def gguf_writer(req: WriteRequest) -> dict[str, Any]:
+    """The ``gguf`` output format: ``req.out_dir/adapter.gguf`` (``FormatSpec.file``: ``export`` renames it onto
+    the file it was asked for).  The base model comes from ``req.options`` (:class:`GGUFOptions`)."""
+    o = req.options if isinstance(req.options, GGUFOptions) else GGUFOptions()
+    md = {"mergekit_lora.method": req.method} if req.method else {}
+    bases = {a.meta.base_model for a in req.adapters if a.meta.base_model}
     if len(bases) == 1:
         md["mergekit_lora.base_model"] = next(iter(bases))
-    return write_gguf(Path(out_dir) / GGUF_NAME, modules, base, dtype=dtype, metadata=md)
-
-
-def export_gguf(adapter: Adapter | str | Path, out_file: str | Path, base_gguf: str | Path | None = None, *,
-                architecture: str | None = None, dtype: torch.dtype | None = torch.float32, force: bool = False,
-                head_count: int | None = None, head_count_kv: int | None = None) -> dict[str, Any]:
-    """Convert an adapter (an :class:`Adapter` or anything ``load_adapter`` reads) into one llama.cpp GGUF
-    file, written atomically (a temp file renamed into place).  ``dtype=None``: the adapter's dtype."""
-    if not isinstance(adapter, Adapter):
-        from . import load_adapter
-
-        adapter = load_adapter(adapter)
-    out_file = Path(out_file)
-    if out_file.exists() and not force:
-        raise LoraMergeError(f"{out_file} already exists; choose another output or set force to replace it")
-    base = resolve_base(base_gguf, architecture, head_count, head_count_kv)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
-    os.close(fd)
-    try:
-        md = {"mergekit_lora.base_model": adapter.meta.base_model} if adapter.meta.base_model else {}
-        info = write_gguf(Path(tmp), adapter.iter_units(), base, dtype=dtype or adapter.meta.dtype, metadata=md)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the output follows the umask
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    info["file"] = str(out_file)
-    return info
+    return write_gguf(Path(req.out_dir) / GGUF_NAME, req.modules, o.base(), dtype=req.dtype, metadata=md)

@@ -8,7 +8,7 @@ name directly.  Written files use ``alpha = rank`` for every module with the sca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..units import RankUnits
+from .request import WriteRequest
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import KOHYA_KEY, kohya_name, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes, file_data_sha256, kohya_hashes, kohya_metadata
@@ -76,11 +77,10 @@ def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def write_kohya(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                dtype: torch.dtype, target_modules: Any = None, method: str = "",
-                recipe: Mapping[str, object] | None = None, **_: Any) -> dict[str, Any]:
-    """Write ``lora.safetensors`` with kohya keys and metadata; returns the header metadata."""
-    mods = list(modules)
+def write_kohya(req: WriteRequest) -> dict[str, Any]:
+    """Write ``lora.safetensors`` with kohya keys and metadata into ``req.out_dir``; returns the header metadata."""
+    dtype = req.dtype
+    mods = list(req.modules)
     names = to_kohya_names([n for n, _ in mods])
     tensors: dict[str, torch.Tensor] = {}
     ranks = []
@@ -88,7 +88,7 @@ def write_kohya(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapter
         t = kohya_tensors(names[name], u, dtype)
         tensors.update(t)
         ranks.append(int(t[f"{names[name]}.alpha"]))
-    md = kohya_metadata(adapters, ranks, method=method, recipe=recipe)
+    md = kohya_metadata(req.adapters, ranks, method=req.method, recipe=req.recipe)
     md.update(kohya_hashes(tensors, md))
-    (Path(out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
+    (Path(req.out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
     return md

@@ -4,8 +4,10 @@ A spec bundles everything the pipeline needs to know about a family: how to reco
 file of it (``sniff``, on the header only), how to ``read`` it, how to ``write`` a merged result, which
 output format inputs of the family default to, how to ``align`` module names when it is mixed with
 another family, what it adds to ``loramerge inspect``, which inputs it refuses to write, which run
-options only it takes (``options``) and what it needs of them (``check_options``), and the model card's
-``library`` — so the pipeline names no format.
+options only it takes (``options``), what it needs of them (``check_options``), its writer's own typed
+options built from them (``write_options``), the one file it writes when it is one file (``file``: ``export``)
+and the model card's ``library`` — so the pipeline names no format.  A writer takes one typed
+:class:`~mergekit_lora.formats.request.WriteRequest`.
 
 Built-ins are listed in :func:`builtin_formats`; third-party formats come through the entry-point
 group ``mergekit_lora.formats`` (an entry point names a FormatSpec or a list of them) or, in-process,
@@ -23,11 +25,10 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from . import diffusers, gguf, kohya, peft_read, routed, sd, sd_detect, writers
+from .request import WriteRequest as WriteRequest  # re-exported: what a writer takes
+from .request import Writer
 
 ENTRY_POINT_GROUP = "mergekit_lora.formats"
-
-# (out_dir, modules, input adapters, *, dtype, target_modules, method, recipe=..., module_names=...) -> config
-Writer = Callable[..., dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class FormatSpec:
     refuse_inputs: Callable[[Sequence[Adapter]], str | None] | None = None  # why this writer cannot take them
     options: tuple[str, ...] = ()  # MergeOptions fields only this output format takes (refused for the others)
     check_options: Callable[[Any], None] | None = None  # (MergeOptions) -> None: what this writer needs, headers only
+    write_options: Callable[[Any], Any] | None = None  # (MergeOptions) -> the writer's own typed options
+    file: str | None = None  # the one file the writer writes (a one-file format: ``export`` writes it to a path)
     library: str = "diffusers"  # the model card's library_name
 
 
@@ -58,9 +61,10 @@ def builtin_formats() -> list[FormatSpec]:
                    diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
         FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
                    writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output, options=("profile",),
-                   library="peft"),
-        # llama.cpp LoRA (issue 18): needs base_gguf= or architecture=
-        FormatSpec("gguf", write=gguf.gguf_writer, options=("base_gguf",), check_options=gguf.check_options),
+                   write_options=writers.peft_options, library="peft"),
+        # llama.cpp LoRA (issue 18): needs its base model's .gguf (GGUFOptions)
+        FormatSpec("gguf", write=gguf.gguf_writer, options=("base_gguf",), check_options=gguf.check_options,
+                   write_options=gguf.gguf_options, file=gguf.GGUF_NAME),
     ]
 
 

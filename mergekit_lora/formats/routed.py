@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ..adapter import Adapter, AdapterMeta, ModuleInfo, output_meta
 from ..errors import LoraMergeError
 from ..units import RankUnits
+from .request import WriteRequest
 
 RouterKind = Literal["implicit", "gate", "hierarchical"]
 ROUTERS: tuple[str, ...] = ("implicit", "gate", "hierarchical")
@@ -335,12 +336,18 @@ def iter_static(modules: Iterable[tuple[str, RoutedUnits]]) -> Iterator[tuple[st
         yield name, m.static_units()
 
 
-def routed_writer(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], adapters: Sequence[Adapter], *,
-                  dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                  recipe: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-                  sources: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
-    """The driver's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card.
-    Calibrated routing adds ``info`` (calibration, profiles) and names its ``sources`` as the user gave them."""
-    labels = list(sources) if sources is not None else [str(a.path or a.label) for a in adapters]
-    return write_routed(out_dir, modules, base_model=output_meta(adapters).base_model, sources=labels, dtype=dtype,
-                        info=info)
+@dataclass(frozen=True)
+class RoutedOptions:
+    """The routed writer's own options: calibrated routing's ``info`` (calibration, profiles) for the config
+    and the ``sources`` as the user named them (default: the inputs' paths)."""
+
+    info: dict[str, Any] | None = None
+    sources: Sequence[str] | None = None
+
+
+def routed_writer(req: WriteRequest) -> dict[str, Any]:
+    """The pipeline's writer for format ``routed`` (``merge(..., method="route")``); the recipe is in the card."""
+    o = req.options if isinstance(req.options, RoutedOptions) else RoutedOptions()
+    labels = list(o.sources) if o.sources is not None else [str(a.path or a.label) for a in req.adapters]
+    return write_routed(req.out_dir, req.modules, base_model=output_meta(req.adapters).base_model, sources=labels,
+                        dtype=req.dtype, info=o.info)

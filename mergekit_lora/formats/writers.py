@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ..adapter import Adapter, output_meta
-from ..units import RankUnits
+from ..adapter import output_meta
 from .peft_write import write_peft
+from .request import WriteRequest
 
 
-def peft_writer(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                dtype: torch.dtype, target_modules: list[str] | None, method: str,
-                module_names: Sequence[str] | None = None, profile: str = "default", **_: Any) -> dict[str, Any]:
-    meta = output_meta(adapters)
-    return write_peft(out_dir, modules, meta, dtype=dtype, target_modules=target_modules,
-                      metadata={"mergekit_lora.method": method}, expected_modules=module_names,
-                      profile=None if profile == "default" else profile)
+@dataclass(frozen=True)
+class PeftOptions:
+    """The PEFT writer's own options: ``profile`` (``default`` or ``portable``: the serving profile)."""
+
+    profile: str = "default"
+
+
+def peft_options(opts: Any) -> PeftOptions:
+    """The ``write_options`` hook: the PEFT options out of the run options (``MergeOptions``)."""
+    return PeftOptions(profile=opts.profile)
+
+
+def peft_writer(req: WriteRequest) -> dict[str, Any]:
+    o = req.options if isinstance(req.options, PeftOptions) else PeftOptions()
+    return write_peft(req.out_dir, req.modules, output_meta(req.adapters), dtype=req.dtype,
+                      target_modules=req.target_modules, metadata={"mergekit_lora.method": req.method},
+                      expected_modules=req.module_names, profile=None if o.profile == "default" else o.profile)

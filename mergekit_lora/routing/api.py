@@ -18,11 +18,10 @@ import torch
 
 from ..adapter import Adapter, output_meta
 from ..errors import LoraMergeError
-from ..formats.peft_write import write_peft
-from ..formats.routed import RoutedAdapter, iter_static
+from ..formats.routed import RoutedAdapter, RoutedOptions, iter_static
 from ..options import MergeOptions
 from ..pipeline import MergePlan, execute, make_options, plan
-from ..pipeline.output import write_output
+from ..pipeline.output import SubOutput, write_output
 from ..registry import AlgorithmParams
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
 from .profile import fit_profiles, load_profile_data
@@ -165,18 +164,14 @@ def _fit_and_write(p: MergePlan, cal: Calibration, opts: MergeOptions, t0: float
                                       "loss_after": fit.loss_after}
         sections.append(("Calibration", f"Router fitted on `{calibrate_data}` for {steps} steps: causal-LM loss "
                                         f"{fit.loss_before:.4f} → {fit.loss_after:.4f}."))
-    meta = output_meta(p.adapters)
-
-    def static_export(tmp: Path) -> None:
-        (tmp / STATIC_DIR).mkdir()
-        write_peft(tmp / STATIC_DIR, iter_static(fitted.modules.items()), meta, dtype=meta.dtype,
-                   metadata={"mergekit_lora.method": "route-static"})
-
+    also = []
     if export_static:
         sections.append(("Static export", f"`{STATIC_DIR}/` is a plain PEFT adapter: each unit weighted by "
                                           "its mean activation on the calibration data."))
+        also.append(SubOutput(STATIC_DIR, "peft", iter_static(fitted.modules.items()),
+                              output_meta(p.adapters).dtype, method="route-static"))
     written = replace(p, options=make_options(opts, push_to_hub=None), card_sections=tuple(sections))
-    cfg = write_output(written, fitted.modules.items(), [], [], extra=static_export if export_static else None,
-                       writer_options={"info": fitted.info, "sources": list(p.labels)})
+    cfg = write_output(written, fitted.modules.items(), [], [], also=also,
+                       format_options=RoutedOptions(info=fitted.info, sources=list(p.labels)))
     return RouteResult(out_path, len(fitted.modules), sum(m.rank for m in fitted.modules.values()),
                        time.perf_counter() - t0, cfg, fit)
