@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from .adapter import ModuleInfo
     from .fidelity import ModuleFidelity
+    from .threads import ThreadBudget
     from .units import RankUnits
 
 ENTRY_POINT_GROUP = "mergekit_lora.algorithms"
@@ -59,13 +60,23 @@ P = TypeVar("P", bound=AlgorithmParams)
 Notes = Mapping[str, Any]
 
 
+def _no_budget() -> ThreadBudget:
+    """No budget (lazily: this module is imported by `loramerge methods`, which needs no torch)."""
+    from .threads import NO_BUDGET
+
+    return NO_BUDGET
+
+
 @dataclass(frozen=True)
 class ModuleContext:
-    """Per-module facts an algorithm may need: where to compute and a seed for randomness."""
+    """Per-module facts an algorithm may need: where to compute, a seed for randomness, and the run's thread
+    budget (``threads``: pools and big products go through ``threads.workers_for`` / ``threads.matmul``;
+    the default is no budget — torch's own threading, plain products)."""
 
     name: str
     seed: int
     device: torch.device
+    threads: ThreadBudget = field(default_factory=_no_budget)
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, module name, salt): reproducible and module-independent."""

@@ -8,11 +8,11 @@ gain from the cores even under load.  So:
 
 - inside :func:`thread_policy` torch runs **single-threaded** by default;
 - an operation big enough to deserve threads (by its flop count) gets workers from the budget for that
-  call only: a product through :func:`matmul`, a pool of independent chunks through :func:`threads_for`;
+  call only: a product through :meth:`ThreadBudget.matmul`, a pool of independent chunks through :meth:`ThreadBudget.workers_for`;
 - the budget is the explicit ``threads`` option, else ``OMP_NUM_THREADS``, else the usable cores
   (``os.sched_getaffinity``);
 - **load-aware threads**: when the budget was *not* set explicitly, chunk pools
-  (:func:`threads_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, products (:func:`matmul`)
+  (:meth:`ThreadBudget.workers_for`) and, for budgets ≤ ``LOAD_AWARE_MAX_BUDGET`` = 2, products (:meth:`ThreadBudget.matmul`)
   get only the cores nobody else is using: :func:`barrier_threads` = clamp(online CPUs − other
   runnable threads, 1, budget), re-read at each call from ``/proc/loadavg``'s running count minus this
   process's own running threads (``/proc/self/task/*/stat``; ~0.05 ms, negligible next to a ≥ 5 ms op).
@@ -22,7 +22,7 @@ gain from the cores even under load.  So:
   of independent chunks (``algorithms/elementwise.run_chunks``) have no barrier but still lost on that
   busy box (``ties`` 1.34 s with 2 workers vs 1.14 s with 1, RESULTS-threads.md), so they are trimmed
   too, at any budget (the pool size never changes the bytes).
-- **big products as fixed blocks** (:func:`matmul`): MKL's threaded GEMM does *not* give the same bits at
+- **big products as fixed blocks** (:meth:`ThreadBudget.matmul`): MKL's threaded GEMM does *not* give the same bits at
   1 and 2 threads on every CPU (measured on an AVX-512 Xeon: a 300×900 @ 900×16 product) nor at 3–4 for
   skinny products, so a big product is cut into blocks of ``MATMUL_ROW_BLOCK`` rows, each a
   single-threaded GEMM, and only the blocks are shared among workers.  The blocks depend on the shapes
@@ -32,12 +32,17 @@ gain from the cores even under load.  So:
   not been measured (a 2-core machine never reaches the cap).  Without ``/proc`` (non-Linux) the load is
   unknown and the budget is used.
 
+The budget reaches the algorithms in their context (``registry.ModuleContext.threads``, a
+:class:`ThreadBudget` that ``execute`` takes from :func:`current` inside :func:`thread_policy`): an
+algorithm asks its budget (``ctx.threads.workers_for``, ``ctx.threads.matmul``), never this module's state.
+The policy itself stays process-wide, as torch's thread count is.
+
 ``LORAMERGE_THREAD_POLICY=off`` leaves torch's own setting untouched (benchmarks compare against it).
 Results do not depend on the thread count in the code paths that use this module: only pools of
 independent blocks or chunks get threads; LAPACK factorisations (QR, SVD), which MKL does *not*
 reproduce across thread counts, run under :func:`single_thread`.  (:func:`parallel_for`, a threaded
 region around one op, is kept for callers whose op is bit-stable across counts; the merge paths use
-:func:`matmul` instead.)
+:meth:`ThreadBudget.matmul` instead.)
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -56,7 +62,7 @@ import torch
 # under contention by evals/bench/thread_bench.py (RESULTS-threads.md).
 PARALLEL_MIN_FLOPS = 1.5e8
 
-# Rows of one block of a big product in :func:`matmul`: a function of the shape only, so the blocks (and
+# Rows of one block of a big product in :meth:`ThreadBudget.matmul`: a function of the shape only, so the blocks (and
 # their bits) are the same whatever the number of workers computing them.
 MATMUL_ROW_BLOCK = 256
 
@@ -136,27 +142,53 @@ def others_running() -> int | None:
         return None
 
 
-def threads_for(flops: float) -> int:
-    """Workers a pool of independent chunks worth ``flops`` gets under the active policy: the budget when
-    ``flops`` ≥ PARALLEL_MIN_FLOPS, trimmed to the idle CPUs when the budget was not set explicitly
-    (any budget: the pool size never changes the bytes)."""
-    if _budget is None:
-        return torch.get_num_threads()
-    if flops < PARALLEL_MIN_FLOPS:
-        return 1
-    if _budget <= 1 or not _load_aware:
-        return _budget
-    others = others_running()
-    return _budget if others is None else barrier_threads(_budget, os.cpu_count() or _budget, others)
+@dataclass(frozen=True)
+class ThreadBudget:
+    """The thread budget of one run, as an algorithm gets it (``ModuleContext.threads``).
+
+    ``budget``: threads big operations may use (None: no policy active — torch's own threading, plain
+    products); ``load_aware``: the budget was not set explicitly, so pools and products get only the idle
+    cores (module docstring).  Results never depend on it: only pools of independent chunks or fixed row
+    blocks get threads."""
+
+    budget: int | None = None
+    load_aware: bool = False
+
+    def workers_for(self, flops: float) -> int:
+        """Workers a pool of independent chunks worth ``flops`` gets: the budget when ``flops`` ≥
+        PARALLEL_MIN_FLOPS, trimmed to the idle CPUs when the budget was not set explicitly (any budget: the
+        pool size never changes the bytes)."""
+        if self.budget is None:
+            return torch.get_num_threads()
+        if flops < PARALLEL_MIN_FLOPS:
+            return 1
+        if self.budget <= 1 or not self.load_aware:
+            return self.budget
+        others = others_running()
+        return self.budget if others is None else barrier_threads(self.budget, os.cpu_count() or self.budget, others)
+
+    def gemm_workers_for(self, flops: float) -> int:
+        """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :meth:`workers_for`
+        (trimmed to the idle CPUs by :func:`barrier_threads` when the budget is implicit), and with an implicit
+        budget never more than ``LOAD_AWARE_MAX_BUDGET`` = 2 (a speed choice: :meth:`matmul`'s bits do not
+        depend on the count).  An explicit budget (``threads`` option, ``OMP_NUM_THREADS``) is used as given."""
+        n = self.workers_for(flops)
+        return min(n, LOAD_AWARE_MAX_BUDGET) if self.load_aware else n
+
+    def matmul(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``X @ Y`` with bits that do not depend on the budget (:func:`blocked_matmul`)."""
+        return blocked_matmul(X, Y, self)
 
 
-def gemm_threads_for(flops: float) -> int:
-    """Threads a barrier-synchronised op (an OpenMP GEMM) of ``flops`` gets: as :func:`threads_for` (trimmed
-    to the idle CPUs by :func:`barrier_threads` when the budget is implicit), and with an implicit budget
-    never more than ``LOAD_AWARE_MAX_BUDGET`` = 2 (a speed choice: :func:`matmul`'s bits do not depend on the
-    count).  An explicit budget (``threads`` option, ``OMP_NUM_THREADS``) is used as given."""
-    n = threads_for(flops)
-    return min(n, LOAD_AWARE_MAX_BUDGET) if _load_aware else n
+NO_BUDGET = ThreadBudget()  # outside a policy: torch's own threading, plain products
+
+
+def current() -> ThreadBudget:
+    """The active :func:`thread_policy`'s budget (:data:`NO_BUDGET` outside one): what ``execute`` hands the
+    algorithms in their context."""
+    return ThreadBudget(_budget, _load_aware)
+
+
 
 
 @contextmanager
@@ -198,12 +230,12 @@ def thread_policy(threads: int | None = None) -> Iterator[int]:
 @contextmanager
 def parallel_for(flops: float) -> Iterator[int]:
     """Give the enclosed operation the budget's threads when it is worth ``flops`` ≥ PARALLEL_MIN_FLOPS,
-    trimmed to the idle CPUs unless the budget was set explicitly (:func:`gemm_threads_for`).
+    trimmed to the idle CPUs unless the budget was set explicitly (:meth:`ThreadBudget.gemm_workers_for`).
 
     Outside :func:`thread_policy` (or with the policy disabled) it changes nothing.  Yields the
     thread count in effect.
     """
-    n = gemm_threads_for(flops)
+    n = current().gemm_workers_for(flops)
     if _budget is None:
         yield n
         return
@@ -216,7 +248,7 @@ def single_thread() -> Iterator[None]:
     """Run the enclosed LAPACK call (QR, SVD, eigh) on one thread under the policy, whatever its size.
 
     MKL's threaded LAPACK gives different bits with 1 and 2 threads (so does its GEMM on some CPUs: big
-    products go through :func:`matmul`), so factorisations whose results are written stay single-threaded:
+    products go through :meth:`ThreadBudget.matmul`), so factorisations whose results are written stay single-threaded:
     output bytes do not depend on the thread budget.
     """
     if _budget is None:
@@ -248,21 +280,21 @@ def run_pool(fn: Callable[..., T], items: Sequence[tuple], workers: int) -> list
         torch.set_num_threads(prev)
 
 
-def matmul(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> torch.Tensor:
     """``X @ Y`` for [m, k] @ [k, n] or batched [M, m, k] @ [M, k, n], with bits that do not depend on the
     thread count.
 
     MKL's threaded GEMM splits the work differently with 1 and 2 threads on some CPUs (measured on an
     AVX-512 Xeon: a 300×900 @ 900×16 product), so a big product is cut into fixed blocks of
     ``MATMUL_ROW_BLOCK`` rows of X (per batch entry), each a single-threaded GEMM, run on
-    :func:`gemm_threads_for` workers.  Products below PARALLEL_MIN_FLOPS, and everything outside
-    :func:`thread_policy`, are one plain ``X @ Y``.  The choice depends on the shapes only.
+    ``threads.gemm_workers_for`` workers.  Products below PARALLEL_MIN_FLOPS, and everything without a
+    budget (:data:`NO_BUDGET`), are one plain ``X @ Y``.  The choice depends on the shapes only.
     """
     m, k = X.shape[-2], X.shape[-1]
     n = Y.shape[-1]
     batch = X.shape[0] if X.ndim == 3 else 1
     flops = matmul_flops(m, k, n, batch)
-    if _budget is None or flops < PARALLEL_MIN_FLOPS or X.device.type != "cpu":
+    if threads.budget is None or flops < PARALLEL_MIN_FLOPS or X.device.type != "cpu":
         return X @ Y
     X3, Y3 = (X, Y) if X.ndim == 3 else (X[None], Y[None])
     out = torch.empty(X3.shape[0], m, n, dtype=torch.promote_types(X.dtype, Y.dtype))
@@ -271,5 +303,5 @@ def matmul(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     def block(b: int, a: int, e: int) -> None:
         torch.mm(X3[b, a:e], Y3[b], out=out[b, a:e])
 
-    run_pool(block, blocks, gemm_threads_for(flops))
+    run_pool(block, blocks, threads.gemm_workers_for(flops))
     return out if X.ndim == 3 else out[0]

@@ -65,7 +65,8 @@ def test_fused_sign_election_equals_peft_disjoint_merge(method):
 def test_ties_dense_equals_peft_ties_on_large_modules():
     # big enough for the sampled trim thresholds and several row chunks
     units = [rand_units(300, 1000, 8, seed=10 + i, source=i) for i in range(3)]
-    ours = ties_dense([units], [1.0, 1.0, 1.0], TiesParams(density=0.4), [None], torch.float32)[0]
+    ours = ties_dense([units], [1.0, 1.0, 1.0], TiesParams(density=0.4), [ModuleContext("m", 0, torch.device("cpu"))],
+                      torch.float32)[0]
     deltas = torch.stack([u.delta() for u in units])
     ref = merge_utils.ties(deltas, torch.ones(3), 0.4, "total")
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -75,7 +76,8 @@ def test_ties_dense_equals_peft_ties_on_large_modules():
 def test_subspace_iteration_matches_the_exact_rank_k_svd(m):
     n = int(2.75 * m)
     units = [rand_units(m, n, 16, seed=20 + i, source=i) for i in range(4)]
-    D = ties_dense([units], [0.25] * 4, TiesParams(density=0.5), [None], torch.float32)
+    D = ties_dense([units], [0.25] * 4, TiesParams(density=0.5), [ModuleContext("m", 0, torch.device("cpu"))],
+                   torch.float32)
     start = torch.cat([u.B for u in units], 1)[None]
     gens = [torch.Generator().manual_seed(0)]
     Be, Ae, e2e, n2 = refactor_batch(D, 16, DenseParams(density=1.0, exact_svd=True), start, gens)
@@ -107,13 +109,13 @@ def test_dense_bytes_do_not_depend_on_the_thread_count(monkeypatch):
 
     monkeypatch.setattr(threads, "PARALLEL_MIN_FLOPS", 0.0)  # every product and the chunk pool get the budget
     units = [rand_units(300, 900, 8, seed=40 + i, source=i) for i in range(3)]
-    ctx = ModuleContext("m", 0, torch.device("cpu"))
     algo = get_algorithm("ties")
     p = parse_params(algo, {"density": 0.5})
     outs = []
     for n in (1, 2):
         with thread_policy(n):
-            assert threads.threads_for(1.0) == n
+            ctx = ModuleContext("m", 0, torch.device("cpu"), threads.current())  # the budget, as execute hands it
+            assert ctx.threads.workers_for(1.0) == n
             u = algo.merge_module(units, [1.0, 1.0, 1.0], p, ctx).units
         outs.append((u.A.clone(), u.B.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

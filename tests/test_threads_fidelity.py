@@ -28,7 +28,7 @@ def test_policy_runs_small_ops_on_one_thread_and_big_ones_on_the_budget(monkeypa
     before = torch.get_num_threads()
     with threads.thread_policy(3) as budget:
         assert budget == 3 and torch.get_num_threads() == 1
-        assert threads.threads_for(1e3) == 1 and threads.threads_for(1e12) == 3
+        assert threads.current().workers_for(1e3) == 1 and threads.current().workers_for(1e12) == 3
         with threads.parallel_for(1e12) as n:
             assert n == 3 and torch.get_num_threads() == 3
         with threads.parallel_for(1e12), threads.single_thread():
@@ -63,19 +63,19 @@ def test_parallel_for_is_trimmed_by_load_only_when_the_budget_is_implicit(monkey
     monkeypatch.setattr(threads, "others_running", lambda: load["others"])
     with threads.thread_policy() as budget:  # implicit budget: load-aware
         assert budget == 2
-        assert threads.threads_for(1e12) == 1  # chunk pools are trimmed too
+        assert threads.current().workers_for(1e12) == 1  # chunk pools are trimmed too
         with threads.parallel_for(1e12) as n:
             assert n == 1 and torch.get_num_threads() == 1
         load["others"] = 0
-        assert threads.gemm_threads_for(1e12) == 2  # re-read at every call
-        assert threads.gemm_threads_for(1e3) == 1  # small ops stay single-threaded
+        assert threads.current().gemm_workers_for(1e12) == 2  # re-read at every call
+        assert threads.current().gemm_workers_for(1e3) == 1  # small ops stay single-threaded
         load["others"] = None  # no /proc: the budget
-        assert threads.gemm_threads_for(1e12) == 2
+        assert threads.current().gemm_workers_for(1e12) == 2
         load["others"] = 1
         with threads.thread_policy() as inner:  # nested without threads: still load-aware
-            assert inner == 2 and threads.gemm_threads_for(1e12) == 1
+            assert inner == 2 and threads.current().gemm_workers_for(1e12) == 1
         with threads.thread_policy(2):  # explicit option: no trimming
-            assert threads.gemm_threads_for(1e12) == 2
+            assert threads.current().gemm_workers_for(1e12) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with threads.thread_policy():  # explicit OMP_NUM_THREADS: no trimming
         with threads.parallel_for(1e12) as n:
@@ -91,13 +91,13 @@ def test_implicit_budgets_above_two_give_gemms_two_threads(monkeypatch):
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(threads, "others_running", lambda: 3)
     with threads.thread_policy():
-        assert threads.gemm_threads_for(1e12) == 1 and threads.gemm_threads_for(1e3) == 1  # 3 others busy
-        assert threads.threads_for(1e12) == 1  # the chunk pool's size never changes the bytes: trimmed
+        assert threads.current().gemm_workers_for(1e12) == 1 and threads.current().gemm_workers_for(1e3) == 1  # 3 others busy
+        assert threads.current().workers_for(1e12) == 1  # the chunk pool's size never changes the bytes: trimmed
     monkeypatch.setattr(threads, "others_running", lambda: 0)
     with threads.thread_policy():
-        assert threads.gemm_threads_for(1e12) == 2 and threads.threads_for(1e12) == 4  # idle: pool 4, GEMM 2
+        assert threads.current().gemm_workers_for(1e12) == 2 and threads.current().workers_for(1e12) == 4  # idle: pool 4, GEMM 2
     with threads.thread_policy(threads=4):
-        assert threads.gemm_threads_for(1e12) == 4  # explicit: as given
+        assert threads.current().gemm_workers_for(1e12) == 4  # explicit: as given
 
 
 def test_policy_off_leaves_torch_alone(monkeypatch):
@@ -164,13 +164,13 @@ def test_load_trimmed_thread_counts_give_the_same_bytes(monkeypatch, name, param
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     algo = get_algorithm(name)
     p = parse_params(algo, params)
-    ctx = ModuleContext("m", 0, torch.device("cpu"))
     us = [_units(8, 10 + i, m=300, n=500) for i in range(4)]
     outs = []
     for others in (0, 2):
         monkeypatch.setattr(threads, "others_running", lambda o=others: o)
         with threads.thread_policy():
-            assert threads.gemm_threads_for(1.0) == 2 - others // 2
+            ctx = ModuleContext("m", 0, torch.device("cpu"), threads.current())  # the budget, as execute hands it
+            assert ctx.threads.gemm_workers_for(1.0) == 2 - others // 2
             u = algo.merge_module(us, [0.25] * 4, p, ctx).units
         outs.append((u.A.clone(), u.B.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -186,6 +186,6 @@ def test_matmul_bits_do_not_depend_on_the_thread_count_and_equal_the_product(mon
         outs = []
         for n in (1, 2, 3):
             with threads.thread_policy(n):
-                outs.append(threads.matmul(X, Y))
+                outs.append(threads.current().matmul(X, Y))
         assert all(torch.equal(outs[0], o) for o in outs[1:])
         assert torch.allclose(outs[0], (X.double() @ Y.double()).float(), rtol=1e-4, atol=1e-3)

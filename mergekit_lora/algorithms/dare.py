@@ -19,7 +19,7 @@ def dare_linear_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[
                       ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D = Σ w_i · (M_i ⊙ ΔW_i) / ρ for a batch of same-shape modules; each module's masks come from its
     own generator seeded by (--seed, module name), drawn for the inputs in order."""
-    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **dare_linear_step(params, ctxs))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules, ctxs), **dare_linear_step(params, ctxs))
 
 
 def dare_linear_step(params: DareLinearParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def dare_ties_step(params: DareTiesParams, ctxs: Sequence[ModuleContext]) -> dic
 def dare_ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: DareTiesParams,
                     ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D = λ · disjoint_mean_s(w_i · (M_i ⊙ ΔW_i) / ρ) for a batch of same-shape modules (masks as above)."""
-    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **dare_ties_step(params, ctxs))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules, ctxs), **dare_ties_step(params, ctxs))
 
 
 class DareLinear(DenseAlgorithm[DareLinearParams], entry=DARE_LINEAR):

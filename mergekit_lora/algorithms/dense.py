@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
-from mergekit_lora.threads import matmul, single_thread, threads_for
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget, single_thread
 from mergekit_lora.units import RankUnits
 
 from .elementwise import Combine, dense_combine_factors, row_chunks
@@ -70,10 +70,11 @@ def stacked(modules: Sequence[Sequence[RankUnits]], i: int, dtype: torch.dtype) 
 
 
 # ---------------------------------------------------------------------------------------- elementwise combine
-def chunk_workers(modules: Sequence[Sequence[RankUnits]]) -> int:
-    """Chunk workers for a batch under the thread policy (by the work: ~2r + 20 flops per element and input)."""
+def chunk_workers(modules: Sequence[Sequence[RankUnits]], ctxs: Sequence[ModuleContext]) -> int:
+    """Chunk workers for a batch from the context's thread budget (by the work: ~2r + 20 flops per element
+    and input)."""
     u = modules[0][0]
-    return threads_for(len(modules) * len(modules[0]) * u.d_out * u.d_in * (2.0 * u.rank + 20))
+    return ctxs[0].threads.workers_for(len(modules) * len(modules[0]) * u.d_out * u.d_in * (2.0 * u.rank + 20))
 
 
 def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
@@ -97,8 +98,8 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(Y).Q
 
 
-def _mm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    return matmul(X.contiguous(), Y.contiguous())
+def _mm(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> torch.Tensor:
+    return threads.matmul(X.contiguous(), Y.contiguous())
 
 
 def sq_norms(D: torch.Tensor) -> torch.Tensor:
@@ -111,13 +112,14 @@ def sq_norms(D: torch.Tensor) -> torch.Tensor:
 
 
 def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Tensor | None,
-                   gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   gens: Sequence[torch.Generator], threads: ThreadBudget = NO_BUDGET
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD of each D[j] ([M, m, n]) as balanced factors.
 
     Returns (B [M, m, k'], A [M, k', n], err² [M], ‖D‖² [M]) with k' = min(k, m, n),
     b_j = u_j √σ_j, a_j = √σ_j v_jᵀ, err² = ‖D − B A‖² (float64).  ``start`` [M, m, R]: columns whose
     span is expected to hold D's dominant part (the inputs' B); ``gens``: one seeded CPU generator per
-    module for the Gaussian oversampling columns.
+    module for the Gaussian oversampling columns; ``threads``: the budget of the big products.
     """
     M, m, n = D.shape
     k = min(k, m, n)
@@ -130,14 +132,14 @@ def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Te
         p = params.oversample if start is not None else max(params.oversample, k)
         omega = torch.stack([torch.randn(n, p, generator=g, dtype=torch.float32) for g in gens]).to(D)
         cols = [start.to(D)] if start is not None else []
-        Q = _orth(torch.cat(cols + [_mm(D, omega)], 2)[:, :, :min(m, n)])
+        Q = _orth(torch.cat(cols + [_mm(D, omega, threads)], 2)[:, :, :min(m, n)])
         Dt = D.transpose(1, 2)
         for _ in range(params.niter):
-            Q = _orth(_mm(D, _orth(_mm(Dt, Q))))
-        small = _mm(Q.transpose(1, 2), D)  # [M, q, n]
+            Q = _orth(_mm(D, _orth(_mm(Dt, Q, threads)), threads))
+        small = _mm(Q.transpose(1, 2), D, threads)  # [M, q, n]
         with single_thread():
             Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
-        U = _mm(Q, Us[:, :, :k])
+        U = _mm(Q, Us[:, :, :k], threads)
         S, Vh = S[:, :k], Vh[:, :k]
     err2 = (norm2 - S.double().square().sum(1)).clamp(min=0)
     root = S.clamp(min=0).sqrt()
@@ -166,7 +168,7 @@ def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]],
         D = dense_fn(mods, weights, params, cx, dtype)
         k = params.rank or max(u.rank for u in mods[0])
         start = torch.stack([torch.cat([u.B for u in m], 1) for m in mods]).to(D)
-        B, A, err2, norm2 = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx])
+        B, A, err2, norm2 = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx], cx[0].threads)
         del D
         for j, m in enumerate(mods):
             units = replace(m[0], A=A[j], B=B[j], source=torch.full((A.shape[1],), -1, dtype=torch.long), extra={})

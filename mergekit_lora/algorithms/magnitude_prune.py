@@ -19,7 +19,7 @@ def magnitude_prune_dense(modules: Sequence[Sequence[RankUnits]], weights: Seque
                           params: MagnitudePruneParams, ctxs: Sequence[ModuleContext],
                           dtype: torch.dtype) -> torch.Tensor:
     """D [M, d_out, d_in] = Σ w_i · trim_ρ(ΔW_i) for a batch of same-shape modules."""
-    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **prune_step(params, ctxs))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules, ctxs), **prune_step(params, ctxs))
 
 
 def prune_step(params: MagnitudePruneParams, ctxs: Sequence[ModuleContext]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def ties_step(params: TiesParams, ctxs: Sequence[ModuleContext]) -> dict[str, An
 def ties_dense(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], params: TiesParams,
                ctxs: Sequence[ModuleContext], dtype: torch.dtype) -> torch.Tensor:
     """D [M, d_out, d_in] = λ · disjoint_mean_s(w_i · trim_ρ(ΔW_i)) for a batch of same-shape modules."""
-    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules), **ties_step(params, ctxs))
+    return dense_combine(modules, weights, dtype, workers=chunk_workers(modules, ctxs), **ties_step(params, ctxs))
 
 
 class Ties(DenseAlgorithm[TiesParams], entry=TIES):

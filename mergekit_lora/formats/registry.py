@@ -25,8 +25,8 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from . import diffusers, gguf, kohya, peft_read, routed, sd, sd_detect, writers
-from .request import WriteRequest as WriteRequest  # re-exported: what a writer takes
 from .request import Writer
+from .request import WriteRequest as WriteRequest  # re-exported: what a writer takes
 
 ENTRY_POINT_GROUP = "mergekit_lora.formats"
 

@@ -22,6 +22,7 @@ from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_targ
 from ..progress import progress_bar
 from ..registry import ModuleContext, Notes
 from ..strength import Scale
+from ..threads import current as current_budget
 from ..threads import thread_policy
 from ..units import RankUnits
 from .output import push_output, write_output
@@ -76,12 +77,13 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
     """
     algo = plan.algorithm
     with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
+        budget = current_budget()  # the algorithms get it in their context, not from the policy's state
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
         for batch in merge_batches(plan):
             p = batch[0].params
             loaded = [[plan.adapters[i].units(mp.name, source=i).to(plan.device) for i in mp.present] for mp in batch]
             weights = [[mp.weights[i] for i in mp.present] for mp in batch]
-            ctxs = [ModuleContext(mp.name, plan.options.seed, plan.device) for mp in batch]
+            ctxs = [ModuleContext(mp.name, plan.options.seed, plan.device, budget) for mp in batch]
             try:
                 if len(batch) == 1:
                     outs = [algo.merge_module(loaded[0], weights[0], p, ctxs[0])]

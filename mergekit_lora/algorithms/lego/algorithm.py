@@ -63,7 +63,7 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
             return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
         workspace = self.__dict__.setdefault("_workspace", Workspace())  # the pool buffer, reused per batch
         pool = build_pools(units, weights, features=params.features, signs=params.sign_mode,
-                           generators=[c.generator("lego-order") for c in ctxs], device=device, workspace=workspace)
+                           generators=[c.generator("lego-order") for c in ctxs], device=device, workspace=workspace, threads=ctxs[0].threads)
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
         k = params.k_for(n, max(u.rank for u in units[0]))
@@ -78,7 +78,7 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
         kk = min(k, n)
         stats = [cluster_stats(pool.KA[m], pool.KB[m], labels[m], signs[m], kk, pool.linf[m], pool.target_scale[m],
                                pool.source[m] if params.balance_inputs else None) for m in range(len(units))]
-        A_c, B_c, c_linf = centroids(pool, stats)
+        A_c, B_c, c_linf = centroids(pool, stats, ctxs[0].threads)
         scales, rows, records = [], [], []
         for m, (st, ctx) in enumerate(zip(stats, ctxs)):
             t2 = float(pool.target_norm2[m])

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergekit_lora.threads import matmul
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -134,7 +134,7 @@ def max_abs_columns(X: torch.Tensor) -> torch.Tensor:
 
 def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, features: str, signs: str,
                 generators: list[torch.Generator], device: torch.device,
-                workspace: Workspace | None = None) -> PoolBatch:
+                workspace: Workspace | None = None, threads: ThreadBudget = NO_BUDGET) -> PoolBatch:
     """Weight and pool each module's units, then the sorted Grams (``generators``: sort keys).
 
     One pass over the inputs: each factor is copied into the batch pool (``workspace``'s buffer when
@@ -169,8 +169,8 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
             at += u.rank
-    GA = matmul(A, A.transpose(1, 2).contiguous())  # the two N×N Grams: the big products
-    GB = matmul(B.transpose(1, 2).contiguous(), B)
+    GA = threads.matmul(A, A.transpose(1, 2).contiguous())  # the two N×N Grams: the big products
+    GB = threads.matmul(B.transpose(1, 2).contiguous(), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     if features == "canonical":  # balanced as RankUnits.canonical: ‖a'‖ = ‖b'‖

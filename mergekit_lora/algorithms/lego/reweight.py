@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_lora.threads import matmul
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget
 
 from .pool import PoolBatch
 
@@ -84,13 +84,14 @@ def cluster_stats(KA: torch.Tensor, KB: torch.Tensor, labels: torch.Tensor, sign
     return ClusterStats(W, G.cpu(), h.cpu(), sizes.long().cpu(), member_linf, cos.cpu())
 
 
-def centroids(pool: PoolBatch, stats: list[ClusterStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def centroids(pool: PoolBatch, stats: list[ClusterStats], threads: ThreadBudget = NO_BUDGET
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unscaled centroid factors of the whole batch (two bmm): ā [M, k, d_in], b̄ [M, d_out, k], and
     each centroid vector's max-abs norm ‖[ā_j ; b̄_j]‖_∞ [M, k] (float64, CPU)."""
     W = pool.unsort(torch.stack([st.W for st in stats]))  # [M, N, k] over the input-order units
     M, N, d_in = pool.A.shape
-    A_c = matmul((W * pool.ca[:, :, None]).transpose(1, 2).contiguous(), pool.A)  # the centroid factors
-    B_c = matmul(pool.B, W * pool.cb[:, :, None])
+    A_c = threads.matmul((W * pool.ca[:, :, None]).transpose(1, 2).contiguous(), pool.A)  # the centroid factors
+    B_c = threads.matmul(pool.B, W * pool.cb[:, :, None])
     g = math.gcd(B_c.shape[1], 8)  # B_c's columns are k wide: g row-groups side by side reduce faster (exact)
     b_linf = B_c.reshape(M, -1, g * B_c.shape[2]).abs().amax(1).reshape(M, g, -1).amax(1)
     linf = torch.maximum(A_c.abs().amax(2), b_linf).double().cpu()
