@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mergekit_lora import LoraMergeError
 from mergekit_lora.cli.main import app
 from mergekit_lora.errors import PlanErrors, not_finite
-from mergekit_lora.pipeline import make_options, plan
+from mergekit_lora.pipeline import MergeRequest, make_options, plan
 from mergekit_lora.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,8 @@ def test_recipe_nan_weight_has_the_same_wording(tmp_path):
 @pytest.mark.parametrize("value", [math.nan, math.inf, "nan"])
 def test_plan_reports_a_nan_parameter_once(tmp_path, value):
     with pytest.raises(LoraMergeError) as e:
-        plan([A, B], "ties", {"density": value, "rank": 8}, None, make_options(out=tmp_path / "o"))
+        plan(MergeRequest(sources=[A, B], method="ties", params={"density": value, "rank": 8},
+                          options=make_options(out=tmp_path / "o")))
     assert not isinstance(e.value, PlanErrors), str(e.value)
     assert str(e.value) == not_finite("parameters.density")
 
@@ -106,7 +107,7 @@ def test_weight_count_has_one_wording(tmp_path):
 
     want = "got 3 weights for 2 adapters; give one weight per adapter"
     with pytest.raises(LoraMergeError, match=want):
-        plan([A, B], "linear", None, [1, 1, 1], make_options(out=tmp_path / "o"))
+        plan(MergeRequest(sources=[A, B], method="linear", weights=[1, 1, 1], options=make_options(out=tmp_path / "o")))
     with pytest.raises(LoraMergeError, match=want):
         fidelity_report(A, [A, B], [1, 1, 1])
     text = _recipe("linear", "{}", tmp_path / "out") + "modules:\n  - match: '*'\n    weights: [1, 1, 1]\n"
