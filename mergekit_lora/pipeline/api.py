@@ -25,6 +25,9 @@ def merge(sources: Sequence[Source] | MergeRequest, method: str | None = None, o
     >>> merge(["a", "b"], "linear", "merged", weights=[0.5, 0.5], dtype="bfloat16")  # doctest: +SKIP
     """
     if isinstance(sources, MergeRequest):
+        if method is not None or out is not None or params is not None or weights is not None or options is not None \
+                or recipe is not None or option_fields:
+            raise TypeError("merge(request) takes the request alone; change it with request.replace/with_options")
         return execute(plan(sources))
     if method is None:
         raise TypeError("merge() needs a method (or a MergeRequest)")
