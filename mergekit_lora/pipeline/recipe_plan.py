@@ -13,13 +13,12 @@ from pathlib import Path
 
 from ..errors import LoraMergeError, PlanErrors
 from ..recipe import Problems, Recipe, read_recipe_text, validate_recipe
+from ..recipe.schema import OPTION_KEYS
 from ..recipe.yaml_lines import Loc
 from .plan import MergePlan, plan
 
-# Plan fields -> where they live in a recipe.
-_RECIPE_LOC: dict[str, Loc] = {"out": ("output", "path"), "output_format": ("output", "format"),
-                               "dtype": ("output", "dtype"), "params": ("parameters",), "weights": ("adapters",),
-                               "push_to_hub": ("output", "push_to_hub")}
+# Plan fields -> where they live in a recipe (the run options: where the recipe schema puts them).
+_RECIPE_LOC: dict[str, Loc] = {**OPTION_KEYS, "params": ("parameters",), "weights": ("adapters",)}
 _PART = re.compile(r"([A-Za-z_]+)|\[(\d+)\]")
 
 
