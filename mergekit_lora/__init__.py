@@ -2,8 +2,9 @@
 
 The public API; names are imported on first use (``import mergekit_lora`` does not import torch)::
 
-    from mergekit_lora import MergeOptions, load_adapter, merge, plan, execute
+    from mergekit_lora import MergeOptions, MergeRequest, load_adapter, merge, plan, execute
     result = merge(["a", "b"], "svd", "merged", params={"rank": 8}, weights=[0.5, 0.5])
+    p = plan(MergeRequest(sources=["a", "b"], method="svd", params={"rank": 8}, options=MergeOptions(out="m")))
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Adapter": ".adapter", "AdapterMeta": ".adapter", "ModuleInfo": ".adapter",
-    "LoraMergeError": ".errors", "MergeOptions": ".options", "RankUnits": ".units",
+    "LoraMergeError": ".errors", "MergeOptions": ".options", "MergeRequest": ".request",
+    "ModuleOverride": ".request", "RankUnits": ".units",
     "load_adapter": ".formats", "check_compatible": ".pipeline.compat",
     "plan": ".pipeline", "execute": ".pipeline", "merge": ".pipeline", "MergePlan": ".pipeline",
     "MergeResult": ".pipeline", "route": ".routing.api", "routing": ".routing",

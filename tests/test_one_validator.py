@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mergekit_lora import LoraMergeError
 from mergekit_lora.cli.main import app
 from mergekit_lora.errors import PlanErrors, not_finite
-from mergekit_lora.pipeline import make_options, plan
+from mergekit_lora.pipeline import MergeRequest, make_options, plan
 from mergekit_lora.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,8 @@ def test_recipe_nan_weight_has_the_same_wording(tmp_path):
 @pytest.mark.parametrize("value", [math.nan, math.inf, "nan"])
 def test_plan_reports_a_nan_parameter_once(tmp_path, value):
     with pytest.raises(LoraMergeError) as e:
-        plan([A, B], "ties", {"density": value, "rank": 8}, None, make_options(out=tmp_path / "o"))
+        plan(MergeRequest(sources=[A, B], method="ties", params={"density": value, "rank": 8},
+                          options=make_options(out=tmp_path / "o")))
     assert not isinstance(e.value, PlanErrors), str(e.value)
     assert str(e.value) == not_finite("parameters.density")
 
@@ -106,7 +107,7 @@ def test_weight_count_has_one_wording(tmp_path):
 
     want = "got 3 weights for 2 adapters; give one weight per adapter"
     with pytest.raises(LoraMergeError, match=want):
-        plan([A, B], "linear", None, [1, 1, 1], make_options(out=tmp_path / "o"))
+        plan(MergeRequest(sources=[A, B], method="linear", weights=[1, 1, 1], options=make_options(out=tmp_path / "o")))
     with pytest.raises(LoraMergeError, match=want):
         fidelity_report(A, [A, B], [1, 1, 1])
     text = _recipe("linear", "{}", tmp_path / "out") + "modules:\n  - match: '*'\n    weights: [1, 1, 1]\n"
@@ -134,3 +135,89 @@ def test_changed_options_are_validated():
     for path in sorted((ROOT / "mergekit_lora").rglob("*.py")):
         code = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
         assert not any("model_copy(update" in ln.split("#")[0] for ln in code), path
+
+
+# ------------------------------------------------------------------------------------- one request model
+def test_plan_takes_one_request():
+    import inspect
+
+    assert list(inspect.signature(plan).parameters) == ["request"]
+
+
+def test_recipe_and_tune_declare_no_option_of_their_own():
+    """The recipe's run options are MergeOptions' fields (same default, same description), mapped once
+    (OPTION_KEYS); tune's settings hold the request and declare no option or request field again."""
+    import dataclasses
+
+    from mergekit_lora.options import MergeOptions
+    from mergekit_lora.recipe import Recipe
+    from mergekit_lora.recipe.schema import OPTION_KEYS, OutputSpec
+    from mergekit_lora.request import MergeRequest
+    from mergekit_lora.tune.search import TuneSettings
+
+    models = {(): Recipe, ("output",): OutputSpec}
+    for name, loc in OPTION_KEYS.items():
+        got = models[loc[:-1]].model_fields[loc[-1]]
+        want = MergeOptions.model_fields[name]
+        assert got.description == want.description, name
+        assert name == "out" or got.default == want.default, name
+    own = set(Recipe.model_fields) - {loc[0] for loc in OPTION_KEYS.values()}
+    assert own == {"method", "base_model", "adapters", "parameters", "modules"}  # the request's own fields
+    assert set(OutputSpec.model_fields) == {loc[1] for loc in OPTION_KEYS.values() if len(loc) == 2}
+    tune = {f.name for f in dataclasses.fields(TuneSettings)} - {"out"}  # out: the search's folder, not the adapter's
+    assert not tune & (set(MergeOptions.model_fields) | set(MergeRequest.model_fields)), tune
+
+
+@pytest.mark.parametrize(("line", "where", "wording"), [
+    ("seed: -1\n", "seed", "greater than or equal to 0"),
+    ("missing: sometimes\n", "missing", "must be union, intersection or error (got 'sometimes')"),
+    ("scale: loud\n", "scale", "scale"),
+])
+def test_recipe_option_mistake_is_one_problem(tmp_path, line, where, wording):
+    """A run option in a recipe is checked by MergeOptions alone: one problem, at its line."""
+    problems = _problems(_recipe("linear", "{}", tmp_path / "out") + line)
+    assert len(problems) == 1, problems
+    assert f": {where} (line" in problems[0] and wording in problems[0], problems
+
+
+def test_recipe_request_is_what_plan_takes(tmp_path):
+    """A recipe and the equivalent Python request give the same recipe YAML (one serialisation)."""
+    from mergekit_lora.recipe import recipe_yaml
+
+    text = _recipe("ties", "{density: 0.5}", tmp_path / "out") + "seed: 3\nmissing: intersection\n"
+    recipe, _ = validate_recipe(text)
+    req = recipe.request(text)
+    assert req.options.seed == 3 and req.options.missing == "intersection" and req.recipe == text
+    same = MergeRequest(sources=[A, B], method="ties", params={"density": 0.5}, weights=[0.5, 0.5],
+                        options=make_options(out=tmp_path / "out", seed=3, missing="intersection"))
+    assert recipe_yaml(req) == recipe_yaml(same)
+    assert validate_recipe(recipe_yaml(same))[0].request().options == same.options
+
+
+# --------------------------------------------------------------------------- flags generated from Params
+@pytest.mark.parametrize(("command", "params"), [("cluster", "LegoParams"), ("route", "RouteParams")])
+def test_every_params_field_has_a_flag(command, params):
+    import typer
+
+    import mergekit_lora.algorithms.params as P
+    from mergekit_lora.algorithms.lego.params import LegoParams
+    from mergekit_lora.cli.options import flag
+
+    model = LegoParams if params == "LegoParams" else getattr(P, params)
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    opts = {o for p in cmd.params for o in p.opts}
+    missing = [f for f in model.model_fields if flag(f) not in opts and "--" + f.replace("_", "-") not in opts]
+    assert not missing, missing
+    by_name = {p.name: p for p in cmd.params}
+    for f, info in model.model_fields.items():
+        assert by_name[f].help.startswith(info.description), f  # the help is the field's description
+        assert by_name[f].default is None, f  # unset: the method's own default applies
+
+
+def test_generated_params_flags_reach_the_plan(tmp_path):
+    """A generated flag is passed only when given, checked by the method's Params (one error line)."""
+    r = CliRunner().invoke(app, ["cluster", A, B, "--k-ratio", "nan", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and f"parameters.k_ratio {WORDING}" in r.output, r.output
+    r = CliRunner().invoke(app, ["cluster", A, B, "-k", "2", "--n-init", "0", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "n_init" in r.output and "greater than or equal to 1" in r.output, r.output
+    assert not (tmp_path / "o").exists()

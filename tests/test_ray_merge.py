@@ -12,7 +12,7 @@ from mergekit_lora.cli.main import app
 from mergekit_lora.distributed import core
 from mergekit_lora.distributed.ray_merge import RayOptions, merge_task, pack, ray_stream
 from mergekit_lora.options import MergeOptions
-from mergekit_lora.pipeline import execute, plan
+from mergekit_lora.pipeline import MergeRequest, execute, plan
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SRC = [str(EXAMPLES / "tiny-llama-shift"), str(EXAMPLES / "tiny-llama-double")]
@@ -31,8 +31,10 @@ def _files(out: Path) -> dict[str, bytes]:
     ("iso_cts", {"rank": 3}),
 ])
 def test_ray_merge_same_bytes_as_local(tmp_path, ray_session, method, params):  # noqa: F811
-    local = execute(plan(SRC, method, params, [0.7, -0.4], MergeOptions(out=tmp_path / "local", device="cpu", seed=3)))
-    remote = execute(plan(SRC, method, params, [0.7, -0.4], MergeOptions(out=tmp_path / "ray", device="cpu", seed=3)),
+    local = execute(plan(MergeRequest(sources=SRC, method=method, params=params, weights=[0.7, -0.4],
+                                       options=MergeOptions(out=tmp_path / "local", device="cpu", seed=3))))
+    remote = execute(plan(MergeRequest(sources=SRC, method=method, params=params, weights=[0.7, -0.4],
+                                        options=MergeOptions(out=tmp_path / "ray", device="cpu", seed=3))),
                      ray_stream(RayOptions(modules_per_task=2)))
     assert _files(tmp_path / "local") == _files(tmp_path / "ray")  # adapter, config, card (with reports)
     assert remote.modules == local.modules and remote.fidelity == local.fidelity
@@ -48,7 +50,8 @@ def test_pack_groups_whole_batches():
 
 def test_merge_task_without_ray_matches_local():
     """The task body alone (what a worker runs) on every batch = the local in-memory merge, tensor for tensor."""
-    p = plan(SRC, "ties", {"density": 0.5}, [0.5, 1.0], MergeOptions(device="cpu", seed=1))
+    p = plan(MergeRequest(sources=SRC, method="ties", params={"density": 0.5}, weights=[0.5, 1.0],
+                         options=MergeOptions(device="cpu", seed=1)))
     expected = core.merged_units(p)
     got = merge_task(p, core.plan_batches(p))
     assert [n for n, _, _, _ in got] == list(expected)

@@ -78,8 +78,8 @@ BROKEN = [
   - modules[1] (line 12): an override needs parameters or weights (or both)
   - output.format (line 13): unknown output format 'onnx'; available: {FORMATS}
   - output.dtype (line 13): unknown dtype 'fp8'; use one of bf16, bfloat16, float16, float32, float64, fp16, fp32
-  - seed (line 14): Input should be a valid integer (got 'zero')
-  - missing (line 15): Input should be 'union', 'intersection' or 'error' (got 'sometimes')""", id="many"),
+  - seed (line 14): Input should be a valid integer, unable to parse string as an integer (got 'zero')
+  - missing (line 15): must be union, intersection or error (got 'sometimes')""", id="many"),
     pytest.param("""
         method: nope
         adapters: []

@@ -100,10 +100,10 @@ def test_nan_parameter_is_one_problem(tmp_path, two, args):
 
 
 def test_nan_parameter_from_python_is_one_problem(two):
-    from mergekit_lora import LoraMergeError, MergeOptions, plan
+    from mergekit_lora import LoraMergeError, MergeRequest, plan
 
     with pytest.raises(LoraMergeError) as e:
-        plan(list(two), "ties", {"density": float("nan")}, None, MergeOptions())
+        plan(MergeRequest(sources=list(two), method="ties", params={"density": float("nan")}))
     assert str(e.value).count("is not a finite number") == 1 and "≤" not in str(e.value) and "less than" not in str(e.value)
 
 

@@ -163,13 +163,13 @@ def test_route_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--router", "magic", "--top-k", "2"], "--router must be implicit, gate or hierarchical"),
+    (["--router", "magic", "--top-k", "2"], "router: Input should be 'implicit', 'gate' or 'hierarchical'"),
     (["--top-k", "2", "--export-static"], "--export-static"),
     (["--top-k", "2", "--calibrate", "cal.jsonl"], "--calibrate needs the base model"),
     (["--top-k", "2", "--calibrate", "bad.jsonl", "--base", "base"], "bad.jsonl:2: not valid JSON"),
     (["--top-k", "2", "--calibrate", "text.jsonl", "--base", "base"], "need a tokenizer"),
     (["--top-k", "2", "--calibrate", "big.jsonl", "--base", "base"], "outside the model's vocabulary"),
-    (["--top-k", "2", "--top-k-module", "q_proj"], "--top-k-module takes MODULE=K"),
+    (["--top-k", "2", "--top-k-module", "q_proj"], "--top-k-module takes KEY=VALUE"),
     (["--top-k", "0"], "top_k"),
     (["--top-k", "2", "--device", "tpu"], "unknown device"),
 ])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_peft_adapter
 
-from mergekit_lora.pipeline import execute, make_options, plan
+from mergekit_lora.pipeline import MergeRequest, execute, make_options, plan
 
 METHODS = {
     "linear": {}, "cat": {}, "svd": {"rank": 4}, "lego": {"k": 4}, "ties": {"density": 0.5},
@@ -38,8 +38,10 @@ def _public(algo) -> dict:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_one_instance_merges_many_plans(adapters, method):
     opts = make_options(seed=3, device="cpu")
-    first = plan(adapters[:2], method, METHODS[method], [0.7, 0.3], opts)
-    second = plan(adapters[1:], method, METHODS[method], [0.4, 0.6], opts)
+    first = plan(MergeRequest(sources=adapters[:2], method=method, params=METHODS[method], weights=[0.7, 0.3],
+                              options=opts))
+    second = plan(MergeRequest(sources=adapters[1:], method=method, params=METHODS[method], weights=[0.4, 0.6],
+                               options=opts))
     algo = first.algorithm
     assert _public(algo) == {}
     _merged(first)

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from mergekit_lora import load_adapter, merge
 from mergekit_lora.cli.main import app
 from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.options import make_options
 from mergekit_lora.registry import get_algorithm
+from mergekit_lora.request import MergeRequest
 from mergekit_lora.tune.objective import load_objective
 from mergekit_lora.tune.search import TuneSettings, run_tune
 from mergekit_lora.tune.space import build_space
@@ -43,9 +45,11 @@ def objective(tmp_path_factory) -> Path:
     return d / "obj.yaml"
 
 
-def _settings(objective: Path, out: Path, **kw) -> TuneSettings:
-    base = dict(sources=SRC, method="ties", objective=str(objective), out=str(out), search=["weights", "density"],
-                budget=6, workers=2, use_ray=False, params={"density": 0.5}, device="cpu")
+def _settings(objective: Path, out: Path, seed: int = 0, **kw) -> TuneSettings:
+    request = MergeRequest(sources=SRC, method="ties", params={"density": 0.5},
+                           options=make_options(device="cpu", seed=seed))
+    base = dict(request=request, objective=str(objective), out=str(out), search=["weights", "density"],
+                budget=6, workers=2, use_ray=False)
     base.update(kw)
     return TuneSettings(**base)  # type: ignore[arg-type]
 

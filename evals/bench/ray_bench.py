@@ -28,7 +28,7 @@ import json, os, sys, time, resource
 from pathlib import Path
 cfg = json.loads(sys.argv[1])
 from mergekit_lora.options import MergeOptions
-from mergekit_lora.pipeline import execute, plan
+from mergekit_lora.pipeline import MergeRequest, execute, plan
 res = {"ray_init_s": 0.0}
 stream = None
 if cfg["workers"]:
@@ -48,7 +48,7 @@ if cfg["workers"]:
     stream = ray_stream(RayOptions(workers=cfg["workers"], modules_per_task=cfg["modules_per_task"]))
 t = time.perf_counter()
 opts = MergeOptions(out=cfg["out"], device="cpu", force=True)
-r = execute(plan(cfg["paths"], cfg["method"], cfg["params"], None, opts), stream)
+r = execute(plan(MergeRequest(sources=cfg["paths"], method=cfg["method"], params=cfg["params"], options=opts)), stream)
 res["merge_s"] = time.perf_counter() - t
 res["modules"] = r.modules
 res["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lora.errors import LoraMergeError, raise_all
+from mergekit_lora.request import MergeRequest
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 _STEMS = 3  # inputs named in a default folder; the rest are counted
@@ -42,34 +43,36 @@ def default_out(method: str, sources: Sequence[str], force: bool) -> Path:
     return Path(f"{base}-{n}")
 
 
-def preflight(sources: Sequence[str], method: str, params: dict[str, Any], weights: Sequence[float] | None,
-              out: Path | None, force: bool) -> None:
-    """The request's own checks that need neither torch nor a tensor (``plan`` repeats them, with the same
-    messages): method (did you mean), its parameters, the weights count, local paths (did you mean), the
-    output.  Hub ids are left to ``plan``."""
-    from mergekit_lora.checks import check_output
+def preflight(request: MergeRequest) -> None:
+    """The request's own checks that need neither torch nor a tensor, with the validators ``plan`` calls
+    (so the same messages; ``plan`` repeats them): method (did you mean), its parameters, the weights count,
+    local paths (did you mean), the output.  Hub ids are left to ``plan``."""
+    from mergekit_lora.checks import check_output, weight_count
     from mergekit_lora.registry import available, field_names, parse_params, unknown_method
     from mergekit_lora.sources import source_problems
 
     problems: list[LoraMergeError] = []
     algos = available()
-    entry = algos.get(method)
+    entry = algos.get(request.method)
     if entry is None:
-        problems.append(LoraMergeError(unknown_method(method, algos), field="method"))
+        problems.append(LoraMergeError(unknown_method(request.method, algos), field="method"))
     else:
         try:
-            parse_params(entry, field_names(entry, params))  # type: ignore[arg-type]
+            parse_params(entry, field_names(entry, dict(request.params or {})))  # type: ignore[arg-type]
         except LoraMergeError as e:
             problems.append(e)
+    sources = [str(s) for s in request.sources]
     if not sources:
         problems.append(LoraMergeError("no input adapters given", field="adapters"))
-    if weights is not None and len(weights) != len(sources):
-        problems.append(LoraMergeError(f"got {len(weights)} weights for {len(sources)} adapters; give one weight per "
-                                       "adapter", field="weights"))
+    try:
+        weight_count(request.weights, len(sources))
+    except LoraMergeError as e:
+        problems.append(e)
     problems += source_problems(sources)
+    out = request.options.out
     if out is not None:
         try:
-            check_output(out, force)
+            check_output(out, request.options.force)
         except LoraMergeError as e:
             problems.append(e)
         except OSError:

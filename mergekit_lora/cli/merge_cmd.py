@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions, make_options
+from mergekit_lora.request import MergeRequest
 
 from .common import console, emit, err_console, parse_floats, parse_kv, user_errors
 from .firstrun import default_out, preflight, warn_inputs, warn_result
@@ -37,20 +38,23 @@ def collect_params(method: str, shortcuts: dict[str, Any], extra: list[str] | No
     return params
 
 
-def run_and_report(sources: list[str], method: str, params: dict[str, Any], weights: list[float] | None,
-                   options: MergeOptions, emit_recipe: str | None, ray: Any = None, chosen: bool = False) -> None:
+def run_and_report(request: MergeRequest, emit_recipe: str | None, ray: Any = None) -> Path:
     """Plan (every check), emit the recipe if asked, execute, print the fidelity table (shared with cluster).
 
-    Without ``-o`` (``options.out`` None) the output is a new folder named from the method and inputs."""
-    if options.out is None:
-        chosen = True
-        options = make_options(options, out=default_out(method, sources, options.force))
-    preflight(sources, method, params, weights, options.out, options.force)  # before torch: typos in < 0.5 s
+    Without ``-o`` (``options.out`` None) the output is a new folder named from the method and inputs;
+    returns the output folder."""
+    options = request.options
+    chosen = options.out is None
+    if chosen:
+        request = request.with_options(out=default_out(request.method, [str(s) for s in request.sources],
+                                                       options.force))
+        options = request.options
+    preflight(request)  # before torch: typos in < 0.5 s
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
-    recipe = recipe_yaml(sources, method, params, weights, options)
-    p = plan(sources, method, params, weights, make_options(options, progress=True), recipe=recipe)
+    recipe = recipe_yaml(request)
+    p = plan(request.replace(recipe=recipe, options=make_options(options, progress=True)))
     emit(recipe, emit_recipe)
     out = err_console if emit_recipe == "-" else console  # stdout holds the YAML alone then
     if chosen:
@@ -65,6 +69,7 @@ def run_and_report(sources: list[str], method: str, params: dict[str, Any], weig
             out.print(f"{k}: {v:.3e}" if isinstance(v, float) else f"{k}: {v}")
     out.print(f"[green]wrote[/] {options.out} ({result.modules} modules, {result.seconds:.2f} s)")
     warn_result(result.report)  # last, on stderr, where it is not missed
+    return Path(options.out)
 
 
 @user_errors
@@ -90,5 +95,6 @@ def merge(
 ) -> None:
     """Merge adapters into one LoRA with METHOD (exact on rank units, streamed module by module)."""
     params = collect_params(method, {"rank": rank, "density": density, "lambda_": lambda_}, param)
-    run_and_report(sources, method, params, parse_floats(weights), make_options(options, out=out),
-                   emit_recipe, ray_options(ray, ray_address, ray_workers))
+    request = MergeRequest(sources=sources, method=method, params=params, weights=parse_floats(weights),
+                           options=make_options(options, out=out))
+    run_and_report(request, emit_recipe, ray_options(ray, ray_address, ray_workers))

@@ -3,41 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from mergekit_lora.algorithms.params import RouteParams
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions, make_options
+from mergekit_lora.request import MergeRequest
 
 from .common import console, emit, err_console, parse_floats, user_errors
 from .firstrun import preflight
-from .options import EmitRecipeOpt, with_options
-
-
-def _top_k_pattern(items: list[str] | None) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items or []:
-        key, sep, value = item.rpartition("=")
-        if not sep or not key or not value.strip().isdigit():
-            raise LoraMergeError(f"--top-k-module takes MODULE=K, e.g. q_proj=2 (got {item!r})")
-        out[key.strip()] = int(value)
-    return out
+from .options import EmitRecipeOpt, with_options, with_params
 
 
 @user_errors
 @with_options("seed", "scale", "missing", "device", "dtype", "output_format", "force", "allow_pickle",
               "ignore_modules_to_save", "threads")
+@with_params(RouteParams)
 def route(
     sources: Annotated[list[str], typer.Argument(metavar="ADAPTER", help="input adapters: folders, .safetensors files, Hub ids")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (a routed adapter)")] = ...,  # type: ignore[assignment]
-    router: Annotated[str, typer.Option(help="implicit (|a·x|·‖b‖, training-free), gate, or hierarchical "
-                                             "(per sequence: adapters by input likelihood, then top-k units)")] = "implicit",
-    top_k: Annotated[int | None, typer.Option("--top-k", help="active units per token (default: half the largest "
-                                                              "input rank, chosen on the suite)")] = None,
-    top_k_module: Annotated[list[str] | None, typer.Option(help="per-module top-k: MODULE=K (suffix or regex)")] = None,
     weights: Annotated[str | None, typer.Option(help="one weight per input, comma-separated: 1,0.5")] = None,
-    temperature: Annotated[float, typer.Option(help="softmax temperature of the gate weights")] = 1.0,
     calibrate: Annotated[Path | None, typer.Option(help="JSONL calibration data: {\"input_ids\": [...]} or "
                                                         "{\"text\": ...} per line (optional \"labels\")")] = None,
     base: Annotated[Path | None, typer.Option(help="base model folder (transformers) for --calibrate")] = None,
@@ -54,11 +41,9 @@ def route(
              "order")] = None,
     profile_old: Annotated[list[Path] | None, typer.Option(
         "--profile", hidden=True, help="deprecated spelling of --profile-data")] = None,
-    top_m: Annotated[int, typer.Option(help="hierarchical: adapters chosen per sequence")] = 1,
-    mass: Annotated[float | None, typer.Option(help="hierarchical: instead of --top-m, the fewest adapters whose "
-                                                    "probability reaches this mass")] = None,
     emit_recipe: EmitRecipeOpt = None,
     *,
+    params: dict[str, Any],
     options: MergeOptions,
 ) -> None:
     """Pool the rank units of all inputs and route over them per token (FlyLoRA / SMoRA style)."""
@@ -66,10 +51,9 @@ def route(
         err_console.print("[bold yellow]warning:[/] route --profile is deprecated (elsewhere --profile is the PEFT "
                           "output profile); use --profile-data", highlight=False, soft_wrap=True)
     profile = [*(profile_data or []), *(profile_old or [])] or None
-    if router not in ("implicit", "gate", "hierarchical"):
-        raise LoraMergeError(f"--router must be implicit, gate or hierarchical (got {router!r})")
-    w = parse_floats(weights)
-    preflight(sources, "route", {"top_k": top_k}, w, out, options.force)  # before torch
+    request = MergeRequest(sources=sources, method="route", params=params, weights=parse_floats(weights),
+                           options=make_options(options, out=out))
+    preflight(request)  # before torch
     from mergekit_lora.recipe import recipe_yaml
     from mergekit_lora.routing.api import Calibration
     from mergekit_lora.routing.api import route as run_route
@@ -78,18 +62,14 @@ def route(
         if calibrate is not None or profile:
             raise LoraMergeError("--emit-recipe: a recipe holds the training-free routed merge only; drop "
                                  "--calibrate/--profile-data or --emit-recipe")
-        params = {"router": router, "top_k": top_k, "temperature": temperature,
-                  "top_k_pattern": _top_k_pattern(top_k_module) or None, "top_m": top_m if top_m != 1 else None,
-                  "mass": mass}
-        emit(recipe_yaml(sources, "route", params, w, make_options(options, out=out)), emit_recipe)
-    params = {"router": router, "top_k": top_k, "temperature": temperature,
-              "top_k_pattern": _top_k_pattern(top_k_module) or {}, "top_m": top_m, "mass": mass}
+        emit(recipe_yaml(request), emit_recipe)
     fit = Calibration(base=base, calibrate_data=calibrate, profiles=profile, steps=steps, lr=lr, batch_size=batch_size,
                       max_length=max_length, balance=balance, bias_rate=bias_rate, export_static=export_static)
-    res = run_route(sources, out, params, w, fit, make_options(options, progress=True))
+    res = run_route(request.sources, out, params, request.weights, fit, make_options(request.options, progress=True))
     say = err_console if emit_recipe == "-" else console
     if res.calibration is not None:
         c = res.calibration
         say.print(f"calibration: loss {c.loss_before:.4f} -> {c.loss_after:.4f} ({c.steps} steps)")
-    say.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router {router}, "
-                  f"top-k {top_k if top_k is not None else 'r/2'}, {res.seconds:.2f} s)")
+    top_k = params.get("top_k")
+    say.print(f"[green]wrote[/] {out} ({res.modules} modules, {res.units} units, router "
+              f"{params.get('router', 'implicit')}, top-k {top_k if top_k is not None else 'r/2'}, {res.seconds:.2f} s)")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
+from mergekit_lora.request import MergeRequest
 
 from .common import console, err_console, parse_floats, parse_kv, user_errors
 from .options import with_options
@@ -43,12 +44,11 @@ def tune(
 
     if resume and force:
         raise LoraMergeError("--resume and --force exclude each other")
-    s = TuneSettings(sources=list(sources), method=method, objective=str(objective), out=str(out),
+    request = MergeRequest(sources=list(sources), method=method, params=parse_kv(param),
+                           weights=parse_floats(weights), options=options)
+    s = TuneSettings(request=request, objective=str(objective), out=str(out),
                      search=[x.strip() for x in search.split(",") if x.strip()], budget=budget, optimizer=optimizer,
-                     workers=workers, use_ray=use_ray, ray_address=ray_address, seed=options.seed,
-                     params=parse_kv(param), weights=parse_floats(weights), ranges=parse_ranges(range_),
-                     missing=options.missing, device=options.device, dtype=options.dtype,
-                     output_format=options.output_format, allow_pickle=options.allow_pickle)
+                     workers=workers, use_ray=use_ray, ray_address=ray_address, ranges=parse_ranges(range_))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[best]}"), console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:

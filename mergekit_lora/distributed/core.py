@@ -16,18 +16,18 @@ from typing import Any
 
 from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
-from mergekit_lora.options import MergeOptions, make_options
+from mergekit_lora.options import make_options
 from mergekit_lora.pipeline import MergePlan, execute, merge_stream, plan
 from mergekit_lora.pipeline.execute import merge_batches
-from mergekit_lora.registry import AlgorithmParams, Notes
+from mergekit_lora.registry import Notes
+from mergekit_lora.request import MergeRequest
 from mergekit_lora.units import RankUnits
 
 Source = str | Path | Adapter
 
 
-def make_plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | AlgorithmParams | None,
-              weights: Sequence[float] | None, options: MergeOptions) -> MergePlan:
-    return plan(sources, method, params, weights, options)
+def make_plan(request: MergeRequest) -> MergePlan:
+    return plan(request)
 
 
 def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
@@ -36,8 +36,9 @@ def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
     same inputs (already read: headers are not read again) with other settings."""
     if params is not None or weights is not None or scale is not None:
         opts = make_options(p.options, out=None, **({"scale": scale} if scale is not None else {}))
-        p = plan(list(p.adapters), p.method, params if params is not None else p.params,
-                 weights if weights is not None else p.weights, opts)
+        p = plan(MergeRequest(sources=list(p.adapters), method=p.method,
+                              params=params if params is not None else p.params,
+                              weights=list(weights if weights is not None else p.weights), options=opts))
     elif p.options.out is not None:
         p = replace(p, options=make_options(p.options, out=None))
     merged = execute(p).merged

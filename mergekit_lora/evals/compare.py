@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_lora.checks import check_output, weight_count
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.pipeline import merge, resolve_device
+from mergekit_lora.pipeline import MergeRequest, make_options, merge, resolve_device
 from mergekit_lora.pipeline.output import output_folder
 from mergekit_lora.registry import available
 
@@ -181,8 +181,9 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                 row["scale"] = str(spec.scale)
                 log(f"merging with {label}")
                 t0 = time.perf_counter()
-                res = merge(list(paths.values()), spec.method, Path(tmp) / label, weights=w, params=spec.params,
-                            device=cfg.device, seed=cfg.seed, scale=spec.scale)
+                res = merge(MergeRequest(sources=list(paths.values()), method=spec.method, params=spec.params,
+                                         weights=w, options=make_options(out=Path(tmp) / label, device=cfg.device,
+                                                                         seed=cfg.seed, scale=spec.scale)))
                 row["merge_seconds"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 fid, _ = cached_fidelity(Path(tmp) / label, list(paths.values()), w, enabled=cfg.cache)

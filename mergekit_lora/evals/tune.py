@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.pipeline import merge
+from mergekit_lora.pipeline import MergeRequest, make_options, merge
 
 from .tasks import encode_suite
 
@@ -67,8 +67,8 @@ def tune_spec(spec, weights: list[float], paths: dict[str, Path], cfg, tok, task
     for i, point in enumerate(points):
         params, w, scale = _setting(spec, point, weights, n)
         folder = tmp / f"tune-{i}"
-        merge(list(paths.values()), spec.method, folder, weights=w, params=params, device=cfg.device, seed=cfg.seed,
-              scale=scale)
+        merge(MergeRequest(sources=list(paths.values()), method=spec.method, params=params, weights=w,
+                           options=make_options(out=folder, device=cfg.device, seed=cfg.seed, scale=scale)))
         res = scores_of(folder, val)
         shutil.rmtree(folder, ignore_errors=True)
         acc = sum(res[t]["accuracy"] for t in tasks) / len(tasks)

@@ -109,13 +109,14 @@ def compose(library: str | Path, like: str | Path, method: str, out: str | Path,
     ``route()`` run — because neither takes extra card sections; the card gets a "Library query" section
     (the query and the retrieved set) inside the atomic write.  Returns (MergeResult, the retrieved rows).
     """
-    from ..pipeline import execute, make_options, plan
+    from ..pipeline import MergeRequest, execute, make_options, plan
 
     retrieved = search(library, like, top_m, say)
     if not retrieved:
         raise LoraMergeError(f"{library}: the library is empty; nothing to compose")
     opts = make_options(options, out=Path(out))
-    p = plan([r["source"] for r in retrieved], method, dict(params or {}), None, opts)
+    p = plan(MergeRequest(sources=[r["source"] for r in retrieved], method=method, params=dict(params or {}),
+                          options=opts))
     section = query_section(library, like, method, top_m, retrieved)
     return execute(replace(p, card_sections=tuple(p.card_sections) + (section,))), retrieved
 

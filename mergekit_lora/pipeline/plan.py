@@ -10,7 +10,8 @@ such as ``adapters[1].source``) so that recipes can point at their YAML line.
 
 Example::
 
-    p = plan(["a", "b"], "svd", {"rank": 8}, [0.5, 0.5], MergeOptions(out="merged"))
+    p = plan(MergeRequest(sources=["a", "b"], method="svd", params={"rank": 8}, weights=[0.5, 0.5],
+                          options=MergeOptions(out="merged")))
     [m.name for m in p.modules][:2], p.output_format
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -35,18 +36,11 @@ from ..names import layer_index, matches
 from ..options import MergeOptions, check_device, check_dtype
 from ..recipe.gradients import at, evaluate, gradient_fields
 from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
+from ..request import MergeRequest, ModuleOverride
 from ..strength import Scale, parse_scale
 from .compat import check_compatible
 
 Source = str | Path | Adapter
-
-
-class Override(Protocol):
-    """A per-module override (a recipe's ``modules:`` entry): first matching override wins."""
-
-    match: str
-    parameters: dict[str, Any]
-    weights: list[Any] | None
 
 
 @dataclass(frozen=True)
@@ -117,16 +111,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, adapters: Sequence[Adapter]) 
     return out
 
 
-def plan(sources: Sequence[Source], method: str, params: Mapping[str, Any] | AlgorithmParams | None = None,
-         weights: Sequence[Any] | None = None, options: MergeOptions | None = None, *,
-         overrides: Sequence[Override] = (), base_model: str | None = None, recipe: str | None = None) -> MergePlan:
+def plan(request: MergeRequest) -> MergePlan:
     """Check a merge request completely and decide what ``execute`` will do (headers only).
 
-    ``params`` and ``weights`` may hold layer gradients (lists) and ``overrides`` per-module values, as a
-    recipe gives them; ``base_model`` (optional) must match the inputs' recorded base.  Raises
-    :class:`LoraMergeError` (or ``PlanErrors``) naming every problem of the first stage that has any.
+    The request's ``params`` and ``weights`` may hold layer gradients (lists) and its ``overrides``
+    per-module values, as a recipe gives them; its ``base_model`` (optional) must match the inputs'
+    recorded base.  Raises :class:`LoraMergeError` (or ``PlanErrors``) naming every problem of the first
+    stage that has any.
     """
-    opts = options or MergeOptions()
+    sources, method, params, weights = request.sources, request.method, request.params, request.weights
+    opts, overrides, base_model, recipe = request.options, request.overrides, request.base_model, request.recipe
     # Stage 1: the request itself (no I/O).
     problems: list[LoraMergeError] = []
     algo = _collect(problems, get_algorithm, method)
@@ -185,7 +179,7 @@ def _times(x: Any, c: float) -> Any:
 
 
 def _reliability_request(problems: list[LoraMergeError], sources: Sequence[Source], params: Any,
-                         weights: Sequence[Any] | None, overrides: Sequence[Override], opts: MergeOptions) -> None:
+                         weights: Sequence[Any] | None, overrides: Sequence[ModuleOverride], opts: MergeOptions) -> None:
     """Issue 14 (:mod:`mergekit_lora.checks`): finite weights/parameters (gradients and overrides too),
     and an output that is no input and can be created."""
     if weights is not None:
@@ -258,7 +252,7 @@ def _check_base(base_model: str, adapters: Sequence[Adapter], labels: Sequence[s
 
 
 def _module_table(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams | None, weights: list[Any],
-                  overrides: Sequence[Override], adapters: Sequence[Adapter], names: list[str],
+                  overrides: Sequence[ModuleOverride], adapters: Sequence[Adapter], names: list[str],
                   present: Mapping[str, tuple[int, ...]]) -> tuple[list[ModulePlan], dict[int, int]]:
     """Each module's parameters and weights: first matching override, gradients at the module's layer."""
     layers = [layer_index(n) for n in names]

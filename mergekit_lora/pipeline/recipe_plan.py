@@ -1,7 +1,8 @@
 """A recipe through the pipeline: validate the YAML, then ``plan`` it, every problem at its YAML line.
 
-The recipe is a serialised request: its adapters, method, parameters (layer gradients allowed),
-per-module overrides and options go to :func:`~mergekit_lora.pipeline.plan` unchanged, so a recipe
+The recipe is a serialised request: ``Recipe.request`` gives the :class:`~mergekit_lora.request.MergeRequest`
+(adapters, method, parameters with layer gradients, per-module overrides, options) that
+:func:`~mergekit_lora.pipeline.plan` takes whole, so a recipe
 and the equivalent ``loramerge merge`` call produce the same plan — and the same bytes.
 """
 
@@ -12,13 +13,12 @@ from pathlib import Path
 
 from ..errors import LoraMergeError, PlanErrors
 from ..recipe import Problems, Recipe, read_recipe_text, validate_recipe
+from ..recipe.schema import OPTION_KEYS
 from ..recipe.yaml_lines import Loc
 from .plan import MergePlan, plan
 
-# Plan fields -> where they live in a recipe.
-_RECIPE_LOC: dict[str, Loc] = {"out": ("output", "path"), "output_format": ("output", "format"),
-                               "dtype": ("output", "dtype"), "params": ("parameters",), "weights": ("adapters",),
-                               "push_to_hub": ("output", "push_to_hub")}
+# Plan fields -> where they live in a recipe (the run options: where the recipe schema puts them).
+_RECIPE_LOC: dict[str, Loc] = {**OPTION_KEYS, "params": ("parameters",), "weights": ("adapters",)}
 _PART = re.compile(r"([A-Za-z_]+)|\[(\d+)\]")
 
 
@@ -39,9 +39,7 @@ def plan_recipe(path_or_text: str | Path, name: str | None = None, *, force: boo
         text = str(path_or_text)
     recipe, lines = validate_recipe(text, name, force=force, check_token=check_token)
     try:
-        p = plan([a.source for a in recipe.adapters], recipe.method, recipe.parameters,
-                 recipe.weights(), recipe.options(force=force), overrides=recipe.modules,
-                 base_model=recipe.base_model, recipe=text)
+        p = plan(recipe.request(text, force=force))
     except LoraMergeError as e:
         problems = Problems(name, lines)
         for err in (e.problems if isinstance(e, PlanErrors) else [e]):

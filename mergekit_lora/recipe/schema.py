@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..checks import check_output, weight_count
 from ..errors import LoraMergeError, not_finite
 from ..hub import env_token, parse_hub_id
-from ..options import MergeOptions, check_device, check_dtype
+from ..options import MergeOptions, make_options
 from ..paths import path_fits
 from ..registry import available, unknown_method
+from ..request import MergeRequest, ModuleOverride
 from ..sources import missing_source
-from ..strength import normalize_scale
 from .gradients import check_parameters
 from .problems import Problems
 from .yaml_lines import Loc, format_loc, load_yaml_with_lines, read_text_utf8
@@ -76,25 +75,43 @@ class AdapterSpec(_Strict):
     weight: Gradient | None = None  # None: 1/n (every command's default: the average)
 
 
-class ModuleSpec(_Strict):
-    match: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+class ModuleSpec(ModuleOverride):
+    """A ``modules:`` entry: the request's :class:`ModuleOverride`, strict, its weights numbers or gradients."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     weights: list[Gradient] | None = None
 
 
-class OutputSpec(_Strict):
-    path: str
-    format: str | None = None
-    dtype: str | None = None
-    profile: Literal["default", "portable"] = "default"
-    base_gguf: str | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-    revision: str | None = None
-    commit_message: str | None = None
+# Where a recipe holds each run option (MergeOptions field -> YAML path), in the order ``to_yaml`` writes them.
+# The fields are MergeOptions' own (default, description); MergeOptions validates them, once.  Fields not listed
+# are choices of one run, not of the request: force (``run --force``), threads, progress.
+OPTION_KEYS: dict[str, Loc] = {
+    "out": ("output", "path"), "output_format": ("output", "format"), "dtype": ("output", "dtype"),
+    "profile": ("output", "profile"), "base_gguf": ("output", "base_gguf"), "push_to_hub": ("output", "push_to_hub"),
+    "private": ("output", "private"), "revision": ("output", "revision"),
+    "commit_message": ("output", "commit_message"), "seed": ("seed",), "scale": ("scale",), "missing": ("missing",),
+    "device": ("device",), "allow_pickle": ("allow_pickle",), "ignore_modules_to_save": ("ignore_modules_to_save",),
+    "verify_inputs": ("verify_inputs",),
+}
 
 
-class Recipe(_Strict):
+def _option_fields(group: tuple[str, ...]) -> dict[str, Any]:
+    """The recipe fields of the options at ``group``: any value here (MergeOptions checks it), its default."""
+    out: dict[str, Any] = {}
+    for name, loc in OPTION_KEYS.items():
+        if loc[:-1] == group and name != "out":
+            info = MergeOptions.model_fields[name]
+            out[loc[-1]] = (Any, Field(info.default, description=info.description))
+    return out
+
+
+OutputSpec = create_model("OutputSpec", __base__=_Strict, __doc__="A recipe's ``output:`` mapping.",
+                          path=(str, Field(description=MergeOptions.model_fields["out"].description)),
+                          **_option_fields(("output",)))
+
+
+class _RecipeBase(_Strict):
     """A serialised merge request: the inputs, the method and its parameters, overrides and options."""
 
     method: str
@@ -102,14 +119,7 @@ class Recipe(_Strict):
     adapters: list[AdapterSpec] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     modules: list[ModuleSpec] = Field(default_factory=list)
-    output: OutputSpec
-    seed: int = 0
-    scale: Annotated[str | float, AfterValidator(normalize_scale)] = "auto"
-    missing: Literal["union", "intersection", "error"] = "union"
-    device: str = "auto"
-    allow_pickle: bool = False
-    ignore_modules_to_save: bool = False
-    verify_inputs: bool = False
+    output: OutputSpec  # type: ignore[valid-type]
 
     def weights(self) -> list[Any] | None:
         """The adapters' weights for ``plan`` (an adapter without one gets 1/n; None: all 1/n)."""
@@ -134,24 +144,38 @@ class Recipe(_Strict):
         if self.modules:
             doc["modules"] = [m.model_dump(exclude_defaults=True) for m in self.modules]
         doc["output"] = {"path": self.output.path, **self.output.model_dump(exclude_defaults=True)}
-        doc["seed"] = self.seed
-        for key, default in (("scale", "auto"), ("missing", "union"), ("device", "auto"), ("allow_pickle", False),
-                             ("ignore_modules_to_save", False), ("verify_inputs", False)):
-            if getattr(self, key) != default:
-                doc[key] = getattr(self, key)
+        for name, loc in OPTION_KEYS.items():
+            if len(loc) == 1 and (name == "seed" or getattr(self, name) != MergeOptions.model_fields[name].default):
+                doc[name] = getattr(self, name)
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
     def options(self, **update: Any) -> MergeOptions:
-        """The run options this recipe asks for (``update`` overrides, e.g. ``force=True``)."""
-        out = self.output
-        return MergeOptions(**{
-            "out": Path(out.path) if out.path else None, "output_format": out.format, "dtype": out.dtype,
-            "profile": out.profile, "base_gguf": Path(out.base_gguf) if out.base_gguf else None,
-            "device": self.device, "seed": self.seed, "scale": self.scale, "missing": self.missing,
-            "allow_pickle": self.allow_pickle, "ignore_modules_to_save": self.ignore_modules_to_save,
-            "verify_inputs": self.verify_inputs, "push_to_hub": out.push_to_hub,
-            "private": out.private, "revision": out.revision, "commit_message": out.commit_message, **update})
+        """The run options this recipe asks for (``update`` overrides, e.g. ``force=True``), validated."""
+        return make_options(**_option_values(self.model_dump()), **update)
 
+    def request(self, text: str | None = None, **update: Any) -> MergeRequest:
+        """The merge request this recipe is (``text``: the YAML, written beside the output)."""
+        return MergeRequest(sources=[a.source for a in self.adapters], method=self.method, params=self.parameters,
+                            weights=self.weights(), options=self.options(**update), overrides=tuple(self.modules),
+                            base_model=self.base_model, recipe=text)
+
+
+Recipe = create_model("Recipe", __base__=_RecipeBase, __doc__=_RecipeBase.__doc__, **_option_fields(()))
+
+
+def _option_values(data: dict[str, Any]) -> dict[str, Any]:
+    """MergeOptions fields from a recipe mapping (raw YAML or a dumped Recipe): only the keys it has."""
+    values: dict[str, Any] = {}
+    for name, loc in OPTION_KEYS.items():
+        node: Any = data
+        for key in loc:
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            values[name] = (Path(node) if node else None) if name == "out" and isinstance(node, str) else node
+    return values
+
+
+_ABSENT = object()
 
 _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     (): Recipe, ("adapters",): AdapterSpec, ("modules",): ModuleSpec, ("output",): OutputSpec,
@@ -203,31 +227,27 @@ def validate_recipe(text: str, name: str = "recipe", *, force: bool = False,
         for err in e.errors():
             problems.add(tuple(err["loc"]), _pydantic_message(err))
     _check_semantics(data, problems, available(), force=force, check_token=check_token)
-    if recipe is not None:
-        _check_options(recipe, problems)
+    _check_options(data, problems)
     problems.raise_if_any()
     assert recipe is not None
     return recipe, lines
 
 
-# MergeOptions field -> where a recipe sets it (issue 28: ``seed: -1`` was a raw ValidationError at run time)
-_OPTION_LOCS: dict[str, Loc] = {"out": ("output", "path"), "output_format": ("output", "format"),
-                                "dtype": ("output", "dtype"), "profile": ("output", "profile"),
-                                "base_gguf": ("output", "base_gguf"), "push_to_hub": ("output", "push_to_hub"),
-                                "private": ("output", "private"), "revision": ("output", "revision"),
-                                "commit_message": ("output", "commit_message")}
-
-
-def _check_options(recipe: Recipe, problems: Problems) -> None:
-    """The run options the recipe asks for pass MergeOptions' own checks (each at the recipe's line)."""
+def _check_options(data: Any, problems: Problems) -> None:
+    """The run options the recipe asks for, checked by MergeOptions itself (each problem at the recipe's line)."""
+    if not isinstance(data, dict):
+        return
     try:
-        recipe.options()
+        MergeOptions.model_validate(_option_values(data))
     except ValidationError as e:
         for err in e.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            loc = _OPTION_LOCS.get(field, (field,) if field else ())
+            loc = OPTION_KEYS.get(field, (field,) if field else ())
             if not any(path == format_loc(loc) for _, path, _ in problems.items):
-                problems.add(loc, _pydantic_message(err))
+                msg = _pydantic_message({**err, "loc": loc})
+                if repr(err.get("input")) in err["msg"]:  # check_dtype, check_device name the value themselves
+                    msg = err["msg"].removeprefix("Value error, ")
+                problems.add(loc, msg)
 
 
 def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, Any], *, force: bool,
@@ -282,9 +302,6 @@ def _check_semantics(data: dict[str, Any], problems: Problems, algos: dict[str, 
     out = data.get("output")
     if isinstance(out, dict):
         _check_output(out, problems, force=force, check_token=check_token)
-    dev = data.get("device")
-    if isinstance(dev, str):
-        _option(problems, ("device",), check_device, dev)
 
 
 def _too_long(path: str) -> str | None:
@@ -300,14 +317,6 @@ def _n(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
-def _option(problems: Problems, loc: Loc, check: Any, value: str) -> None:
-    """An option's one validator (:mod:`mergekit_lora.options`), its problem at the recipe's line."""
-    try:
-        check(value)
-    except ValueError as e:
-        problems.add(loc, str(e))
-
-
 def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check_token: bool) -> None:
     path = out.get("path")
     if isinstance(path, str) and (why := _too_long(path)):
@@ -320,15 +329,13 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
     fmt = out.get("format")
     if isinstance(fmt, str):
         from ..formats.registry import (
-            writable,  # the format modules import torch: only when a format is named
+            get_writer,  # the format modules import torch: only when a format is named
         )
 
-        formats = writable()
-    if isinstance(fmt, str) and fmt not in formats:
-        problems.add(("output", "format"), f"unknown output format {fmt!r}; available: {', '.join(sorted(formats))}")
-    dtype = out.get("dtype")
-    if isinstance(dtype, str):
-        _option(problems, ("output", "dtype"), check_dtype, dtype)
+        try:
+            get_writer(fmt)  # the pipeline's own check, one wording
+        except LoraMergeError as e:
+            problems.add(("output", "format"), e.template)
     repo = out.get("push_to_hub")
     if isinstance(repo, str):
         hub = parse_hub_id(repo)
@@ -343,17 +350,18 @@ def _check_output(out: dict[str, Any], problems: Problems, *, force: bool, check
 _ALIASES = {"lambda_": "lambda"}
 
 
-def recipe_yaml(sources: Sequence[str | Path], method: str, params: dict[str, Any] | None, weights: Sequence[float] | None,
-                options: MergeOptions, base_model: str | None = None) -> str:
+def recipe_yaml(request: MergeRequest) -> str:
     """The recipe YAML of a merge request (``--emit-recipe``; running it gives the same output bytes)."""
-    w = weights if weights is not None else [None] * len(sources)
-    o = options
-    return Recipe(
-        method=method, base_model=base_model,
-        adapters=[AdapterSpec(source=str(s), weight=None if wi is None else float(wi)) for s, wi in zip(sources, w)],
-        parameters={_ALIASES.get(k, k): v for k, v in (params or {}).items() if v is not None},
-        output=OutputSpec(path=str(o.out) if o.out is not None else "", format=o.output_format, dtype=o.dtype,
-                          profile=o.profile, base_gguf=str(o.base_gguf) if o.base_gguf else None),
-        seed=o.seed, scale=o.scale, missing=o.missing, device=o.device, allow_pickle=o.allow_pickle,
-        ignore_modules_to_save=o.ignore_modules_to_save, verify_inputs=o.verify_inputs,
-    ).to_yaml()
+    w = request.weights if request.weights is not None else [None] * len(request.sources)
+    params = request.params
+    values = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params or {})
+    opts = request.options.model_dump(mode="json")
+    doc: dict[str, Any] = {
+        "method": request.method, "base_model": request.base_model,
+        "adapters": [{"source": str(s), "weight": wi} for s, wi in zip(request.sources, w)],
+        "parameters": {_ALIASES.get(k, k): v for k, v in values.items() if v is not None},
+        "modules": [o.model_dump(exclude_defaults=True) for o in request.overrides], "output": {}}
+    for name, loc in OPTION_KEYS.items():
+        target = doc["output"] if loc[0] == "output" else doc
+        target[loc[-1]] = opts[name] if opts[name] is not None or name != "out" else ""
+    return Recipe.model_validate(doc, strict=False).to_yaml()

@@ -20,7 +20,7 @@ from ..adapter import Adapter, output_meta
 from ..errors import LoraMergeError
 from ..formats.routed import RoutedAdapter, RoutedOptions, iter_static
 from ..options import MergeOptions
-from ..pipeline import MergePlan, execute, make_options, plan
+from ..pipeline import MergePlan, MergeRequest, execute, make_options, plan
 from ..pipeline.output import SubOutput, write_output
 from ..registry import AlgorithmParams
 from .calibrate import CalibrationResult, calibrate, load_examples, make_batches, measure_activation
@@ -117,7 +117,8 @@ def route(sources: Sequence[str | Path | Adapter], out: str | Path | None = None
     cal = calibration or Calibration()
     values = params.model_dump() if isinstance(params, AlgorithmParams) else dict(params or {})
     _check_calibration(cal, str(values.get("router", "implicit")), len(sources))
-    p = plan(sources, "route", values, weights, opts)
+    p = plan(MergeRequest(sources=list(sources), method="route", params=values,
+                          weights=list(weights) if weights is not None else None, options=opts))
     if cal.calibrate_data is None and cal.profiles is None:
         res = execute(p)
         cfg = res.config

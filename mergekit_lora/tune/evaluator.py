@@ -17,6 +17,7 @@ import torch
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions, make_options
+from mergekit_lora.request import MergeRequest
 
 from .objective import Objective, encode_objective
 from .space import split_scale
@@ -60,8 +61,9 @@ class Evaluator:
         self.pad_id = int(getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0)
         # the inputs' headers are read once; every trial re-plans these adapters with its own settings
         params, scale = split_scale(start["params"])
-        self.plan = core.make_plan(sources, method, params, start["weights"], opts if scale is None else
-                                   make_options(opts, scale=scale))
+        self.plan = core.make_plan(MergeRequest(sources=list(sources), method=method, params=params,
+                                                weights=start["weights"],
+                                                options=opts if scale is None else make_options(opts, scale=scale)))
 
     def _threads(self):
         obj = self

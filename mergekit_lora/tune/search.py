@@ -12,14 +12,17 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from mergekit_lora.checks import weight_count
 from mergekit_lora.distributed import core
 from mergekit_lora.errors import LoraMergeError
-from mergekit_lora.options import make_options
+from mergekit_lora.options import MergeOptions, make_options
+from mergekit_lora.request import MergeRequest
 
 from .objective import load_objective
 from .optimizers import make_optimizer
@@ -29,8 +32,14 @@ from .trials import append_row, read_trials, rewrite
 
 @dataclass(frozen=True)
 class TuneSettings:
-    sources: list[str]
-    method: str
+    """A search: the request it tunes and how to search it.
+
+    ``request``: the inputs, the method, its fixed parameters (and start values of searched ones), the start
+    weights (fixed when weights are not searched) and the run options (``options.seed`` seeds the optimiser
+    too); trials change its parameters and weights only.
+    """
+
+    request: MergeRequest
     objective: str
     out: str
     search: list[str] = field(default_factory=lambda: ["weights"])
@@ -39,22 +48,23 @@ class TuneSettings:
     workers: int = 1
     use_ray: bool = True
     ray_address: str | None = None
-    seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)  # fixed parameters (and start values of searched ones)
-    weights: list[float] | None = None  # start weights (fixed weights when weights are not searched)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    missing: str = "union"
-    device: str = "auto"
-    dtype: str | None = None
-    output_format: str | None = None
-    allow_pickle: bool = False
+
+    @property
+    def params(self) -> dict[str, Any]:
+        p = self.request.params
+        return p.model_dump() if isinstance(p, BaseModel) else dict(p or {})
 
     def header(self) -> dict[str, Any]:
         """What a resumed search must share with the recorded one."""
-        d = asdict(self)
-        for k in ("out", "use_ray", "ray_address", "device", "dtype", "output_format"):
-            d.pop(k)
-        d["ranges"] = {k: list(v) for k, v in self.ranges.items()}
+        r, o = self.request, self.request.options
+        d = {"sources": [str(x) for x in r.sources], "method": r.method, "objective": self.objective,
+             "search": self.search, "budget": self.budget, "optimizer": self.optimizer, "workers": self.workers,
+             "seed": o.seed, "params": self.params, "weights": r.weights,
+             "ranges": {k: list(v) for k, v in self.ranges.items()}, "missing": o.missing,
+             "allow_pickle": o.allow_pickle}
+        if o.scale != "auto":  # recorded only when set: searches recorded before it was passed on still resume
+            d["scale"] = o.scale
         return json.loads(json.dumps(d))
 
 
@@ -73,11 +83,9 @@ def pooled_rank(adapters: list) -> int:
     return max(sum(a.modules[n].rank for a in adapters if n in a.modules) for n in names)
 
 
-def merge_options(s: TuneSettings, out: Path | None = None):
-    from mergekit_lora.options import make_options
-
-    return make_options(out=out, device=s.device, dtype=s.dtype, output_format=s.output_format, seed=s.seed,
-                        missing=s.missing, allow_pickle=s.allow_pickle)
+def merge_options(s: TuneSettings, out: Path | None = None) -> MergeOptions:
+    """The request's run options, writing to ``out`` (None: in memory)."""
+    return make_options(s.request.options, out=out)
 
 
 def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
@@ -91,19 +99,20 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
     if s.budget < 1 or s.workers < 1:
         raise LoraMergeError("budget and workers must be at least 1")
     obj, root = load_objective(s.objective)
+    req = s.request
     if not s.use_ray:
-        resolve_device(s.device)  # cuda without CUDA: one clear error before anything loads
-    algo = get_algorithm(s.method)
+        resolve_device(req.options.device)  # cuda without CUDA: one clear error before anything loads
+    algo = get_algorithm(req.method)
     opts = merge_options(s)
-    adapters = [load_adapter(src, allow_pickle=s.allow_pickle) for src in s.sources]  # headers only
-    weight_count(s.weights, len(adapters))
+    adapters = [load_adapter(src, allow_pickle=opts.allow_pickle) for src in req.sources]  # headers only
+    weight_count(req.weights, len(adapters))
     space = build_space(algo, s.search, len(adapters), pooled_rank=pooled_rank(adapters), ranges=s.ranges,
-                        fixed=s.params, weights=s.weights)
+                        fixed=s.params, weights=req.weights)
     start = {"params": {**s.params, **{d.name: d.init for d in space.dims}}, "weights": list(space.fixed_weights)
              if not space.n_weights else list(space.init_weights)}
     first, scale = split_scale(start["params"])
-    core.make_plan(s.sources, s.method, first, start["weights"],  # every check, before any trial
-                   opts if scale is None else make_options(opts, scale=scale))
+    core.make_plan(req.replace(params=first, weights=start["weights"],  # every check, before any trial
+                               options=opts if scale is None else make_options(opts, scale=scale)))
 
     out = Path(s.out)
     path = out / "trials.jsonl"
@@ -123,8 +132,8 @@ def run_tune(s: TuneSettings, *, resume: bool = False, force: bool = False,
     if done:
         log(f"resuming: {len(done)} of {s.budget} trials recorded")
 
-    opt = make_optimizer(s.optimizer, space, seed=s.seed, budget=s.budget, workers=s.workers)
-    ev_args = (obj, str(root), list(s.sources), s.method, start)
+    opt = make_optimizer(s.optimizer, space, seed=opts.seed, budget=s.budget, workers=s.workers)
+    ev_args = (obj, str(root), list(req.sources), req.method, start)
     ev_kwargs = {"options": opts}
     pool = _make_pool(s, ev_args, ev_kwargs) if len(done) < s.budget else None
     rows: list[dict[str, Any]] = []
@@ -219,36 +228,37 @@ def _make_pool(s: TuneSettings, ev_args: tuple, ev_kwargs: dict[str, Any]):
 
     from .evaluator import Evaluator
 
-    if str(s.device).startswith("cuda") and not s.ray_address:
+    device = s.request.options.device
+    if str(device).startswith("cuda") and not s.ray_address:
         import os
 
         import torch
 
         if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
             raise LoraMergeError("device cuda was requested but CUDA is not available on this machine; use device cpu")
-    return RayTrialPool(Evaluator, s.workers, ev_args, ev_kwargs, address=s.ray_address, device=s.device)
+    return RayTrialPool(Evaluator, s.workers, ev_args, ev_kwargs, address=s.ray_address, device=device)
 
 
 def _write_best(s: TuneSettings, best: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
     """The best trial merged and written like ``merge`` (card with the search summary, recipe.yaml)."""
-    from mergekit_lora.options import make_options
     from mergekit_lora.pipeline import execute, plan
     from mergekit_lora.recipe import recipe_yaml
 
     dest = out / "best"
     params, scale = split_scale({**s.params, **best["params"]})
     opts = make_options(merge_options(s, dest), force=True, **({"scale": scale} if scale else {}))
-    recipe = recipe_yaml(s.sources, s.method, params, best["weights"], opts)
+    request = s.request.replace(params=params, weights=best["weights"], options=opts)
+    request = request.replace(recipe=recipe_yaml(request))
     start = rows[0]
     fmt = lambda v: "failed" if v is None else f"{v:.6g}"  # noqa: E731
     summary = "\n".join([
-        f"- searched: {', '.join(s.search)} with {s.optimizer} (seed {s.seed}), {len(rows)} trials, "
+        f"- searched: {', '.join(s.search)} with {s.optimizer} (seed {opts.seed}), {len(rows)} trials, "
         f"{s.workers} worker(s); objective `{Path(s.objective).name}`",
         f"- best: trial {best['trial']}, objective {fmt(best['score'])} (metric {fmt(best['metric'])})",
         f"- start (untuned settings, trial 0): objective {fmt(start['score'])}",
         f"- failed trials: {sum(r['score'] is None for r in rows)}",
         "- every trial is in `trials.jsonl` next to this folder; `recipe.yaml` reproduces this adapter",
     ])
-    p = plan(s.sources, s.method, params, best["weights"], opts, recipe=recipe)
+    p = plan(request)
     execute(replace(p, card_sections=(("Tuned with loramerge tune", summary),)))  # written inside the atomic swap
     return dest
