@@ -52,7 +52,7 @@ def test_an_upward_import_breaks_a_contract(tmp_path, capsys, module, line):
 
 
 def test_the_pipeline_names_no_format():
-    """Format facts live in their FormatSpec (options, check_options, library, refuse_inputs, align)."""
+    """Format facts live in their FormatSpec (options, check_options, library, refuse_inputs, refuse_mix, align)."""
     from mergekit_lora.formats.registry import builtin_formats
 
     names = [s.name for s in builtin_formats()]
@@ -60,6 +60,8 @@ def test_the_pipeline_names_no_format():
         text = path.read_text()
         for name in names:
             assert f'"{name}"' not in text and f"'{name}'" not in text, (path.name, name)
+        for family in ("sd", "sd_detect", "sd_common", "kohya", "diffusers", "gguf", "routed", "peft_read"):
+            assert f"formats.{family} import" not in text and f"formats import {family}" not in text, (path.name, family)
 
 
 # Something renamed into place outside atomic.py: each is not an output of a command (what it is instead).

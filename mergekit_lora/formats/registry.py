@@ -3,7 +3,7 @@
 A spec bundles everything the pipeline needs to know about a family: how to recognise a safetensors
 file of it (``sniff``, on the header only), how to ``read`` it, how to ``write`` a merged result, which
 output format inputs of the family default to, how to ``align`` module names when it is mixed with
-another family, what it adds to ``loramerge inspect``, which inputs it refuses to write, which run
+another family, what it adds to ``loramerge inspect``, which inputs it refuses to write or to mix, which run
 options only it takes (``options``), what it needs of them (``check_options``), its writer's own typed
 options built from them (``write_options``), the one file it writes when it is one file (``file``: ``export``)
 and the model card's ``library`` — so the pipeline names no format.  A writer takes one typed
@@ -43,6 +43,7 @@ class FormatSpec:
     align: Callable[[list[Adapter]], list[Adapter]] | None = None  # bring mixed inputs to one naming
     inspect: Callable[[Adapter, dict[str, Any]], None] | None = None  # add a section to the inspect report
     refuse_inputs: Callable[[Sequence[Adapter]], str | None] | None = None  # why this writer cannot take them
+    refuse_mix: Callable[[Sequence[Adapter]], str | None] | None = None  # why these inputs cannot merge together
     options: tuple[str, ...] = ()  # MergeOptions fields only this output format takes (refused for the others)
     check_options: Callable[[Any], None] | None = None  # (MergeOptions) -> None: what this writer needs, headers only
     write_options: Callable[[Any], Any] | None = None  # (MergeOptions) -> the writer's own typed options
@@ -56,7 +57,7 @@ def builtin_formats() -> list[FormatSpec]:
         FormatSpec("routed", routed.sniff_routed, routed.read_routed_adapter, routed.routed_writer, "peft",
                    inspect=routed.inspect_routing, library="mergekit-lora"),
         FormatSpec("kohya", lambda keys, meta: sd_detect.is_kohya(keys), kohya.read_kohya, kohya.write_kohya, "kohya",
-                   align=sd.align_sd, inspect=sd.inspect_sd),
+                   align=sd.align_sd, inspect=sd.inspect_sd, refuse_mix=sd.refuse_mixed_families),
         FormatSpec("diffusers", lambda keys, meta: diffusers.is_diffusers(keys), diffusers.read_diffusers,
                    diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
         FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
@@ -121,6 +122,14 @@ def default_output_format(adapters: Sequence[Adapter]) -> str:
     by_name = {s.name: s for s in formats()}
     fams = {(by_name[a.meta.format].output if a.meta.format in by_name else None) or "peft" for a in adapters}
     return fams.pop() if len(fams) == 1 else "peft"
+
+
+def mix_refusal(adapters: Sequence[Adapter]) -> str | None:
+    """The first family's reason why ``adapters`` cannot be merged together, or None."""
+    for s in formats():
+        if s.refuse_mix is not None and (why := s.refuse_mix(adapters)):
+            return why
+    return None
 
 
 def align_names(adapters: Sequence[Adapter]) -> list[Adapter]:

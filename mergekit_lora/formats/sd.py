@@ -67,6 +67,16 @@ def align_sd(adapters: list[Adapter]) -> list[Adapter]:
     return out
 
 
+def refuse_mixed_families(adapters: Sequence[Adapter]) -> str | None:
+    """A Stable Diffusion LoRA and a transformers LoRA never merge: why, naming one of each."""
+    sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
+    other = [a.label for a in adapters if a.meta.extra.get("naming") not in SD_NAMINGS]
+    if sd and other:
+        return (f"the inputs belong to different model families: {other[0]} is a LoRA of a transformers model and "
+                f"{sd[0]} a Stable Diffusion LoRA; they cannot be merged — merge adapters of one base model")
+    return None
+
+
 def refuse_peft_output(adapters: Sequence[Adapter]) -> str | None:
     """SD module names written as PEFT keys load nowhere: say so instead of writing a useless file."""
     sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]

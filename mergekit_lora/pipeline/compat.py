@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from ..formats.sd import SD_NAMINGS
+from ..formats.registry import mix_refusal
 from ..options import MissingPolicy
 
 
@@ -41,18 +41,15 @@ def check_compatible(adapters: Sequence[Adapter], missing: MissingPolicy = "unio
     if len({f for f in families.values() if f != "unknown"}) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in families.items())
         raise LoraMergeError(f"the inputs belong to different model families ({listing}); they cannot be merged")
-    sd = [a.label for a in adapters if a.meta.extra.get("naming") in SD_NAMINGS]
-    other = [a.label for a in adapters if a.meta.extra.get("naming") not in SD_NAMINGS]
-    if sd and other:
-        raise LoraMergeError(
-            f"the inputs belong to different model families: {other[0]} is a LoRA of a transformers model and "
-            f"{sd[0]} a Stable Diffusion LoRA; they cannot be merged — merge adapters of one base model")
+    why = mix_refusal(adapters)
+    if why:
+        raise LoraMergeError(why)
     namings = {a.label: a.meta.extra.get("naming") for a in adapters if a.meta.extra.get("naming")}
     if len(set(namings.values())) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in namings.items())
         raise LoraMergeError(
             f"the inputs name their modules differently ({listing}) and would not line up; convert them to one "
-            "format first (a linear merge of each input alone, written with «output_format» kohya)"
+            "format first (a linear merge of each input alone, each written with the same «output_format»)"
         )
 
     order: list[str] = []
