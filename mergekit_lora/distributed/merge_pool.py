@@ -50,11 +50,12 @@ class MergeWorker:
         if idle_s:
             threading.Thread(target=self._expire, args=(float(idle_s),), daemon=True).start()
 
-    def ping(self) -> int:
+    def ping(self) -> tuple[int, float]:
+        """(process id, CPU seconds this process has used since it started)."""
         self.last = time.monotonic()
-        return os.getpid()
+        return os.getpid(), time.process_time()
 
-    def load(self, token: str, plan: MergePlan) -> int:
+    def load(self, token: str, plan: MergePlan) -> tuple[int, float]:
         self.plans[token] = plan
         while len(self.plans) > PLANS_KEPT:
             self.plans.popitem(last=False)
@@ -96,13 +97,14 @@ class MergePool:
     def __init__(self, ray: Any, workers: int, *, idle_s: float | None = None, gpu: bool = False) -> None:
         self.ray, self.idle_s, self.gpu = ray, idle_s, gpu
         self.fingerprint = code_fingerprint() if idle_s else ""
-        self.reused = 0
+        self.warm = [False] * workers  # slot held a live kept worker before this merge
         if idle_s:
             live = self._named()
             for name in live:  # other code's warm pool: retire it (it holds CPUs)
                 if not name.startswith(f"{PREFIX}-{self.fingerprint}-"):
                     self._kill(name)
-            self.reused = sum(self._name(i) in live for i in range(workers))
+            self.warm = [self._name(i) in live for i in range(workers)]
+        self.reused = sum(self.warm)
         self.actors = [self._start(i) for i in range(workers)]
 
     def _name(self, slot: int) -> str:
@@ -132,9 +134,11 @@ class MergePool:
         else:
             self.ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._start(slot)
+        self.warm[slot] = False
         return self.actors[slot]
 
-    def pids(self) -> list[int]:
+    def usage(self) -> list[tuple[int, float]]:
+        """(process id, CPU seconds since it started) of each worker."""
         return self.ray.get([a.ping.remote() for a in self.actors])
 
     def close(self, token: str) -> None:
@@ -158,7 +162,7 @@ def release_kept(ray: Any) -> int:
     return len(names)
 
 
-def loaded(pool: MergePool, token: str, plan_ref: Any, slots: Sequence[int] | None = None) -> None:
-    """Send the plan (an object-store reference, put once) to the workers in ``slots`` (default: all)."""
-    for s in range(len(pool.actors)) if slots is None else slots:
-        pool.actors[s].load.remote(token, plan_ref)
+def loaded(pool: MergePool, token: str, plan_ref: Any, slots: Sequence[int] | None = None) -> list[Any]:
+    """Send the plan (an object-store reference, put once) to the workers in ``slots`` (default: all);
+    references to their (process id, CPU seconds) at load."""
+    return [pool.actors[s].load.remote(token, plan_ref) for s in (range(len(pool.actors)) if slots is None else slots)]

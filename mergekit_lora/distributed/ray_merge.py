@@ -56,8 +56,10 @@ class RayOptions:
 
 @dataclass
 class RayStats:
-    """What the last Ray merge did: Ray start (0 when it was running), workers, reused warm workers, tasks,
-    retried tasks, and the seconds until the first result came back (start + cold start + first task)."""
+    """What the last Ray merge did: Ray start (≈ 0 when it was running), workers, reused warm workers,
+    tasks, retried tasks, the seconds until the first result came back (start + cold start + first
+    task), the workers' process ids and CPU seconds (a fresh worker's from its start: cold start
+    included; a reused one's from this merge's plan load)."""
 
     ray_start_s: float = 0.0
     workers: int = 0
@@ -66,6 +68,7 @@ class RayStats:
     retried: int = 0
     first_result_s: float = 0.0
     worker_pids: list[int] = field(default_factory=list)
+    worker_cpu_s: float = 0.0
 
 
 def pack(batches: Sequence[list[str]], modules_per_task: int) -> list[list[list[str]]]:
@@ -144,7 +147,7 @@ class RayMerge:
         self.stats.workers, self.stats.reused, self.stats.tasks = workers, pool.reused, len(tasks)
         token = uuid.uuid4().hex
         plan_ref = ray.put(p)
-        loaded(pool, token, plan_ref)
+        at_load = loaded(pool, token, plan_ref)
         try:
             with progress_bar(p.options.progress) as bar:
                 bar_task = bar.add_task(f"merging ({p.method}, Ray)", total=len(p.modules))
@@ -158,7 +161,11 @@ class RayMerge:
                             notes.append((name, note))
                         yield name, units
                         bar.advance(bar_task)
-            self.stats.worker_pids = pool.pids()
+            warm = list(pool.warm)
+            before = ray.get(at_load) if not self.stats.retried else [(0, 0.0)] * len(warm)
+            now = pool.usage()
+            self.stats.worker_pids = [pid for pid, _ in now]
+            self.stats.worker_cpu_s = sum(c - (b if w else 0.0) for (_, c), (_, b), w in zip(now, before, warm))
         finally:
             pool.close(token)
 
