@@ -46,9 +46,14 @@ def _procs() -> dict[int, tuple[int, str]]:
 
 
 def head_pids(temp_dir: str) -> set[int]:
-    """The cluster's processes: those naming its temp dir, and all their descendants."""
+    """The cluster's processes: those naming its temp dir, and all their descendants (never this process
+    or its ancestors, whose command lines may name the dir too)."""
     procs = _procs()
-    pids = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd}
+    mine, pid = set(), os.getpid()
+    while pid in procs and pid not in mine:
+        mine.add(pid)
+        pid = procs[pid][0]
+    pids = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd} - mine
     grown = True
     while grown:
         kids = {pid for pid, (ppid, _) in procs.items() if ppid in pids} - pids
