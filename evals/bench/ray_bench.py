@@ -1,13 +1,21 @@
-"""Benchmark `merge --ray` on a synthetic adapter library (not a test): local driver vs Ray, 1 and 2 workers.
+"""Benchmark `merge --ray` against the local driver on synthetic adapter libraries (not a test).
 
 Writes N synthetic rank-r PEFT adapters (Llama-like layout: per layer q,k,v,o hidden×hidden; gate, up
-intermediate×hidden; down hidden×intermediate) and merges all of them, each run in a fresh
-subprocess: the local driver, then Ray with 1 and 2 local workers.  Reported per run: wall time of
-the merge call, Ray start-up (``ray.init``, separate), peak RSS of the driver and of each Ray worker
-(VmHWM from /proc), and the Ray overhead per task = (Ray 1 worker − local) / tasks.  A no-op task
-round trip is timed too (the scheduling floor).  The outputs are compared byte for byte.
+intermediate×hidden; down hidden×intermediate) and merges all of them, every run a fresh driver
+process (what a `loramerge merge` call is), in one alternating sequence per library size:
 
-Usage: .venv/bin/python evals/bench/ray_bench.py --adapters 64 256 --out evals/bench/RESULTS-ray.md
+- ``local 1t`` / ``local 2t``: the local driver with a thread budget of 1 / 2;
+- ``ray call``: `--ray` with a local Ray started by the call (and shut down after it), 2 workers;
+- ``cluster cold`` / ``cluster warm``: `--ray-address` joining a running 2-CPU head (started by this
+  script, before the runs) — the first call starts the merge workers, the next finds them warm.
+
+Reported per run: wall seconds of plan + execute (Ray start included), CPU seconds of the driver's
+whole process tree (Ray's own processes when the call started Ray) plus the merge workers' CPU for
+cluster runs (their processes belong to the head), Ray start, workers reused, tasks, and the load
+average before and after.  With ``--repeats R`` the sequence runs R times and the fastest wall of
+each run kind is reported.  All outputs of a library size are compared byte for byte.
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python evals/bench/ray_bench.py --adapters 2 64 256 --out evals/bench/RESULTS-ray.md
 """
 
 from __future__ import annotations
@@ -16,143 +24,153 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import ray
 import torch
 from synthetic import make_adapters
 
+sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
+from ray_head import head_env, start_head  # noqa: E402  (the tests' own-head helper: start, stop exactly its processes)
+
 CHILD = r"""
-import json, os, sys, time, resource
-from pathlib import Path
+import json, sys, time, resource
+t0 = time.perf_counter()
 cfg = json.loads(sys.argv[1])
 from mergekit_lora.options import MergeOptions
 from mergekit_lora.pipeline import MergeRequest, execute, plan
-res = {"ray_init_s": 0.0}
 stream = None
-if cfg["workers"]:
-    import ray
-    t = time.perf_counter()
-    ray.init(num_cpus=cfg["workers"], include_dashboard=False, log_to_driver=False, configure_logging=False)
-    res["ray_init_s"] = time.perf_counter() - t
-    @ray.remote(num_cpus=1)
-    def noop():
-        return None
-    ray.get([noop.remote() for _ in range(20)])  # workers up before timing
-    t = time.perf_counter()
-    for _ in range(50):
-        ray.get(noop.remote())
-    res["noop_roundtrip_ms"] = (time.perf_counter() - t) / 50 * 1e3
+if cfg["ray"]:
     from mergekit_lora.distributed.ray_merge import RayOptions, ray_stream
-    stream = ray_stream(RayOptions(workers=cfg["workers"], modules_per_task=cfg["modules_per_task"]))
+    stream = ray_stream(RayOptions(address=cfg["address"], workers=cfg["workers"]))
 t = time.perf_counter()
-opts = MergeOptions(out=cfg["out"], device="cpu", force=True)
+opts = MergeOptions(out=cfg["out"], device="cpu", force=True, threads=cfg["threads"])
 r = execute(plan(MergeRequest(sources=cfg["paths"], method=cfg["method"], params=cfg["params"], options=opts)), stream)
-res["merge_s"] = time.perf_counter() - t
-res["modules"] = r.modules
-res["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-if cfg["workers"]:
-    import psutil
-    workers, system = [], 0.0
-    for p in psutil.process_iter(["cmdline", "pid"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] == os.getpid():
-            continue
-        try:
-            hwm = [l for l in open(f"/proc/{p.info['pid']}/status") if l.startswith("VmHWM")]
-        except OSError:
-            continue
-        mb = int(hwm[0].split()[1]) / 1024 if hwm else 0.0
-        if cmd.startswith("ray::") and "Agent" not in cmd:  # task workers (ray::IDLE once their task is done)
-            workers.append(mb)
-        elif any(s in cmd for s in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "monitor.py")):
-            system += mb
-    res["worker_peak_mb"] = sorted(workers, reverse=True)[: cfg["workers"]]
-    res["ray_system_mb"] = system
-    ray.shutdown()
+res = {"merge_s": time.perf_counter() - t, "process_s": time.perf_counter() - t0, "modules": r.modules,
+       "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if stream is not None:
+    res.update(stream.stats.__dict__)
 print("RESULT " + json.dumps(res))
 """
 
+KINDS = {  # run kind -> (Ray?, join the head?, thread budget)
+    "local 1t": (False, False, 1),
+    "ray call": (True, False, 1),
+    "local 2t": (False, False, 2),
+    "cluster cold": (True, True, 1),
+    "cluster warm": (True, True, 1),
+}
 
-def run_child(cfg: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+
+def run_child(cfg: dict, env: dict) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not line:
         raise SystemExit(f"child failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(line[0][7:])
+    res = json.loads(line[0][7:])
+    tree = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    res.update(process_wall_s=wall, tree_cpu_s=tree, load_before=load0, load_after=os.getloadavg()[0])
+    return res
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    return f"{os.cpu_count()} CPU cores ({cpu}), load average {load:.1f} at start, torch {torch.__version__}"
+def cpu_s(r: dict) -> float:
+    """The run's CPU seconds: the driver's process tree plus the merge workers (never reaped into the tree)."""
+    return r["tree_cpu_s"] + r.get("worker_cpu_s", 0.0)
+
+
+def release_pool(address: str) -> None:
+    """Retire the head's warm workers (the next 'cluster cold' run starts them again)."""
+    code = ("import ray; from mergekit_lora.distributed.merge_pool import release_kept; "
+            f"ray.init(address={address!r}, include_dashboard=False, log_to_driver=False, configure_logging=False); "
+            "release_kept(ray); ray.shutdown()")
+    subprocess.run([sys.executable, "-c", code], env=head_env(), check=True, capture_output=True)
+
+
+def render(rows: list[dict]) -> str:
+    """The markdown table: per library size and run kind, the fastest repeat."""
+    best = {}
+    for r in rows:
+        k = (r["adapters"], r["kind"])
+        if k not in best or r["merge_s"] < best[k]["merge_s"]:
+            best[k] = r
+    lines = [
+        "| adapters | inputs MB | run | wall s | CPU s | vs local 1t (wall) | Ray start s | first result s "
+        "| workers (reused) | tasks | load before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, kind), r in best.items():
+        base = best[(n, "local 1t")]["merge_s"] if (n, "local 1t") in best else float("nan")
+        ray_cols = (f"{r['ray_start_s']:.2f} | {r['first_result_s']:.2f} | {r['workers']} ({r['reused']}) | {r['tasks']}"
+                    if "workers" in r else "– | – | – | –")
+        lines.append(f"| {n} | {r['input_mb']:.0f} | {kind} | {r['merge_s']:.2f} | {cpu_s(r):.1f} | "
+                     f"{base / r['merge_s']:.2f}× | {ray_cols} | {r['load_before']:.1f} → {r['load_after']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapters", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--adapters", type=int, nargs="+", default=[2, 64, 256])
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--method", default="linear")
     ap.add_argument("--params", default='{"rank": 16}')
-    ap.add_argument("--modules-per-task", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help="run kinds, in this order")
     ap.add_argument("--work", default="/tmp/ray_bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--from-json", default=None, help="only print the table of a previous run's rows")
     args = ap.parse_args()
+    if args.from_json:
+        print(render(json.loads(Path(args.from_json).read_text())))
+        return
     work = Path(args.work)
+    env = {**head_env(), "OMP_NUM_THREADS": "1"}
     rows = []
-    head = machine()
-    for n in args.adapters:
-        paths = make_adapters(work / f"L{args.layers}-h{args.hidden}-r{args.rank}", n, args.layers, args.hidden,
-                             args.intermediate, args.rank)
-        size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
-        outs = {}
-        for workers in (0, 1, 2):
-            out = work / f"out-{n}-{workers}"
-            cfg = {"paths": [str(p) for p in paths], "method": args.method, "params": json.loads(args.params),
-                   "out": str(out), "workers": workers, "modules_per_task": args.modules_per_task}
-            r = run_child(cfg)
-            outs[workers] = (out / "adapter_model.safetensors").read_bytes()
-            r.update(adapters=n, workers=workers, input_mb=size)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-        assert outs[0] == outs[1] == outs[2], "Ray output differs from the local merge"
-    tasks = lambda r: -(-r["modules"] // args.modules_per_task)  # noqa: E731
-    lines = [
-        "# `merge --ray` on a synthetic adapter library",
-        "",
-        f"    {' '.join(['.venv/bin/python', *sys.argv])}",
-        "",
-        f"Machine: {head}. Layout: {args.layers} layers × 7 projections = {args.layers * 7} modules, hidden "
-        f"{args.hidden}, intermediate {args.intermediate}, rank {args.rank} (fp32); method `{args.method}` "
-        f"{args.params}; {args.modules_per_task} modules per Ray task. Each run is a fresh process; the three "
-        "outputs of each library size are byte-identical (checked).",
-        "",
-        "| adapters | inputs MB | run | merge s | Ray start s | no-op task ms | overhead / task ms | driver peak MB | "
-        "worker peak MB | Ray system MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        local = next(x for x in rows if x["adapters"] == r["adapters"] and x["workers"] == 0)
-        over = ((r["merge_s"] - local["merge_s"]) / tasks(r) * 1e3) if r["workers"] == 1 else None
-        run = "local" if not r["workers"] else f"Ray, {r['workers']} worker(s)"
-        lines.append(
-            f"| {r['adapters']} | {r['input_mb']:.0f} | {run} "
-            f"| {r['merge_s']:.2f} | {r['ray_init_s']:.2f} | {r.get('noop_roundtrip_ms', 0):.2f} | "
-            f"{'' if over is None else f'{over:.0f}'} | {r['driver_peak_mb']:.0f} | "
-            f"{', '.join(f'{x:.0f}' for x in r.get('worker_peak_mb', [])) or '–'} | {r.get('ray_system_mb', 0):.0f} |")
-    text = "\n".join(lines) + "\n"
+    head_gen = start_head(2)
+    address = next(head_gen)
+    try:
+        for n in args.adapters:
+            paths = make_adapters(work / f"L{args.layers}-h{args.hidden}-r{args.rank}", n, args.layers, args.hidden,
+                                 args.intermediate, args.rank)
+            size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
+            outs: dict[str, bytes] = {}
+            for rep in range(args.repeats):
+                release_pool(address)
+                for kind in args.kinds:
+                    use_ray, join, threads = KINDS[kind]
+                    out = work / f"out-{n}-{kind.replace(' ', '-')}"
+                    cfg = {"paths": [str(p) for p in paths], "method": args.method, "params": json.loads(args.params),
+                           "out": str(out), "ray": use_ray, "address": address if join else None, "workers": 2,
+                           "threads": threads}
+                    r = run_child(cfg, env)
+                    outs[kind] = (out / "adapter_model.safetensors").read_bytes()
+                    r.update(adapters=n, kind=kind, input_mb=size, repeat=rep)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+            assert len(set(outs.values())) == 1, "a Ray output differs from the local merge"
+    finally:
+        next(head_gen, None)
+    assert not ray.is_initialized()
+    head = (f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
+            f"{torch.__version__}, Ray {ray.__version__}. Layout: {args.layers} layers × 7 projections = "
+            f"{args.layers * 7} modules, hidden {args.hidden}, intermediate {args.intermediate}, rank {args.rank} "
+            f"(fp32); method `{args.method}` {args.params}; fastest of {args.repeats} alternating sequence(s).")
+    text = "\n".join([f"    OMP_NUM_THREADS=1 {' '.join(['.venv/bin/python', *sys.argv])}", "", head, "", render(rows)])
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
         Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.out).with_suffix(".table.md").write_text(text)
 
 
 if __name__ == "__main__":

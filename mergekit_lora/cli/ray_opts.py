@@ -7,7 +7,9 @@ from typing import Annotated, Any
 import typer
 
 RayOpt = Annotated[bool, typer.Option("--ray", help="merge module batches as Ray tasks (local Ray, or --ray-address)")]
-RayAddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    help="a running Ray cluster's address (default: $RAY_ADDRESS, else a local Ray per call); its merge "
+         "workers stay warm for the next call (5 idle minutes)")]
 RayWorkersOpt = Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all)")]
 
 

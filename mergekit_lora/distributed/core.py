@@ -2,7 +2,7 @@
 
 :func:`make_plan` plans a merge (every check, headers only), :func:`merged_units` executes a plan in
 memory (nothing written), :func:`plan_batches` gives the plan's merge batches in the order the local
-driver merges them, and :func:`merge_batch_list` merges a list of those batches exactly as the local
+driver merges them, :func:`batch_costs` their work estimated from the headers, and :func:`merge_batch_list` merges a list of those batches exactly as the local
 driver does.  A Ray task runs :func:`merge_batch_list` in a worker on the pickled plan, so local and
 Ray runs compute the same bytes.
 """
@@ -49,6 +49,21 @@ def merged_units(p: MergePlan, params: Mapping[str, Any] | None = None,
 def plan_batches(p: MergePlan) -> list[list[str]]:
     """The plan's merge batches (module names) in the order the local driver merges them."""
     return [[mp.name for mp in batch] for batch in merge_batches(p)]
+
+
+def batch_costs(p: MergePlan, batches: Sequence[Sequence[str]]) -> list[int]:
+    """The work of each batch, estimated from the headers: the input factors' elements,
+    Σ_modules Σ_inputs rank·(d_in + d_out) (what is read; the merge's work grows with it)."""
+    by_name = {mp.name: mp for mp in p.modules}
+    costs = []
+    for names in batches:
+        c = 0
+        for n in names:
+            for i in by_name[n].present:
+                info = p.adapters[i].modules[n]
+                c += info.rank * (info.d_in + info.d_out)
+        costs.append(c)
+    return costs
 
 
 def merge_batch_list(p: MergePlan, batches: Sequence[Sequence[str]]
