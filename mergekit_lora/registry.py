@@ -151,6 +151,14 @@ class Algorithm(Generic[P]):
         """
         return 1
 
+    def runs_on_arrays(self, params: P) -> bool:
+        """Whether :meth:`merge_module` / :meth:`merge_batch` take numpy
+        :class:`~mergekit_lora.factor_arrays.ArrayUnits` for ``params`` (and return them, with an exact
+        fidelity row): a method that only concatenates and scales factors through the API the two unit
+        classes share, so a merge written to disk reads, merges and writes without importing torch.
+        Default: False (torch :class:`RankUnits`)."""
+        return False
+
     def check_module(self, name: str, infos: Sequence[ModuleInfo], params: P) -> str | None:
         """Why module ``name`` cannot be merged with ``params``, from its inputs' headers (``plan`` asks this
         before any tensor is read); None: it can.  Default: every module can."""

@@ -16,19 +16,20 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
 from ..names import pattern_value
-from ..units import RankUnits
 from .peft_write import peft_config
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import COMPONENTS, UNET_ROOTS, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes
 from .tensors import TensorSource
+
+if TYPE_CHECKING:
+    from ..factor_arrays import ArrayUnits
+    from ..units import RankUnits
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -142,11 +143,11 @@ def _check_metadata_alphas(a: Adapter, metadata: Mapping[str, str]) -> None:
     a.meta.extra["alpha_assumed"] = False
 
 
-def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                    dtype: torch.dtype, target_modules: Any = None, method: str = "",
+def write_diffusers(out_dir: Path, modules: Iterable[tuple[str, RankUnits | ArrayUnits]], adapters: Sequence[Adapter],
+                    *, dtype: Any, target_modules: Any = None, method: str = "",
                     recipe: Mapping[str, object] | None = None, **_: Any) -> dict[str, Any]:
     """Write ``pytorch_lora_weights.safetensors`` (lora_A/lora_B keys, scale 1) + ``lora_adapter_metadata``."""
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}  # torch tensors or numpy Stored arrays (sd_common.factors)
     ranks: dict[str, dict[str, int]] = {}
     for name, u in modules:
         comp, _, path = name.partition(".")

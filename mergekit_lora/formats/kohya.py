@@ -10,17 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..adapter import Adapter
+from ..arrays import Stored
 from ..errors import LoraMergeError
-from ..units import RankUnits
+from ..factor_arrays import ArrayUnits
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import KOHYA_KEY, kohya_name, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes, file_data_sha256, kohya_hashes, kohya_metadata
 from .tensors import TensorSource
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 WEIGHTS_NAME = "lora.safetensors"
 
@@ -60,11 +64,19 @@ def read_kohya(path: Path, *, allow_pickle: bool = False, strict: bool = True, *
     return a
 
 
-def kohya_tensors(name: str, u: RankUnits, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One module's keys: scale already in ``lora_up``, so ``alpha`` = rank (float32: exact for any rank)."""
+def kohya_tensors(name: str, u: RankUnits | ArrayUnits, dtype: Any) -> dict[str, Any]:
+    """One module's keys: scale already in ``lora_up``, so ``alpha`` = rank (float32: exact for any rank).
+
+    Torch tensors for :class:`RankUnits`, numpy :class:`~mergekit_lora.arrays.Stored` arrays for ArrayUnits."""
     down, up = factors(u, dtype)
-    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-            f"{name}.alpha": torch.tensor(float(down.shape[0]), dtype=torch.float32)}
+    rank = float(down.shape[0])
+    if isinstance(u, ArrayUnits):
+        alpha: Any = Stored(np.array(rank, dtype=np.float32), "float32")
+    else:
+        import torch  # a RankUnits' tensors: torch is already imported
+
+        alpha = torch.tensor(rank, dtype=torch.float32)
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
 
 
 def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
@@ -76,18 +88,18 @@ def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def write_kohya(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], adapters: Sequence[Adapter], *,
-                dtype: torch.dtype, target_modules: Any = None, method: str = "",
+def write_kohya(out_dir: Path, modules: Iterable[tuple[str, RankUnits | ArrayUnits]], adapters: Sequence[Adapter], *,
+                dtype: Any, target_modules: Any = None, method: str = "",
                 recipe: Mapping[str, object] | None = None, **_: Any) -> dict[str, Any]:
     """Write ``lora.safetensors`` with kohya keys and metadata; returns the header metadata."""
     mods = list(modules)
     names = to_kohya_names([n for n, _ in mods])
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     ranks = []
     for name, u in mods:
         t = kohya_tensors(names[name], u, dtype)
         tensors.update(t)
-        ranks.append(int(t[f"{names[name]}.alpha"]))
+        ranks.append(int(t[f"{names[name]}.lora_down.weight"].shape[0]))
     md = kohya_metadata(adapters, ranks, method=method, recipe=recipe)
     md.update(kohya_hashes(tensors, md))
     (Path(out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))
