@@ -74,7 +74,9 @@ def promote(a: str, b: str) -> str:
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest, ties to even; NaN stays a (quiet) NaN."""
+    """float32 -> bfloat16 bits (uint16), round to nearest, ties to even, ±Inf kept; a NaN becomes a quiet NaN
+    (torch's vector and scalar conversions differ in its bits; no NaN reaches a file: outputs are checked
+    finite first)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
     nan = np.isnan(x)
