@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +28,6 @@ from .arrays import FLOAT_MAX, dtype_name
 from .atomic import check_output  # noqa: F401  (the output-exists check, here with the request's others)
 from .errors import LoraMergeError, not_finite
 from .paths import exists
-
-if TYPE_CHECKING:  # the request checks run before torch is imported (a typo answers in a fraction of a second)
-    import torch
 
 
 def _non_finite(value: Any, where: str) -> str | None:

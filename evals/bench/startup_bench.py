@@ -65,7 +65,7 @@ def sd_files() -> None:
     rng = np.random.default_rng(0)
     kohya, diffusers = {}, {}
     for b in range(4):
-        for i, proj in enumerate(("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "ff_net_2", "ff_net_0_proj")):
+        for proj in ("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "ff_net_2", "ff_net_0_proj"):
             d = 320 if b < 2 else 640
             down, up = (rng.standard_normal((8, d)) * 0.1).astype(np.float16), (rng.standard_normal((d, 8)) * 0.1).astype(np.float16)
             k = f"lora_unet_down_blocks_{b // 2}_attentions_{b % 2}_{proj}"

@@ -15,7 +15,6 @@ from .sd_detect import base_family
 from .tensors import TensorSource, compute_dtype
 
 if TYPE_CHECKING:
-    import torch
 
     from ..units import RankUnits
 
