@@ -68,7 +68,7 @@ def ray_stream(options: RayOptions) -> Callable[..., Iterator[tuple[str, Any]]]:
                notes: list[tuple[str, Notes]] | None = None) -> Iterator[tuple[str, Any]]:
         ray = ensure_ray(options.address, options.workers)
         tasks = pack(core.plan_batches(p), max(1, options.modules_per_task))
-        remote = ray.remote(merge_task).options(num_cpus=1, num_gpus=1 if p.device.type == "cuda" else 0,
+        remote = ray.remote(merge_task).options(num_cpus=1, num_gpus=1 if str(p.device).startswith("cuda") else 0,
                                                 max_retries=1)
         plan_ref = ray.put(p)
         window = 2 * max(1, int(ray.available_resources().get("CPU", 1)))

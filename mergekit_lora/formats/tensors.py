@@ -117,6 +117,8 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     sentence; torch's own advice to disable the safeguard is not passed on."""
     import warnings
 
+    import torch  # lazily: only a pickle needs torch to be read
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
