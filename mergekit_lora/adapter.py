@@ -6,12 +6,16 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
+from .arrays import dtype_name
 from .errors import LoraMergeError
-from .units import ModuleKind, RankUnits
+
+if TYPE_CHECKING:  # the header side (ModuleInfo, AdapterMeta, plans) needs no torch; units are loaded on demand
+    from .factor_arrays import ArrayUnits
+    from .units import RankUnits
+
+ModuleKind = Literal["linear", "conv", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class ModuleInfo:
     fan_in_fan_out: bool
     alpha: float
     scale: float
-    dtype: torch.dtype
+    dtype: str  # the factors' dtype as stored: "bfloat16", "float32", … (arrays.dtype_name)
 
 
 @dataclass
@@ -40,7 +44,7 @@ class AdapterMeta:
     task_type: str | None = None
     target_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
-    dtype: torch.dtype = torch.float32
+    dtype: str = "float32"  # as ModuleInfo.dtype
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +54,10 @@ class Adapter:
 
     Readers give an :class:`Adapter` whose ``loader`` reads one module's tensors on demand (byte
     ranges of a header validated by ``safetensors.safe_open``, see ``formats/tensors.py``), so a
-    7B-sized adapter is never fully materialised when one module is needed.  ``units(name)`` validates and returns the module's units with the scale folded in.
+    7B-sized adapter is never fully materialised when one module is needed.  ``units(name)`` validates and
+    returns the module's units with the scale folded in (torch); ``arrays(name)`` the same as numpy
+    :class:`~mergekit_lora.factor_arrays.ArrayUnits`, for readers that give an ``array_loader`` (safetensors
+    files: ``has_arrays``).
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class Adapter:
         path: Path | None = None,
         unknown_keys: list[str] | None = None,
         label: str | None = None,
+        array_loader: Callable[[ModuleInfo], ArrayUnits] | None = None,
     ) -> None:
         self.modules: dict[str, ModuleInfo] = dict(modules)
         self.meta = meta
@@ -69,13 +77,14 @@ class Adapter:
         self.path = path
         self.unknown_keys = list(unknown_keys or [])
         self.label = label or (path.name if path is not None else "adapter")
+        self._array_loader = array_loader
 
     @classmethod
     def from_units(cls, units: Mapping[str, RankUnits], meta: AdapterMeta, label: str = "memory") -> Adapter:
         """An in-memory adapter (tests, merge results)."""
         infos = {
             n: ModuleInfo(n, u.rank, u.d_out, u.d_in, u.weight_shape, u.kind, u.fan_in_fan_out,
-                          float(u.rank), 1.0, u.A.dtype)
+                          float(u.rank), 1.0, dtype_name(u.A.dtype))
             for n, u in units.items()
         }
         stored = dict(units)
@@ -94,9 +103,20 @@ class Adapter:
         """Load one module's units (scale folded into B), tagging every unit with ``source``."""
         u = self._loader(self.modules[name])
         check_magnitude(u, name, self.path or self.label)
-        if source:
-            u = u.with_factors(u.A, u.B, torch.full((u.rank,), int(source), dtype=torch.long))
-        return u
+        return u.tagged(source) if source else u
+
+    @property
+    def has_arrays(self) -> bool:
+        """Whether :meth:`arrays` can load modules without torch."""
+        return self._array_loader is not None
+
+    def arrays(self, name: str, source: int = 0) -> ArrayUnits:
+        """:meth:`units` as numpy :class:`ArrayUnits` (same values, same checks); needs :attr:`has_arrays`."""
+        if self._array_loader is None:
+            raise TypeError(f"{self.label}: this adapter's reader gives no numpy factors")
+        u = self._array_loader(self.modules[name])
+        check_magnitude(u, name, self.path or self.label)
+        return u.tagged(source) if source else u
 
     def iter_units(self, source: int = 0) -> Iterator[tuple[str, RankUnits]]:
         for name in self.modules:
@@ -136,11 +156,12 @@ MAX_MAGNITUDE = 1e15
 
 
 def check_magnitude(u: RankUnits, name: str, where: object) -> None:
-    """Refuse a module whose factors would overflow float32 products (see :data:`MAX_MAGNITUDE`)."""
+    """Refuse a module whose factors would overflow float32 products (see :data:`MAX_MAGNITUDE`);
+    ``u``'s factors are torch tensors or numpy arrays."""
     A, B = getattr(u, "A", None), getattr(u, "B", None)
-    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or not A.numel() or not B.numel():
+    if A is None or B is None or not hasattr(A, "shape") or not math.prod(A.shape) or not math.prod(B.shape):
         return
-    a, b = float(A.detach().abs().max()), float(B.detach().abs().max())
+    a, b = float(abs(A).max()), float(abs(B).max())
     bound = a * b * max(1, u.rank)
     if not (math.isfinite(a) and math.isfinite(b)):  # read finite: the scale alpha/r overflowed float32
         raise LoraMergeError(

@@ -20,14 +20,14 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+
+from .arrays import FLOAT_MAX, dtype_name
 from .atomic import check_output  # noqa: F401  (the output-exists check, here with the request's others)
 from .errors import LoraMergeError, not_finite
 from .paths import exists
-
-if TYPE_CHECKING:  # the request checks run before torch is imported (a typo answers in a fraction of a second)
-    import torch
 
 
 def _non_finite(value: Any, where: str) -> str | None:
@@ -187,35 +187,56 @@ def check_unchanged(fingerprints: Mapping[str, Fingerprint], path: str | Path | 
                                  "run again when it is no longer being written")
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse a NaN/Inf entry in output tensor ``name`` (the merge produced a non-finite value)."""
-    import torch  # lazily: the request checks above run before torch is imported
+def check_finite(name: str, tensor: Any) -> None:
+    """Refuse a NaN/Inf entry in output tensor ``name`` (the merge produced a non-finite value); torch or numpy."""
+    if isinstance(tensor, np.ndarray):
+        bad, total = int((~np.isfinite(tensor)).sum()), int(tensor.size)
+    else:
+        import torch  # lazily: the request checks above run before torch is imported
 
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise LoraMergeError(f"the merged tensor {name} has {bad} NaN or Inf entries of {tensor.numel()}; "
+        if not tensor.is_floating_point():
+            return
+        bad, total = int((~torch.isfinite(tensor)).sum()), tensor.numel()
+    if bad:
+        raise LoraMergeError(f"the merged tensor {name} has {bad} NaN or Inf entries of {total}; "
                              "nothing was written, check the weights and parameters (or use float32 output)")
 
 
-def finite_units(stream: Iterable[tuple[str, Any]], dtype: torch.dtype | None = None
-                 ) -> Iterable[tuple[str, Any]]:
+def finite_units(stream: Iterable[tuple[str, Any]], dtype: Any = None) -> Iterable[tuple[str, Any]]:
     """Pass ``(module, units)`` through, refusing non-finite factors (and values that overflow ``dtype``,
     e.g. float16's 65504) before the writer sees them; anything that is not rank units passes as is.
+    Factors are torch tensors or numpy arrays (``ArrayUnits``); ``dtype`` a name or a torch dtype.
 
     One min/max reduction per factor (NaN propagates through it, ±Inf is its own extreme); only a
     failing factor pays for the detailed count."""
-    import torch  # lazily: the request checks above run before torch is imported
-
-    limit = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
+    name_ = dtype_name(dtype) if dtype is not None else None
+    limit = FLOAT_MAX.get(name_) if name_ is not None else None
+    shown = f"torch.{name_}" if name_ is not None else None  # the wording users have seen
     for name, u in stream:
         inner = getattr(u, "units", u)  # a routed module's pooled units (issue 28: route + --weights 1e30)
         for half, t in (("A", getattr(inner, "A", None)), ("B", getattr(inner, "B", None))):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                lo, hi = (float(v) for v in torch.aminmax(t))
-                if math.isfinite(lo) and math.isfinite(hi) and (limit is None or max(-lo, hi) <= limit):
-                    continue
-                check_finite(f"{name} ({half})", t)
-                if limit is not None and float(t.abs().max()) > limit:
-                    raise LoraMergeError(f"the merged tensor {name} ({half}) has entries beyond the {dtype} range "
-                                         f"(±{limit:g}); nothing was written, write float32 or bfloat16 instead")
+            extremes = _extremes(t)
+            if extremes is None:
+                continue
+            lo, hi = extremes
+            if math.isfinite(lo) and math.isfinite(hi) and (limit is None or max(-lo, hi) <= limit):
+                continue
+            check_finite(f"{name} ({half})", t)
+            if limit is not None and max(-lo, hi) > limit:
+                raise LoraMergeError(f"the merged tensor {name} ({half}) has entries beyond the {shown} range "
+                                     f"(±{limit:g}); nothing was written, write float32 or bfloat16 instead")
         yield name, u
+
+
+def _extremes(t: Any) -> tuple[float, float] | None:
+    """(min, max) of a non-empty floating-point factor (torch or numpy), else None."""
+    if isinstance(t, np.ndarray):
+        if t.dtype.kind != "f" or not t.size:
+            return None
+        with np.errstate(invalid="ignore"):
+            return float(t.min()), float(t.max())
+    torch = sys.modules.get("torch")  # a tensor can only be here if torch is already imported
+    if torch is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+        return None
+    lo, hi = torch.aminmax(t)
+    return float(lo), float(hi)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .names import module_group
-from .units import RankUnits
+
+if TYPE_CHECKING:
+    import torch
+
+    from .units import RankUnits
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,9 @@ class ModuleFidelity:
         return self.error_norm / self.target_norm
 
 
-def weighted_target(units: list[RankUnits], weights: list[float]) -> RankUnits:
-    """Σ w_i ΔW_i as rank units (exact, by concatenation)."""
-    return RankUnits.concat([u.scaled(w) for u, w in zip(units, weights)])
+def weighted_target(units: list[Any], weights: list[float]) -> Any:
+    """Σ w_i ΔW_i as rank units (exact, by concatenation; RankUnits or numpy ArrayUnits alike)."""
+    return type(units[0]).concat([u.scaled(w) for u, w in zip(units, weights)])
 
 
 # module_fidelity first works in the inputs' precision (float32 Grams); when the error it finds is below
@@ -40,6 +43,8 @@ FLOAT32_MIN_REL_ERROR = 3e-2
 
 def _grams(x: RankUnits, y: RankUnits, dtype: torch.dtype) -> float:
     """⟨ΔW_x, ΔW_y⟩_F = Σ (B_xᵀB_y) ⊙ (A_x A_yᵀ), products in ``dtype``, the final sum in float64."""
+    import torch  # lazily: see module_fidelity
+
     bb = x.B.to(dtype).T @ y.B.to(dtype)
     aa = x.A.to(dtype) @ y.A.to(dtype).T
     return float((bb * aa).sum(dtype=torch.float64))
@@ -47,6 +52,8 @@ def _grams(x: RankUnits, y: RankUnits, dtype: torch.dtype) -> float:
 
 def module_fidelity(name: str, merged: RankUnits, target: RankUnits) -> ModuleFidelity:
     """‖merged − target‖, ‖target‖, ‖merged‖ in factor space (no dense ΔW); see FLOAT32_MIN_REL_ERROR."""
+    import torch  # lazily: exact methods' rows (exact_fidelity) and summaries need no torch
+
     from .threads import single_thread
 
     merged = merged.to(device=target.A.device)

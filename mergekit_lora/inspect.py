@@ -4,7 +4,9 @@ A local PEFT folder with ``adapter_model.safetensors`` (the common case) is read
 header and config give the layout (:mod:`.formats.peft_layout`, the reader's own parser) and each
 module's ‖ΔW‖ comes from its factors as numpy arrays.  Every other source (kohya, diffusers, routed,
 a lone file, a pickle, a Hub id, an :class:`Adapter` object) goes through :func:`load_adapter` and the
-formats' inspect hooks, which need torch.  Both give the same :class:`Contents` to one report builder.
+formats' inspect hooks; its norms come from numpy factors too where the reader gives them (safetensors
+files), so only pickles, routed adapters and in-memory adapters import torch.  Both give the same
+:class:`Contents` to one report builder.
 """
 
 from __future__ import annotations
@@ -119,14 +121,15 @@ def peft_contents(folder: Path) -> Contents:
 
 
 def adapter_contents(a: Adapter) -> Contents:
-    """A loaded adapter's contents; ‖ΔW‖ from its rank units."""
+    """A loaded adapter's contents; ‖ΔW‖ from its numpy factors when it has them, else its rank units."""
     rows = [ModuleRow(i.name, i.rank, i.alpha, i.scale, i.kind, i.weight_shape,
                       str(i.dtype).removeprefix("torch."), i.d_in, i.d_out) for i in a.modules.values()]
     extra = a.meta.extra
     return Contents(str(a.path) if a.path else a.label, a.meta.format, a.meta.base_model, extra.get("base_family"),
                     a.meta.config, bool(extra.get("alpha_assumed", False)), str(a.meta.dtype).replace("torch.", ""),
                     a.meta.target_modules, a.unknown_keys, extra.get("dropped_modules_to_save", []),
-                    extra.get("dropped_base_layers", []), rows, lambda name: a.units(name).norm())
+                    extra.get("dropped_base_layers", []), rows,
+                    (lambda name: a.arrays(name).norm()) if a.has_arrays else (lambda name: a.units(name).norm()))
 
 
 def factor_norm(A: np.ndarray, B: np.ndarray, scale: float) -> float:

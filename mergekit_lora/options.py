@@ -1,7 +1,7 @@
 """``MergeOptions``: every run-level choice of a merge in one frozen object (no method parameters).
 
 Built once — by the CLI (its shared flags are generated from these fields), by a recipe, or by a
-Python caller — and passed down unchanged: ``plan(sources, method, params, weights, options)``.
+Python caller — and passed down unchanged: ``plan(MergeRequest(sources, method, params, weights, options))``.
 Importing this module imports no torch.
 
 Example::

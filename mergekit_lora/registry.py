@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import LoraMergeError, not_finite
+from .threads import NO_BUDGET, ThreadBudget
 
 if TYPE_CHECKING:
     import torch
 
     from .adapter import ModuleInfo
     from .fidelity import ModuleFidelity
-    from .threads import ThreadBudget
     from .units import RankUnits
 
 ENTRY_POINT_GROUP = "mergekit_lora.algorithms"
@@ -60,13 +60,6 @@ P = TypeVar("P", bound=AlgorithmParams)
 Notes = Mapping[str, Any]
 
 
-def _no_budget() -> ThreadBudget:
-    """No budget (lazily: this module is imported by `loramerge methods`, which needs no torch)."""
-    from .threads import NO_BUDGET
-
-    return NO_BUDGET
-
-
 @dataclass(frozen=True)
 class ModuleContext:
     """Per-module facts an algorithm may need: where to compute, a seed for randomness, and the run's thread
@@ -76,7 +69,7 @@ class ModuleContext:
     name: str
     seed: int
     device: torch.device
-    threads: ThreadBudget = field(default_factory=_no_budget)
+    threads: ThreadBudget = NO_BUDGET
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, module name, salt): reproducible and module-independent."""
@@ -161,6 +154,14 @@ class Algorithm(Generic[P]):
         of layers.
         """
         return 1
+
+    def runs_on_arrays(self, params: P) -> bool:
+        """Whether :meth:`merge_module` / :meth:`merge_batch` take numpy
+        :class:`~mergekit_lora.factor_arrays.ArrayUnits` for ``params`` (and return them, with an exact
+        fidelity row): a method that only concatenates and scales factors through the API the two unit
+        classes share, so a merge written to disk reads, merges and writes without importing torch.
+        Default: False (torch :class:`RankUnits`)."""
+        return False
 
     def check_module(self, name: str, infos: Sequence[ModuleInfo], params: P) -> str | None:
         """Why module ``name`` cannot be merged with ``params``, from its inputs' headers (``plan`` asks this

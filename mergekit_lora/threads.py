@@ -52,9 +52,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Below this many floating-point operations an op runs on one thread: ~5 ms of single-thread work
 # (at ~30 GFLOP/s), enough that a parallel region's barrier (a descheduled thread on a busy machine)
@@ -159,6 +160,8 @@ class ThreadBudget:
         PARALLEL_MIN_FLOPS, trimmed to the idle CPUs when the budget was not set explicitly (any budget: the
         pool size never changes the bytes)."""
         if self.budget is None:
+            import torch  # lazily: a torch-free merge (numpy factors) holds a budget but never asks it
+
             return torch.get_num_threads()
         if flops < PARALLEL_MIN_FLOPS:
             return 1
@@ -193,6 +196,8 @@ def current() -> ThreadBudget:
 
 @contextmanager
 def _num_threads(n: int) -> Iterator[None]:
+    import torch  # lazily, as every torch call of this module: planning and numpy merges import no torch
+
     prev = torch.get_num_threads()
     if n == prev:
         yield
@@ -213,6 +218,8 @@ def thread_policy(threads: int | None = None) -> Iterator[int]:
     disabled by ``LORAMERGE_THREAD_POLICY=off``.
     """
     global _budget, _load_aware
+    import torch
+
     if not policy_enabled():
         yield torch.get_num_threads()
         return
@@ -272,6 +279,8 @@ def run_pool(fn: Callable[..., T], items: Sequence[tuple], workers: int) -> list
     """
     if workers <= 1 or len(items) < 2:
         return [fn(*it) for it in items]
+    import torch
+
     prev = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
@@ -290,6 +299,8 @@ def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> t
     ``threads.gemm_workers_for`` workers.  Products below PARALLEL_MIN_FLOPS, and everything without a
     budget (:data:`NO_BUDGET`), are one plain ``X @ Y``.  The choice depends on the shapes only.
     """
+    import torch
+
     m, k = X.shape[-2], X.shape[-1]
     n = Y.shape[-1]
     batch = X.shape[0] if X.ndim == 3 else 1

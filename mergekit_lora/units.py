@@ -104,6 +104,10 @@ class RankUnits:
             source = self.source if A.shape[0] == self.rank else torch.zeros(A.shape[0], dtype=torch.long)
         return replace(self, A=A, B=B, source=source)
 
+    def tagged(self, source: int) -> RankUnits:
+        """Every unit marked as coming from input ``source``."""
+        return replace(self, source=torch.full((self.rank,), int(source), dtype=torch.long))
+
     @staticmethod
     def concat(parts: Sequence[RankUnits]) -> RankUnits:
         """[B_1 … B_n][A_1; …; A_n] = Σ B_j A_j: concatenation is summation."""

@@ -60,9 +60,12 @@ def run_and_report(request: MergeRequest, emit_recipe: str | None, ray: Any = No
     if chosen:
         out.print(f"no -o given: writing to ./{escape(str(options.out))}/", highlight=False)
     warn_inputs(p)
-    from mergekit_lora.distributed.ray_merge import ray_stream
+    stream_fn = None
+    if ray is not None:  # only then: Ray's driver imports torch, which linear/cat do not need
+        from mergekit_lora.distributed.ray_merge import ray_stream
 
-    result = execute(p, ray_stream(ray) if ray is not None else None)
+        stream_fn = ray_stream(ray)
+    result = execute(p, stream_fn)
     print_fidelity(result.fidelity, out)
     for k, v in result.report.items():
         if k != "warning":

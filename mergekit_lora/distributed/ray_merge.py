@@ -142,7 +142,7 @@ class RayMerge:
              keep: float, t0: float) -> Iterator[tuple[str, Any]]:
         batches = core.plan_batches(p)
         workers = max(1, min(self.options.workers or cluster_cpus(ray), len(batches)))
-        pool = MergePool(ray, workers, idle_s=keep or None, gpu=p.device.type == "cuda")
+        pool = MergePool(ray, workers, idle_s=keep or None, gpu=str(p.device).startswith("cuda"))
         tasks = self._tasks(p, batches, workers)
         self.stats.workers, self.stats.reused, self.stats.tasks = workers, pool.reused, len(tasks)
         token = uuid.uuid4().hex

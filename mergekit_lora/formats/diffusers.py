@@ -16,9 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
@@ -29,6 +27,9 @@ from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import COMPONENTS, UNET_ROOTS, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes
 from .tensors import TensorSource
+
+if TYPE_CHECKING:
+    pass
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -146,7 +147,7 @@ def write_diffusers(req: WriteRequest) -> dict[str, Any]:
     """Write ``pytorch_lora_weights.safetensors`` (lora_A/lora_B keys, scale 1) + ``lora_adapter_metadata``
     into ``req.out_dir``; returns the packed PEFT configs."""
     dtype = req.dtype
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}  # torch tensors or numpy Stored arrays (sd_common.factors)
     ranks: dict[str, dict[str, int]] = {}
     for name, u in req.modules:
         comp, _, path = name.partition(".")

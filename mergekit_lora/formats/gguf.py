@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..arrays import torch_dtype
 from ..errors import LoraMergeError
 from ..units import RankUnits
+from .gguf_name import GGUF_NAME
 from .request import WriteRequest
-
-GGUF_NAME = "adapter.gguf"
 
 # HF sub-module (inside ``model.layers.N.``) -> GGUF tensor stem (``blk.N.<stem>.weight``).
 _LAYER_MODULES = {
@@ -253,6 +253,7 @@ def write_gguf(out_file: Path, modules: Iterable[tuple[str, RankUnits]], base: G
     Modules are kept in arrival order; rank-0 modules (ΔW = 0) are left out.  Same inputs, same bytes."""
     from gguf import GGUFType, GGUFWriter, Keys
 
+    dtype = torch_dtype(dtype)  # a plan or an adapter's header names it ("bfloat16")
     if dtype not in _DTYPES:
         raise LoraMergeError(f"GGUF export writes float32, float16 or bfloat16, not {dtype}")
     items = [(n, u) for n, u in modules]

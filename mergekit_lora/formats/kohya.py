@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..adapter import Adapter
+from ..arrays import Stored
 from ..errors import LoraMergeError
-from ..units import RankUnits
+from ..factor_arrays import ArrayUnits
 from .request import WriteRequest
 from .sd_common import Entry, Parsed, adapter_from_entries, factors
 from .sd_detect import KOHYA_KEY, kohya_name, refuse_unknown, refuse_variants
 from .sd_meta import canonical_bytes, file_data_sha256, kohya_hashes, kohya_metadata
 from .tensors import TensorSource
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 WEIGHTS_NAME = "lora.safetensors"
 
@@ -61,11 +65,19 @@ def read_kohya(path: Path, *, allow_pickle: bool = False, strict: bool = True, *
     return a
 
 
-def kohya_tensors(name: str, u: RankUnits, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One module's keys: scale already in ``lora_up``, so ``alpha`` = rank (float32: exact for any rank)."""
+def kohya_tensors(name: str, u: RankUnits | ArrayUnits, dtype: Any) -> dict[str, Any]:
+    """One module's keys: scale already in ``lora_up``, so ``alpha`` = rank (float32: exact for any rank).
+
+    Torch tensors for :class:`RankUnits`, numpy :class:`~mergekit_lora.arrays.Stored` arrays for ArrayUnits."""
     down, up = factors(u, dtype)
-    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-            f"{name}.alpha": torch.tensor(float(down.shape[0]), dtype=torch.float32)}
+    rank = float(down.shape[0])
+    if isinstance(u, ArrayUnits):
+        alpha: Any = Stored(np.array(rank, dtype=np.float32), "float32")
+    else:
+        import torch  # a RankUnits' tensors: torch is already imported
+
+        alpha = torch.tensor(rank, dtype=torch.float32)
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
 
 
 def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
@@ -78,16 +90,18 @@ def to_kohya_names(names: Sequence[str]) -> dict[str, str]:
 
 
 def write_kohya(req: WriteRequest) -> dict[str, Any]:
-    """Write ``lora.safetensors`` with kohya keys and metadata into ``req.out_dir``; returns the header metadata."""
+    """Write ``lora.safetensors`` with kohya keys and metadata into ``req.out_dir``; returns the header metadata.
+
+    ``req.modules`` hold ``RankUnits`` or numpy ``ArrayUnits`` (a torch-free merge)."""
     dtype = req.dtype
     mods = list(req.modules)
     names = to_kohya_names([n for n, _ in mods])
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     ranks = []
     for name, u in mods:
         t = kohya_tensors(names[name], u, dtype)
         tensors.update(t)
-        ranks.append(int(t[f"{names[name]}.alpha"]))
+        ranks.append(int(t[f"{names[name]}.lora_down.weight"].shape[0]))
     md = kohya_metadata(req.adapters, ranks, method=req.method, recipe=req.recipe)
     md.update(kohya_hashes(tensors, md))
     (Path(req.out_dir) / WEIGHTS_NAME).write_bytes(canonical_bytes(tensors, md))

@@ -1,18 +1,22 @@
 """Read PEFT LoRA adapters: a folder, a bare adapter_model.safetensors, or any file with PEFT keys.
 
 The header and config are interpreted by :mod:`.peft_layout` (no torch); this module turns a layout
-into an :class:`Adapter` whose loader reads one module's factors as torch tensors on demand.
+into an :class:`Adapter` whose loaders read one module's factors on demand, as torch tensors or (a
+safetensors file) as numpy arrays; reading the header imports no torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
-from ..units import RankUnits
+from ..factor_arrays import ArrayUnits
 from .peft_layout import has_peft_keys, label_of, locate, peft_layout, read_config
 from .tensors import TensorSource, compute_dtype
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 __all__ = ["adapter_from_peft_source", "has_peft_keys", "read_peft"]
 
@@ -56,6 +60,8 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
     )
 
     def load(info: ModuleInfo) -> RankUnits:
+        from ..units import RankUnits  # lazily: torch, only when a method computes with it
+
         m = layout.modules[info.name]
         ct = compute_dtype(info.dtype)
         A = src.get(m.a_key).to(ct)
@@ -63,4 +69,11 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
         return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind=info.kind,
                                       fan_in_fan_out=info.fan_in_fan_out)
 
-    return Adapter(infos, meta, load, path=src.path, unknown_keys=layout.unknown_keys, label=label_of(src.path))
+    def load_arrays(info: ModuleInfo) -> ArrayUnits:
+        m = layout.modules[info.name]
+        return ArrayUnits.from_factors(src.array(m.a_key), src.array(m.b_key), scale=info.scale,
+                                       weight_shape=info.weight_shape, kind=info.kind,
+                                       fan_in_fan_out=info.fan_in_fan_out)
+
+    return Adapter(infos, meta, load, path=src.path, unknown_keys=layout.unknown_keys, label=label_of(src.path),
+                   array_loader=load_arrays if src.has_arrays else None)

@@ -7,32 +7,46 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterMeta
-from ..units import RankUnits
+from ..arrays import Stored, dtype_name, torch_dtype
+from ..factor_arrays import ArrayUnits
 from .peft_layout import PEFT_PREFIX
 from .safetensors_stream import SafetensorsStream, header_budget
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-def peft_tensors(name: str, u: RankUnits, dtype: torch.dtype, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
-    """The PEFT keys and tensors of one module (scale already folded into B: the file's scale is 1)."""
-    if u.rank == 0:  # PEFT cannot hold rank 0: one zero unit keeps the module and ΔW = 0
-        u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
-    A = u.A.detach().to("cpu", dtype).contiguous()
-    B = u.B.detach().to("cpu", dtype).contiguous()
+def peft_tensors(name: str, u: RankUnits | ArrayUnits, dtype: Any, prefix: str = PEFT_PREFIX) -> dict[str, Any]:
+    """The PEFT keys and tensors of one module (scale already folded into B: the file's scale is 1).
+
+    ``dtype``: a name (``"bfloat16"``) or a torch dtype.  Torch tensors for :class:`RankUnits`, numpy
+    :class:`~mergekit_lora.arrays.Stored` arrays (the same bytes) for :class:`ArrayUnits`."""
     base = f"{prefix}{name}"
+    if isinstance(u, ArrayUnits):
+        A, B = u.stored(dtype_name(dtype))  # rank 0 -> one zero unit, as below
+        rank = A.shape[0]
+        if u.kind == "conv":
+            A = Stored(A.data.reshape(rank, *u.weight_shape[1:]), A.dtype)
+            B = Stored(B.data.reshape(u.d_out, rank, *([1] * len(u.weight_shape[2:]))), B.dtype)
+    else:
+        import torch  # a RankUnits' tensors: torch is already imported
+
+        if u.rank == 0:  # PEFT cannot hold rank 0: one zero unit keeps the module and ΔW = 0
+            u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
+        dt = torch_dtype(dtype)
+        A = u.A.detach().to("cpu", dt).contiguous()
+        B = u.B.detach().to("cpu", dt).contiguous()
+        if u.kind == "conv":
+            A = A.reshape(u.rank, *u.weight_shape[1:]).contiguous()
+            B = B.reshape(u.d_out, u.rank, *([1] * len(u.weight_shape[2:]))).contiguous()
     if u.kind == "embedding":
         return {f"{base}.lora_embedding_A": A, f"{base}.lora_embedding_B": B}
-    if u.kind == "conv":
-        k = tuple(u.weight_shape[2:])
-        A = A.reshape(u.rank, *u.weight_shape[1:]).contiguous()
-        B = B.reshape(u.d_out, u.rank, *([1] * len(k))).contiguous()
     return {f"{base}.lora_A.weight": A, f"{base}.lora_B.weight": B}
 
 
@@ -108,8 +122,8 @@ def carried_target_modules(metas: Sequence[AdapterMeta], input_modules: Sequence
     return sorted(targets)
 
 
-def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits]], meta: AdapterMeta, *,
-               dtype: torch.dtype | None = None, target_modules: Sequence[str] | str | None = None,
+def write_peft(out_dir: Path, modules: Iterable[tuple[str, RankUnits | ArrayUnits]], meta: AdapterMeta, *,
+               dtype: Any = None, target_modules: Sequence[str] | str | None = None,
                metadata: dict[str, str] | None = None, expected_modules: Sequence[str] | None = None,
                profile: str | None = None, rank: int | None = None) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (an existing folder,

@@ -10,14 +10,17 @@ per-module ``rank_pattern``/``alpha_pattern``, mixed ranks, DoRA, ``modules_to_s
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..adapter import Adapter, AdapterMeta
 from ..errors import LoraMergeError
-from ..units import RankUnits
+from ..factor_arrays import ArrayUnits
 from .serving import serving_warnings_for
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 PROFILES = ("default", "portable")
 # Keys the portable config leaves out (PEFT's defaults then apply: no patterns, no rsLoRA, no DoRA).
@@ -32,7 +35,7 @@ def check_profile(profile: str | None) -> str:
     return p
 
 
-def pad_units(u: RankUnits, rank: int) -> RankUnits:
+def pad_units(u: RankUnits | ArrayUnits, rank: int) -> RankUnits | ArrayUnits:
     """``u`` with zero units appended up to ``rank`` (A [rank, d_in], B [d_out, rank]); ΔW is unchanged."""
     if u.kind == "conv":
         raise LoraMergeError("the portable profile is for language-model serving engines; conv modules "
@@ -42,6 +45,12 @@ def pad_units(u: RankUnits, rank: int) -> RankUnits:
         raise ValueError(f"cannot pad rank {u.rank} down to {rank}")
     if extra == 0:
         return u
+    if isinstance(u, ArrayUnits):
+        return u.with_factors(np.concatenate([u.A, np.zeros((extra, u.d_in), u.A.dtype)]),
+                              np.concatenate([u.B, np.zeros((u.d_out, extra), u.B.dtype)], axis=1),
+                              np.concatenate([u.source, np.zeros(extra, u.source.dtype)]))
+    import torch  # a RankUnits' tensors: torch is already imported
+
     A = torch.cat([u.A, torch.zeros(extra, u.d_in, dtype=u.A.dtype, device=u.A.device)])
     B = torch.cat([u.B, torch.zeros(u.d_out, extra, dtype=u.B.dtype, device=u.B.device)], dim=1)
     src = torch.cat([u.source, torch.zeros(extra, dtype=u.source.dtype)])

@@ -19,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from . import diffusers, gguf, kohya, peft_read, routed, sd, sd_detect, writers
+from . import diffusers, kohya, peft_read, routed_tag, sd, sd_detect, writers
+from .gguf_name import GGUF_NAME
 from .request import Writer
 from .request import WriteRequest as WriteRequest  # re-exported: what a writer takes
 
@@ -49,23 +51,42 @@ class FormatSpec:
     write_options: Callable[[Any], Any] | None = None  # (MergeOptions) -> the writer's own typed options
     file: str | None = None  # the one file the writer writes (a one-file format: ``export`` writes it to a path)
     library: str = "diffusers"  # the model card's library_name
+    arrays: bool = False  # the writer also takes numpy ArrayUnits (factor_arrays): torch-free merges write here
+
+
+def deferred(module: str, name: str) -> Callable[..., Any]:
+    """``formats.<module>.<name>``, imported on its first call: the routed and GGUF formats need torch (and
+    gguf), which listing, sniffing and planning the other formats never import."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _inspect_routed(adapter: Adapter, report: dict[str, Any]) -> None:
+    """The routed format's inspect section, for routed adapters only (the others never import it)."""
+    if adapter.meta.format == routed_tag.FORMAT_TAG:
+        deferred("routed", "inspect_routing")(adapter, report)
 
 
 def builtin_formats() -> list[FormatSpec]:
     """Our formats in sniffing order (the most specific header tests first)."""
     return [
-        FormatSpec("routed", routed.sniff_routed, routed.read_routed_adapter, routed.routed_writer, "peft",
-                   inspect=routed.inspect_routing, library="mergekit-lora"),
+        FormatSpec("routed", routed_tag.sniff_routed, deferred("routed", "read_routed_adapter"),
+                   deferred("routed", "routed_writer"), "peft", inspect=_inspect_routed, library="mergekit-lora"),
         FormatSpec("kohya", lambda keys, meta: sd_detect.is_kohya(keys), kohya.read_kohya, kohya.write_kohya, "kohya",
-                   align=sd.align_sd, inspect=sd.inspect_sd, refuse_mix=sd.refuse_mixed_families),
+                   align=sd.align_sd, inspect=sd.inspect_sd, refuse_mix=sd.refuse_mixed_families, arrays=True),
         FormatSpec("diffusers", lambda keys, meta: diffusers.is_diffusers(keys), diffusers.read_diffusers,
-                   diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd),
+                   diffusers.write_diffusers, "diffusers", inspect=sd.inspect_sd, arrays=True),
         FormatSpec("peft", lambda keys, meta: peft_read.has_peft_keys(keys), peft_read.read_peft,
                    writers.peft_writer, "peft", refuse_inputs=sd.refuse_peft_output, options=("profile",),
-                   write_options=writers.peft_options, library="peft"),
-        # llama.cpp LoRA (issue 18): needs its base model's .gguf (GGUFOptions)
-        FormatSpec("gguf", write=gguf.gguf_writer, options=("base_gguf",), check_options=gguf.check_options,
-                   write_options=gguf.gguf_options, file=gguf.GGUF_NAME),
+                   write_options=writers.peft_options, library="peft", arrays=True),
+        # llama.cpp LoRA (issue 18): needs its base model's .gguf (GGUFOptions); gguf.py (torch) loads on first use
+        FormatSpec("gguf", write=deferred("gguf", "gguf_writer"), options=("base_gguf",),
+                   check_options=deferred("gguf", "check_options"), write_options=deferred("gguf", "gguf_options"),
+                   file=GGUF_NAME),
     ]
 
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
     from ..adapter import Adapter
 
 
@@ -22,8 +20,8 @@ if TYPE_CHECKING:
 class WriteRequest:
     """One output to write into ``out_dir`` (an existing, empty temp folder of ``atomic.py``).
 
-    ``modules``: ``(name, units)`` pairs in plan order, consumed once (``RankUnits``, or ``RoutedUnits`` for
-    the routed format); ``adapters``: the inputs (their metadata: base model, family, alpha); ``dtype``: the
+    ``modules``: ``(name, units)`` pairs in plan order, consumed once (``RankUnits``; numpy ``ArrayUnits`` for a
+    torch-free merge into a format with ``FormatSpec.arrays``; ``RoutedUnits`` for the routed format); ``adapters``: the inputs (their metadata: base model, family, alpha); ``dtype``: the
     output dtype; ``method``: the merge method ("" for a conversion); ``target_modules`` / ``module_names``:
     the PEFT config's targets and every module the plan writes (a streaming writer sizes its header from
     them); ``recipe``: parameters, weights and seed for the format's metadata; ``options``: the format's own
@@ -33,7 +31,7 @@ class WriteRequest:
     out_dir: Path
     modules: Iterable[tuple[str, Any]]
     adapters: Sequence[Adapter]
-    dtype: torch.dtype
+    dtype: Any  # the output dtype: a torch dtype or its name ("bfloat16"; a torch-free merge names it)
     method: str = ""
     target_modules: list[str] | None = None
     module_names: Sequence[str] | None = None

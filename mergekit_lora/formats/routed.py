@@ -26,9 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo, output_meta
+from ..arrays import dtype_name, torch_dtype
 from ..errors import LoraMergeError
 from ..units import RankUnits
 from .request import WriteRequest
+from .routed_tag import FORMAT_TAG, sniff_routed  # noqa: F401  (sniff_routed: re-exported)
 
 RouterKind = Literal["implicit", "gate", "hierarchical"]
 ROUTERS: tuple[str, ...] = ("implicit", "gate", "hierarchical")
@@ -36,7 +38,6 @@ EVIDENCE: tuple[str, ...] = ("depth", "module")
 HIER_KEYS: tuple[str, ...] = ("top_m", "mass", "evidence")
 CONFIG_NAME = "routing_config.json"
 WEIGHTS_NAME = "routed_model.safetensors"
-FORMAT_TAG = "routed"
 FORMAT_VERSION = 1
 
 
@@ -184,10 +185,11 @@ def routing_config(modules: Iterable[tuple[str, RoutedUnits]], base_model: str |
 
 
 def write_routed(out_dir: Path, modules: Iterable[tuple[str, RoutedUnits]], *, base_model: str | None,
-                 sources: Sequence[str], dtype: torch.dtype = torch.float32,
+                 sources: Sequence[str], dtype: torch.dtype | str = torch.float32,
                  info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``routed_model.safetensors`` + ``routing_config.json`` into ``out_dir`` (an existing temp
     folder of :func:`mergekit_lora.atomic.atomic_output`).  Returns the config."""
+    dtype = torch_dtype(dtype)  # a plan names it ("bfloat16")
     tensors: dict[str, torch.Tensor] = {}
     kept: list[tuple[str, RoutedUnits]] = []
     for name, m in modules:
@@ -293,7 +295,7 @@ def read_routed_adapter(path: Path, **_: Any) -> Adapter:
     for name, s in cfg["modules"].items():
         infos[name] = ModuleInfo(name, int(s["R"]), int(s["d_out"]), int(s["d_in"]), tuple(s["weight_shape"]),
                                  s.get("kind", "linear"), bool(s.get("fan_in_fan_out", False)), float(s["R"]), 1.0,
-                                 torch.float32)
+                                 "float32")
 
     def loader(info: ModuleInfo) -> RankUnits:
         with safe_open(str(weights), framework="pt") as f:
@@ -301,16 +303,12 @@ def read_routed_adapter(path: Path, **_: Any) -> Adapter:
         return _units(info.name, cfg["modules"][info.name], t, weights)
 
     with safe_open(str(weights), framework="pt") as f:
-        dtype = f.get_tensor(f"{next(iter(infos))}.unit_A").dtype if infos else torch.float32
+        dtype = dtype_name(f.get_tensor(f"{next(iter(infos))}.unit_A").dtype) if infos else "float32"
     fifo = {i.fan_in_fan_out for i in infos.values()}
     meta = AdapterMeta(format=FORMAT_TAG, base_model=cfg.get("base_model_name_or_path"), dtype=dtype,
                        target_modules=sorted(infos), fan_in_fan_out=fifo == {True}, config=cfg,
                        extra={"routing": cfg})
     return Adapter(infos, meta, loader, path=weights.parent, label=weights.parent.name)
-
-
-def sniff_routed(keys: list[str], metadata: dict[str, str]) -> bool:
-    return (metadata or {}).get("mergekit_lora.format") == FORMAT_TAG
 
 
 def inspect_routing(a: Adapter, report: dict[str, Any]) -> None:

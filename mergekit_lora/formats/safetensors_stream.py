@@ -6,7 +6,8 @@ they arrive; ``close()`` writes the 8-byte header length and the JSON header (ke
 ``__metadata__`` sorted, padded with spaces as the format allows).  With a ``header_budget`` (an
 upper bound of the header's size, from the tensor names the caller expects) the data goes straight
 into the output after a reserved header region; without one, or if the header outgrows it, the data
-goes to a temp file first and is copied behind the header.  The layout is the safetensors format
+goes to a temp file first and is copied behind the header.  A tensor is a torch tensor or a numpy
+:class:`~mergekit_lora.arrays.Stored` array (its bytes and dtype name); this module imports no torch.  The layout is the safetensors format
 (little-endian, C order, contiguous data, no holes); the tests read the files back with
 ``safetensors`` itself.  The same tensors in the same arrival order give the same bytes.
 """
@@ -21,12 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from ..arrays import Stored, dtype_name
+
+# dtype name (torch's and numpy's) -> safetensors code
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
 }
 # Header bytes one tensor entry can take beyond its quoted name: dtype, up to 4 dims of 10 digits,
 # two offsets of 20 digits, and the JSON punctuation.
@@ -49,16 +53,24 @@ class SafetensorsStream:
         self._entries: dict[str, dict[str, Any]] = {}
         self._offset = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: Any) -> None:
+        """Append ``tensor`` (a torch tensor, or a numpy :class:`Stored` array) under ``name``."""
         if name in self._entries:
             raise ValueError(f"tensor {name!r} was already written")
-        if tensor.dtype not in _DTYPE_NAMES:
+        dtype = tensor.dtype if isinstance(tensor, Stored) else dtype_name(tensor.dtype)
+        if dtype not in _DTYPE_NAMES:
             raise ValueError(f"safetensors cannot store dtype {tensor.dtype} ({name})")
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
+        if isinstance(tensor, Stored):
+            data = np.ascontiguousarray(tensor.data).reshape(-1).view(np.uint8)
+        else:
+            import torch  # a torch tensor: torch is already imported by whoever made it
+
+            t = tensor.detach().to("cpu").contiguous()
+            data = t.reshape(-1).view(torch.uint8).numpy()
+        nbytes = int(data.size)
         if nbytes:
-            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._entries[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+            self._data.write(memoryview(data))
+        self._entries[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
 from ..errors import LoraMergeError
-from ..units import RankUnits
 from .kohya import to_kohya_names
 from .sd_detect import sgm_style
 from .sd_meta import file_data_sha256
+
+if TYPE_CHECKING:
+    from ..factor_arrays import ArrayUnits
+    from ..units import RankUnits
 
 SD_NAMINGS = ("kohya", "diffusers")
 
@@ -33,7 +36,11 @@ def renamed(a: Adapter, names: dict[str, str], fmt: str) -> Adapter:
     def load(info: ModuleInfo) -> RankUnits:
         return a.units(back[info.name])
 
-    return Adapter(infos, meta, load, path=a.path, unknown_keys=a.unknown_keys, label=a.label)
+    def load_arrays(info: ModuleInfo) -> ArrayUnits:
+        return a.arrays(back[info.name])
+
+    return Adapter(infos, meta, load, path=a.path, unknown_keys=a.unknown_keys, label=a.label,
+                   array_loader=load_arrays if a.has_arrays else None)
 
 
 def align_sd(adapters: list[Adapter]) -> list[Adapter]:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, AdapterMeta, ModuleInfo
+from ..arrays import Stored, dtype_name, torch_dtype
 from ..errors import LoraMergeError
+from ..factor_arrays import ArrayUnits
 from ..names import natural_key
-from ..units import RankUnits
 from .sd_detect import base_family
 from .tensors import TensorSource, compute_dtype
+
+if TYPE_CHECKING:
+
+    from ..units import RankUnits
 
 
 @dataclass
@@ -47,8 +50,7 @@ def _shape_info(f: Any, name: str, e: Entry, src: TensorSource) -> tuple[int, in
 
 
 _ALPHA_NAMES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
-_ALPHA_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-                 torch.int8, torch.uint8}
+_ALPHA_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8"}
 
 
 def _alpha(src: TensorSource, key: str) -> float:
@@ -57,10 +59,10 @@ def _alpha(src: TensorSource, key: str) -> float:
     if (name is not None and name not in _ALPHA_NAMES) or src.dtypes[key] not in _ALPHA_DTYPES:
         raise LoraMergeError(f"{src.path}: tensor {key} has dtype {src.dtype_name(key)}; alpha must be a number "
                              "(F32, F16, BF16, F64 or an integer)")
-    t = src.get(key)
-    if t.numel() != 1:
-        raise LoraMergeError(f"{src.path}: tensor {key} has shape {list(t.shape)}; alpha must be one number")
-    alpha = float(t.double().reshape(-1)[0])
+    shape = src.shapes[key]
+    if math.prod(shape) != 1:
+        raise LoraMergeError(f"{src.path}: tensor {key} has shape {list(shape)}; alpha must be one number")
+    alpha = src.scalar(key)
     if not math.isfinite(alpha):
         raise LoraMergeError(f"{src.path}: tensor {key} is not a finite number; the adapter is corrupt")
     return alpha
@@ -90,29 +92,49 @@ def adapter_from_entries(src: TensorSource, parsed: Parsed, *, fmt: str, naming:
         raise LoraMergeError(f"{f}: no LoRA weights found (expected lora_down/lora_up or lora_A/lora_B pairs)")
     shapes = {n: (i.d_out, i.d_in) for n, i in infos.items()}
     meta = AdapterMeta(
-        format=fmt, dtype=dtype or torch.float32,
+        format=fmt, dtype=dtype or "float32",
         extra={"naming": naming, "base_family": base_family(list(infos), shapes, src.metadata),
                "metadata": dict(src.metadata), "alpha_assumed": assumed == len(infos),
                "unconsumed": list(parsed.unconsumed)},
     )
 
     def load(info: ModuleInfo) -> RankUnits:
+        from ..units import RankUnits  # lazily: torch, only when a method computes with it
+
         e = parsed.entries[info.name]
         ct = compute_dtype(info.dtype)
         return RankUnits.from_factors(src.get(e.down).to(ct), src.get(e.up).to(ct), scale=info.scale,
                                       weight_shape=info.weight_shape, kind=info.kind)
 
-    return Adapter(infos, meta, load, path=f, unknown_keys=list(parsed.unconsumed), label=label)
+    def load_arrays(info: ModuleInfo) -> ArrayUnits:
+        e = parsed.entries[info.name]
+        return ArrayUnits.from_factors(src.array(e.down), src.array(e.up), scale=info.scale,
+                                       weight_shape=info.weight_shape, kind=info.kind)
+
+    return Adapter(infos, meta, load, path=f, unknown_keys=list(parsed.unconsumed), label=label,
+                   array_loader=load_arrays if src.has_arrays else None)
 
 
-def factors(u: RankUnits, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) with conv kernels restored: down [r, in, kh, kw], up [out, r, 1, 1]; rank 0 -> one zero unit."""
-    if u.rank == 0:
-        u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
+def factors(u: RankUnits | ArrayUnits, dtype: Any) -> tuple[Any, Any]:
+    """(down, up) in ``dtype`` with conv kernels restored: down [r, in, kh, kw], up [out, r, 1, 1]; rank 0 -> one
+    zero unit.  Torch tensors for :class:`RankUnits`, :class:`~mergekit_lora.arrays.Stored` numpy arrays for
+    :class:`ArrayUnits` (the same bytes)."""
     if u.kind not in ("linear", "conv") or u.fan_in_fan_out:
         raise LoraMergeError(f"a {u.kind} LoRA (weight shape {u.weight_shape}) cannot be written in an SD format")
-    A = u.A.detach().to("cpu", dtype)
-    B = u.B.detach().to("cpu", dtype)
+    conv = (u.rank, *u.weight_shape[1:]), (u.d_out, max(u.rank, 1), *([1] * (len(u.weight_shape) - 2)))
+    if isinstance(u, ArrayUnits):
+        A, B = u.stored(dtype_name(dtype))
+        if u.kind == "conv":
+            A, B = (Stored(A.data.reshape(max(u.rank, 1), *conv[0][1:]), A.dtype),
+                    Stored(B.data.reshape(conv[1]), B.dtype))
+        return A, B
+    import torch  # a RankUnits' tensors: torch is already imported
+
+    if u.rank == 0:
+        u = u.with_factors(torch.zeros(1, u.d_in, dtype=u.A.dtype), torch.zeros(u.d_out, 1, dtype=u.B.dtype))
+    dt = torch_dtype(dtype)
+    A = u.A.detach().to("cpu", dt)
+    B = u.B.detach().to("cpu", dt)
     if u.kind == "conv":
         A = A.reshape(u.rank, *u.weight_shape[1:])
         B = B.reshape(u.d_out, u.rank, *([1] * (len(u.weight_shape) - 2)))

@@ -15,8 +15,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .. import __version__
 from ..adapter import Adapter
@@ -44,7 +43,7 @@ def file_data_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+def kohya_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str]:
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     blob = canonical_bytes(tensors, ss_only)
     model = hashlib.sha256(data_section(blob)).hexdigest()

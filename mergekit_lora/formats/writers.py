@@ -23,6 +23,7 @@ def peft_options(opts: Any) -> PeftOptions:
 
 
 def peft_writer(req: WriteRequest) -> dict[str, Any]:
+    """``req.modules`` hold ``RankUnits`` or numpy ``ArrayUnits`` (a torch-free merge)."""
     o = req.options if isinstance(req.options, PeftOptions) else PeftOptions()
     return write_peft(req.out_dir, req.modules, output_meta(req.adapters), dtype=req.dtype,
                       target_modules=req.target_modules, metadata={"mergekit_lora.method": req.method},

@@ -4,6 +4,11 @@ Inputs are read per batch and dropped, so memory is bounded by one batch, not by
 ``options.out`` the result goes through the output format's writer into a temp folder that replaces
 the output atomically (with its model card, recipe and the algorithm's artifacts); without it the
 merged modules are kept in memory (``MergeResult.merged``), e.g. for evaluation or search.
+
+Torch only where it computes: when the method runs on numpy factors for the plan's parameters
+(``Algorithm.runs_on_arrays``: ``linear``, ``cat``), every input is a safetensors file, the strength is
+the identity and the output format's writer takes arrays, a merge written to disk reads, merges and
+writes :class:`~mergekit_lora.factor_arrays.ArrayUnits` and never imports torch (the same bytes).
 """
 
 from __future__ import annotations
@@ -11,22 +16,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraMergeError
+from ..factor_arrays import ArrayUnits
 from ..fidelity import ModuleFidelity, module_fidelity, summarize, weighted_target
+from ..formats.registry import get_writer
 from ..progress import progress_bar
-from ..registry import ModuleContext, Notes
+from ..registry import MergedModule, ModuleContext, Notes
 from ..strength import Scale
-from ..threads import current as current_budget
-from ..threads import thread_policy
-from ..units import RankUnits
 from .output import push_output, write_output
 from .plan import MergePlan, ModulePlan
+
+if TYPE_CHECKING:
+    from ..units import RankUnits
 
 
 @dataclass
@@ -50,7 +56,10 @@ def execute(plan: MergePlan, stream_fn: Any = None) -> MergeResult:
     t0 = time.perf_counter()
     rows: list[ModuleFidelity] = []
     notes: list[tuple[str, Notes]] = []
-    stream = (stream_fn or merge_stream)(plan, rows, notes)  # issue 16 hook
+    if stream_fn is not None:
+        stream = stream_fn(plan, rows, notes)  # issue 16 hook
+    else:  # written to disk: numpy factors where the method allows (in memory, callers want torch units)
+        stream = merge_stream(plan, rows, notes, arrays=plan.options.out is not None)
     merged: dict[str, Any] | None = None
     config: dict[str, Any] = {}
     out = plan.options.out
@@ -67,43 +76,93 @@ def execute(plan: MergePlan, stream_fn: Any = None) -> MergeResult:
                        time.perf_counter() - t0, rows, config, report, merged)
 
 
+def runs_on_arrays(plan: MergePlan) -> bool:
+    """Whether this plan can merge on numpy factors: the method says so for every module's parameters, every
+    input reads them (safetensors files), the strength is the identity and the writer takes them."""
+    return (plan.scale.is_identity and all(a.has_arrays for a in plan.adapters)
+            and get_writer(plan.output_format).arrays
+            and all(plan.algorithm.runs_on_arrays(mp.params) for mp in plan.modules))
+
+
 def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
-                 notes: list[tuple[str, Notes]] | None = None) -> Iterator[tuple[str, Any]]:
+                 notes: list[tuple[str, Notes]] | None = None, *, arrays: bool = False) -> Iterator[tuple[str, Any]]:
     """Yield (module, merged units on the CPU) in batch order; append fidelity rows and notes as they come.
 
     A module missing from an input counts as ΔW = 0 for that input.  The fidelity row is the
     algorithm's own when it has one, else the factor-space error against Σ w_i ΔW_i (routed modules
-    have no single ΔW and get no row).
+    have no single ΔW and get no row).  ``arrays``: numpy :class:`ArrayUnits` where :func:`runs_on_arrays`
+    allows (no torch), else torch :class:`RankUnits`.
     """
-    algo = plan.algorithm
-    with thread_policy(plan.options.threads), progress_bar(plan.options.progress) as bar:
-        budget = current_budget()  # the algorithms get it in their context, not from the policy's state
+    on_arrays = arrays and runs_on_arrays(plan)
+    with _policy(plan, on_arrays), progress_bar(plan.options.progress) as bar:
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
         for batch in merge_batches(plan):
-            p = batch[0].params
-            loaded = [[plan.adapters[i].units(mp.name, source=i).to(plan.device) for i in mp.present] for mp in batch]
-            weights = [[mp.weights[i] for i in mp.present] for mp in batch]
-            ctxs = [ModuleContext(mp.name, plan.options.seed, plan.device, budget) for mp in batch]
-            try:
-                if len(batch) == 1:
-                    outs = [algo.merge_module(loaded[0], weights[0], p, ctxs[0])]
-                else:
-                    outs = algo.merge_batch(loaded, weights, p, ctxs)
-            except torch.linalg.LinAlgError as e:  # issue 28: one sentence, never a traceback
-                raise LoraMergeError(f"method {plan.method!r} could not merge module {batch[0].name}"
-                                     f"{f' (and {len(batch) - 1} more)' if len(batch) > 1 else ''}: "
-                                     f"{str(e).splitlines()[0]}; check the inputs' values (or try another method)"
-                                     ) from None
+            merge = _merge_arrays if on_arrays else _merge_tensors
+            loaded, weights, outs = merge(plan, batch)
             for mp, u, w, m in zip(batch, loaded, weights, outs):
                 units, row = m.units, m.fidelity
-                if isinstance(units, RankUnits) and not plan.scale.is_identity:
+                static = on_arrays or _is_rank_units(units)
+                if static and not plan.scale.is_identity:
                     units, row = apply_scale(plan.scale, mp.name, units, row, u, w, plan.weights)
-                if rows is not None and isinstance(units, RankUnits):
+                if rows is not None and static:
                     rows.append(row if row is not None else module_fidelity(mp.name, units, weighted_target(u, w)))
                 if notes is not None and m.notes:
                     notes.append((mp.name, m.notes))
-                yield mp.name, units.to("cpu")
+                yield mp.name, units if on_arrays else units.to("cpu")
                 bar.advance(task)
+
+
+def _policy(plan: MergePlan, on_arrays: bool) -> AbstractContextManager[Any]:
+    """The thread policy around torch work (numpy concatenation has no threads to set)."""
+    if on_arrays:
+        return nullcontext()
+    from ..threads import thread_policy  # lazily: torch
+
+    return thread_policy(plan.options.threads)
+
+
+def _is_rank_units(units: Any) -> bool:
+    from ..units import RankUnits  # lazily: the torch path only
+
+    return isinstance(units, RankUnits)
+
+
+def _merge_arrays(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list, list[MergedModule]]:
+    """One batch on numpy factors; an array method gives its own (exact) fidelity rows."""
+    loaded = [[plan.adapters[i].arrays(mp.name, source=i) for i in mp.present] for mp in batch]
+    outs = _call(plan, batch, loaded)
+    for m in outs:
+        if not isinstance(m.units, ArrayUnits) or m.fidelity is None:
+            raise TypeError(f"method {plan.method!r} runs on arrays but returned no ArrayUnits with a fidelity row")
+    return loaded, [[mp.weights[i] for i in mp.present] for mp in batch], outs
+
+
+def _merge_tensors(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list, list[MergedModule]]:
+    """One batch on torch tensors on the plan's device; a linear-algebra failure is one sentence."""
+    import torch  # lazily: only the methods that compute load it
+
+    from ..threads import current  # lazily, with torch
+
+    device = torch.device(plan.device)
+    loaded = [[plan.adapters[i].units(mp.name, source=i).to(device) for i in mp.present] for mp in batch]
+    try:  # the thread budget goes to the algorithms in their context, not through the policy's state
+        outs = _call(plan, batch, loaded, device, current())
+    except torch.linalg.LinAlgError as e:  # issue 28: one sentence, never a traceback
+        raise LoraMergeError(f"method {plan.method!r} could not merge module {batch[0].name}"
+                             f"{f' (and {len(batch) - 1} more)' if len(batch) > 1 else ''}: "
+                             f"{str(e).splitlines()[0]}; check the inputs' values (or try another method)"
+                             ) from None
+    return loaded, [[mp.weights[i] for i in mp.present] for mp in batch], outs
+
+
+def _call(plan: MergePlan, batch: list[ModulePlan], loaded: list, device: Any = "cpu",
+          budget: Any = None) -> list[MergedModule]:
+    weights = [[mp.weights[i] for i in mp.present] for mp in batch]
+    ctxs = [ModuleContext(mp.name, plan.options.seed, device) if budget is None
+            else ModuleContext(mp.name, plan.options.seed, device, budget) for mp in batch]
+    if len(batch) == 1:
+        return [plan.algorithm.merge_module(loaded[0], weights[0], batch[0].params, ctxs[0])]
+    return plan.algorithm.merge_batch(loaded, weights, batch[0].params, ctxs)
 
 
 def apply_scale(scale: Scale, name: str, merged: RankUnits, row: ModuleFidelity | None, units: list[RankUnits],

@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import checks
 from ..adapter import Adapter, ModuleInfo
 from ..atomic import check_output
+from ..devices import device_name, resolve_device, resolve_dtype  # noqa: F401  (resolve_device: re-exported)
 from ..errors import LoraMergeError, raise_all
 from ..formats import load_adapter
 from ..formats.peft_write import carried_target_modules
 from ..formats.registry import align_names, default_output_format, formats, get_writer
 from ..formats.safetensors_header import content_fingerprints
 from ..names import layer_index, matches
-from ..options import MergeOptions, check_device, check_dtype
+from ..options import MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
 from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
 from ..request import MergeRequest, ModuleOverride
@@ -72,43 +71,13 @@ class MergePlan:
     partial: tuple[str, ...]
     base_model: str | None
     output_format: str
-    out_dtype: torch.dtype
-    device: torch.device
+    out_dtype: str  # "bfloat16", "float32", … (a name: planning imports no torch)
+    device: str  # "cpu", "cuda", "cuda:1"
     target_modules: list[str] | None
     recipe: str | None = None  # the request as YAML, written beside the output
     scale: Scale = Scale()  # the resolved strength (routed outputs: already folded into the weights)
     matched: Mapping[int, int] = field(default_factory=dict)  # override index -> modules matched
     card_sections: tuple[tuple[str, str], ...] = ()  # a caller's own card sections (tune's search summary)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is an error, not a fallback."""
-    d = str(device)
-    try:
-        check_device(d)
-    except ValueError as e:
-        raise LoraMergeError(str(e), field="device") from None
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraMergeError("«device» cuda was requested but CUDA is not available on this machine; use «device» cpu",
-                             field="device")
-    return torch.device(d)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, adapters: Sequence[Adapter]) -> torch.dtype:
-    """The output dtype: the requested one, else the inputs' (promoted if they differ)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype:
-        try:
-            return getattr(torch, check_dtype(dtype))
-        except ValueError as e:
-            raise LoraMergeError(str(e), field="dtype") from None
-    out = adapters[0].meta.dtype
-    for a in adapters[1:]:
-        out = torch.promote_types(out, a.meta.dtype)
-    return out
 
 
 def plan(request: MergeRequest) -> MergePlan:
@@ -124,7 +93,7 @@ def plan(request: MergeRequest) -> MergePlan:
     # Stage 1: the request itself (no I/O).
     problems: list[LoraMergeError] = []
     algo = _collect(problems, get_algorithm, method)
-    device = _collect(problems, resolve_device, opts.device)
+    device = _collect(problems, device_name, opts.device)
     if not sources:
         problems.append(LoraMergeError("no input adapters given", field="adapters"))
     _collect(problems, checks.weight_count, weights, len(sources))
