@@ -140,7 +140,7 @@ def test_corrupt_or_stale_index_is_rebuilt(pool: Path, tmp_path: Path) -> None:
 def test_compose_equals_merge_of_retrieved(pool: Path, tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     index_sources([str(pool)], lib)
-    res, hits = compose(lib, pool / "a0", "linear", tmp_path / "out", top_m=2)
+    res, hits = compose(lib, "linear", tmp_path / "out", like=pool / "a0", top_m=2)
     assert [Path(h["source"]).name for h in hits] == ["a0", "a0-copy"]
     ref = merge([h["source"] for h in hits], "linear", tmp_path / "ref")
     got, want = load_adapter(tmp_path / "out"), load_adapter(ref.out)
