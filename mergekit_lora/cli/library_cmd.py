@@ -134,20 +134,30 @@ def dedupe(
 @user_errors
 def inspect_lib(
     lib: LibArg,
+    plot: Annotated[Path | None, typer.Option("--plot", help="also draw the signature clusters (2-D PCA, one "
+                                                             "colour per cluster) into this PNG")] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", help="how many k-means clusters of the signatures "
+                                                                    "(default ≈ √(n/2), at most 12)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """A summary: adapter count, formats, base models, ranks, target modules, size."""
+    """A summary: adapter count, formats, base models, ranks, target modules, size, profiles, clusters."""
     from mergekit_lora.library import summary
 
-    s = summary(lib, say=_say)
+    s = summary(lib, say=_say, plot=plot, k=clusters)
     if as_json:
         typer.echo(json.dumps(s, indent=1))
         return
     console.print(f"library {s['library']}: {s['adapters']} adapters, {_size(s['size_bytes'])}, "
-                  f"{s['indexed_vectors']} signatures indexed", highlight=False, markup=False, soft_wrap=True)
+                  f"{s['indexed_vectors']} signatures indexed, {s['profiles']} domain profiles",
+                  highlight=False, markup=False, soft_wrap=True)
     for key in ("formats", "base_models", "ranks", "target_modules"):
         shown = ", ".join(f"{k} ×{v}" for k, v in s[key].items()) or "-"
         console.print(f"  {key.replace('_', ' '):<15} {shown}", highlight=False, markup=False, soft_wrap=True)
+    for c in s["clusters"]:
+        console.print(f"  cluster {c['cluster']:<3} {c['size']:>5} adapters, e.g. {c['representative']}",
+                      highlight=False, markup=False, soft_wrap=True)
+    if plot is not None:
+        console.print(f"clusters drawn -> {s['plot']}", highlight=False, markup=False, soft_wrap=True)
 
 
 @library_app.command()

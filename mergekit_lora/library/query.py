@@ -15,6 +15,7 @@ from ..errors import LoraMergeError
 from ..evals.suite.model import resolve_base
 from ..pipeline import MergePlan, make_options, plan
 from .build import adapter_files, file_stat
+from .clusters import clusters, plot_clusters
 from .profile import Profiler, per_module_loglik
 from .profile import query_vector as profile_query
 from .signature import parts, signature
@@ -138,22 +139,41 @@ def dedupe(library: str | Path, threshold: float = 0.99,
     return sorted(pairs, key=lambda p: -p["score"])
 
 
-def summary(library: str | Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Counts by format, base model and rank; total size; the index's state (checked, rebuilt if needed)."""
+def summary(library: str | Path, say: Callable[[str], None] | None = None, *, plot: str | Path | None = None,
+            k: int | None = None) -> dict[str, Any]:
+    """Counts by format, base model and rank; total size; profiles; the signature clusters (k-means, ``k``
+    default ≈ √(n/2)) with each cluster's size and the adapter nearest its mean; the index's state (checked,
+    rebuilt if needed).  ``plot``: also draw the clusters (2-D PCA of the signatures) into that PNG."""
     lib = Library.open(library)
     try:
         index = lib.index(say)
         rows = lib.rows()
+        n_profiles = len(lib.profiles())
+        pmeta = lib.profile_meta()
     finally:
         lib.close()
-    return {
+    vecs = np.stack([r["signature"] for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)
+    labels = clusters(vecs, k)
+    groups = []
+    for c in range(int(labels.max(initial=-1)) + 1):
+        members = np.flatnonzero(labels == c)
+        centre = vecs[members].mean(0)
+        rep = members[int(np.argmax(vecs[members] @ centre))]
+        groups.append({"cluster": c, "size": int(len(members)), "representative": rows[rep]["source"]})
+    out = {
         "library": str(library), "adapters": len(rows), "indexed_vectors": int(index.ntotal),
         "size_bytes": sum(r["size_bytes"] for r in rows),
         "formats": dict(Counter(r["format"] for r in rows).most_common()),
         "base_models": dict(Counter(r["base_model"] or "(unknown)" for r in rows).most_common()),
         "ranks": dict(Counter(",".join(map(str, r["ranks"])) for r in rows).most_common()),
         "target_modules": dict(Counter(m for r in rows for m in r["target_modules"]).most_common()),
+        "profiles": n_profiles, "profile_base": pmeta["base"] if pmeta else None,
+        "clusters": groups,
     }
+    if plot is not None:
+        out["plot"] = plot_clusters([Path(r["source"]).name for r in rows], vecs, labels, plot,
+                                    title=f"{library}: {len(rows)} adapters by weight signature")["path"]
+    return out
 
 
 def compose(library: str | Path, method: str, out: str | Path, *, like: str | Path | None = None,
