@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from mergekit_lora.options import MergeOptions
-
 from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.options import MergeOptions
 
 from .common import console, err_console, parse_kv, user_errors
 from .options import WRITE_OPTIONS, with_options

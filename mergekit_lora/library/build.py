@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraMergeError
+from ..evals.suite.model import resolve_base
 from ..formats.peft_layout import is_peft_folder
 from ..hub import parse_hub_id
 from ..sources import did_you_mean
-from ..evals.suite.model import resolve_base
 from .profile import MAX_LENGTH, VAR_FLOOR, compute_moments, file_hash, profile_vector
 from .signature import signature
 from .store import CATALOGUE, Library

@@ -1,10 +1,12 @@
-"""A library folder on disk: ``catalogue.sqlite`` (the truth) and ``signatures.faiss`` (derived from it).
+"""A library folder on disk: ``catalogue.sqlite`` (the truth), ``signatures.faiss`` and ``profiles.faiss`` (derived).
 
 The catalogue holds one row per adapter, its signature vector included, and is changed in one SQLite
 transaction per ``index`` run: a crash leaves the previous catalogue or the new one, never a mix.  The faiss
 file (``IndexIDMap2`` over ``IndexFlatIP``, ids = catalogue row ids) is written to a temporary name and
 moved over the old one with ``os.replace``; on open it is checked against the catalogue (dimension, count,
 ids) and, when it is missing, unreadable or stale, rebuilt from the stored vectors with one line saying so.
+Domain profiles (``library/profile.py``) are rows of ``profiles`` keyed by adapter source, indexed the same way
+in ``profiles.faiss`` (dimension from the ``profile`` meta entry).
 """
 
 from __future__ import annotations
