@@ -70,8 +70,9 @@ DISTRACTORS = """\
   bases).
 - **shuffled words** (32, 4 seeds per task): a task's train texts with their words shuffled, in its own prompt;
   weights = a near-duplicate (20 % noise) of another task's adapter.
-- **other text** (80): sentences from docstrings of 80 Python standard-library modules, no prompt; weights =
-  random directions with the spectrum of a random real adapter.
+- **other text** (80): sets of 16 docstring sentences of Python standard-library modules (one module, or a few
+  consecutive small ones, per set), no prompt; weights = random directions with the spectrum of a random real
+  adapter.
 """
 
 
