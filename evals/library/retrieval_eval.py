@@ -20,7 +20,7 @@ Stages (each cached in the work folder, so a rerun resumes):
 
 Run (2-core machine: niced, one thread)::
 
-    LORAMERGE_CACHE=/work/main/.cache OMP_NUM_THREADS=1 nice -n 10 python evals/library/retrieval_eval.py \\
+    OMP_NUM_THREADS=1 nice -n 10 python evals/library/retrieval_eval.py \\
         --work out/libeval --out evals/library/RESULTS-retrieval.md
 """
 
