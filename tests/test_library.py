@@ -140,7 +140,7 @@ def test_corrupt_or_stale_index_is_rebuilt(pool: Path, tmp_path: Path) -> None:
 def test_compose_equals_merge_of_retrieved(pool: Path, tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     index_sources([str(pool)], lib)
-    res, hits = compose(lib, pool / "a0", "linear", tmp_path / "out", top_m=2)
+    res, hits = compose(lib, "linear", tmp_path / "out", like=pool / "a0", top_m=2)
     assert [Path(h["source"]).name for h in hits] == ["a0", "a0-copy"]
     ref = merge([h["source"] for h in hits], "linear", tmp_path / "ref")
     got, want = load_adapter(tmp_path / "out"), load_adapter(ref.out)
@@ -208,3 +208,18 @@ def test_non_lora_files_skipped_in_folders_refused_when_named(pool: Path, tmp_pa
         assert res.exit_code == 2 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, \
             res.output
     assert not (tmp_path / "lib2").exists()  # a refused first run leaves no library behind
+
+
+def test_inspect_clusters_and_plot(pool: Path, tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    index_sources([str(pool)], lib)
+    s = summary(lib, plot=tmp_path / "c.png", k=6)
+    assert sum(c["size"] for c in s["clusters"]) == 7 and s["profiles"] == 0
+    # six clusters for seven adapters: only the near-duplicate pair can share one
+    pair = next(c for c in s["clusters"] if c["size"] == 2)
+    assert Path(pair["representative"]).name in ("a0", "a0-copy")
+    png = (tmp_path / "c.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert summary(lib, k=6)["clusters"] == s["clusters"]  # seeded: the same clusters again
+    r = CliRunner().invoke(app, ["library", "inspect", str(lib), "--plot", str(tmp_path / "c.jpg")])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "png" in r.stderr

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.options import MergeOptions
 
 from .common import console, err_console, parse_kv, user_errors
@@ -17,7 +18,13 @@ library_app = typer.Typer(help="An adapter library: a catalogue (SQLite) and wei
                                "many adapters; search, dedupe, inspect, compose.", no_args_is_help=True)
 
 LibArg = Annotated[Path, typer.Argument(metavar="LIB", help="the library folder (made by `library index -o`)")]
-LikeOpt = Annotated[str, typer.Option("--like", help="an adapter (catalogued or not): find adapters like it")]
+LikeOpt = Annotated[str | None, typer.Option("--like", help="an adapter (catalogued or not): find adapters like "
+                                                            "it by weight signature")]
+ExamplesQueryOpt = Annotated[Path | None, typer.Option("--examples", help="a JSONL file of unlabeled examples "
+                                                       "({\"text\": ...} rows): rank adapters by domain profile")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="the base model for domain profiles: a transformers "
+                                             "folder or smollm2-135m (index: required with --examples the first "
+                                             "time; search/compose: default the library's)")]
 TopOpt = Annotated[int, typer.Option("--top-m", help="how many adapters to return")]
 
 
@@ -35,30 +42,66 @@ def index(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCES...", help="adapters, folders of adapters, globs")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the library folder (created or updated)")],
     rehash: Annotated[bool, typer.Option(help="hash every adapter, even those whose size and mtime are unchanged")] = False,
+    examples: Annotated[list[str] | None, typer.Option(
+        "--examples", help="SOURCE=FILE.jsonl: unlabeled examples of an adapter's domain; fits its domain profile "
+                           "(repeat)")] = None,
+    base: BaseOpt = None,
+    ray: Annotated[bool, typer.Option("--ray", help="compute profiles on Ray actors (one base model per worker)")] = False,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", help="Ray actors for --ray")] = 2,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="join this Ray cluster (default: local "
+                                                                           "Ray, or $RAY_ADDRESS)")] = None,
 ) -> None:
-    """Catalogue adapters (SQLite) and index their weight signatures (faiss); incremental."""
+    """Catalogue adapters (SQLite) and index their weight signatures (faiss); incremental.  With --examples,
+    also their domain profiles (the hierarchical router's input statistics on the base model)."""
     from mergekit_lora.library import index_sources
 
-    r = index_sources(sources, out, rehash=rehash, say=_say)
+    pairs: dict[str, str] = {}
+    for item in examples or []:
+        src, sep, f = item.rpartition("=")
+        if not sep or not src or not f:
+            raise LoraMergeError(f"--examples takes SOURCE=FILE.jsonl (got {item!r})")
+        pairs[src] = f
+    r = index_sources(sources, out, rehash=rehash, examples=pairs, base=base,
+                      ray_workers=ray_workers if ray else None, ray_address=ray_address, say=_say)
+    prof = f", {len(r.profiled)} profiled in {r.profile_seconds:.1f}s" if r.profiled else ""
     console.print(f"library {out}: {r.total} adapters ({len(r.added)} added, {len(r.updated)} re-indexed, "
-                  f"{r.unchanged} unchanged, {len(r.removed)} removed, {len(r.skipped)} skipped) "
+                  f"{r.unchanged} unchanged, {len(r.removed)} removed, {len(r.skipped)} skipped{prof}) "
                   f"in {r.seconds:.2f}s", highlight=False, soft_wrap=True)
+
+
+def _one_query(like: str | None, examples: Path | None) -> None:
+    if (like is None) == (examples is None):
+        raise LoraMergeError("give exactly one query: --like ADAPTER (weight signature) or --examples FILE.jsonl "
+                             "(domain profile)")
 
 
 @library_app.command()
 @user_errors
 def search(
     lib: LibArg,
-    like: LikeOpt,
+    like: LikeOpt = None,
+    examples: ExamplesQueryOpt = None,
     top_m: TopOpt = 5,
+    base: BaseOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: a list of {source, score, ...}, best first")] = False,
 ) -> None:
-    """The adapters nearest to --like by weight signature (score = 0.9·direction + 0.1·spectrum cosine)."""
+    """The adapters nearest to --like by weight signature (score = 0.9·direction + 0.1·spectrum cosine), or
+    those whose domain profile best explains --examples (score: mean token log-likelihood per module)."""
     from mergekit_lora.library import search as run
+    from mergekit_lora.library import search_examples
 
-    hits = run(lib, like, top_m, say=_say)
+    _one_query(like, examples)
+    hits = run(lib, like, top_m, say=_say) if like is not None else \
+        search_examples(lib, examples, top_m, base=base, say=_say)  # type: ignore[arg-type]
     if as_json:
         typer.echo(json.dumps(hits, indent=1))
+        return
+    if examples is not None:
+        console.print(f"{'score':>10}  adapter", highlight=False, soft_wrap=True)
+        for h in hits:
+            console.print(f"{h['score']:10.3f}  {h['source']}", highlight=False, markup=False, soft_wrap=True)
+        if hits:
+            console.print(f"why (best): {hits[0]['why']}", highlight=False, markup=False, soft_wrap=True)
         return
     console.print(f"{'score':>8} {'direction':>9} {'spectrum':>8}  adapter", highlight=False, soft_wrap=True)
     for h in hits:
@@ -90,20 +133,30 @@ def dedupe(
 @user_errors
 def inspect_lib(
     lib: LibArg,
+    plot: Annotated[Path | None, typer.Option("--plot", help="also draw the signature clusters (2-D PCA, one "
+                                                             "colour per cluster) into this PNG")] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", help="how many k-means clusters of the signatures "
+                                                                    "(default ≈ √(n/2), at most 12)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """A summary: adapter count, formats, base models, ranks, target modules, size."""
+    """A summary: adapter count, formats, base models, ranks, target modules, size, profiles, clusters."""
     from mergekit_lora.library import summary
 
-    s = summary(lib, say=_say)
+    s = summary(lib, say=_say, plot=plot, k=clusters)
     if as_json:
         typer.echo(json.dumps(s, indent=1))
         return
     console.print(f"library {s['library']}: {s['adapters']} adapters, {_size(s['size_bytes'])}, "
-                  f"{s['indexed_vectors']} signatures indexed", highlight=False, markup=False, soft_wrap=True)
+                  f"{s['indexed_vectors']} signatures indexed, {s['profiles']} domain profiles",
+                  highlight=False, markup=False, soft_wrap=True)
     for key in ("formats", "base_models", "ranks", "target_modules"):
         shown = ", ".join(f"{k} ×{v}" for k, v in s[key].items()) or "-"
         console.print(f"  {key.replace('_', ' '):<15} {shown}", highlight=False, markup=False, soft_wrap=True)
+    for c in s["clusters"]:
+        console.print(f"  cluster {c['cluster']:<3} {c['size']:>5} adapters, e.g. {c['representative']}",
+                      highlight=False, markup=False, soft_wrap=True)
+    if plot is not None:
+        console.print(f"clusters drawn -> {s['plot']}", highlight=False, markup=False, soft_wrap=True)
 
 
 @library_app.command()
@@ -111,18 +164,23 @@ def inspect_lib(
 @with_options(*WRITE_OPTIONS)
 def compose(
     lib: LibArg,
-    like: LikeOpt,
     method: Annotated[str, typer.Option("--method", "-m", help="a merge method (`loramerge methods`) or route")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    like: LikeOpt = None,
+    examples: ExamplesQueryOpt = None,
     top_m: TopOpt = 3,
+    base: BaseOpt = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="method parameter key=value (repeat)")] = None,
     *,
     options: MergeOptions,
 ) -> None:
-    """Retrieve the top-m adapters like --like and merge (or route) them; the card records the query."""
+    """Retrieve the top-m adapters (like --like, or for --examples) and merge (or route) them; the card records
+    the query and the choice."""
     from mergekit_lora.library import compose as run
 
-    result, hits = run(lib, like, method, out, top_m=top_m, params=parse_kv(param), options=options, say=_say)
+    _one_query(like, examples)
+    result, hits = run(lib, method, out, like=like, examples=examples, top_m=top_m, params=parse_kv(param),
+                       options=options, base=base, say=_say)
     console.print(f"composed {len(hits)} adapters with {method} -> {result.out} ({result.modules} modules, "
                   f"{result.seconds:.2f}s)", highlight=False, markup=False, soft_wrap=True)
     for h in hits:

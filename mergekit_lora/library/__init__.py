@@ -5,7 +5,8 @@ merges through the pipeline.  See docs/library.md.
 """
 
 from .build import IndexReport, index_sources
-from .query import compose, dedupe, search, summary
+from .query import compose, dedupe, search, search_examples, summary
 from .signature import DIM, signature
 
-__all__ = ["DIM", "IndexReport", "compose", "dedupe", "index_sources", "search", "signature", "summary"]
+__all__ = ["DIM", "IndexReport", "compose", "dedupe", "index_sources", "search", "search_examples", "signature",
+           "summary"]

@@ -11,16 +11,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import LoraMergeError
+from ..evals.suite.model import resolve_base
 from ..formats.peft_layout import is_peft_folder
 from ..hub import parse_hub_id
 from ..sources import did_you_mean
+from .profile import MAX_LENGTH, VAR_FLOOR, compute_moments, file_hash, profile_vector
 from .signature import signature
 from .store import CATALOGUE, Library
 
@@ -36,6 +38,8 @@ class IndexReport:
     unchanged: int = 0
     removed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one sentence each
+    profiled: list[str] = field(default_factory=list)  # sources whose domain profile was (re)computed
+    profile_seconds: float = 0.0
     total: int = 0
     seconds: float = 0.0
 
@@ -133,12 +137,21 @@ def describe(p: Path, files: Sequence[Path], digest: str, stat: list[list[Any]])
 
 
 def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool = False,
+                  examples: Mapping[str, str | Path] | None = None, base: str | Path | None = None,
+                  ray_workers: int | None = None, ray_address: str | None = None,
                   say: Callable[[str], None] | None = None) -> IndexReport:
-    """Index the adapters found under ``sources`` into the library folder ``library`` (created if needed)."""
+    """Index the adapters found under ``sources`` into the library folder ``library`` (created if needed).
+
+    ``examples``: adapter source -> JSONL file of unlabeled examples of its domain; each gets a domain profile
+    (``library/profile.py``) computed on the base model ``base`` (a transformers folder or ``smollm2-135m``;
+    default: the one the library's profiles were made with), locally or on ``ray_workers`` Ray actors.  A
+    profile is recomputed only when its examples file changed."""
     t0 = time.perf_counter()
     if not sources:
         raise LoraMergeError("give at least one SOURCE (a folder, an adapter, a file or a glob)")
     found, skipped = expand(sources)
+    if ray_workers is not None and ray_workers < 1:
+        raise LoraMergeError(f"--ray-workers must be at least 1 (got {ray_workers})", field="ray_workers")
     new = not (Path(library) / CATALOGUE).is_file()
     if new:
         Library.check_new(Path(library))  # before the work; the folder is made only when there is a catalogue
@@ -146,6 +159,7 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
     try:
         report = IndexReport(Path(library), skipped=skipped)
         known = lib.by_source() if lib is not None else {}
+        jobs, base_path = _profile_jobs(examples or {}, found, known, lib, base)
         upserts = []
         for p, explicit in found:
             files = adapter_files(p)
@@ -168,13 +182,19 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
                 continue
             upserts.append(("row", p, row))
             (report.updated if old is not None else report.added).append(str(p))
+        indexed = set(known) | {str(p) for kind, p, _ in upserts if kind == "row"}
+        jobs = [(s, f, h) for s, f, h in jobs if s in indexed]
+        profiles, profile_meta = _profiles(jobs, base_path, lib, ray_workers, ray_address, report)
         gone = [(s, v["id"]) for s, v in known.items() if not Path(s).exists()]
         report.removed = [s for s, _ in gone]
         if lib is None:
             lib = Library.open(library, create=True)
         lib.apply([r for kind, _, r in upserts if kind == "row"], [i for _, i in gone],
-                  stats={str(p): r for kind, p, r in upserts if kind == "stat"})
+                  stats={str(p): r for kind, p, r in upserts if kind == "stat"}, profiles=profiles,
+                  profile_meta=profile_meta)
         lib.write_index()
+        if profile_meta is not None or lib.profile_meta() is not None:
+            lib.write_index("profile")
         report.total = len(lib.by_source())
     finally:
         if lib is not None:
@@ -183,6 +203,60 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
         (say or (lambda s: None))(line)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _profile_jobs(examples: Mapping[str, str | Path], found: Sequence[tuple[Path, bool]],
+                  known: Mapping[str, Any], lib: Library | None,
+                  base: str | Path | None) -> tuple[list[tuple[str, Path, str]], Path | None]:
+    """(source, examples file, its hash) for every profile to compute; the resolved base model (or None)."""
+    if not examples:
+        return [], None
+    here = {str(p) for p, _ in found} | set(known)
+    stored = lib.profiles() if lib is not None else {}
+    meta = lib.profile_meta() if lib is not None else None
+    if base is None and meta is None:
+        raise LoraMergeError("--examples needs the base model to compute domain profiles: pass --base MODEL "
+                             "(a transformers folder, or smollm2-135m)", field="base")
+    base_path = resolve_base(str(base)) if base is not None else Path(meta["base"])  # type: ignore[index]
+    if meta is not None and Path(meta["base"]).resolve() != base_path.resolve():
+        raise LoraMergeError(f"--base {base}: this library's profiles were computed with {meta['base']}; give that "
+                             "base model or index into a new library folder", field="base")
+    jobs = []
+    for src, f in examples.items():
+        key = str(Path(src).resolve())
+        if key not in here:
+            raise LoraMergeError(f"--examples {src}={f}: {src} is not an adapter of this library or of the SOURCES "
+                                 "being indexed", field="examples")
+        fp = Path(f)
+        if not fp.is_file():
+            raise LoraMergeError(f"--examples {src}={f}: no such file", field="examples")
+        digest = file_hash(fp)
+        old = stored.get(key)
+        if old is None or old["examples_hash"] != digest or old["examples"] != str(fp.resolve()):
+            jobs.append((key, fp.resolve(), digest))
+    return jobs, base_path
+
+
+def _profiles(jobs: Sequence[tuple[str, Path, str]], base: Path | None, lib: Library | None,
+              ray_workers: int | None, ray_address: str | None,
+              report: IndexReport) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The profile rows of ``jobs`` and the library's profile meta (None when nothing was computed)."""
+    if not jobs:
+        return [], None
+    t0 = time.perf_counter()
+    modules, dims, moments = compute_moments([f for _, f, _ in jobs], base, ray_workers=ray_workers,  # type: ignore[arg-type]
+                                             ray_address=ray_address)
+    meta = {"base": str(base), "modules": modules, "dims": dims, "var_floor": VAR_FLOOR, "max_length": MAX_LENGTH}
+    old = lib.profile_meta() if lib is not None else None
+    if old is not None and (old["modules"] != modules or old["dims"] != dims):
+        raise LoraMergeError(f"{base}: profiles its modules differently from this library's profiles; index into "
+                             "a new library folder")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = [{"source": s, "examples": str(f), "examples_hash": h, "tokens": mo.tokens,
+             "vector": profile_vector(mo, dims), "indexed_at": now} for (s, f, h), mo in zip(jobs, moments)]
+    report.profiled = [s for s, _, _ in jobs]
+    report.profile_seconds = time.perf_counter() - t0
+    return rows, meta
 
 
 def _json(value: Any) -> str:

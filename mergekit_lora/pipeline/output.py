@@ -8,8 +8,8 @@ options from its ``FormatSpec.write_options`` hook, so nothing here names a form
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +99,18 @@ def output_folder(out: str | Path, force: bool = False) -> AbstractContextManage
     """An output folder that is not a merge (``eval compare``'s report): a temp folder that replaces ``out``
     when the block succeeds (:func:`mergekit_lora.atomic.atomic_output`)."""
     return atomic_output(Path(out), force)
+
+
+def output_file(out: str | Path, force: bool = False) -> AbstractContextManager[Path]:
+    """A one-file output that is not an adapter (a picture): yields the temp path to write; it replaces ``out``
+    when the block succeeds (:func:`mergekit_lora.atomic.atomic_file`)."""
+    return _file_in(Path(out), force)
+
+
+@contextmanager
+def _file_in(out: Path, force: bool) -> Iterator[Path]:
+    with atomic_file(out, out.name, force) as tmp:
+        yield tmp / out.name
 
 
 def export(adapter: Adapter | str | Path, out: str | Path, output_format: str, options: Any = None, *,

@@ -1,0 +1,417 @@
+"""Retrieval quality of the adapter library: the suite's task adapters hidden among >= 200 distractors.
+
+Stages (each cached in the work folder, so a rerun resumes):
+
+1. **build**: example files and distractor adapters (how each kind is made: ``DISTRACTORS`` below and the
+   results file).  Every adapter's profile examples are 16 rows of a *train* split, formatted as the prompt the
+   adapter answers (``before + text + after``, no label).
+2. **index**: ``library index`` of ``examples/suite`` and the distractors, with ``--examples`` for every adapter
+   and the suite's base model (weight signatures + domain profiles).
+3. **retrieve**: for every task and query size k in (8, 32), ``DRAWS`` disjoint sets of k *held-out test*
+   prompts (unlabeled) are the query.  *Profile* retrieval: ``search_examples``.  *Signature* retrieval from
+   examples (the weight signature is data-free, so the examples are turned into a query adapter first): the
+   negative gradient of the causal-LM loss of the query prompts w.r.t. every q/k/v/o weight, truncated to rank 8
+   by SVD, signed and searched like ``--like`` — "which adapter makes the change these examples ask for".
+   precision@1: the top hit is one of the task's real adapters (any rank); recall@3: the share of the task's
+   real adapters among the top 3.
+4. **compose**: per task, the first 32-example query's top-m (m = 1 and 3) merged with ``linear`` through
+   ``library.compose``, scored on test rows [100, 100 + N) of the task (disjoint from the query rows) with the
+   suite harness, against the oracle set (the task's real adapters, ``linear``) and all 12 real adapters.
+
+Run (2-core machine: niced, one thread)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python evals/library/retrieval_eval.py \\
+        --work out/libeval --out evals/library/RESULTS-retrieval.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_lora.adapter import Adapter, AdapterMeta
+from mergekit_lora.evals.score_cache import cached_scores
+from mergekit_lora.evals.suite.data import get_task
+from mergekit_lora.evals.suite.model import resolve_base
+from mergekit_lora.evals.tasks import encode_task, load_base, pad_id_of
+from mergekit_lora.library import compose, index_sources, search_examples
+from mergekit_lora.library.profile import Profiler
+from mergekit_lora.library.signature import signature
+from mergekit_lora.library.store import Library
+from mergekit_lora.pipeline import merge
+from mergekit_lora.units import RankUnits
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "examples" / "suite"
+REAL = {"topic": ["topic"], "sentiment": ["sentiment"], "genre": ["genre"], "language": ["language"],
+        "script": ["script", "r4/script"], "polarity": ["polarity"], "region": ["region", "r16/region", "r4/region"],
+        "subject": ["subject", "r16/subject"]}
+PROFILE_ROWS = 16
+SIZES = (8, 32)
+DRAWS = 2
+SIGNATURE_DRAWS = 1  # the gradient query costs a full forward + backward: one draw per task and k
+TEXT_CHARS = 120
+EVAL_FROM = 100
+DISTRACTORS = """\
+- **class slices** (41, one per class of each task): profile examples = 16 train rows of that one class in the
+  task's own prompt; weights = a near-duplicate of the task's r = 8 adapter (every factor + Gaussian noise of
+  10-50 % of its RMS, seeded): a narrower adapter derived from the right one — the hardest kind for both methods.
+- **cross-template** (56, every ordered pair of tasks): task X's train texts in task Y's prompt; weights =
+  random directions with Y's adapter's spectrum (per module: the singular values of Y's ΔW on random orthonormal
+  bases).
+- **shuffled words** (32, 4 seeds per task): a task's train texts with their words shuffled, in its own prompt;
+  weights = a near-duplicate (20 % noise) of another task's adapter.
+- **other text** (80): sets of 16 docstring sentences of Python standard-library modules (one module, or a few
+  consecutive small ones, per set), no prompt; weights = random directions with the spectrum of a random real
+  adapter.
+"""
+
+
+def prompt(task: str, text: str) -> str:
+    t = get_task(task)
+    return t.before + text[:TEXT_CHARS] + t.after
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def _copy_config(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+
+
+def near_duplicate(src: Path, dst: Path, noise: float, seed: int) -> None:
+    if (dst / "adapter_model.safetensors").is_file():  # made by an earlier run (same seed: same bytes)
+        return
+    g = torch.Generator().manual_seed(seed)
+    t = load_file(str(src / "adapter_model.safetensors"))
+    out = {}
+    for k in sorted(t):
+        v = t[k].float()
+        rms = v.pow(2).mean().sqrt()
+        out[k] = (v + noise * rms * torch.randn(v.shape, generator=g)).to(t[k].dtype)
+    _copy_config(src, dst, out)
+
+
+def spectrum_matched(src: Path, dst: Path, seed: int) -> None:
+    """Per module: ΔW's singular values (from the factors) on random orthonormal bases, split evenly into A, B."""
+    if (dst / "adapter_model.safetensors").is_file():
+        return
+    g = torch.Generator().manual_seed(seed)
+    t = load_file(str(src / "adapter_model.safetensors"))
+    out = {}
+    for ka in sorted(k for k in t if "lora_A" in k):
+        kb = ka.replace("lora_A", "lora_B")
+        A, B = t[ka].float(), t[kb].float()
+        s = torch.linalg.svdvals(B @ A)[: A.shape[0]]
+        U, _ = torch.linalg.qr(torch.randn(B.shape[0], A.shape[0], generator=g))
+        V, _ = torch.linalg.qr(torch.randn(A.shape[1], A.shape[0], generator=g))
+        out[kb] = (U * s.sqrt()).to(t[kb].dtype).contiguous()
+        out[ka] = (s.sqrt()[:, None] * V.T).to(t[ka].dtype).contiguous()
+    _copy_config(src, dst, out)
+
+
+SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data", "lib2to3",
+                "ensurepip", "venv", "webbrowser", "pty", "tty", "curses", "readline", "msvcrt", "winreg",
+                "winsound", "nt", "_winapi"}
+
+
+def stdlib_sentences(n_sets: int, seed: int) -> list[list[str]]:
+    """``n_sets`` sets of 16 docstring sentences (>= 4 words) of standard-library modules, taken in a shuffled
+    module order (a set spans one module, or a few consecutive small ones)."""
+    import importlib
+    import warnings
+
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES)
+    rnd = random.Random(seed)
+    rnd.shuffle(names)
+    pool: list[str] = []
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that does not import cleanly here is just not used
+            continue
+        docs = [d for d in [mod.__doc__] + [getattr(v, "__doc__", None) for v in vars(mod).values()
+                                            if callable(v) and getattr(v, "__module__", None) == name]
+                if isinstance(d, str)]
+        pool += [" ".join(s.split())[:TEXT_CHARS] for d in docs for s in d.split(". ") if len(s.split()) >= 4]
+        if len(pool) >= n_sets * PROFILE_ROWS:
+            break
+    return [pool[i:i + PROFILE_ROWS] for i in range(0, n_sets * PROFILE_ROWS, PROFILE_ROWS)
+            if len(pool[i:i + PROFILE_ROWS]) == PROFILE_ROWS]
+
+
+def build(work: Path) -> dict:
+    done = work / "build.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    dis, ex = work / "distractors", work / "examples"
+    real = {}
+    for task, rels in REAL.items():
+        rows = [prompt(task, e.text) for e in get_task(task).validation(PROFILE_ROWS)]
+        for rel in rels:
+            real[str((SUITE / rel).resolve())] = str(write_jsonl(ex / "real" / f"{rel.replace('/', '-')}.jsonl", rows))
+    examples = dict(real)
+    kinds: dict[str, str] = {}
+    rnd = random.Random(0)
+    seed = 100
+    tasks = list(REAL)
+    for task in tasks:  # class slices
+        t = get_task(task)
+        train = t.split()[0]
+        for c, label in enumerate(t.labels):
+            rows = [prompt(task, e.text) for e in train if e.label == c][:PROFILE_ROWS]
+            name = f"slice-{task}-{label.strip().replace(' ', '_')}"
+            near_duplicate(SUITE / task, dis / name, rnd.uniform(0.1, 0.5), seed := seed + 1)
+            examples[str((dis / name).resolve())] = str(write_jsonl(ex / f"{name}.jsonl", rows))
+            kinds[str((dis / name).resolve())] = "class slice"
+    for x in tasks:  # cross-template
+        texts = [e.text for e in get_task(x).validation(PROFILE_ROWS)]
+        for y in tasks:
+            if x == y:
+                continue
+            name = f"cross-{x}-in-{y}"
+            spectrum_matched(SUITE / y, dis / name, seed := seed + 1)
+            examples[str((dis / name).resolve())] = str(write_jsonl(ex / f"{name}.jsonl", [prompt(y, s) for s in texts]))
+            kinds[str((dis / name).resolve())] = "cross-template"
+    for task in tasks:  # shuffled words
+        for k in range(4):
+            r = random.Random(1000 + k)
+            texts = []
+            for e in get_task(task).validation(PROFILE_ROWS):
+                words = e.text.split()
+                r.shuffle(words)
+                texts.append(prompt(task, " ".join(words)))
+            other = rnd.choice([t for t in tasks if t != task])
+            name = f"shuffled-{task}-{k}"
+            near_duplicate(SUITE / other, dis / name, 0.2, seed := seed + 1)
+            examples[str((dis / name).resolve())] = str(write_jsonl(ex / f"{name}.jsonl", texts))
+            kinds[str((dis / name).resolve())] = "shuffled words"
+    for i, sents in enumerate(stdlib_sentences(80, 0)):  # other text
+        name = f"other-{i:02d}"
+        spectrum_matched(SUITE / rnd.choice(tasks), dis / name, seed := seed + 1)
+        examples[str((dis / name).resolve())] = str(write_jsonl(ex / f"{name}.jsonl", sents))
+        kinds[str((dis / name).resolve())] = "other text"
+    info = {"examples": examples, "kinds": kinds, "real": real}
+    done.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def queries(work: Path) -> dict[tuple[str, int, int], Path]:
+    out = {}
+    for task in REAL:
+        test = get_task(task).test()
+        for k in SIZES:
+            for d in range(DRAWS):
+                rows = [prompt(task, e.text) for e in test[d * k:(d + 1) * k]]
+                out[(task, k, d)] = write_jsonl(work / "queries" / f"{task}-{k}-{d}.jsonl", rows)
+    return out
+
+
+def gradient_signature(model, tok, path: Path) -> np.ndarray:
+    """The signature of −∇_W (causal-LM loss of the query prompts), rank-8 per q/k/v/o module."""
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    params = {n: model.get_submodule(n).weight for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    enc = tok(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model(**enc, labels=labels).loss.backward()
+    units = {}
+    for n, p in params.items():
+        U, S, V = torch.svd_lowrank(-p.grad.double(), q=8, niter=4)
+        units[f"base_model.model.{n}"] = RankUnits.from_factors((S.sqrt()[:, None] * V.T).float(),
+                                                                (U * S.sqrt()).float())
+        p.requires_grad_(False)
+        p.grad = None
+    return signature(Adapter.from_units(units, AdapterMeta("memory")))[0]
+
+
+def retrieve(work: Path, lib: Path, info: dict, qs: dict) -> list[dict]:
+    cache = work / "retrieval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import faiss
+
+    base = resolve_base("smollm2-135m")
+    prof = Profiler(base)
+    model, tok = load_base("smollm2-135m", torch.device("cpu"))
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    db = Library.open(lib)
+    ids, vecs = db.vectors()
+    src = {r["id"]: r["source"] for r in db.rows()}
+    db.close()
+    sig = faiss.IndexFlatIP(vecs.shape[1])
+    sig.add(np.ascontiguousarray(vecs))
+    rows = []
+    for (task, k, d), path in qs.items():
+        right = {str((SUITE / r).resolve()) for r in REAL[task]}
+        t0 = time.perf_counter()
+        hits = [h["source"] for h in search_examples(lib, path, top_m=3, profiler=prof)]
+        t_prof = time.perf_counter() - t0
+        found = [("profile", hits, t_prof)]
+        if d < SIGNATURE_DRAWS:
+            t0 = time.perf_counter()
+            q = gradient_signature(model, tok, path)
+            _, top = sig.search(q[None, :], 3)
+            found.append(("signature", [src[int(ids[i])] for i in top[0]], time.perf_counter() - t0))
+        for method, h, secs in found:
+            rows.append({"task": task, "k": k, "draw": d, "method": method, "top": h, "seconds": secs,
+                         "p1": int(h[0] in right), "r3": len(right & set(h)) / len(right)})
+        print(f"{task} k={k} d={d}: " + ", ".join(f"{m} {Path(h[0]).name}" for m, h, _ in found), file=sys.stderr,
+              flush=True)
+    cache.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def compose_eval(work: Path, lib: Path, qs: dict, n_eval: int) -> list[dict]:
+    cache = work / "compose.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, tok = load_base("smollm2-135m", torch.device("cpu"))
+    base = resolve_base("smollm2-135m")
+    ev = {"batch_size": 16, "device": torch.device("cpu"), "pad_id": pad_id_of(tok)}
+    prof = Profiler(base)
+    out_root = work / "composed"
+    out_root.mkdir(exist_ok=True)
+    all_dir = out_root / "all-12"
+    if not all_dir.is_dir():
+        merge([str((SUITE / r).resolve()) for rs in REAL.values() for r in rs], "linear", all_dir)
+    rows = []
+    for task in REAL:
+        t = get_task(task)
+        enc = {task: encode_task(t, tok, t.test()[EVAL_FROM:EVAL_FROM + n_eval])}
+        right = [str((SUITE / r).resolve()) for r in REAL[task]]
+        oracle = out_root / f"oracle-{task}"
+        if not oracle.is_dir():
+            merge(right, "linear", oracle)
+        variants = {"oracle": (oracle, right), "all-12": (all_dir, None)}
+        for m in (1, 3):
+            hits = [h["source"] for h in search_examples(lib, qs[(task, 32, 0)], top_m=m, profiler=prof)]
+            dst = out_root / f"top{m}-{task}"
+            if not dst.is_dir():
+                compose(lib, "linear", dst, examples=qs[(task, 32, 0)], top_m=m)
+            variants[f"top-{m}"] = (dst, hits)
+        for name, (folder, chosen) in variants.items():
+            same = name.startswith("top") and chosen is not None and sorted(chosen) == sorted(right)
+            if same:  # the retrieved set is the oracle set: the same linear merge, not scored twice
+                acc = next(r["accuracy"] for r in rows if r["task"] == task and r["variant"] == "oracle")
+            else:
+                with torch.no_grad():
+                    acc = cached_scores(model, base, folder, enc, **ev)[0][task]["accuracy"]
+            rows.append({"task": task, "variant": name, "accuracy": acc, "n": n_eval, "chosen": chosen,
+                         "same_as_oracle": same})
+            sc = {task: {"accuracy": acc}}
+            print(f"{task} {name}: {sc[task]['accuracy']:.3f}", file=sys.stderr)
+    cache.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def report(info: dict, ret: list[dict], comp: list[dict], index_s: float, n_adapters: int, n_eval: int) -> str:
+    from collections import Counter
+
+    kinds = Counter(info["kinds"].values())
+    lines = ["| method | k | precision@1 | recall@3 | queries | query seconds (median) |", "|---|---|---|---|---|---|"]
+    for method in ("signature", "profile"):
+        for k in SIZES:
+            rs = [r for r in ret if r["method"] == method and r["k"] == k]
+            lines.append(f"| {method} | {k} | {np.mean([r['p1'] for r in rs]):.3f} | {np.mean([r['r3'] for r in rs]):.3f}"
+                         f" | {len(rs)} | {np.median([r['seconds'] for r in rs]):.2f} |")
+    per = ["| task | " + " | ".join(f"{m} k={k}" for m in ("signature", "profile") for k in SIZES) + " |",
+           "|---|" + "---|" * 4]
+    for task in REAL:
+        cells = []
+        for m in ("signature", "profile"):
+            for k in SIZES:
+                rs = [r for r in ret if r["method"] == m and r["k"] == k and r["task"] == task]
+                cells.append(f"{sum(r['p1'] for r in rs)}/{len(rs)}")
+        per.append(f"| {task} | " + " | ".join(cells) + " |")
+    wrong = Counter(info["kinds"].get(r["top"][0], "real, other task") for r in ret if not r["p1"] and r["method"] == "profile")
+    if not comp:
+        comp_lines = ["(not run)"]
+        return _join(info, kinds, lines, per, wrong, comp_lines, index_s, n_adapters, n_eval)
+    comp_lines = ["| task | oracle (its real adapters) | top-1 | top-3 | all 12 | top-3 set |", "|---|---|---|---|---|---|"]
+    for task in REAL:
+        acc = {r["variant"]: r for r in comp if r["task"] == task}
+        names = ", ".join(Path(s).parent.name + "/" + Path(s).name if "r16" in s or "r4" in s else Path(s).name
+                          for s in acc["top-3"]["chosen"])
+        comp_lines.append(f"| {task} | {acc['oracle']['accuracy']:.3f} | {acc['top-1']['accuracy']:.3f} | "
+                          f"{acc['top-3']['accuracy']:.3f} | {acc['all-12']['accuracy']:.3f} | {names} |")
+    mean = {v: np.mean([r["accuracy"] for r in comp if r["variant"] == v]) for v in ("oracle", "top-1", "top-3", "all-12")}
+    comp_lines.append(f"| **mean** | {mean['oracle']:.3f} | {mean['top-1']:.3f} | {mean['top-3']:.3f} | "
+                      f"{mean['all-12']:.3f} | |")
+    return _join(info, kinds, lines, per, wrong, comp_lines, index_s, n_adapters, n_eval)
+
+
+def _join(info: dict, kinds, lines, per, wrong, comp_lines, index_s, n_adapters, n_eval) -> str:  # noqa: ANN001
+    return "\n".join([
+        f"Library: {n_adapters} adapters = the suite's 12 real task adapters + {sum(kinds.values())} distractors "
+        f"({', '.join(f'{k} {v}' for k, v in kinds.items())}); indexing (signatures + profiles) took {index_s:.0f} s.",
+        "", "Distractors:", "", DISTRACTORS, "### Retrieval", "", *lines, "",
+        f"Per task, top-1 correct / queries ({DRAWS} disjoint draws of k held-out test prompts per task and k for "
+        f"profiles, {SIGNATURE_DRAWS} for signatures):", "",
+        *per, "", f"Wrong profile top-1 hits by kind: {dict(wrong) or 'none'}.", "",
+        f"### Compose (linear), accuracy on {n_eval} test rows per task ({EVAL_FROM}..{EVAL_FROM + n_eval - 1}; "
+        "queries used rows 0..31)", "", *comp_lines, ""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "libeval")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--n-eval", type=int, default=40)
+    ap.add_argument("--stage", choices=("build", "index", "retrieve", "all"), default="all")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    info = build(a.work)
+    if a.stage == "build":
+        return
+    lib = a.work / "lib"
+    idx = a.work / "index.json"
+    if not idx.is_file():
+        t0 = time.perf_counter()
+        r = index_sources([str(SUITE), str(a.work / "distractors")], lib, examples=info["examples"],
+                          base="smollm2-135m", say=lambda s: print(s, file=sys.stderr))
+        idx.write_text(json.dumps({"seconds": time.perf_counter() - t0, "total": r.total}))
+    ix = json.loads(idx.read_text())
+    if a.stage == "index":
+        return
+    qs = queries(a.work)
+    ret = retrieve(a.work, lib, info, qs)
+    text = report(info, ret, [], ix["seconds"], ix["total"], a.n_eval)
+    if a.out:
+        a.out.write_text(text)
+    if a.stage == "retrieve":
+        print(text)
+        return
+    comp = compose_eval(a.work, lib, qs, a.n_eval)
+    text = report(info, ret, comp, ix["seconds"], ix["total"], a.n_eval)
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
