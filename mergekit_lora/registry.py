@@ -109,10 +109,11 @@ class AlgorithmEntry:
     Params: type[AlgorithmParams]
     target: str | type[Algorithm]
     default_scale: str = "none"  # the strength `scale: auto` means for this method (mergekit_lora.strength)
+    output_format: str | None = None  # the one output format the method writes (route: "routed"), None: any
 
     @classmethod
     def of(cls, algo: type[Algorithm]) -> AlgorithmEntry:
-        return cls(algo.name, algo.description, algo.Params, algo, algo.default_scale)
+        return cls(algo.name, algo.description, algo.Params, algo, algo.default_scale, algo.output_format)
 
     def load(self) -> type[Algorithm]:
         """The implementation class (importing its module: torch and the math)."""
@@ -145,7 +146,7 @@ class Algorithm(Generic[P]):
         super().__init_subclass__(**kwargs)
         if entry is not None:  # a built-in: its metadata lives in its (torch-free) catalogue entry
             cls.name, cls.description, cls.Params = entry.name, entry.description, entry.Params
-            cls.default_scale = entry.default_scale
+            cls.default_scale, cls.output_format = entry.default_scale, entry.output_format
 
     def batch_limit(self, params: P) -> int:
         """How many same-shape modules the driver may hand to :meth:`merge_batch` at once.
@@ -281,11 +282,17 @@ def unknown_method(name: str, algos: Mapping[str, Any]) -> str:
     return f"unknown method {name!r}{hint}; available: {', '.join(algos) or 'none'}"
 
 
-def get_algorithm(name: str) -> Algorithm:
+def get_entry(name: str) -> AlgorithmEntry:
+    """The registry's entry of method ``name`` (torch-free: name, Params, default strength, output format)."""
     algos = available()
     if name not in algos:
         raise LoraMergeError(unknown_method(name, algos), field="method")
-    return algos[name].load()()
+    return algos[name]
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """An instance of method ``name`` (imports its module: torch and the math)."""
+    return get_entry(name).load()()
 
 
 def parse_params(algo: Algorithm, values: dict[str, Any], where: str = "parameters") -> AlgorithmParams:

@@ -127,6 +127,12 @@ def _plan_errors(tmp_path: Path) -> dict[str, list[str]]:
         "other-base": ["merge", a, str(ROOT / "examples" / "tiny-llama-double"), "-o", str(tmp_path / "o2")],
         "other-family": ["merge", a, str(other), "--missing", "error", "-o", str(tmp_path / "o4")],
         "recipe": ["run", str(tmp_path / "nope.yaml")],
+        # a method that computes (torch) loads its class only after every header check
+        "ties-parameter": ["merge", a, b, "-m", "ties", "--density", "2"],
+        "ties-other-base": ["merge", a, str(ROOT / "examples" / "tiny-llama-double"), "-m", "ties", "-o",
+                            str(tmp_path / "o5")],
+        "route-output-format": ["merge", a, b, "-m", "route", "--format", "kohya", "-o", str(tmp_path / "o6")],
+        "gguf-without-base": ["merge", a, b, "-m", "svd", "--format", "gguf", "-o", str(tmp_path / "o7")],
     }
 
 
@@ -214,3 +220,15 @@ def test_promote_is_torchs():
         for b in names:
             want = torch.promote_types(getattr(torch, a), getattr(torch, b))
             assert promote(a, b) == str(want).removeprefix("torch."), (a, b)
+
+
+def test_catalogue_entries_describe_their_class():
+    """plan() decides from the torch-free entry; the loaded class must say the same (name, Params, strength,
+    output format)."""
+    from mergekit_lora.registry import available
+
+    for name, entry in available().items():
+        cls = entry.load()
+        assert (cls.name, cls.Params, cls.default_scale, cls.output_format) == (
+            entry.name, entry.Params, entry.default_scale, entry.output_format), name
+    assert available()["route"].output_format == "routed"

@@ -37,8 +37,10 @@ DEFAULT_SCALES = {"svd": "2*average", "ties": "2*average", "dare_linear": "2*ave
                   "route": "sum"}
 
 
-def _entry(name: str, description: str, params: type[AlgorithmParams], target: str) -> AlgorithmEntry:
-    return AlgorithmEntry(name, description, params, f"{_PKG}.{target}", DEFAULT_SCALES.get(name, "none"))
+def _entry(name: str, description: str, params: type[AlgorithmParams], target: str,
+           output_format: str | None = None) -> AlgorithmEntry:
+    return AlgorithmEntry(name, description, params, f"{_PKG}.{target}", DEFAULT_SCALES.get(name, "none"),
+                          output_format)
 
 
 LINEAR = _entry("linear", "task arithmetic: exact Σ wᵢ ΔWᵢ (rank Σ rᵢ, or rank k via exact SVD)",
@@ -61,7 +63,7 @@ MAGNITUDE_PRUNE = _entry(
 LEGO = _entry("lego", "LoRA-LEGO: k-means over all inputs' rank units, centroids -> rank-k LoRA, dual reweighting",
                LegoParams, "lego.algorithm:Lego")
 ROUTE = _entry("route", "rank routing: pool all units, activate the top-k per token (routed adapter + runtime)",
-               RouteParams, "route:Route")
+               RouteParams, "route:Route", output_format="routed")
 
 KNOTS_TIES = _entry(
     "knots_ties", "KnOTS-TIES: TIES on each task's diag(s)·Vₜᵀ in the shared SVD basis U of [ΔW₁ … ΔW_T]; ΔW = U · merged",

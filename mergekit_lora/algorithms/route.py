@@ -31,8 +31,6 @@ class Route(Algorithm[RouteParams], entry=ROUTE):
     them it routes like the implicit router.
     """
 
-    output_format = "routed"
-
     def check_module(self, name: str, infos: Sequence[ModuleInfo], params: RouteParams) -> str | None:
         kinds = {i.kind for i in infos} - {"linear"}
         if kinds:

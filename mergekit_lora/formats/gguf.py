@@ -32,7 +32,7 @@ import torch
 from ..arrays import torch_dtype
 from ..errors import LoraMergeError
 from ..units import RankUnits
-from .gguf_name import GGUF_NAME
+from .gguf_spec import GGUF_NAME
 from .request import WriteRequest
 
 # HF sub-module (inside ``model.layers.N.``) -> GGUF tensor stem (``blk.N.<stem>.weight``).
@@ -297,14 +297,6 @@ class GGUFOptions:
 
     def base(self) -> GGUFBase:
         return resolve_base(self.base_gguf, self.architecture, self.head_count, self.head_count_kv)
-
-
-def check_options(opts: Any) -> None:
-    """What the ``gguf`` output format needs of the run options (``plan`` stage 3, headers only)."""
-    if opts.base_gguf is None:
-        raise LoraMergeError("output format gguf needs the base model's .gguf (tensor names, shapes and "
-                             "architecture come from it): pass «base_gguf»", field="base_gguf")
-    resolve_base(opts.base_gguf)
 
 
 def gguf_options(opts: Any) -> GGUFOptions:

@@ -25,8 +25,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LoraMergeError
-from . import diffusers, kohya, peft_read, routed_tag, sd, sd_detect, writers
-from .gguf_name import GGUF_NAME
+from . import diffusers, gguf_spec, kohya, peft_read, routed_tag, sd, sd_detect, writers
 from .request import Writer
 from .request import WriteRequest as WriteRequest  # re-exported: what a writer takes
 
@@ -85,8 +84,8 @@ def builtin_formats() -> list[FormatSpec]:
                    write_options=writers.peft_options, library="peft", arrays=True),
         # llama.cpp LoRA (issue 18): needs its base model's .gguf (GGUFOptions); gguf.py (torch) loads on first use
         FormatSpec("gguf", write=deferred("gguf", "gguf_writer"), options=("base_gguf",),
-                   check_options=deferred("gguf", "check_options"), write_options=deferred("gguf", "gguf_options"),
-                   file=GGUF_NAME),
+                   check_options=gguf_spec.check_options, write_options=deferred("gguf", "gguf_options"),
+                   file=gguf_spec.GGUF_NAME),
     ]
 
 

@@ -34,7 +34,7 @@ from ..formats.safetensors_header import content_fingerprints
 from ..names import layer_index, matches
 from ..options import MergeOptions
 from ..recipe.gradients import at, evaluate, gradient_fields
-from ..registry import Algorithm, AlgorithmParams, get_algorithm, parse_params
+from ..registry import Algorithm, AlgorithmEntry, AlgorithmParams, get_entry, parse_params
 from ..request import MergeRequest, ModuleOverride
 from ..strength import Scale, parse_scale
 from .compat import check_compatible
@@ -92,25 +92,25 @@ def plan(request: MergeRequest) -> MergePlan:
     opts, overrides, base_model, recipe = request.options, request.overrides, request.base_model, request.recipe
     # Stage 1: the request itself (no I/O).
     problems: list[LoraMergeError] = []
-    algo = _collect(problems, get_algorithm, method)
+    entry = _collect(problems, get_entry, method)  # the class (torch) loads after the header checks
     device = _collect(problems, device_name, opts.device)
     if not sources:
         problems.append(LoraMergeError("no input adapters given", field="adapters"))
     _collect(problems, checks.weight_count, weights, len(sources))
     if opts.output_format is not None:
         _collect(problems, get_writer, opts.output_format)
-    if algo is not None and algo.output_format and opts.output_format and opts.output_format != algo.output_format:
+    if entry is not None and entry.output_format and opts.output_format and opts.output_format != entry.output_format:
         problems.append(LoraMergeError(
-            f"method {method!r} writes the {algo.output_format!r} format, not {opts.output_format!r}; drop "
+            f"method {method!r} writes the {entry.output_format!r} format, not {opts.output_format!r}; drop "
             "«output_format» (a routed adapter can be exported as a static one: route's export_static)",
             field="output_format"))
     _reliability_request(problems, sources, params, weights, overrides, opts)  # issue 14 (before: stats the path)
     if opts.out is not None and not any(p.field == "out" for p in problems):
         _collect(problems, check_output, Path(opts.out), opts.force)
     finite = not any(p.field == "parameters" for p in problems)  # a NaN/Inf parameter is reported once, above
-    top = _collect(problems, _top_params, algo, params) if algo is not None and finite else None
+    top = _collect(problems, _top_params, entry, params) if entry is not None and finite else None
     raise_all(problems)
-    assert algo is not None and device is not None and top is not None
+    assert entry is not None and device is not None and top is not None
     # Stage 2: the sources' headers.
     adapters, labels = _load_sources(sources, opts)
     if opts.out is not None:  # issue 14: hub sources are local files only now
@@ -121,17 +121,18 @@ def plan(request: MergeRequest) -> MergePlan:
     if base_model:
         _check_base(base_model, adapters, labels)
     shared = check_compatible(adapters, opts.missing)
-    fmt = algo.output_format or opts.output_format or default_output_format(adapters)
+    fmt = entry.output_format or opts.output_format or default_output_format(adapters)
     spec = get_writer(fmt)
     refusal = spec.refuse_inputs(adapters) if spec.refuse_inputs is not None else None
     if refusal:
         raise LoraMergeError(refusal, field="output_format")
     _check_writer_options(fmt, opts)
     w = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
-    scale = parse_scale(algo.default_scale if opts.scale == "auto" else opts.scale)
-    if algo.output_format is not None and not scale.is_identity:  # routed: every unit kept, scale the weights
+    scale = parse_scale(entry.default_scale if opts.scale == "auto" else opts.scale)
+    if entry.output_format is not None and not scale.is_identity:  # routed: every unit kept, scale the weights
         c = scale.weight_factor([float(at(x, 0.0)) for x in w])
         w, scale = [_times(x, c) for x in w], Scale()
+    algo = entry.load()()  # every check above ran without torch
     modules, matched = _module_table(algo, params, w, overrides, adapters, shared.names, shared.present)
     targets = carried_target_modules([a.meta for a in adapters], [a.module_names() for a in adapters],
                                      [m.name for m in modules])
@@ -184,7 +185,7 @@ def _collect(problems: list[LoraMergeError], fn: Any, *args: Any) -> Any:
         return None
 
 
-def _top_params(algo: Algorithm, params: Mapping[str, Any] | AlgorithmParams | None) -> AlgorithmParams:
+def _top_params(algo: AlgorithmEntry | Algorithm, params: Mapping[str, Any] | AlgorithmParams | None) -> AlgorithmParams:
     """The request's parameters at layer position 0 (validated; gradients interpolated)."""
     if isinstance(params, AlgorithmParams):
         return params
