@@ -24,7 +24,14 @@ from mergekit_lora.pipeline import merge, resolve_device
 from mergekit_lora.registry import available
 
 from .report import write_report
-from .score_cache import cached_fidelity, cached_scores, cached_scores_of, lookup_merge, merge_key, store_merge
+from .score_cache import (
+    cached_fidelity,
+    cached_scores,
+    cached_scores_of,
+    lookup_merge,
+    merge_key,
+    store_merge,
+)
 from .stats import add_intervals, add_paired_mean
 from .tasks import encode_suite, load_base, normalized_accuracy, pad_id_of
 
