@@ -135,12 +135,18 @@ def output_meta(adapters: Sequence[Adapter]) -> AdapterMeta:
 MAX_MAGNITUDE = 1e15
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| from one min/max pass (no |t| temporary: a fresh full-size allocation per factor); NaN stays NaN."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.nan
+
+
 def check_magnitude(u: RankUnits, name: str, where: object) -> None:
     """Refuse a module whose factors would overflow float32 products (see :data:`MAX_MAGNITUDE`)."""
     A, B = getattr(u, "A", None), getattr(u, "B", None)
     if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or not A.numel() or not B.numel():
         return
-    a, b = float(A.detach().abs().max()), float(B.detach().abs().max())
+    a, b = _max_abs(A), _max_abs(B)
     bound = a * b * max(1, u.rank)
     if not (math.isfinite(a) and math.isfinite(b)):  # read finite: the scale alpha/r overflowed float32
         raise LoraMergeError(
