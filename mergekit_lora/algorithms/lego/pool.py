@@ -170,7 +170,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
                 sign[m, sl] = sign_rule(A[m, sl])
             at += u.rank
     # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
-    # transposed copy: tests/test_lego_pool.py; a copy is one more pass over the whole pool)
+    # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
     GA = matmul(A, A.transpose(1, 2))
     GB = matmul(B.transpose(1, 2), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
