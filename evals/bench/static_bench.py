@@ -172,7 +172,7 @@ def whole_process_main(args: argparse.Namespace) -> None:
         out_ours = work / f"out-ours-{m}"
         extra = [f"--density={METHODS[m][1]['density']}"] if "density" in METHODS[m][1] else []
         cmd = [sys.executable, "-m", "mergekit_lora.cli.main", "merge", *map(str, paths), "-m", m, "-o", str(out_ours),
-               "--weights", w, "--device", args.device, "--force", *extra]
+               "--weights", w, "--device", args.device, "--force", "--scale", "none", *extra]  # PEFT: no strength policy
         with_peft = args.peft_methods is None or m in args.peft_methods.split(",")
         pcmd = [sys.executable, __file__, "--child", "peft", "--method", m, "--work", str(work), "--device", args.device,
                 "--threads", str(args.threads), "--preset", args.preset]
