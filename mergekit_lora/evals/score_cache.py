@@ -26,6 +26,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from mergekit_lora import __version__
+
 from .tasks import EncodedTask, evaluate_variant
 
 
@@ -161,8 +163,6 @@ def merge_key(inputs: Sequence[Path], method: str, params: dict[str, Any], weigh
               scale: str | float, seed: int, device: str) -> str:
     """Key of one merge: the inputs' bytes, the method and its parameters, weights, strength, seed, device
     type and the package version (merges are deterministic for these)."""
-    from mergekit_lora import __version__
-
     h = hashlib.sha256(f"merge-v{MERGE_VERSION}-{__version__}".encode())
     for p in inputs:
         h.update(path_digest(p).encode())
