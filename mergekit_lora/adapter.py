@@ -155,13 +155,22 @@ def output_meta(adapters: Sequence[Adapter]) -> AdapterMeta:
 MAX_MAGNITUDE = 1e15
 
 
+def _max_abs(t: Any) -> float:
+    """max |t| of a torch tensor from one min/max pass (no |t| temporary: a fresh full-size allocation per
+    factor), of a numpy array as ``abs(t).max()``; NaN stays NaN."""
+    if not hasattr(t, "aminmax"):  # numpy factors (a torch-free merge)
+        return float(abs(t).max())
+    lo, hi = t.detach().aminmax()
+    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.nan
+
+
 def check_magnitude(u: RankUnits, name: str, where: object) -> None:
     """Refuse a module whose factors would overflow float32 products (see :data:`MAX_MAGNITUDE`);
     ``u``'s factors are torch tensors or numpy arrays."""
     A, B = getattr(u, "A", None), getattr(u, "B", None)
     if A is None or B is None or not hasattr(A, "shape") or not math.prod(A.shape) or not math.prod(B.shape):
         return
-    a, b = float(abs(A).max()), float(abs(B).max())
+    a, b = _max_abs(A), _max_abs(B)
     bound = a * b * max(1, u.rank)
     if not (math.isfinite(a) and math.isfinite(b)):  # read finite: the scale alpha/r overflowed float32
         raise LoraMergeError(

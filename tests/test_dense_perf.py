@@ -9,6 +9,8 @@ from peft.utils import merge_utils
 
 from mergekit_lora.algorithms.dense import (
     DenseParams,
+    _mm,
+    blas_view,
     dense_combine,
     disjoint_mean,
     refactor_batch,
@@ -17,7 +19,7 @@ from mergekit_lora.algorithms.dense import (
 from mergekit_lora.algorithms.elementwise import chunk_product, row_chunks
 from mergekit_lora.algorithms.ties import TiesParams, ties_dense
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
-from mergekit_lora.threads import thread_policy
+from mergekit_lora.threads import current, thread_policy
 from mergekit_lora.units import RankUnits
 
 
@@ -142,3 +144,16 @@ def test_hardshrink_trim_keeps_exactly_the_entries_at_or_above_the_threshold(dty
         out = keep_at_least(x, lam)
         assert torch.equal(out, ref) and out.dtype == dtype
         assert int((out != 0).sum()) == int(((x.abs() >= t) & (x != 0)).sum())
+
+
+def test_blas_view_keeps_a_transposed_view_and_its_product_bits():
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(2, 300, 700, generator=g)
+    Q = torch.randn(2, 300, 24, generator=g)
+    Dt = D.transpose(1, 2)
+    assert blas_view(Dt).data_ptr() == D.data_ptr()  # no copy of the big operand
+    with thread_policy(2):
+        viewed = _mm(Dt, Q, current())  # the budget execute hands the algorithms
+    assert torch.equal(viewed, torch.bmm(Dt.contiguous(), Q))
+    odd = D[:, ::2, ::2]  # neither row- nor column-major: copied
+    assert blas_view(odd).is_contiguous()

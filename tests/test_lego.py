@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from mergekit_lora import load_adapter, merge
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
+from mergekit_lora.threads import current, thread_policy
 from mergekit_lora.units import RankUnits
 
 _lego = get_algorithm("lego")
@@ -348,3 +349,17 @@ def test_params_are_validated():
 
 
 # ---------------------------------------------------------------- real adapters: PEFT, CLI
+
+
+def test_pool_grams_on_transposed_views_equal_those_on_transposed_copies():
+    """build_pools multiplies transposed views (no copy of the pool): the Grams' bits are those of the
+    copies' product, at 1 and 2 threads (the row-blocked GEMMs of threads.matmul)."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 128, 2900, generator=g)  # [M, N, d_in]: above PARALLEL_MIN_FLOPS (the blocked product)
+    B = torch.randn(3, 2900, 128, generator=g)  # [M, d_out, N]
+    for threads in (1, 2):
+        with thread_policy(threads):
+            budget = current()  # what execute hands build_pools in the module context
+            assert budget.budget == threads
+            assert torch.equal(budget.matmul(A, A.transpose(1, 2)), budget.matmul(A, A.transpose(1, 2).contiguous()))
+            assert torch.equal(budget.matmul(B.transpose(1, 2), B), budget.matmul(B.transpose(1, 2).contiguous(), B))

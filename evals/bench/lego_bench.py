@@ -2,13 +2,15 @@
 
 Writes N synthetic rank-r PEFT adapters with a Llama-7B layout (per layer q,k,v,o: hidden×hidden;
 gate, up: intermediate×hidden; down: hidden×intermediate) and times, each in a fresh subprocess:
-the I/O floor (read every input tensor + write an output of the merged size), the compute floor
+the I/O floor (read every input tensor with safetensors + write an output of the merged size), the
+``cat`` floor (the input files' bytes into one reused buffer, as ``cat`` does), the compute floor
 (only the two N×N Gram products per module, N = pooled rank, that exact k-means distances and the
 fidelity need), and the lego merge with each k-means backend.  Peak RSS is measured per subprocess; the torch backend is also run at
 a second layer count to show whether memory grows with the number of layers.  With ``--repeat N`` every row
 runs N times, the rows interleaved (round 1 of every row, then round 2, ...), and each row keeps its fastest
 run: on a shared machine, load that comes and goes hits every row alike.  CPU seconds (the child's own,
-all threads) are reported next to wall seconds.  ``--baseline DIR`` also runs the torch row with the code of
+all threads) are reported next to wall seconds, and each run's × I/O floor in both.  ``--threads 1,2``
+runs the lego rows once per thread count (``merge(threads=…)``).  ``--baseline DIR`` also runs the torch row with the code of
 another checkout (e.g. ``git archive <commit> | tar -x -C DIR``), interleaved with this one: before/after in
 one run.
 
@@ -47,6 +49,18 @@ save_file(outt, out)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.process_time() - c0)
 """
 
+CAT = """
+import sys, time, resource
+c0 = time.process_time()
+t = time.perf_counter()
+buf = bytearray(1 << 20)
+for p in sys.argv[1].split(','):
+    with open(p + '/adapter_model.safetensors', 'rb', buffering=0) as f:
+        while f.readinto(buf):             # what `cat FILE > /dev/null` does: page cache -> one reused buffer
+            pass
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.process_time() - c0)
+"""
+
 GRAM = """
 import sys, time, torch, resource
 from safetensors import safe_open
@@ -74,8 +88,7 @@ import sys, time, resource
 base = sys.argv[7]
 if base:  # run another checkout's code: map the package's folders to it before the first import
     import importlib.util
-    folders = {'mergekit_lora': 'mergekit_lora', 'mergekit_lora.algorithms': 'algorithms',
-               'mergekit_lora.cli': 'cli', 'mergekit_lora.evals': 'evals'}
+    folders = {'mergekit_lora': 'mergekit_lora'}  # the whole package is one folder
 
     class BaseFinder:
         @staticmethod
@@ -125,7 +138,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lego-bench"))
     ap.add_argument("--out", type=Path, default=None, help="markdown file to write the results to")
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes per row (interleaved); the fastest is kept")
-    ap.add_argument("--threads", default="", help="merge(threads=...) for the lego rows (default: the thread policy's)")
+    ap.add_argument("--threads", default="", help="merge(threads=...) for the lego rows, comma-separated for a row per "
+                                                  "count (default: the thread policy's)")
     ap.add_argument("--baseline", default="", help="another checkout whose code also runs the torch row (before/after)")
     a = ap.parse_args()
     load_before = os.getloadavg()
@@ -134,40 +148,46 @@ def main() -> None:
         paths = make_adapters(a.workdir / f"L{layers}-h{a.hidden}", a.adapters, layers, a.hidden, a.intermediate, a.rank)
         size = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
         joined = ",".join(str(p) for p in paths)
-        jobs = [("I/O floor", FLOOR, [joined, str(a.workdir / "floor.safetensors"), str(a.k)])]
+        jobs = [("I/O floor", FLOOR, [joined, str(a.workdir / "floor.safetensors"), str(a.k)]),
+                ("cat floor (bytes only)", CAT, [joined])]
         if layers == a.layers:
             jobs.append(("Gram floor (compute)", GRAM, [joined]))
         lego = [(b, "") for b in (a.backends.split(",") if layers == a.layers else ["torch"])]
         if a.baseline and layers == a.layers:
             lego.insert(0, ("torch", a.baseline))
-        for b, base in lego:
-            name = f"lego, {b} backend" + (f" (baseline {a.baseline})" if base else "")
-            jobs.append((name, RUN, [joined, str(a.workdir / f"out-{b}-L{layers}{'-base' if base else ''}"), str(a.k), b,
-                                     a.device, a.threads, base]))
+        for threads in a.threads.split(","):
+            for b, base in lego:
+                name = (f"lego, {b} backend" + (f", {threads} thread(s)" if threads else "")
+                        + (f" (baseline {a.baseline})" if base else ""))
+                out = a.workdir / f"out-{b}-L{layers}-t{threads or 'policy'}{'-base' if base else ''}"
+                jobs.append((name, RUN, [joined, str(out), str(a.k), b, a.device, threads, base]))
         best = run_rows(jobs, a.repeat)
-        floor_s = best["I/O floor"][0]
+        floor_s, floor_cpu = best["I/O floor"][0], best["I/O floor"][2]
         for name, _, _ in jobs:
             got = best[name]
             s, rss, cpu, err = got[0], got[1], got[2], (got[3] if len(got) > 3 else None)
             rows.append((layers, name, s, cpu, rss, err, size))
-            print(f"layers={layers} {name}: {s:.2f} s (CPU {cpu:.2f} s, {s / floor_s:.2f}× floor {floor_s:.2f} s), "
-                  f"peak RSS {rss:.0f} MiB" + ("" if err is None else f", rel. error {err:.3f}"), flush=True)
+            print(f"layers={layers} {name}: {s:.2f} s (CPU {cpu:.2f} s, {s / floor_s:.2f}× floor {floor_s:.2f} s, "
+                  f"CPU {cpu / floor_cpu:.2f}× floor {floor_cpu:.2f} s), peak RSS {rss:.0f} MiB"
+                  + ("" if err is None else f", rel. error {err:.3f}"), flush=True)
     load_after = os.getloadavg()
     lines = [f"# LoRA-LEGO benchmark (`cluster -k {a.k}`)", "",
              f"{a.adapters} synthetic rank-{a.rank} fp32 adapters, Llama layout (q,k,v,o {a.hidden}×{a.hidden}; "
              f"gate,up {a.intermediate}×{a.hidden}; down {a.hidden}×{a.intermediate}); device {a.device} "
              f"({torch.cuda.get_device_name(0) if a.device != 'cpu' and torch.cuda.is_available() else 'CPU'}), "
              f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-             f"n_init 3, max_iter 100, reweight paper, threads {a.threads or 'policy'}.  Each row is the fastest of "
+             f"n_init 3, max_iter 100, reweight paper, threads {a.threads or 'policy'}.  Floor and lego rows come from this one run.  Each row is the fastest of "
              f"{a.repeat} fresh process(es), rows interleaved; times exclude imports; CPU = the child's CPU seconds "
              f"(all threads).  Load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_before)} before, "
              f"{' / '.join(f'{x:.2f}' for x in load_after)} after.", "",
-             "| layers | inputs (MiB) | run | seconds | CPU s | × I/O floor | peak RSS (MiB) | rel. error |",
-             "|---|---|---|---|---|---|---|---|"]
-    floors = {r[0]: r[2] for r in rows if r[1] == "I/O floor"}
+             "| layers | inputs (MiB) | run | seconds | CPU s | × I/O floor (wall) | × I/O floor (CPU) | peak RSS (MiB) "
+             "| rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    floors = {r[0]: (r[2], r[3]) for r in rows if r[1] == "I/O floor"}
     for layers, name, s, cpu, rss, err, size in rows:
-        lines.append(f"| {layers} | {size:.0f} | {name} | {s:.2f} | {cpu:.2f} | {s / floors[layers]:.2f} | {rss:.0f} | "
-                     f"{'-' if err is None else f'{err:.3f}'} |")
+        fw, fc = floors[layers]
+        lines.append(f"| {layers} | {size:.0f} | {name} | {s:.2f} | {cpu:.2f} | {s / fw:.2f} | {cpu / fc:.2f} | "
+                     f"{rss:.0f} | {'-' if err is None else f'{err:.3f}'} |")
     lines += ["", f"Command: `{' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})."]
     text = "\n".join(lines) + "\n"
     print(text)

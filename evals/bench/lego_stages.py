@@ -12,7 +12,6 @@ Usage: .venv/bin/python evals/bench/lego_stages.py --layers 32 --threads 1 --rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import sys
@@ -25,8 +24,7 @@ from synthetic import make_adapters
 
 def use_checkout(base: str) -> None:
     """Import the package from another checkout (its folders mapped before the first import)."""
-    folders = {"mergekit_lora": "mergekit_lora", "mergekit_lora.algorithms": "algorithms",
-               "mergekit_lora.cli": "cli", "mergekit_lora.evals": "evals"}
+    folders = {"mergekit_lora": "mergekit_lora"}  # the whole package is one folder
 
     class BaseFinder:
         @staticmethod
@@ -77,22 +75,19 @@ def main() -> None:
 
         setattr(owner, name, timed)
 
-    parallel_for = pool.parallel_for
+    gram_matmul = pool.matmul
 
-    @contextlib.contextmanager
-    def timed_block(flops):  # the pool's one parallel_for block: the two N×N Gram products
+    def timed_gram(X, Y):  # the pool's matmul calls: the two N×N Gram products
         c = time.process_time()
-        stack.append("N×N Gram products")
         try:
-            with parallel_for(flops) as n:
-                yield n
+            return gram_matmul(X, Y)
         finally:
-            stack.pop()
             d = time.process_time() - c
             acc["N×N Gram products"] += d
-            acc[stack[-1]] -= d
+            if stack:
+                acc[stack[-1]] -= d
 
-    pool.parallel_for = timed_block
+    pool.matmul = timed_gram
     wrap(adapter.Adapter, "units", "read inputs (page cache → tensors, finite check)")
     wrap(alg, "build_pools", "pool: copy, sort keys, max-abs norms, sorted Grams")
     wrap(alg, "kmeans_gram", "k-means (seeding, Lloyd, signs)")

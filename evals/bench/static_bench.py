@@ -172,16 +172,20 @@ def whole_process_main(args: argparse.Namespace) -> None:
         out_ours = work / f"out-ours-{m}"
         extra = [f"--density={METHODS[m][1]['density']}"] if "density" in METHODS[m][1] else []
         cmd = [sys.executable, "-m", "mergekit_lora.cli.main", "merge", *map(str, paths), "-m", m, "-o", str(out_ours),
-               "--weights", w, "--device", args.device, "--force", *extra]
+               "--weights", w, "--device", args.device, "--force", "--scale", "none", *extra]  # PEFT: no strength policy
         with_peft = args.peft_methods is None or m in args.peft_methods.split(",")
         pcmd = [sys.executable, __file__, "--child", "peft", "--method", m, "--work", str(work), "--device", args.device,
                 "--threads", str(args.threads), "--preset", args.preset]
-        ours_runs, peft_runs = [], []
-        for i in range(max(args.repeat, args.peft_repeat if with_peft else 0)):  # alternated: same machine state
+        ours_runs: list[dict] = []
+        peft_runs: list[dict] = []
+        # alternated (ours, PEFT, ours, …): both sides see the same machine state over the run
+        for i in range(max(args.repeat, args.peft_repeat if with_peft else 0)):
             if i < args.repeat:
                 ours_runs.append(timed(cmd, args.threads))
+                print(f"{m}: ours run {i + 1}: {ours_runs[-1]['cpu_seconds']:.2f} CPU s", flush=True)
             if with_peft and i < args.peft_repeat:
                 peft_runs.append(timed(pcmd, args.threads))
+                print(f"{m}: peft run {i + 1}: {peft_runs[-1]['cpu_seconds']:.2f} CPU s", flush=True)
         ours = fastest(ours_runs)
         print(f"{m}: ours {ours['seconds']:.2f} s ({ours['cpu_seconds']:.2f} CPU s), {ours['peak_rss_mb']:.0f} MB",
               flush=True)
@@ -203,7 +207,7 @@ def whole_process_main(args: argparse.Namespace) -> None:
         f"Machine: {machine()}, shared with other jobs (load average ≫ 2 during the runs); OMP_NUM_THREADS="
         f"{args.threads} for both sides.  Wall time of the whole process (start-up, imports, reading, merging, "
         "writing), its CPU time (user + system: what the merge costs, less sensitive to the other jobs than wall time) "
-        "and its peak RSS (`/usr/bin/time`); ours and PEFT alternated in this one run, ours fastest of "
+        "and its peak RSS (`/usr/bin/time`); ours and PEFT alternated in this one run; ours fastest of "
         f"{args.repeat}, PEFT fastest of {args.peft_repeat}.", "",
         f"Inputs: {args.adapters} rank-{args.rank} PEFT adapters ({'bf16' if args.preset else 'fp32'}) on all 7 "
         f"projections of a {layers}-layer Llama (hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}"

@@ -24,7 +24,14 @@ from mergekit_lora.pipeline.output import output_folder
 from mergekit_lora.registry import available
 
 from .report import write_report
-from .score_cache import cached_fidelity, cached_scores
+from .score_cache import (
+    cached_fidelity,
+    cached_scores,
+    cached_scores_of,
+    lookup_merge,
+    merge_key,
+    store_merge,
+)
 from .stats import add_intervals, add_paired_mean
 from .tasks import encode_suite, load_base, normalized_accuracy, pad_id_of
 
@@ -154,6 +161,7 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
         return {"tasks": got, "cached": cached, "eval_seconds": time.perf_counter() - t0}
 
     harm = _harm_probe(cfg, model, tok, ev, fixed)
+    probes_harm = bool(cfg.harm_passages or cfg.unseen)  # perplexity needs the merged adapter itself
     rows.append({"variant": "base", "kind": "base", **fixed(None, encoded), **harm(None)})
     refs = {n: (root / p if not Path(p).is_absolute() else Path(p)) for n, p in cfg.references.items()}
     for kind, group in (("individual", paths), ("reference", refs)):
@@ -179,6 +187,13 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                                                        lambda f, enc: fixed(f, enc)["tasks"], log)
                     row.update(params=spec.params, weights=w, tuned=True)
                 row["scale"] = str(spec.scale)
+                key = merge_key(list(paths.values()), spec.method, spec.params, w, spec.scale, cfg.seed,
+                                str(device)) if cfg.cache and not probes_harm else None
+                if key is not None and (known := _known_merge(key, base_folder, encoded, ev)) is not None:
+                    log(f"{label}: merge and scores cached")
+                    row.update(known)
+                    rows.append(row)
+                    continue
                 log(f"merging with {label}")
                 t0 = time.perf_counter()
                 res = merge(MergeRequest(sources=list(paths.values()), method=spec.method, params=spec.params,
@@ -190,8 +205,11 @@ def run_compare(cfg: CompareConfig, root: Path, out: Path, *, force: bool = Fals
                 row["fidelity"], row["rank"] = fid["overall"], fid["rank"]
                 row["fidelity_seconds"] = time.perf_counter() - t0
                 row["modules"] = res.modules
+                row["merge_cached"] = False
                 log(f"evaluating {label}")
                 row.update(fixed(Path(tmp) / label, encoded), **harm(Path(tmp) / label))
+                if key is not None:
+                    store_merge(key, Path(tmp) / label, res.modules, fid)
             except Exception as e:  # a failing method is a row in the report, not the end of the run
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"  {label} failed: {row['error']}")
@@ -230,6 +248,19 @@ def rerender(report_json: str | Path, out: Path, *, force: bool = False) -> dict
     with output_folder(out, force) as tmp_out:
         write_report(report, tmp_out)
     return report
+
+
+def _known_merge(key: str, base_folder: Path, encoded: dict, ev: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge row's numbers without merging: the merge record of ``key`` and every score of its output read
+    from the cache (None when either misses)."""
+    t0 = time.perf_counter()
+    rec = lookup_merge(key)
+    scores = cached_scores_of(base_folder, rec["digest"], encoded, **ev) if rec is not None else None
+    if scores is None:
+        return None
+    return {"merge_seconds": 0.0, "fidelity": rec["fidelity"], "rank": rec["rank"], "fidelity_seconds": 0.0,
+            "modules": rec["modules"], "merge_cached": True, "tasks": scores, "cached": sorted(encoded),
+            "eval_seconds": time.perf_counter() - t0}
 
 
 def _harm_probe(cfg: CompareConfig, model, tok, ev: dict[str, Any], fixed):

@@ -5,10 +5,13 @@ examples; those scores depend only on the model files, the tokenised examples an
 so they are computed once and read back afterwards.  The key hashes the bytes of the base model's
 weights and the adapter's files, the token ids and gold labels of every example, the batch size and
 the device type; a changed file or example misses the cache.  Merged adapters are keyed the same way,
-by their bytes (merges are deterministic for a seed), so re-running a scenario re-merges but only
-scores what changed.  A merge's fidelity summary (:func:`cached_fidelity`) is cached the same way, keyed
-by the bytes of the merged adapter and of its inputs and by the weights: a re-run with every score
-cached computes no fidelity either.
+by their bytes (merges are deterministic for a seed).  A merge's fidelity summary (:func:`cached_fidelity`)
+is cached the same way, keyed by the bytes of the merged adapter and of its inputs and by the weights.
+A merge itself is remembered by :func:`merge_key` (the inputs' bytes, method, parameters, weights, scale,
+seed, device type and the package version) → its output's digest, module count and fidelity
+(:func:`lookup_merge`): when every score of that digest is cached too (:func:`cached_scores_of`), a
+re-run does not merge at all.  A change to a method's code within one package version is not seen by
+the key; clear the cache (or bump :data:`MERGE_VERSION`) after one.
 
 Entries live under ``<cache_dir>/scores/<key>.json`` (see :func:`suite.model.cache_dir`).
 """
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from mergekit_lora import __version__
 
 from .tasks import EncodedTask, evaluate_variant
 
@@ -60,9 +65,14 @@ ENTRY_VERSION = 2
 
 
 def score_key(base: Path, adapter: Path | None, task: EncodedTask, batch_size: int, device: str) -> str:
+    return score_key_of(base, folder_digest(adapter) if adapter is not None else "base", task, batch_size, device)
+
+
+def score_key_of(base: Path, adapter_digest: str, task: EncodedTask, batch_size: int, device: str) -> str:
+    """:func:`score_key` from the adapter's :func:`folder_digest` (``"base"``: the base model alone)."""
     h = hashlib.sha256(f"scores-v{ENTRY_VERSION}".encode())
     h.update(folder_digest(base).encode())
-    h.update((folder_digest(adapter) if adapter is not None else "base").encode())
+    h.update(adapter_digest.encode())
     h.update(json.dumps([task.name, task.ids, task.gold.tolist(), task.label_tokens.tolist(), batch_size,
                          device.split(":")[0]]).encode())
     return h.hexdigest()
@@ -143,3 +153,40 @@ def cached_fidelity(merged: Path, inputs: Sequence[Path], weights: Sequence[floa
     if key is not None:
         store(key, value)
     return value, False
+
+
+# Bumped whenever a merge record's content or the merges' output changes within one package version.
+MERGE_VERSION = 1
+
+
+def merge_key(inputs: Sequence[Path], method: str, params: dict[str, Any], weights: Sequence[float],
+              scale: str | float, seed: int, device: str) -> str:
+    """Key of one merge: the inputs' bytes, the method and its parameters, weights, strength, seed, device
+    type and the package version (merges are deterministic for these)."""
+    h = hashlib.sha256(f"merge-v{MERGE_VERSION}-{__version__}".encode())
+    for p in inputs:
+        h.update(path_digest(p).encode())
+    h.update(json.dumps([method, params, [float(w) for w in weights], str(scale), seed, device.split(":")[0]],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def lookup_merge(key: str) -> dict[str, Any] | None:
+    """The record :func:`store_merge` kept for ``key`` ({"digest", "modules", "fidelity", "rank"}), or None."""
+    hit = lookup(f"merge-{key}")
+    return hit if hit is not None and {"digest", "modules", "fidelity", "rank"} <= set(hit) else None
+
+
+def store_merge(key: str, merged: Path, modules: int, fidelity: dict[str, Any]) -> None:
+    """Remember the merge ``key``: its output folder's digest, module count and fidelity summary
+    (:func:`cached_fidelity`'s value: {"overall", "rank"})."""
+    store(f"merge-{key}", {"digest": folder_digest(merged), "modules": modules, "fidelity": fidelity["overall"],
+                           "rank": fidelity["rank"]})
+
+
+def cached_scores_of(base: Path, digest: str, encoded: dict[str, EncodedTask], *, batch_size: int,
+                     device: Any, **_: Any) -> dict[str, dict[str, Any]] | None:
+    """Every task's cached scores of the adapter whose :func:`folder_digest` is ``digest``; None when any
+    task misses (the adapter itself is not needed: nothing is scored here)."""
+    got = {t: lookup(score_key_of(base, digest, e, batch_size, str(device))) for t, e in encoded.items()}
+    return None if any(v is None for v in got.values()) else got  # type: ignore[return-value]

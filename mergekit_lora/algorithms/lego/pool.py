@@ -169,8 +169,10 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
             at += u.rank
-    GA = threads.matmul(A, A.transpose(1, 2).contiguous())  # the two N×N Grams: the big products
-    GB = threads.matmul(B.transpose(1, 2).contiguous(), B)
+    # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
+    # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
+    GA = threads.matmul(A, A.transpose(1, 2))
+    GB = threads.matmul(B.transpose(1, 2), B)
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     if features == "canonical":  # balanced as RankUnits.canonical: ‖a'‖ = ‖b'‖
