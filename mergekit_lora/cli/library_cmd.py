@@ -31,7 +31,7 @@ RerankOpt = Annotated[str | None, typer.Option("--rerank", help="with --examples
                                                "confidence (minus mean next-token entropy), infomax, or none "
                                                "(profile only); default confidence")]
 ShortlistOpt = Annotated[int | None, typer.Option("--shortlist", help="with --rerank: how many profile hits to "
-                                                  "rerank (default 10)")]
+                                                  "rerank (default 5)")]
 
 
 def _rerank_kw(rerank: str | None, shortlist: int | None) -> dict:

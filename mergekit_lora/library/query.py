@@ -22,9 +22,8 @@ from .rerank import RERANKS, rerank_scores
 from .signature import parts, signature
 from .store import Library
 
-
 DEFAULT_RERANK = "confidence"  # chosen on the validation queries of evals/library/retrieval_eval.py
-SHORTLIST = 10
+SHORTLIST = 5
 RERANK_WHY = {"confidence": "minus the mean entropy of the next-token distribution at the end of each example",
               "infomax": "the entropy of the mean next-token distribution minus the mean entropy (mutual "
                          "information between example and answer)"}
