@@ -148,9 +148,10 @@ def test_shortlist_limits_the_rerank_and_compose_records_it(world: dict[str, Pat
                             "--rerank", "confidence", "--json"])
     assert r.exit_code == 0, r.output
     assert Path(json.loads(r.stdout)[0]["source"]).name == "trained"
-    for bad in (["--rerank", "loudest"], ["--shortlist", "0"]):
-        r = runner.invoke(app, ["library", "search", str(world["lib"]), "--examples", str(world["query.jsonl"]),
-                                *bad])
+    query = ["--examples", str(world["query.jsonl"])]
+    for bad in ([*query, "--rerank", "loudest"], [*query, "--shortlist", "0"],
+                ["--like", str(world["trained"]), "--rerank", "confidence"]):
+        r = runner.invoke(app, ["library", "search", str(world["lib"]), *bad])
         assert r.exit_code == 2, r.output
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr

@@ -34,7 +34,10 @@ ShortlistOpt = Annotated[int | None, typer.Option("--shortlist", help="with --re
                                                   "rerank (default 5)")]
 
 
-def _rerank_kw(rerank: str | None, shortlist: int | None) -> dict:
+def _rerank_kw(rerank: str | None, shortlist: int | None, like: str | None) -> dict:
+    if like is not None and (rerank is not None or shortlist is not None):
+        raise LoraMergeError("--rerank/--shortlist apply to --examples queries only (--like ranks by weight "
+                             "signature); drop them")
     return {k: v for k, v in (("rerank", rerank), ("shortlist", shortlist)) if v is not None}
 
 
@@ -104,8 +107,9 @@ def search(
     from mergekit_lora.library import search_examples
 
     _one_query(like, examples)
+    kw = _rerank_kw(rerank, shortlist, like)
     hits = run(lib, like, top_m, say=_say) if like is not None else \
-        search_examples(lib, examples, top_m, base=base, say=_say, **_rerank_kw(rerank, shortlist))  # type: ignore[arg-type]
+        search_examples(lib, examples, top_m, base=base, say=_say, **kw)  # type: ignore[arg-type]
     if as_json:
         typer.echo(json.dumps(hits, indent=1))
         return
@@ -195,7 +199,7 @@ def compose(
 
     _one_query(like, examples)
     result, hits = run(lib, method, out, like=like, examples=examples, top_m=top_m, params=parse_kv(param),
-                       options=options, base=base, say=_say, **_rerank_kw(rerank, shortlist))
+                       options=options, base=base, say=_say, **_rerank_kw(rerank, shortlist, like))
     console.print(f"composed {len(hits)} adapters with {method} -> {result.out} ({result.modules} modules, "
                   f"{result.seconds:.2f}s)", highlight=False, markup=False, soft_wrap=True)
     for h in hits:
