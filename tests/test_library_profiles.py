@@ -97,7 +97,7 @@ def test_search_by_examples_ranks_the_right_domain_with_the_exact_statistic(worl
     assert r.total == 3 and sorted(Path(s).name for s in r.profiled) == ["high", "low"]
     prof = Profiler(world["base"])
     for query, want in (("q-low.jsonl", "low"), ("q-high.jsonl", "high")):
-        hits = search_examples(lib, world[query], top_m=5, profiler=prof)
+        hits = search_examples(lib, world[query], top_m=5, profiler=prof, rerank="none")
         assert [Path(h["source"]).name for h in hits][0] == want and len(hits) == 2  # "other" has no profile
         assert hits[0]["score"] > hits[1]["score"] and hits[0]["statistic"] == "profile"
         assert "log-likelihood" in hits[0]["why"] and "q_proj" in hits[0]["why"]
@@ -116,7 +116,7 @@ def test_search_by_examples_ranks_the_right_domain_with_the_exact_statistic(worl
         xs[-1] = xs[-1][b.attention_mask.reshape(-1).bool()]
     h.remove()
     ll = gaussian_loglik(torch.cat(xs).double(), torch.tensor(mu)[None], torch.tensor(var)[None])
-    hits = search_examples(lib, world["q-low.jsonl"], top_m=2, profiler=prof)
+    hits = search_examples(lib, world["q-low.jsonl"], top_m=2, profiler=prof, rerank="none")
     got = next(x["score"] for x in hits if x["source"] == str(world["high"]))
     assert abs(got - float(ll.mean())) < 1e-3 * abs(float(ll.mean()))
 
@@ -153,12 +153,13 @@ def test_ray_profiles_equal_local(world: dict[str, Path], tmp_path: Path, ray_se
 def test_compose_by_examples_and_cli(world: dict[str, Path], tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     _index(world, lib)
-    res, hits = compose(lib, "linear", tmp_path / "out", examples=world["q-high.jsonl"], top_m=1)
+    res, hits = compose(lib, "linear", tmp_path / "out", examples=world["q-high.jsonl"], top_m=1, rerank="none")
     assert [Path(h["source"]).name for h in hits] == ["high"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Library query" in card and "domain profile" in card and "q-high.jsonl" in card
     runner = CliRunner()
-    r = runner.invoke(app, ["library", "search", str(lib), "--examples", str(world["q-low.jsonl"]), "--json"])
+    r = runner.invoke(app, ["library", "search", str(lib), "--examples", str(world["q-low.jsonl"]), "--json",
+                            "--rerank", "none"])
     assert r.exit_code == 0, r.output
     assert Path(json.loads(r.stdout)[0]["source"]).name == "low"
     r = runner.invoke(app, ["library", "compose", str(lib), "--examples", str(world["q-low.jsonl"]), "-m", "route",

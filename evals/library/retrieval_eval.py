@@ -42,9 +42,10 @@ from mergekit_lora.adapter import Adapter, AdapterMeta
 from mergekit_lora.evals.score_cache import cached_scores
 from mergekit_lora.evals.suite.data import get_task
 from mergekit_lora.evals.suite.model import resolve_base
-from mergekit_lora.evals.tasks import encode_task, load_base, pad_id_of
-from mergekit_lora.library import compose, index_sources, search_examples
+from mergekit_lora.evals.tasks import attached, encode_task, load_base, pad_id_of
+from mergekit_lora.library import dedupe, index_sources, search_examples
 from mergekit_lora.library.profile import Profiler
+from mergekit_lora.library.rerank import answer_distributions, behaviour_score
 from mergekit_lora.library.signature import signature
 from mergekit_lora.library.store import Library
 from mergekit_lora.pipeline import merge
@@ -223,6 +224,105 @@ def queries(work: Path) -> dict[tuple[str, int, int], Path]:
     return out
 
 
+SHORTLISTS = (3, 5)
+STATISTICS = ("confidence", "infomax")
+VAL_DRAWS = 1
+RERANK_SIZES = SIZES
+RERANK_DRAWS = DRAWS
+VAL_K = 32
+
+
+def validation_queries(work: Path, info: dict) -> dict[tuple[str, int, int], Path]:
+    """``VAL_DRAWS`` sets of ``VAL_K`` prompts per task from the *train* split's end, none of them a profile row
+    of any adapter: the queries every knob (statistic, shortlist) is chosen on."""
+    used = {json.loads(line)["text"] for f in info["examples"].values() for line in Path(f).read_text().splitlines()}
+    out = {}
+    for task in REAL:
+        rows = [prompt(task, e.text) for e in reversed(get_task(task).split()[0])]
+        rows = [r for r in rows if r not in used][:VAL_DRAWS * VAL_K]
+        for d in range(VAL_DRAWS):
+            out[(task, VAL_K, d)] = write_jsonl(work / "val-queries" / f"{task}-{VAL_K}-{d}.jsonl",
+                                                rows[d * VAL_K:(d + 1) * VAL_K])
+    return out
+
+
+def rerank_stage(work: Path, lib: Path, split: str, qs: dict) -> list[dict]:
+    """Per query: the profile's top ``max(SHORTLISTS)`` and every candidate's behaviour statistics (one forward
+    per candidate, the adapter attached) -- everything the two-stage configurations need."""
+    cache = work / f"rerank-{split}.json"
+    rows = json.loads(cache.read_text()) if cache.is_file() else []
+    done = {(r["task"], r["k"], r["draw"]) for r in rows}
+    todo = {key: path for key, path in qs.items()
+            if key[1] in RERANK_SIZES and key[2] < RERANK_DRAWS and key not in done}
+    if not todo:
+        return rows
+    prof = Profiler(resolve_base("smollm2-135m"))
+    for (task, k, d), path in todo.items():
+        t0 = time.perf_counter()
+        hits = search_examples(lib, path, top_m=max(SHORTLISTS), profiler=prof, rerank="none")
+        t_prof = time.perf_counter() - t0
+        stats, secs = [], []
+        for h in hits:
+            t0 = time.perf_counter()
+            with attached(prof.model, h["source"]):
+                pr = answer_distributions(prof.model, prof.base, path)
+            stats.append({s: behaviour_score(pr, s) for s in STATISTICS})
+            secs.append(time.perf_counter() - t0)
+        rows.append({"task": task, "k": k, "draw": d, "top": [h["source"] for h in hits], "stats": stats,
+                     "profile_seconds": t_prof, "candidate_seconds": secs})
+        print(f"{split} {task} k={k} d={d}: profile {Path(hits[0]['source']).name}, conf "
+              f"{Path(hits[max(range(len(hits)), key=lambda i: stats[i]['confidence'])]['source']).name}",
+              file=sys.stderr, flush=True)
+        cache.write_text(json.dumps(rows, indent=1))  # after every query: a rerun resumes
+    return rows
+
+
+def ranked(row: dict, statistic: str, m: int) -> list[str]:
+    """The order a configuration returns: the profile's order (``none``) or its top ``m`` by ``statistic``."""
+    if statistic == "none":
+        return row["top"]
+    idx = sorted(range(min(m, len(row["top"]))), key=lambda i: (-row["stats"][i][statistic], i))
+    return [row["top"][i] for i in idx]
+
+
+def right_sets(lib: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(strict, group) right adapters per task: the task's real adapters; plus every adapter ``library dedupe``
+    (default threshold) pairs with one of them."""
+    pairs = dedupe(lib)
+    strict = {task: {str((SUITE / r).resolve()) for r in REAL[task]} for task in REAL}
+    group = {}
+    for task, right in strict.items():
+        g = set(right)
+        for p in pairs:
+            if p["a"] in right or p["b"] in right:
+                g |= {p["a"], p["b"]}
+        group[task] = g
+    return strict, group
+
+
+def configs() -> list[tuple[str, int]]:
+    return [("none", max(SHORTLISTS))] + [(s, m) for s in STATISTICS for m in SHORTLISTS]
+
+
+def score_configs(rows: list[dict], strict: dict, group: dict, k: int) -> dict[tuple[str, int], dict[str, float]]:
+    out = {}
+    for stat, m in configs():
+        rs = [r for r in rows if r["k"] == k]
+        tops = [ranked(r, stat, m) for r in rs]
+        out[(stat, m)] = {
+            "strict": float(np.mean([t[0] in strict[r["task"]] for r, t in zip(rs, tops)])),
+            "group": float(np.mean([t[0] in group[r["task"]] for r, t in zip(rs, tops)])),
+            "r3": float(np.mean([len(strict[r["task"]] & set(t[:3])) / len(strict[r["task"]])
+                                 for r, t in zip(rs, tops)])),
+            "n": len(rs)}
+    return out
+
+
+def choose(val: dict[tuple[str, int], dict[str, float]]) -> tuple[str, int]:
+    """The validation's best strict precision@1, ties: group precision@1, then the smaller shortlist."""
+    return max(val, key=lambda c: (val[c]["strict"], val[c]["group"], -c[1]))
+
+
 def gradient_signature(model, tok, path: Path) -> np.ndarray:
     """The signature of −∇_W (causal-LM loss of the query prompts), rank-8 per q/k/v/o module."""
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
@@ -285,14 +385,15 @@ def retrieve(work: Path, lib: Path, info: dict, qs: dict) -> list[dict]:
     return rows
 
 
-def compose_eval(work: Path, lib: Path, qs: dict, n_eval: int) -> list[dict]:
+def compose_eval(work: Path, ranked_sets: dict[str, list[str]], n_eval: int) -> list[dict]:
+    """Per task: ``linear`` merges of the chosen configuration's top 1 and top 3 (its first 32-example test query),
+    the oracle set (the task's real adapters) and all 12 real adapters, scored on test rows EVAL_FROM.. ."""
     cache = work / "compose.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     model, tok = load_base("smollm2-135m", torch.device("cpu"))
     base = resolve_base("smollm2-135m")
     ev = {"batch_size": 16, "device": torch.device("cpu"), "pad_id": pad_id_of(tok)}
-    prof = Profiler(base)
     out_root = work / "composed"
     out_root.mkdir(exist_ok=True)
     all_dir = out_root / "all-12"
@@ -308,24 +409,31 @@ def compose_eval(work: Path, lib: Path, qs: dict, n_eval: int) -> list[dict]:
             merge(right, "linear", oracle)
         variants = {"oracle": (oracle, right), "all-12": (all_dir, None)}
         for m in (1, 3):
-            hits = [h["source"] for h in search_examples(lib, qs[(task, 32, 0)], top_m=m, profiler=prof)]
-            dst = out_root / f"top{m}-{task}"
+            hits = ranked_sets[task][:m]
+            dst = out_root / f"rr-top{m}-{task}"
             if not dst.is_dir():
-                compose(lib, "linear", dst, examples=qs[(task, 32, 0)], top_m=m)
+                merge(hits, "linear", dst)
             variants[f"top-{m}"] = (dst, hits)
         for name, (folder, chosen) in variants.items():
-            same = name.startswith("top") and chosen is not None and sorted(chosen) == sorted(right)
-            if same:  # the retrieved set is the oracle set: the same linear merge, not scored twice
-                acc = next(r["accuracy"] for r in rows if r["task"] == task and r["variant"] == "oracle")
-            else:
-                with torch.no_grad():
-                    acc = cached_scores(model, base, folder, enc, **ev)[0][task]["accuracy"]
-            rows.append({"task": task, "variant": name, "accuracy": acc, "n": n_eval, "chosen": chosen,
-                         "same_as_oracle": same})
-            sc = {task: {"accuracy": acc}}
-            print(f"{task} {name}: {sc[task]['accuracy']:.3f}", file=sys.stderr)
+            with torch.no_grad():
+                sc = cached_scores(model, base, folder, enc, **ev)[0][task]
+            rows.append({"task": task, "variant": name, "accuracy": sc["accuracy"], "correct": sc["correct"],
+                         "n": n_eval, "chosen": chosen})
+            print(f"{task} {name}: {sc['accuracy']:.3f}", file=sys.stderr, flush=True)
     cache.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def paired_ci(comp: list[dict], a: str, b: str, reps: int = 10000) -> tuple[float, float, float]:
+    """(mean of a − b over all scored rows, 95 % paired bootstrap interval) in accuracy points."""
+    xa = np.array([int(c) for task in REAL for r in comp if r["task"] == task and r["variant"] == a
+                   for c in r["correct"]])
+    xb = np.array([int(c) for task in REAL for r in comp if r["task"] == task and r["variant"] == b
+                   for c in r["correct"]])
+    d = (xa - xb).astype(float)
+    rng = np.random.default_rng(0)
+    boots = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
+    return 100 * d.mean(), 100 * np.quantile(boots, 0.025), 100 * np.quantile(boots, 0.975)
 
 
 def report(info: dict, ret: list[dict], comp: list[dict], index_s: float, n_adapters: int, n_eval: int) -> str:
@@ -376,12 +484,101 @@ def _join(info: dict, kinds, lines, per, wrong, comp_lines, index_s, n_adapters,
         "queries used rows 0..31)", "", *comp_lines, ""])
 
 
+def slice_cosines(lib: Path) -> np.ndarray:
+    """The weight-signature cosine of every class-slice distractor with the task adapter it was derived from."""
+    db = Library.open(lib)
+    sig = {r["source"]: r["signature"] for r in db.rows()}
+    db.close()
+    return np.array([float(v @ sig[str((SUITE / Path(src).name.split("-")[1]).resolve())])
+                     for src, v in sig.items() if Path(src).name.startswith("slice-")])
+
+
+def derived_p1(rows: list[dict], strict: dict, pick: tuple[str, int], k: int) -> float:
+    """Top-1 is a real adapter of the task or one of the task's class slices (noisy copies of its r = 8 adapter)."""
+    rs = [r for r in rows if r["k"] == k]
+    return float(np.mean([(t := ranked(r, *pick)[0]) in strict[r["task"]]
+                          or Path(t).name.startswith(f"slice-{r['task']}-") for r in rs]))
+
+
+def two_stage_report(val: list[dict], test: list[dict], strict: dict, group: dict, comp: list[dict],
+                     n_eval: int, lib: Path) -> str:
+    vs = score_configs(val, strict, group, VAL_K)
+    pick = choose(vs)
+    ts = {k: score_configs(test, strict, group, k) for k in RERANK_SIZES}
+    n_group = sum(len(group[t] - strict[t]) for t in REAL)
+    name = {"none": "profile only"}
+    lines = ["### Two-stage retrieval: profile shortlist, reranked by the candidate's behaviour", "",
+             f"Strict precision@1: the top hit is one of the task's real adapters. Group precision@1: or an adapter "
+             f"that `library dedupe` (default threshold 0.99) pairs with one of them ({n_group} such near-duplicates "
+             f"in this library). recall@3: strict. Validation: {VAL_DRAWS} draw(s) of {VAL_K} train-split prompts per "
+             f"task that are no adapter's profile rows; test: the held-out test prompts of the retrieval table "
+             f"above (the same {DRAWS} draws per k).", "",
+             "| configuration | shortlist M | val k=32 strict p@1 | val k=32 group p@1 | "
+             + " | ".join(f"test k={k} strict p@1 | test k={k} group p@1 | test k={k} recall@3" for k in RERANK_SIZES)
+             + " |", "|---|---|---|---|" + "---|---|---|" * len(RERANK_SIZES)]
+    for c in configs():
+        mark = " **(chosen on validation)**" if c == pick else ""
+        v = vs[c]
+        lines.append(f"| {name.get(c[0], 'profile + ' + c[0])}{mark} | {c[1] if c[0] != 'none' else '-'} | "
+                     f"{v['strict']:.3f} | {v['group']:.3f} | "
+                     + " | ".join(f"{ts[k][c]['strict']:.3f} | {ts[k][c]['group']:.3f} | {ts[k][c]['r3']:.3f}"
+                                  for k in RERANK_SIZES) + " |")
+    per = ["", "Per task, chosen configuration on the test queries (strict top-1 correct / queries; the wrong top-1):",
+           "", "| task | " + " | ".join(f"k={k}" for k in RERANK_SIZES) + " | wrong top-1s at k=32 |",
+           "|---|" + "---|" * len(RERANK_SIZES) + "---|"]
+    for task in REAL:
+        cells, wrong = [], []
+        for k in RERANK_SIZES:
+            rs = [r for r in test if r["task"] == task and r["k"] == k]
+            tops = [ranked(r, *pick)[0] for r in rs]
+            cells.append(f"{sum(t in strict[task] for t in tops)}/{len(rs)}")
+            if k == 32:
+                wrong = [Path(t).name for t in tops if t not in strict[task]]
+        per.append(f"| {task} | {' | '.join(cells)} | {', '.join(wrong) or '-'} |")
+    secs = [s for r in test for s in r["candidate_seconds"]]
+    cost = ["", f"Cost: one candidate (attach with PEFT + one forward of the query + detach) took "
+            f"{np.median([s for r in test if r['k'] == 32 for s in r['candidate_seconds']]):.2f} s median at k=32 "
+            f"({np.median(secs):.2f} s over all queries) on the loaded machine; the profile stage "
+            f"{np.median([r['profile_seconds'] for r in test]):.2f} s median.", ""]
+    cos = slice_cosines(lib)
+    derived = ["", f"Diagnostic, not a goal metric: every class slice is a noisy copy of its task's r = 8 adapter "
+               f"(signature cosine to it {cos.min():.3f}–{cos.max():.3f}, median {np.median(cos):.3f}, so `dedupe`'s "
+               f"0.99 flags {int((cos >= 0.99).sum())} of {len(cos)}). Counting a top-1 that is the task's own class "
+               f"slice as right, the chosen configuration's precision@1 is {derived_p1(val, strict, pick, VAL_K):.3f} "
+               f"on validation and " + ", ".join(f"{derived_p1(test, strict, pick, k):.3f} at k={k}"
+                                                for k in RERANK_SIZES) + " on test."]
+    out = lines + per + derived + cost
+    if comp:
+        out += [f"### Compose (linear), the chosen configuration's top-m from the first 32-example test query; "
+                f"accuracy on {n_eval} test rows per task ({EVAL_FROM}..{EVAL_FROM + n_eval - 1}, disjoint from "
+                "the query rows)", "",
+                "| task | oracle (its real adapters) | top-1 | top-3 | all 12 | top-3 set |", "|---|---|---|---|---|---|"]
+        for task in REAL:
+            acc = {r["variant"]: r for r in comp if r["task"] == task}
+            names = ", ".join(("/".join(Path(x).parts[-2:]) if Path(x).parent.name in ("r4", "r16") else Path(x).name)
+                              for x in acc["top-3"]["chosen"])
+            out.append(f"| {task} | {acc['oracle']['accuracy']:.3f} | {acc['top-1']['accuracy']:.3f} | "
+                       f"{acc['top-3']['accuracy']:.3f} | {acc['all-12']['accuracy']:.3f} | {names} |")
+        mean = {v: np.mean([r["accuracy"] for r in comp if r["variant"] == v])
+                for v in ("oracle", "top-1", "top-3", "all-12")}
+        out.append(f"| **mean** | {mean['oracle']:.3f} | {mean['top-1']:.3f} | {mean['top-3']:.3f} | "
+                   f"{mean['all-12']:.3f} | |")
+        out += ["", "Paired differences over all scored rows (accuracy points, 95 % paired bootstrap interval):", ""]
+        for v in ("top-1", "top-3", "all-12"):
+            d, lo, hi = paired_ci(comp, v, "oracle")
+            out.append(f"- {v} − oracle: {d:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "libeval")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--n-eval", type=int, default=40)
-    ap.add_argument("--stage", choices=("build", "index", "retrieve", "all"), default="all")
+    ap.add_argument("--stage", choices=("build", "index", "retrieve", "val", "test", "all"), default="all",
+                    help="stop after this stage (val/test: only that split's two-stage candidates, for running the "
+                         "two in parallel)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -400,14 +597,24 @@ def main() -> None:
         return
     qs = queries(a.work)
     ret = retrieve(a.work, lib, info, qs)
-    text = report(info, ret, [], ix["seconds"], ix["total"], a.n_eval)
+    head = report(info, ret, [], ix["seconds"], ix["total"], a.n_eval).split("### Compose")[0]
+    if a.stage == "retrieve":
+        print(head)
+        return
+    if a.stage in ("val", "all"):
+        val = rerank_stage(a.work, lib, "val", validation_queries(a.work, info))
+    if a.stage in ("test", "all"):
+        test = [r for r in rerank_stage(a.work, lib, "test", qs) if r["draw"] < RERANK_DRAWS]
+    if a.stage != "all":
+        return
+    strict, group = right_sets(lib)
+    pick = choose(score_configs(val, strict, group, VAL_K))
+    text = head + two_stage_report(val, test, strict, group, [], a.n_eval, lib)
     if a.out:
         a.out.write_text(text)
-    if a.stage == "retrieve":
-        print(text)
-        return
-    comp = compose_eval(a.work, lib, qs, a.n_eval)
-    text = report(info, ret, comp, ix["seconds"], ix["total"], a.n_eval)
+    first = {r["task"]: ranked(r, *pick) for r in test if r["k"] == 32 and r["draw"] == 0}
+    comp = compose_eval(a.work, first, a.n_eval)
+    text = head + two_stage_report(val, test, strict, group, comp, a.n_eval, lib)
     print(text)
     if a.out:
         a.out.write_text(text)

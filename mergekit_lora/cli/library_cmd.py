@@ -26,6 +26,19 @@ BaseOpt = Annotated[str | None, typer.Option("--base", help="the base model for 
                                              "folder or smollm2-135m (index: required with --examples the first "
                                              "time; search/compose: default the library's)")]
 TopOpt = Annotated[int, typer.Option("--top-m", help="how many adapters to return")]
+RerankOpt = Annotated[str | None, typer.Option("--rerank", help="with --examples: reorder the profile's shortlist "
+                                               "by each adapter's behaviour on the examples (adapter attached): "
+                                               "confidence (minus mean next-token entropy), infomax, or none "
+                                               "(profile only); default confidence")]
+ShortlistOpt = Annotated[int | None, typer.Option("--shortlist", help="with --rerank: how many profile hits to "
+                                                  "rerank (default 5)")]
+
+
+def _rerank_kw(rerank: str | None, shortlist: int | None, like: str | None) -> dict:
+    if like is not None and (rerank is not None or shortlist is not None):
+        raise LoraMergeError("--rerank/--shortlist apply to --examples queries only (--like ranks by weight "
+                             "signature); drop them")
+    return {k: v for k, v in (("rerank", rerank), ("shortlist", shortlist)) if v is not None}
 
 
 def _size(n: int) -> str:
@@ -83,16 +96,20 @@ def search(
     examples: ExamplesQueryOpt = None,
     top_m: TopOpt = 5,
     base: BaseOpt = None,
+    rerank: RerankOpt = None,
+    shortlist: ShortlistOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: a list of {source, score, ...}, best first")] = False,
 ) -> None:
     """The adapters nearest to --like by weight signature (score = 0.9·direction + 0.1·spectrum cosine), or
-    those whose domain profile best explains --examples (score: mean token log-likelihood per module)."""
+    those best matching --examples: the domain profile's shortlist (mean token log-likelihood per module)
+    reranked by each adapter's confidence on the examples (--rerank)."""
     from mergekit_lora.library import search as run
     from mergekit_lora.library import search_examples
 
     _one_query(like, examples)
+    kw = _rerank_kw(rerank, shortlist, like)
     hits = run(lib, like, top_m, say=_say) if like is not None else \
-        search_examples(lib, examples, top_m, base=base, say=_say)  # type: ignore[arg-type]
+        search_examples(lib, examples, top_m, base=base, say=_say, **kw)  # type: ignore[arg-type]
     if as_json:
         typer.echo(json.dumps(hits, indent=1))
         return
@@ -170,6 +187,8 @@ def compose(
     examples: ExamplesQueryOpt = None,
     top_m: TopOpt = 3,
     base: BaseOpt = None,
+    rerank: RerankOpt = None,
+    shortlist: ShortlistOpt = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="method parameter key=value (repeat)")] = None,
     *,
     options: MergeOptions,
@@ -180,7 +199,7 @@ def compose(
 
     _one_query(like, examples)
     result, hits = run(lib, method, out, like=like, examples=examples, top_m=top_m, params=parse_kv(param),
-                       options=options, base=base, say=_say)
+                       options=options, base=base, say=_say, **_rerank_kw(rerank, shortlist, like))
     console.print(f"composed {len(hits)} adapters with {method} -> {result.out} ({result.modules} modules, "
                   f"{result.seconds:.2f}s)", highlight=False, markup=False, soft_wrap=True)
     for h in hits:

@@ -18,8 +18,15 @@ from .build import adapter_files, file_stat
 from .clusters import clusters, plot_clusters
 from .profile import Profiler, per_module_loglik
 from .profile import query_vector as profile_query
+from .rerank import RERANKS, rerank_scores
 from .signature import parts, signature
 from .store import Library
+
+DEFAULT_RERANK = "confidence"  # chosen on the validation queries of evals/library/retrieval_eval.py
+SHORTLIST = 5
+RERANK_WHY = {"confidence": "minus the mean entropy of the next-token distribution at the end of each example",
+              "infomax": "the entropy of the mean next-token distribution minus the mean entropy (mutual "
+                         "information between example and answer)"}
 
 
 def query_vector(lib: Library, like: str | Path) -> np.ndarray:
@@ -65,15 +72,24 @@ def search(library: str | Path, like: str | Path, top_m: int = 5,
 
 
 def search_examples(library: str | Path, examples: str | Path, top_m: int = 5, *, base: str | Path | None = None,
-                    profiler: Profiler | None = None,
+                    profiler: Profiler | None = None, rerank: str = DEFAULT_RERANK, shortlist: int = SHORTLIST,
                     say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """The ``top_m`` profiled adapters whose domain profile best explains the unlabeled ``examples``, best first.
+    """The ``top_m`` profiled adapters for the unlabeled ``examples``, best first.
 
-    score: the mean log-likelihood of an example token under the adapter's input Gaussians, per profiled module
-    (the hierarchical router's depth-summed evidence, divided by the module count); ``why`` names the statistic
-    and the module where this adapter leads the other hits most.  ``profiler``: a loaded base model to reuse."""
+    Stage 1 (always): the domain profiles, by the mean log-likelihood of an example token under the adapter's
+    input Gaussians per profiled module (the hierarchical router's depth-summed evidence / the module count).
+    Stage 2 (``rerank`` ≠ ``none``): the profile's top ``max(shortlist, top_m)`` reordered by each candidate's
+    own behaviour on the examples (``library/rerank.py``: ``confidence`` or ``infomax`` of its next-token
+    distribution, the candidate attached to the base model).  ``score`` is the statistic the order follows;
+    ``profile_score`` is stage 1's; ``why`` names both.  ``profiler``: a loaded base model to reuse."""
     if top_m < 1:
         raise LoraMergeError(f"--top-m must be at least 1 (got {top_m})", field="top_m")
+    if rerank not in RERANKS:
+        raise LoraMergeError(f"--rerank {rerank}: unknown statistic (choose from {', '.join(RERANKS)})",
+                             field="rerank")
+    if shortlist < 1:
+        raise LoraMergeError(f"--shortlist must be at least 1 (got {shortlist})", field="shortlist")
+    want = top_m if rerank == "none" else max(top_m, shortlist)
     if not Path(examples).is_file():
         raise LoraMergeError(f"--examples {examples}: no such file", field="examples")
     lib = Library.open(library)
@@ -91,7 +107,7 @@ def search_examples(library: str | Path, examples: str | Path, top_m: int = 5, *
         q = profile_query(mo)
         if index.ntotal == 0:
             return []
-        scores, ids = index.search(q[None, :], min(top_m, index.ntotal))
+        scores, ids = index.search(q[None, :], min(want, index.ntotal))
         rows = {r["id"]: r for r in lib.rows(int(i) for i in ids[0] if i >= 0)}
         profiled = lib.profiles()
         vecs = {int(i): index.reconstruct(int(i)) for i in ids[0] if i >= 0}
@@ -111,9 +127,18 @@ def search_examples(library: str | Path, examples: str | Path, top_m: int = 5, *
                f"adapter's input Gaussians at {M} {meta['modules'][0].rsplit('.', 1)[-1]} inputs (depth-summed "
                f"/ {M}); leads the other hits most at {meta['modules'][k]} ({lead[k]:+.2f})")
         out.append({"source": r["source"], "score": round(float(score) / M, 6), "statistic": "profile",
+                    "profile_score": round(float(score) / M, 6),
                     "why": why, "examples": profiled.get(r["source"], {}).get("examples"),
                     "format": r["format"], "base_model": r["base_model"], "ranks": r["ranks"], "card": r["card"]})
-    return out
+    if rerank == "none" or not out:
+        return out[:top_m]
+    stat = rerank_scores(prof.model, prof.base, [h["source"] for h in out], examples, rerank)
+    for h, v, rank in zip(out, stat, range(1, len(out) + 1)):
+        h.update(score=round(v, 6), statistic=f"profile+{rerank}",
+                 why=f"{rerank}: {RERANK_WHY[rerank]} = {v:+.4f} nats with the adapter attached, rank {rank} of "
+                     f"the profile's top {len(out)} (profile score {h['profile_score']:.4f}); {h['why']}")
+    order = sorted(range(len(out)), key=lambda i: (-stat[i], i))  # ties: the profile's order
+    return [out[i] for i in order[:top_m]]
 
 
 def dedupe(library: str | Path, threshold: float = 0.99,
@@ -178,10 +203,11 @@ def summary(library: str | Path, say: Callable[[str], None] | None = None, *, pl
 
 def compose(library: str | Path, method: str, out: str | Path, *, like: str | Path | None = None,
             examples: str | Path | None = None, top_m: int = 3, params: Mapping[str, Any] | None = None,
-            options: Any = None, base: str | Path | None = None,
-            say: Callable[[str], None] | None = None) -> tuple[Any, list[dict[str, Any]]]:
+            options: Any = None, base: str | Path | None = None, rerank: str = DEFAULT_RERANK,
+            shortlist: int = SHORTLIST, say: Callable[[str], None] | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """Retrieve the ``top_m`` adapters (like ``like`` by weight signature, or best explaining ``examples`` by
-    domain profile) and merge them with ``method`` (``route``: a training-free routed adapter).
+    domain profile, reranked by ``rerank`` over the profile's top ``shortlist``: see ``search_examples``) and
+    merge them with ``method`` (``route``: a training-free routed adapter).
 
     The card gets a "Library query" section (the query and the retrieved set) inside the atomic write.
     Returns (MergeResult, the retrieved rows)."""
@@ -190,11 +216,13 @@ def compose(library: str | Path, method: str, out: str | Path, *, like: str | Pa
     if (like is None) == (examples is None):
         raise LoraMergeError("give exactly one query: --like ADAPTER or --examples FILE.jsonl", field="like")
     retrieved = (search(library, like, top_m, say) if like is not None
-                 else search_examples(library, examples, top_m, base=base, say=say))  # type: ignore[arg-type]
+                 else search_examples(library, examples, top_m, base=base, rerank=rerank, shortlist=shortlist,
+                                      say=say))  # type: ignore[arg-type]
     if not retrieved:
         raise LoraMergeError(f"{library}: nothing to compose (no adapter matches the query)")
     section = query_section(library, like if like is not None else examples, method, top_m, retrieved,  # type: ignore[arg-type]
-                            by="signature" if like is not None else "profile")
+                            by="signature" if like is not None else f"profile+{rerank}" if rerank != "none"
+                            else "profile")
     return execute(compose_request([r["source"] for r in retrieved], method, params, options, out, section)), \
         retrieved
 
@@ -217,11 +245,19 @@ def query_section(library: str | Path, query: str | Path, method: str, top_m: in
                  "| # | adapter | score | direction | spectrum |", "|---|---|---|---|---|"]
         lines += [f"| {i} | `{r['source']}` | {r['score']:.4f} | {r['direction']:.4f} | {r['spectrum']:.4f} |"
                   for i, r in enumerate(retrieved, 1)]
-    else:
+    elif by == "profile":
         lines = [f"Composed by `loramerge library compose` from the library `{library}`: the top {top_m} adapters "
                  f"by domain profile for the unlabeled examples `{query}` (score: mean log-likelihood per token "
                  f"and profiled module under each adapter's input Gaussians), merged with `{method}`.", "",
                  "| # | adapter | score | profiled on |", "|---|---|---|---|"]
         lines += [f"| {i} | `{r['source']}` | {r['score']:.4f} | `{r['examples']}` |"
+                  for i, r in enumerate(retrieved, 1)]
+    else:
+        stat = by.split("+", 1)[1]
+        lines = [f"Composed by `loramerge library compose` from the library `{library}`: for the unlabeled examples "
+                 f"`{query}`, the domain profile's shortlist reranked by {stat} ({RERANK_WHY[stat]}, the adapter "
+                 f"attached); the top {top_m}, merged with `{method}`.", "",
+                 f"| # | adapter | {stat} | profile score | profiled on |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | `{r['source']}` | {r['score']:.4f} | {r['profile_score']:.4f} | `{r['examples']}` |"
                   for i, r in enumerate(retrieved, 1)]
     return ("Library query", "\n".join(lines))
