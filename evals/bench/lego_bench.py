@@ -100,6 +100,9 @@ if base:  # run another checkout's code: map the package's folders to it before 
 
     sys.meta_path.insert(0, BaseFinder)
 from mergekit_lora import merge
+import torch  # noqa: F401  imports excluded: the package loads torch lazily (torch-free planning), so load it here
+import mergekit_lora.algorithms.lego.algorithm  # noqa: F401  and the method's modules
+import mergekit_lora.formats.peft_write  # noqa: F401
 paths, out, k, backend, device = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 threads = int(sys.argv[6]) if sys.argv[6] else None
 t, c = time.perf_counter(), time.process_time()
