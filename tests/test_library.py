@@ -154,9 +154,9 @@ def test_compose_equals_merge_of_retrieved(pool: Path, tmp_path: Path) -> None:
 def test_cli_round_trip_and_errors(pool: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     lib = tmp_path / "lib"
-    r = runner.invoke(app, ["library", "index", str(pool / "a*"), str(pool / "nested"), "org/some-lora", "-o", str(lib)])
+    r = runner.invoke(app, ["library", "index", str(pool / "a*"), str(pool / "nested"), "-o", str(lib)])
     assert r.exit_code == 0, r.output
-    assert "7 adapters" in r.stdout and "skipped org/some-lora: a Hub id" in r.stderr
+    assert "7 adapters" in r.stdout
     r = runner.invoke(app, ["library", "search", str(lib), "--like", str(pool / "a0"), "--top-m", "2", "--json"])
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)
@@ -223,3 +223,35 @@ def test_inspect_clusters_and_plot(pool: Path, tmp_path: Path) -> None:
     assert summary(lib, k=6)["clusters"] == s["clusters"]  # seeded: the same clusters again
     r = CliRunner().invoke(app, ["library", "inspect", str(lib), "--plot", str(tmp_path / "c.jpg")])
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "png" in r.stderr
+
+
+def test_hub_ids_are_indexed_with_their_resolved_revision(pool: Path, tmp_path: Path, monkeypatch) -> None:
+    """A Hub id is read through the Hugging Face cache (here seeded, offline): its row records the repo at the
+    resolved commit, and its signature is the local copy's; an id that is not cached is one error line."""
+    import huggingface_hub.constants as c
+    from fakehub import seed_cache
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    seed_cache(cache, "org/lora-a0", {f.name: f.read_bytes() for f in (pool / "a0").iterdir() if f.is_file()},
+               sha=sha, refs=("main", "v1"))
+    lib = tmp_path / "lib"
+    report = index_sources([str(pool / "a0"), "org/lora-a0@v1"], lib)
+    assert len(report.added) == 2
+    db = Library.open(lib)
+    try:
+        rows = {s: {"revision": r, "content_hash": h}
+                for s, r, h in db.db.execute("SELECT source, revision, content_hash FROM adapters")}
+    finally:
+        db.close()
+    hub_rows = [r for s, r in rows.items() if "/snapshots/" in s]
+    assert [r["revision"] for r in hub_rows] == [f"org/lora-a0@{sha}"]
+    local = rows[str((pool / "a0").resolve())]
+    assert local["revision"] is None and local["content_hash"] == hub_rows[0]["content_hash"]
+    r = CliRunner().invoke(app, ["library", "index", "org/not-cached", "-o", str(tmp_path / "lib2")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "org/not-cached" in r.output, r.output
+    assert not (tmp_path / "lib2").exists()

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import LoraMergeError
 from ..evals.suite.model import resolve_base
 from ..formats.peft_layout import is_peft_folder
-from ..hub import parse_hub_id
+from ..hub import download, parse_hub_id
 from ..sources import did_you_mean
 from .profile import MAX_LENGTH, VAR_FLOOR, compute_moments, file_hash, profile_vector
 from .signature import signature
@@ -44,8 +44,12 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def expand(sources: Sequence[str]) -> tuple[list[tuple[Path, bool]], list[str]]:
-    """(adapter paths, each with "given explicitly"), skipped Hub ids as sentences.  Missing paths are errors."""
+def expand(sources: Sequence[str], hub_revisions: dict[Path, str] | None = None
+           ) -> tuple[list[tuple[Path, bool]], list[str]]:
+    """(adapter paths, each with "given explicitly"), skipped sources as sentences.  Missing paths are errors.
+
+    A Hub id (``org/name[/sub][@rev]``) is downloaded into (or found in) the Hugging Face cache; its snapshot
+    folder is the adapter's path and ``hub_revisions`` gets ``path -> "org/name[/sub]@<commit>"``."""
     found: list[tuple[Path, bool]] = []
     skipped: list[str] = []
     for s in sources:
@@ -58,9 +62,12 @@ def expand(sources: Sequence[str]) -> tuple[list[tuple[Path, bool]], list[str]]:
         elif Path(s).exists():
             p = Path(s)
             found += [(q, q == p) for q in _walk(p)]
-        elif parse_hub_id(s) is not None:
-            skipped.append(f"skipped {s}: a Hub id; `library index` reads local adapters only "
-                           f"(download it first, e.g. `hf download {s} --local-dir DIR`, and index DIR)")
+        elif (hub := parse_hub_id(s)) is not None:
+            local, extra = download(hub)
+            found.append((local, True))
+            if hub_revisions is not None:
+                name = hub.repo_id + (f"/{hub.subfolder}" if hub.subfolder else "")
+                hub_revisions[local.resolve()] = f"{name}@{extra['resolved_revision']}"
         else:
             raise LoraMergeError(f"{s}: no such file or folder{did_you_mean(Path(s))}")
     seen: set[Path] = set()
@@ -119,14 +126,16 @@ def card_summary(p: Path) -> str | None:
     return text[:200] if text else None
 
 
-def describe(p: Path, files: Sequence[Path], digest: str, stat: list[list[Any]]) -> dict[str, Any]:
-    """One catalogue row (signature included) for the adapter at ``p``."""
+def describe(p: Path, files: Sequence[Path], digest: str, stat: list[list[Any]],
+             revision: str | None = None) -> dict[str, Any]:
+    """One catalogue row (signature included) for the adapter at ``p``; ``revision``: its Hub id at the
+    resolved commit when it came from the Hub."""
     from ..formats import load_adapter
 
     adapter = load_adapter(p)
     vec, norm = signature(adapter)
     return {
-        "source": str(p), "revision": adapter.meta.revision, "format": adapter.meta.format,
+        "source": str(p), "revision": revision or adapter.meta.revision, "format": adapter.meta.format,
         "base_model": adapter.meta.base_model,
         "ranks": sorted({i.rank for i in adapter.modules.values()}),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}),
@@ -149,7 +158,8 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
     t0 = time.perf_counter()
     if not sources:
         raise LoraMergeError("give at least one SOURCE (a folder, an adapter, a file or a glob)")
-    found, skipped = expand(sources)
+    hub_revisions: dict[Path, str] = {}
+    found, skipped = expand(sources, hub_revisions)
     if ray_workers is not None and ray_workers < 1:
         raise LoraMergeError(f"--ray-workers must be at least 1 (got {ray_workers})", field="ray_workers")
     new = not (Path(library) / CATALOGUE).is_file()
@@ -174,7 +184,7 @@ def index_sources(sources: Sequence[str], library: str | Path, *, rehash: bool =
                 report.unchanged += 1
                 continue
             try:
-                row = describe(p, files, digest, stat)
+                row = describe(p, files, digest, stat, hub_revisions.get(p))
             except LoraMergeError as e:
                 if explicit:
                     raise
