@@ -306,7 +306,10 @@ def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> t
     batch = X.shape[0] if X.ndim == 3 else 1
     flops = matmul_flops(m, k, n, batch)
     if threads.budget is None or flops < PARALLEL_MIN_FLOPS or X.device.type != "cpu":
-        return X @ Y
+        # one plain product, on contiguous operands: MKL's small-GEMM path picks another kernel for a
+        # transposed view and rounds differently (1 ulp, measured on SD conv modules), while the row blocks
+        # below read views with the bits of copies (tests/test_lego.py); copies of small operands are cheap
+        return X.contiguous() @ Y.contiguous()
     X3, Y3 = (X, Y) if X.ndim == 3 else (X[None], Y[None])
     out = torch.empty(X3.shape[0], m, n, dtype=torch.promote_types(X.dtype, Y.dtype))
     blocks = [(b, a, min(a + MATMUL_ROW_BLOCK, m)) for b in range(X3.shape[0]) for a in range(0, m, MATMUL_ROW_BLOCK)]

@@ -363,3 +363,22 @@ def test_pool_grams_on_transposed_views_equal_those_on_transposed_copies():
             assert budget.budget == threads
             assert torch.equal(budget.matmul(A, A.transpose(1, 2)), budget.matmul(A, A.transpose(1, 2).contiguous()))
             assert torch.equal(budget.matmul(B.transpose(1, 2), B), budget.matmul(B.transpose(1, 2).contiguous(), B))
+
+
+def test_small_products_on_views_have_the_bits_of_contiguous_operands():
+    """Below the blocked threshold a product is one plain GEMM: on contiguous operands, so a transposed view
+    gives the bits of a copy (MKL's small-GEMM kernel for a transposed operand rounds differently; it changed
+    a kohya LEGO output by 1 ulp once)."""
+    from mergekit_lora.threads import NO_BUDGET
+
+    g = torch.Generator().manual_seed(11)
+    for m, n, d in [(1, 8, 40), (2, 12, 320), (3, 16, 1280), (4, 24, 2880)]:
+        A = torch.randn(m, n, d, generator=g)
+        want = torch.bmm(A, A.transpose(1, 2).contiguous())
+        for threads in (None, 1, 2):
+            if threads is None:
+                got = NO_BUDGET.matmul(A, A.transpose(1, 2))
+            else:
+                with thread_policy(threads):
+                    got = current().matmul(A, A.transpose(1, 2))
+            assert torch.equal(got, want), (m, n, d, threads)
