@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,9 @@ PARALLEL_MIN_FLOPS = 1.5e8
 # Rows of one block of a big product in :meth:`ThreadBudget.matmul`: a function of the shape only, so the blocks (and
 # their bits) are the same whatever the number of workers computing them.
 MATMUL_ROW_BLOCK = 256
+# Columns of Y per block when a product is cut by columns (``matmul(…, by="cols")``: a short, wide X such as
+# Qᵀ [72, m] @ D [m, n]); 512 was as fast as the whole product (RESULTS-dense.md).
+MATMUL_COL_BLOCK = 512
 
 T = TypeVar("T")
 
@@ -178,9 +181,9 @@ class ThreadBudget:
         n = self.workers_for(flops)
         return min(n, LOAD_AWARE_MAX_BUDGET) if self.load_aware else n
 
-    def matmul(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    def matmul(self, X: torch.Tensor, Y: torch.Tensor, by: Literal["rows", "cols"] = "rows") -> torch.Tensor:
         """``X @ Y`` with bits that do not depend on the budget (:func:`blocked_matmul`)."""
-        return blocked_matmul(X, Y, self)
+        return blocked_matmul(X, Y, self, by)
 
 
 NO_BUDGET = ThreadBudget()  # outside a policy: torch's own threading, plain products
@@ -289,15 +292,17 @@ def run_pool(fn: Callable[..., T], items: Sequence[tuple], workers: int) -> list
         torch.set_num_threads(prev)
 
 
-def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> torch.Tensor:
+def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget,
+                   by: Literal["rows", "cols"] = "rows") -> torch.Tensor:
     """``X @ Y`` for [m, k] @ [k, n] or batched [M, m, k] @ [M, k, n], with bits that do not depend on the
     thread count.
 
     MKL's threaded GEMM splits the work differently with 1 and 2 threads on some CPUs (measured on an
     AVX-512 Xeon: a 300×900 @ 900×16 product), so a big product is cut into fixed blocks of
-    ``MATMUL_ROW_BLOCK`` rows of X (per batch entry), each a single-threaded GEMM, run on
-    ``threads.gemm_workers_for`` workers.  Products below PARALLEL_MIN_FLOPS, and everything without a
-    budget (:data:`NO_BUDGET`), are one plain ``X @ Y``.  The choice depends on the shapes only.
+    ``MATMUL_ROW_BLOCK`` rows of X (per batch entry), or with ``by="cols"`` of ``MATMUL_COL_BLOCK`` columns of
+    Y (for a short, wide X), each a single-threaded GEMM, run on ``threads.gemm_workers_for`` workers.
+    Products below PARALLEL_MIN_FLOPS, and everything without a budget (:data:`NO_BUDGET`), are one plain
+    ``X @ Y``.  The choice depends on the shapes (and ``by``) only.
     """
     import torch
 
@@ -312,10 +317,14 @@ def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> t
         return X.contiguous() @ Y.contiguous()
     X3, Y3 = (X, Y) if X.ndim == 3 else (X[None], Y[None])
     out = torch.empty(X3.shape[0], m, n, dtype=torch.promote_types(X.dtype, Y.dtype))
-    blocks = [(b, a, min(a + MATMUL_ROW_BLOCK, m)) for b in range(X3.shape[0]) for a in range(0, m, MATMUL_ROW_BLOCK)]
+    size, step = (n, MATMUL_COL_BLOCK) if by == "cols" else (m, MATMUL_ROW_BLOCK)
+    blocks = [(b, a, min(a + step, size)) for b in range(X3.shape[0]) for a in range(0, size, step)]
 
     def block(b: int, a: int, e: int) -> None:
-        torch.mm(X3[b, a:e], Y3[b], out=out[b, a:e])
+        if by == "cols":
+            out[b, :, a:e] = torch.mm(X3[b], Y3[b, :, a:e])
+        else:
+            torch.mm(X3[b, a:e], Y3[b], out=out[b, a:e])
 
     run_pool(block, blocks, threads.gemm_workers_for(flops))
     return out if X.ndim == 3 else out[0]

@@ -14,9 +14,10 @@ from mergekit_lora.algorithms.dense import (
     dense_combine,
     disjoint_mean,
     refactor_batch,
+    sq_norms,
     trim_thresholds,
 )
-from mergekit_lora.algorithms.elementwise import chunk_product, row_chunks
+from mergekit_lora.algorithms.elementwise import band_of, chunk_product, row_chunks
 from mergekit_lora.algorithms.ties import TiesParams, ties_dense
 from mergekit_lora.registry import ModuleContext, get_algorithm, parse_params
 from mergekit_lora.threads import current, thread_policy
@@ -157,3 +158,24 @@ def test_blas_view_keeps_a_transposed_view_and_its_product_bits():
     assert torch.equal(viewed, torch.bmm(Dt.contiguous(), Q))
     odd = D[:, ::2, ::2]  # neither row- nor column-major: copied
     assert blas_view(odd).is_contiguous()
+
+
+@pytest.mark.parametrize("combine,density", [("total", 0.5), ("sum", 0.3), ("frequency", 1.0)])
+def test_norms_summed_while_forming_d_equal_the_separate_pass(combine, density):
+    # the refactorisation's ‖D‖² comes from the combine pass: the same sums, in the same order, bit for bit
+    mods = [[rand_units(700, 500, 4, seed=10 * j + i, source=i) for i in range(3)] for j in range(2)]
+    norms = torch.zeros(2, dtype=torch.float64)
+    D = dense_combine(mods, [0.5, -0.3, 0.8], torch.float32, combine=combine, density=density, norms=norms)
+    assert torch.equal(norms, sq_norms(D))
+    assert torch.allclose(norms, D.double().square().sum((1, 2)), rtol=1e-6)
+
+
+def test_band_of_counts_above_and_selects_the_bracket_like_torch():
+    g = torch.Generator().manual_seed(8)
+    mag = (torch.randn(300, 4, generator=g) @ torch.randn(4, 500, generator=g)).abs_()
+    mag[0, :10] = 0.0  # zeros belong to a bracket starting at 0
+    for lo, hi in ((0.4, 0.6), (0.0, 0.05), (float(mag[5, 7]), float(mag[5, 7]))):
+        n_above, band = band_of(mag, lo, hi)
+        assert n_above == int((mag > hi).sum())
+        want = mag[(mag >= lo) & (mag <= hi)]
+        assert torch.equal(torch.from_numpy(band), want) and want.numel() > 0

@@ -181,11 +181,13 @@ def test_matmul_bits_do_not_depend_on_the_thread_count_and_equal_the_product(mon
     # policy's matmul cuts big products into fixed row blocks, each a single-threaded GEMM
     monkeypatch.delenv("LORAMERGE_THREAD_POLICY", raising=False)
     g = torch.Generator().manual_seed(3)
-    for xs, ys in (((300, 900), (900, 16)), ((3, 700, 900), (3, 900, 24))):
+    cases = (((300, 900), (900, 16), "rows"), ((3, 700, 900), (3, 900, 24), "rows"),
+             ((2, 72, 3000), (2, 3000, 1300), "cols"))  # a short, wide X cut into column blocks of Y (Qᵀ D)
+    for xs, ys, by in cases:
         X, Y = torch.randn(*xs, generator=g), torch.randn(*ys, generator=g)
         outs = []
         for n in (1, 2, 3):
             with threads.thread_policy(n):
-                outs.append(threads.current().matmul(X, Y))
+                outs.append(threads.current().matmul(X, Y, by=by))
         assert all(torch.equal(outs[0], o) for o in outs[1:])
         assert torch.allclose(outs[0], (X.double() @ Y.double()).float(), rtol=1e-4, atol=1e-3)

@@ -22,15 +22,21 @@ import torch
 import mergekit_lora.algorithms.dense as dense_mod  # EXACT_MIN_DIM is lowered to force the iteration
 from mergekit_lora.algorithms.dense import DenseParams, refactor_batch
 from mergekit_lora.algorithms.ties import TiesParams, ties_dense
+from mergekit_lora.registry import ModuleContext
+from mergekit_lora.threads import ThreadBudget
 from mergekit_lora.units import RankUnits
 
+ONE = ThreadBudget(1)  # as a one-thread merge runs: blocked products, views read in place
 
-def case(m: int, n_in: int = 4, r: int = 16, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def case(m: int, n_in: int = 4, r: int = 16, seed: int = 0, n: int | None = None,
+         density: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = n or int(m * 2.75)
     units = [RankUnits.from_factors(torch.randn(r, n, generator=g) * 0.02, torch.randn(m, r, generator=g) * 0.02,
                                     source=i) for i in range(n_in)]
-    D = ties_dense([units], [1.0 / n_in] * n_in, TiesParams(density=0.5), [None], torch.float32)  # type: ignore[list-item]
+    D = ties_dense([units], [1.0 / n_in] * n_in, TiesParams(density=density),
+                   [ModuleContext("m", 0, torch.device("cpu"), ONE)], torch.float32)
     start = torch.cat([u.B for u in units], 1)[None]
     return D, start
 
@@ -39,7 +45,7 @@ def cpu_time(args: tuple, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         t = time.process_time()
-        refactor_batch(*args)
+        refactor_batch(*args, ONE)
         best = min(best, time.process_time() - t)
     return best
 
@@ -50,6 +56,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="m×n shapes instead of --sizes, e.g. 1024x1024,2816x1024")
     ap.add_argument("--niters", default="1,2,3,4")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--inputs", type=int, default=4, help="rank-16 inputs of the TIES case")
+    ap.add_argument("--density", type=float, default=0.5, help="TIES density of the case")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-refactor.md")))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -60,17 +68,17 @@ def main() -> None:
     what = f"--shapes {args.shapes}" if args.shapes else f"--sizes {args.sizes}"
     lines = ["# Refactorisation: exact SVD vs subspace iteration (dense methods)", "",
              f"Command: `python evals/bench/refactor_bench.py {what} --niters {args.niters} "
-             f"--repeat {args.repeat}`", "",
+             f"--repeat {args.repeat} --inputs {args.inputs} --density {args.density}`", "",
              f"Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch thread, "
              f"torch {torch.__version__}; CPU seconds, fastest of {args.repeat}.  D: TIES (density 0.5) of 4 random "
              "rank-16 inputs, d_out = m, d_in = n, k = 16; iteration: inputs' B columns + 8 Gaussian columns.", "",
              "| m × n | exact SVD (s) | " + " | ".join(f"niter={i} (s) | niter={i} rel. err" for i in niters) + " |",
              "|---|---|" + "---|---|" * len(niters)]
     for m, n in shapes:
-        D, start = case(m, n=n)
+        D, start = case(m, n=n, n_in=args.inputs, density=args.density)
         gens = [torch.Generator().manual_seed(1)]
         exact = DenseParams(density=1.0, exact_svd=True)
-        Be, Ae, _, _ = refactor_batch(D, k, exact, start, gens)
+        Be, Ae, _, _ = refactor_batch(D, k, exact, start, gens, ONE)
         Dk = (Be[0] @ Ae[0]).double()
         row = [f"{m} × {D.shape[2]}", f"{cpu_time((D, k, exact, start, gens), args.repeat):.4f}"]
         for it in niters:
@@ -78,7 +86,7 @@ def main() -> None:
             old, dense_mod.EXACT_MIN_DIM = dense_mod.EXACT_MIN_DIM, 0
             try:
                 t = cpu_time((D, k, p, start, gens), args.repeat)
-                B, A, _, _ = refactor_batch(D, k, p, start, gens)
+                B, A, _, _ = refactor_batch(D, k, p, start, gens, ONE)
             finally:
                 dense_mod.EXACT_MIN_DIM = old
             err = float(((B[0] @ A[0]).double() - Dk).norm() / Dk.norm())

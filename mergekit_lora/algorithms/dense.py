@@ -38,7 +38,7 @@ from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
 from mergekit_lora.threads import NO_BUDGET, ThreadBudget, single_thread
 from mergekit_lora.units import RankUnits
 
-from .elementwise import Combine, dense_combine_factors, row_chunks
+from .elementwise import Combine, chunk_sq_norm, dense_combine_factors, row_chunks
 from .elementwise import disjoint_mean as disjoint_mean  # re-exported
 from .elementwise import trim_thresholds as trim_thresholds  # re-exported
 from .params import DenseParams, SignFrom
@@ -79,12 +79,14 @@ def chunk_workers(modules: Sequence[Sequence[RankUnits]], ctxs: Sequence[ModuleC
 
 def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
                   combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
-                  scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted") -> torch.Tensor:
+                  scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted",
+                  norms: torch.Tensor | None = None) -> torch.Tensor:
     """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused
-    (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``)."""
+    (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``; ``norms``:
+    see there)."""
     factors = [stacked(modules, i, dtype) for i in range(len(weights))]
     return dense_combine_factors(factors, weights, combine=combine, density=density, drop=drop, scale=scale,
-                                 workers=workers, sign_from=sign_from)
+                                 workers=workers, sign_from=sign_from, norms=norms)
 
 
 # ---------------------------------------------------------------------------------------- refactorisation
@@ -110,28 +112,36 @@ def _mm(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget) -> torch.Tensor
     return threads.matmul(blas_view(X), blas_view(Y))
 
 
+def _mm_tn(Q: torch.Tensor, D: torch.Tensor, threads: ThreadBudget) -> torch.Tensor:
+    """Qᵀ D ([M, m, q], [M, m, n] -> [M, q, n]) in column blocks of D: MKL's kernel for Qᵀ D runs at 1.0–1.4 ns
+    per element of D where the same product as Dᵀ Q (a transposed D) takes 2.3–2.5 (q = 72, 1 thread;
+    RESULTS-dense.md), so the power iteration forms (Qᵀ D)ᵀ instead of Dᵀ Q."""
+    return threads.matmul(Q.transpose(1, 2), blas_view(D), by="cols")
+
+
 def sq_norms(D: torch.Tensor) -> torch.Tensor:
     """‖D[j]‖² per module ([M, m, n] -> [M] float64), summed chunk by chunk in a fixed order."""
     M, m, n = D.shape
     out = torch.zeros(M, dtype=torch.float64, device=D.device)
     for j, a, b in row_chunks(M, m, n, D.device):
-        out[j] += D[j, a:b].square().sum(dtype=torch.float64)
+        out[j] += chunk_sq_norm(D[j, a:b])
     return out
 
 
 def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Tensor | None,
-                   gens: Sequence[torch.Generator], threads: ThreadBudget = NO_BUDGET
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   gens: Sequence[torch.Generator], threads: ThreadBudget = NO_BUDGET,
+                   norm2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD of each D[j] ([M, m, n]) as balanced factors.
 
     Returns (B [M, m, k'], A [M, k', n], err² [M], ‖D‖² [M]) with k' = min(k, m, n),
     b_j = u_j √σ_j, a_j = √σ_j v_jᵀ, err² = ‖D − B A‖² (float64).  ``start`` [M, m, R]: columns whose
     span is expected to hold D's dominant part (the inputs' B); ``gens``: one seeded CPU generator per
-    module for the Gaussian oversampling columns; ``threads``: the budget of the big products.
+    module for the Gaussian oversampling columns; ``threads``: the budget of the big products; ``norm2``:
+    ‖D[j]‖² when already known (:func:`sq_norms`' values, e.g. summed while D was formed).
     """
     M, m, n = D.shape
     k = min(k, m, n)
-    norm2 = sq_norms(D)
+    norm2 = sq_norms(D) if norm2 is None else norm2
     if use_exact(m, n, params):
         with single_thread():
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
@@ -141,10 +151,9 @@ def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Te
         omega = torch.stack([torch.randn(n, p, generator=g, dtype=torch.float32) for g in gens]).to(D)
         cols = [start.to(D)] if start is not None else []
         Q = _orth(torch.cat(cols + [_mm(D, omega, threads)], 2)[:, :, :min(m, n)])
-        Dt = D.transpose(1, 2)
         for _ in range(params.niter):
-            Q = _orth(_mm(D, _orth(_mm(Dt, Q, threads)), threads))
-        small = _mm(Q.transpose(1, 2), D, threads)  # [M, q, n]
+            Q = _orth(_mm(D, _orth(_mm_tn(Q, D, threads).transpose(1, 2)), threads))
+        small = _mm_tn(Q, D, threads)  # [M, q, n]
         with single_thread():
             Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
         U = _mm(Q, Us[:, :, :k], threads)
@@ -155,14 +164,14 @@ def refactor_batch(D: torch.Tensor, k: int, params: DenseParams, start: torch.Te
 
 
 # ---------------------------------------------------------------------------------------- the batch driver
-# dense_fn(modules, weights, params, ctxs, dtype) -> D [M, d_out, d_in]: the pre-truncation update
-DenseFn = Callable[[Sequence[Sequence[RankUnits]], Sequence[float], Any, Sequence[ModuleContext], torch.dtype],
-                   torch.Tensor]
+# step(params, ctxs) -> the keyword arguments of dense_combine (combine, density, drop, scale, sign_from)
+StepFn = Callable[[Any, Sequence[ModuleContext]], dict[str, Any]]
 
 
-def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
+def merge_dense_batch(step: StepFn, modules: Sequence[Sequence[RankUnits]], weights: Sequence[float],
                       params: DenseParams, ctxs: Sequence[ModuleContext]) -> list[tuple[RankUnits, dict[str, float]]]:
-    """Merge M same-shape modules (same weights): D from ``dense_fn``, refactored to rank k.
+    """Merge M same-shape modules (same weights): D = :func:`dense_combine` with ``step``'s arguments (its
+    ‖D‖² summed while it is formed), refactored to rank k.
 
     Returns per module (units, notes) with notes ``refactor_err2`` and ``norm2`` (float64 sums for the
     report).  Sub-batches keep each [M, d_out, d_in] work tensor ≤ BATCH_ELEMENTS.
@@ -173,10 +182,12 @@ def merge_dense_batch(dense_fn: DenseFn, modules: Sequence[Sequence[RankUnits]],
     for s in range(0, len(modules), per):
         mods, cx = modules[s:s + per], ctxs[s:s + per]
         dtype = work_dtype([u for m in mods for u in m])
-        D = dense_fn(mods, weights, params, cx, dtype)
+        norms = torch.zeros(len(mods), dtype=torch.float64)
+        D = dense_combine(mods, weights, dtype, workers=chunk_workers(mods, cx), norms=norms, **step(params, cx))
         k = params.rank or max(u.rank for u in mods[0])
         start = torch.stack([torch.cat([u.B for u in m], 1) for m in mods]).to(D)
-        B, A, err2, norm2 = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx], cx[0].threads)
+        B, A, err2, norm2 = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx], cx[0].threads,
+                                           norm2=norms.to(D.device))
         del D
         for j, m in enumerate(mods):
             units = replace(m[0], A=A[j], B=B[j], source=torch.full((A.shape[1],), -1, dtype=torch.long), extra={})
@@ -237,7 +248,7 @@ class DenseAlgorithm(Algorithm[P]):
                     for u, w, c in zip(units, weights, ctxs)]
         if any(list(w) != list(weights[0]) for w in weights):  # the driver groups equal weights; be safe
             return [self.merge_batch([u], [w], params, [c])[0] for u, w, c in zip(units, weights, ctxs)]
-        res = merge_dense_batch(self.dense_batch, units, weights[0], params, ctxs)
+        res = merge_dense_batch(self.elementwise, units, weights[0], params, ctxs)
         return [MergedModule(u, notes=n) for u, n in res]
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
