@@ -83,8 +83,8 @@ def test_subspace_iteration_matches_the_exact_rank_k_svd(m):
                    torch.float32)
     start = torch.cat([u.B for u in units], 1)[None]
     gens = [torch.Generator().manual_seed(0)]
-    Be, Ae, e2e, n2 = refactor_batch(D, 16, DenseParams(density=1.0, exact_svd=True), start, gens)
-    Bi, Ai, e2i, n2i = refactor_batch(D, 16, DenseParams(density=1.0), start, gens)  # default: iterative here
+    Be, Ae, e2e, n2, _ = refactor_batch(D, 16, DenseParams(density=1.0, exact_svd=True), start, gens)
+    Bi, Ai, e2i, n2i, _ = refactor_batch(D, 16, DenseParams(density=1.0), start, gens)  # default: iterative here
     exact = (Be[0] @ Ae[0]).double()
     assert float(((Bi[0] @ Ai[0]).double() - exact).norm() / exact.norm()) <= 1e-3
     # the reported error ‖D − D_k‖² = ‖D‖² − Σσ² agrees with a dense computation
@@ -179,3 +179,23 @@ def test_band_of_counts_above_and_selects_the_bracket_like_torch():
         assert n_above == int((mag > hi).sum())
         want = mag[(mag >= lo) & (mag <= hi)]
         assert torch.equal(torch.from_numpy(band), want) and want.numel() > 0
+
+
+@pytest.mark.parametrize("n_in,density,iters_range", [(2, 0.9, (1, 3)), (8, 0.1, (4, 6))])
+def test_adaptive_power_iterations_stop_when_the_spectrum_says_so(n_in, density, iters_range):
+    # the default iterates each module until (σ̂_q/σ̂_k)^(2t) ≤ CONVERGENCE_BOUND: a clear gap (2 inputs) stops
+    # early, a flat spectrum (8 inputs at density 0.1) iterates longer; both end near the exact rank-k SVD
+    m, n = 400, 1100
+    units = [rand_units(m, n, 16, seed=40 + i, source=i) for i in range(n_in)]
+    D = ties_dense([units], [1.0 / n_in] * n_in, TiesParams(density=density),
+                   [ModuleContext("m", 0, torch.device("cpu"))], torch.float32)
+    start = torch.cat([u.B for u in units], 1)[None]
+    gens = [torch.Generator().manual_seed(0)]
+    Be, Ae, *_ = refactor_batch(D, 16, DenseParams(density=1.0, exact_svd=True), start, gens)
+    exact = (Be[0] @ Ae[0]).double()
+    Bi, Ai, _, _, iters = refactor_batch(D, 16, DenseParams(density=1.0), start, gens)
+    err = float(((Bi[0] @ Ai[0]).double() - exact).norm() / exact.norm())
+    assert iters_range[0] <= iters[0] <= iters_range[1]
+    assert err <= 5e-4
+    *_, fixed = refactor_batch(D, 16, DenseParams(density=1.0, niter=2), start, gens)
+    assert fixed == [2]

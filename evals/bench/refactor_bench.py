@@ -78,7 +78,7 @@ def main() -> None:
         D, start = case(m, n=n, n_in=args.inputs, density=args.density)
         gens = [torch.Generator().manual_seed(1)]
         exact = DenseParams(density=1.0, exact_svd=True)
-        Be, Ae, _, _ = refactor_batch(D, k, exact, start, gens, ONE)
+        Be, Ae, _, _, _ = refactor_batch(D, k, exact, start, gens, ONE)
         Dk = (Be[0] @ Ae[0]).double()
         row = [f"{m} × {D.shape[2]}", f"{cpu_time((D, k, exact, start, gens), args.repeat):.4f}"]
         for it in niters:
@@ -86,7 +86,7 @@ def main() -> None:
             old, dense_mod.EXACT_MIN_DIM = dense_mod.EXACT_MIN_DIM, 0
             try:
                 t = cpu_time((D, k, p, start, gens), args.repeat)
-                B, A, _, _ = refactor_batch(D, k, p, start, gens, ONE)
+                B, A, _, _, _ = refactor_batch(D, k, p, start, gens, ONE)
             finally:
                 dense_mod.EXACT_MIN_DIM = old
             err = float(((B[0] @ A[0]).double() - Dk).norm() / Dk.norm())
