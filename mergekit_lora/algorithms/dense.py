@@ -84,13 +84,13 @@ def chunk_workers(modules: Sequence[Sequence[RankUnits]], ctxs: Sequence[ModuleC
 def dense_combine(modules: Sequence[Sequence[RankUnits]], weights: Sequence[float], dtype: torch.dtype, *,
                   combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
                   scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted",
-                  norms: torch.Tensor | None = None) -> torch.Tensor:
+                  norms: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(ΔW_i)) for M same-shape modules, chunk-fused
-    (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``; ``norms``:
-    see there)."""
+    (:func:`algorithms.elementwise.dense_combine_factors` on the inputs' factors stacked in ``dtype``; ``norms``,
+    ``out``: see there)."""
     factors = [stacked(modules, i, dtype) for i in range(len(weights))]
     return dense_combine_factors(factors, weights, combine=combine, density=density, drop=drop, scale=scale,
-                                 workers=workers, sign_from=sign_from, norms=norms)
+                                 workers=workers, sign_from=sign_from, norms=norms, out=out)
 
 
 # ---------------------------------------------------------------------------------------- refactorisation
@@ -212,11 +212,16 @@ def merge_dense_batch(step: StepFn, modules: Sequence[Sequence[RankUnits]], weig
     first = modules[0]
     per = max(1, BATCH_ELEMENTS // max(first[0].d_out * first[0].d_in, 1))
     out: list[tuple[RankUnits, dict[str, float]]] = []
+    buf: torch.Tensor | None = None  # D's memory, reused by the sub-batches (same shape)
     for s in range(0, len(modules), per):
         mods, cx = modules[s:s + per], ctxs[s:s + per]
         dtype = work_dtype([u for m in mods for u in m])
+        if buf is None or buf.dtype != dtype:
+            buf = torch.empty(min(per, len(modules)), first[0].d_out, first[0].d_in, dtype=dtype,
+                              device=cx[0].device)
         norms = torch.zeros(len(mods), dtype=torch.float64)
-        D = dense_combine(mods, weights, dtype, workers=chunk_workers(mods, cx), norms=norms, **step(params, cx))
+        D = dense_combine(mods, weights, dtype, workers=chunk_workers(mods, cx), norms=norms, out=buf[:len(mods)],
+                          **step(params, cx))
         k = params.rank or max(u.rank for u in mods[0])
         start = torch.stack([torch.cat([u.B for u in m], 1) for m in mods]).to(D)
         B, A, err2, norm2, iters = refactor_batch(D, k, params, start, [c.generator("svd_lowrank") for c in cx],

@@ -30,10 +30,11 @@ from .params import SignFrom, SignMethod
 Combine = Literal["sum", "total", "frequency"]
 Chunk = tuple[int, int, int]  # (module j, first row a, end row b)
 
-# Elements of one [rows, d_in] chunk (1 MiB in float32; measured 2^15 … 2^20 at 1 thread: 2^17–2^18 fastest,
-# RESULTS-dense.md): the fused per-chunk work (n products plus ~4 running tensors)
-# stays in the L2/L3 caches instead of streaming [M, d_out, d_in] tensors through memory.
-CHUNK_ELEMENTS = 1 << 18
+# Elements of one [rows, d_in] chunk (256 KiB in float32): the fused per-chunk work (n products plus ~3 running
+# tensors, ~1.75 MiB for 4 inputs) stays in a 2 MiB L2 instead of streaming [M, d_out, d_in] tensors through
+# memory.  Measured on the whole `ties` merge at the 22-layer TinyLlama layout, 1 thread, same run: 2^16 took
+# 28.9 CPU s, 2^18 31.5 (same bytes; RESULTS-dense.md); the earlier 2^17–2^18 optimum predates the numpy scan.
+CHUNK_ELEMENTS = 1 << 16
 
 
 def row_chunks(M: int, m: int, n: int, device: torch.device | None = None) -> list[Chunk]:
@@ -56,8 +57,9 @@ def chunk_product(B: torch.Tensor, A: torch.Tensor, j: int, a: int, b: int) -> t
 
 
 def chunk_sq_norm(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖² of one chunk, summed in float64 (0-d): the per-chunk term of a module's ‖D‖²."""
-    return x.square().sum(dtype=torch.float64)
+    """‖x‖² of one chunk [rows, n] (0-d float64): each row's squares summed in x's dtype, the rows in float64
+    — 0.2 ns per element where a float64 sum of every square took 1.0 (1 thread), ~1e-7 relative."""
+    return x.mul(x).sum(dim=-1).sum(dtype=torch.float64)
 
 
 def lambdas(t: torch.Tensor) -> list[float]:
@@ -211,7 +213,7 @@ def disjoint_mean_unweighted(xs: list[torch.Tensor], weights: Sequence[float], m
 def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], *,
                           combine: Combine, density: float = 1.0, drop: Sequence[torch.Generator] | None = None,
                           scale: float = 1.0, workers: int = 1, sign_from: SignFrom = "weighted",
-                          norms: torch.Tensor | None = None) -> torch.Tensor:
+                          norms: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """D [M, d_out, d_in] = scale · combine_i(w_i · step_ρ(B_i A_i)) from the inputs' batched factors.
 
     ``step``: magnitude trim to ``density`` (exact per-module thresholds), or, with ``drop`` (one
@@ -223,7 +225,8 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
     DARE's 1/ρ is then a division, as PEFT's).  Besides D only one module's float masks
     (DARE) are held; each chunk goes through product, mask, weight and running sums in cache.
     ``norms`` ([M] float64, zeros): ‖D[j]‖² is added to it while each chunk is in cache (the same sums, in
-    the same order, as :func:`algorithms.dense.sq_norms` on D).
+    the same order, as :func:`algorithms.dense.sq_norms` on D).  ``out``: a [M, d_out, d_in] buffer to write D
+    into (a batch driver reuses one: a fresh 46 MB tensor per module costs its page faults every time).
     """
     n_in = len(weights)
     B0, A0 = factors[0]
@@ -235,11 +238,11 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
     thr: list[list[float]] | None = None  # per input: per-module hardshrink λ
     if drop is None and density < 1:
         if int(density * m * n) <= 0:
-            return torch.zeros(M, m, n, dtype=dtype, device=dev)
+            return torch.zeros(M, m, n, dtype=dtype, device=dev) if out is None else out.zero_()
         thr = [lambdas(trim_thresholds(B, A, density, chunks, workers)) for B, A in factors]
     peft_rule = sign_from == "unweighted" and combine != "sum"
     mult = [1.0] * n_in if peft_rule else [w * (1.0 / density if dare else 1.0) for w in weights]
-    D = torch.empty(M, m, n, dtype=dtype, device=dev)
+    D = torch.empty(M, m, n, dtype=dtype, device=dev) if out is None else out
     masks: list[torch.Tensor] = []
 
     def chunk(j: int, a: int, b: int) -> torch.Tensor | None:
@@ -255,21 +258,21 @@ def dense_combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], 
             if mult[i] != 1.0:
                 x.mul_(mult[i])
             xs.append(x)
-        out = D[j, a:b]
+        dst = D[j, a:b]
         if combine == "sum":
             if n_in == 1:
-                out.copy_(xs[0])
+                dst.copy_(xs[0])
             else:
-                torch.add(xs[0], xs[1], out=out)
+                torch.add(xs[0], xs[1], out=dst)
             for x in xs[2:]:
-                out.add_(x)
+                dst.add_(x)
         elif peft_rule:
-            disjoint_mean_unweighted(xs, weights, combine, out=out)
+            disjoint_mean_unweighted(xs, weights, combine, out=dst)
         else:
-            disjoint_mean(xs, combine, out=out)
+            disjoint_mean(xs, combine, out=dst)
         if scale != 1.0:
-            out.mul_(scale)
-        return None if norms is None else chunk_sq_norm(out)
+            dst.mul_(scale)
+        return None if norms is None else chunk_sq_norm(dst)
 
     def run(cs: list[Chunk]) -> None:
         for (j, _, _), part in zip(cs, run_chunks(chunk, cs, workers)):
