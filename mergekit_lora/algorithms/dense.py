@@ -17,12 +17,13 @@ chunks may run on a small thread pool):
    or TIES sign election and disjoint mean (:func:`disjoint_mean`) — float ops only, never a stack of
    all inputs' full dense tensors;
 3. refactorisation (:func:`refactor_batch`): the exact SVD for small matrices, else a range finder
-   seeded with the inputs' own column spaces [B_1 … B_n] plus ``oversample`` Gaussian columns and
-   ``niter`` power iterations, then Rayleigh–Ritz.  D's dominant part lies in span(B_1 … B_n) (trimming
-   adds a flat noise floor below it), so this converges in a few iterations where a Gaussian start with
-   k + 8 columns does not: ≤ 3e-4 relative to the exact rank-k SVD on random adapters (the hard, flat
-   case; RESULTS-refactor.md).  Each module's error ‖D − D_k‖² = ‖D‖² − Σ_{j≤k} σ_j² (exact for the
-   Ritz projection) is returned for the report.
+   seeded with the inputs' own column spaces [B_1 … B_n] plus ``oversample`` Gaussian columns, power
+   iterations until the module's own spectrum bounds the error (:func:`_power_iterations`; ``niter`` fixes
+   the count), then Rayleigh–Ritz.  D's dominant part lies in span(B_1 … B_n) (trimming adds a flat noise
+   floor below it), so this converges in a few iterations where a Gaussian start with k + 8 columns does
+   not: ≤ 3e-4 relative to the exact rank-k SVD on random adapters (the hard, flat case; RESULTS-refactor.md).
+   Each module's error ‖D − D_k‖² = ‖D‖² − Σ_{j≤k} σ_j² (exact for the Ritz projection) is returned for the
+   report.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def _power_iterations(D: torch.Tensor, Q: torch.Tensor, k: int, niter: int | Non
             Q = _orth(_mm(D, _orth(_mm_tn(Q, D, threads).transpose(1, 2)), threads))
         return Q, niter
     for t in range(1, NITER_MAX + 1):
+        Y = _mm(D, _orth(_mm_tn(Q, D, threads).transpose(1, 2)), threads)
         with single_thread():  # LAPACK: same bits whatever the thread budget
-            Q, R = torch.linalg.qr(_mm(D, _orth(_mm_tn(Q, D, threads).transpose(1, 2)), threads))
+            Q, R = torch.linalg.qr(Y)
             s = torch.linalg.svdvals(R[0])
         if s[k - 1] <= 0 or float(s[-1] / s[k - 1]) ** (2 * t) <= CONVERGENCE_BOUND:  # s[k-1] = 0: rank < k
             return Q, t
