@@ -143,10 +143,12 @@ def _merge_tensors(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list
 
     from ..threads import current  # lazily, with torch
 
-    device = torch.device(plan.device)
-    loaded = [[plan.adapters[i].units(mp.name, source=i).to(device) for i in mp.present] for mp in batch]
-    try:  # the thread budget goes to the algorithms in their context, not through the policy's state
-        outs = _call(plan, batch, loaded, device, current())
+    # the thread budget goes to the algorithms in their context, not through the policy's state
+    ctxs = _contexts(plan, batch, torch.device(plan.device), current())
+    loaded = plan.algorithm.load_batch([[(plan.adapters[i], i) for i in mp.present] for mp in batch],
+                                       batch[0].params, ctxs)
+    try:
+        outs = _call(plan, batch, loaded, ctxs)
     except torch.linalg.LinAlgError as e:  # issue 28: one sentence, never a traceback
         raise LoraMergeError(f"method {plan.method!r} could not merge module {batch[0].name}"
                              f"{f' (and {len(batch) - 1} more)' if len(batch) > 1 else ''}: "
@@ -155,11 +157,15 @@ def _merge_tensors(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list
     return loaded, [[mp.weights[i] for i in mp.present] for mp in batch], outs
 
 
-def _call(plan: MergePlan, batch: list[ModulePlan], loaded: list, device: Any = "cpu",
-          budget: Any = None) -> list[MergedModule]:
-    weights = [[mp.weights[i] for i in mp.present] for mp in batch]
-    ctxs = [ModuleContext(mp.name, plan.options.seed, device) if budget is None
+def _contexts(plan: MergePlan, batch: list[ModulePlan], device: Any = "cpu", budget: Any = None) -> list[ModuleContext]:
+    return [ModuleContext(mp.name, plan.options.seed, device) if budget is None
             else ModuleContext(mp.name, plan.options.seed, device, budget) for mp in batch]
+
+
+def _call(plan: MergePlan, batch: list[ModulePlan], loaded: list, ctxs: list[ModuleContext] | None = None
+          ) -> list[MergedModule]:
+    weights = [[mp.weights[i] for i in mp.present] for mp in batch]
+    ctxs = ctxs if ctxs is not None else _contexts(plan, batch)
     if len(batch) == 1:
         return [plan.algorithm.merge_module(loaded[0], weights[0], batch[0].params, ctxs[0])]
     return plan.algorithm.merge_batch(loaded, weights, batch[0].params, ctxs)

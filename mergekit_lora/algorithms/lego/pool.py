@@ -29,14 +29,15 @@ merge does not depend on the order of units or inputs for a given seed.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
 
-from mergekit_lora.threads import NO_BUDGET, ThreadBudget
+from mergekit_lora.adapter import Adapter
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace, run_pool
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -99,37 +100,71 @@ def _inv(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, 1 / torch.where(ok, x, 1), torch.zeros_like(x))
 
 
-class Workspace:
-    """Reusable buffers for the batch pools, kept by the algorithm between batches (one per thread).
-
-    A batch's pool is tens of MiB (8 × 128 units of 15 104 entries: 62 MiB); above glibc's mmap
-    threshold every fresh allocation is a new mapping, and first-touching it costs a page fault per
-    4 KiB — as much as the copy into it (measured: 22 ms fresh vs 6.6 ms reused for one batch).
-    Not pickled (a plan sent to a worker starts empty).
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """A flat uninitialised tensor of ``numel`` entries; valid until this thread asks again."""
-        buf = getattr(self._local, "buf", None)
-        want = torch.device(device)
-        same_device = buf is not None and buf.device.type == want.type and want.index in (None, buf.device.index)
-        if buf is None or not same_device or buf.dtype != dtype or buf.numel() < numel:
-            self._local.buf = buf = None  # drop the old buffer before allocating the new one
-            buf = self._local.buf = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
-
-    def __reduce__(self) -> tuple:
-        return (Workspace, ())
-
-
 def max_abs_columns(X: torch.Tensor) -> torch.Tensor:
     """max_i |X_ij| per column of X [d, r] (exact), without the slow reduction over a 16-wide matrix:
-    g row-groups side by side make one [d/g, g·r] reduction."""
+    g row-groups side by side make one [d/g, g·r] max and min pass (no |X| temporary)."""
     g = math.gcd(X.shape[0], 8)
-    return X.reshape(-1, g * X.shape[1]).abs().amax(0).reshape(g, -1).amax(0)
+    X2 = X.reshape(-1, g * X.shape[1])
+    return torch.maximum(X2.amin(0).neg_(), X2.amax(0)).reshape(g, -1).amax(0).abs_()  # abs: ±0 gives +0
+
+
+def pool_factors(M: int, N: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str,
+                 workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch pool in one flat buffer (``workspace``'s when given, so :func:`read_pools` and
+    :func:`build_pools` find the same slots): factors A [M, N, d_in], B [M, d_out, N], and ``bmax`` [M, N],
+    the column max-abs of B as :func:`read_pools` read it (unweighted)."""
+    numel = M * N * (d_in + d_out + 1)
+    flat = workspace.buffer(numel, dtype, device) if workspace else torch.empty(numel, dtype=dtype, device=device)
+    a, b = M * N * d_in, M * N * (d_in + d_out)
+    return flat[:a].view(M, N, d_in), flat[a:b].view(M, d_out, N), flat[b:].view(M, N)
+
+
+_STAGE = Workspace()  # read_pools' contiguous B factors of one module (per thread), concatenated into the pool
+
+
+def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], workspace: Workspace,
+               threads: ThreadBudget = NO_BUDGET) -> list[list[RankUnits]] | None:
+    """Each module's inputs (``inputs[m]``: (adapter, input index) of module ``names[m]``) read straight into
+    their slots of the batch pool, where :func:`build_pools` then finds them (no copy of A; B through a
+    reused contiguous buffer, each factor's column max-abs taken while it is in cache, then one ``cat``); modules side by side on the
+    budget's workers (disjoint slots: the bits do not depend on the workers).  An input whose reader cannot
+    read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of the
+    pool: valid until the workspace's next batch, and ``build_pools`` weights their B in place.  None
+    (nothing read) unless every input stores float32 (or every one float64) and the modules pool one shape."""
+    infos = [[a.modules[n] for a, _ in ins] for ins, n in zip(inputs, names)]
+    dtypes = {i.dtype for inf in infos for i in inf}
+    shapes = {(sum(i.rank for i in inf), i.d_in, i.d_out) for inf in infos for i in inf}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"} or len(shapes) != 1 or not all(infos):
+        return None
+    (N, d_in, d_out), = shapes
+    dt = getattr(torch, dtypes.pop())
+    A, B, bmax = pool_factors(len(names), N, d_in, d_out, dt, "cpu", workspace)
+    out: list[list[RankUnits]] = [[] for _ in names]
+
+    def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
+        stage = _STAGE.buffer(d_out * N, dt, "cpu")
+        parts, at = [], 0
+        for (a, i), info in zip(inputs[m], infos[m]):
+            sl = slice(at, at + info.rank)
+            piece = stage[d_out * at:d_out * sl.stop].view(d_out, info.rank)
+            u = a.units_into(names[m], A[m, sl], piece, source=i)
+            if u is None:  # loaded as usual, copied by build_pools
+                out[m].append(a.units(names[m], source=i))
+                parts.append(out[m][-1].B.to(dt))
+            else:
+                bmax[m, sl] = max_abs_columns(piece)  # while in cache
+                out[m].append(u.with_factors(A[m, sl], B[m, :, sl], u.source))
+                parts.append(piece)
+            at = sl.stop
+        torch.cat(parts, dim=1, out=B[m])  # row by row: faster than a strided copy per input
+
+    run_pool(read, [(m,) for m in range(len(names))], threads.workers_for(30.0 * (A.numel() + B.numel())))
+    return out
+
+
+def _in_slot(X: torch.Tensor, slot: torch.Tensor) -> bool:
+    """Whether X is that very view of the pool (read in place by :func:`read_pools`)."""
+    return X.data_ptr() == slot.data_ptr() and X.shape == slot.shape and X.stride() == slot.stride()
 
 
 def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, features: str, signs: str,
@@ -147,28 +182,32 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
     r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
     r = r.to(device=device, dtype=dt)
-    numel = M * N * (d_in + d_out)
-    flat = workspace.buffer(numel, dt, device) if workspace else torch.empty(numel, dtype=dt, device=device)
-    A = flat[:M * N * d_in].view(M, N, d_in)
-    B = flat[M * N * d_in:].view(M, d_out, N)
+    A, B, bmax = pool_factors(M, N, d_in, d_out, dt, device, workspace)
     pa, pb, la, lb = (torch.empty(M, N, dtype=dt, device=device) for _ in range(4))  # ⟨a, r⟩, ⟨b, r⟩, max-abs
     sign = torch.ones(M, N, dtype=dt, device=device)
-    for m, (us, ws) in enumerate(zip(units, weights)):  # one pass over the inputs
-        at = 0
-        for u, w in zip(us, relative_weights(ws)):
-            sl = slice(at, at + u.rank)
-            A[m, sl].copy_(u.A)
-            if w == 1.0:
+
+    def fill(m: int) -> None:  # module m's inputs into the pool, each factor's keys and norms while in cache
+        for at, u, w in zip(accumulate(u.rank for u in units[m]), units[m], relative_weights(weights[m])):
+            sl = slice(at - u.rank, at)
+            here = _in_slot(u.A, A[m, sl]) and _in_slot(u.B, B[m, :, sl])  # read in place (read_pools)
+            # max |w·b| = max |b|·|w| exactly (rounding is monotone); of b before its slot is weighted
+            lb[m, sl] = (bmax[m, sl] if here else max_abs_columns(u.B).to(dt)) * abs(w)
+            if not here:
+                A[m, sl].copy_(u.A)
+            if w != 1.0:
+                torch.mul(u.B.to(dt), w, out=B[m, :, sl])  # in the work dtype, not the input (in place: same bits)
+            elif not here:
                 B[m, :, sl].copy_(u.B)
-            else:
-                torch.mul(u.B.to(dt), w, out=B[m, :, sl])  # in the work dtype, not the input
             torch.mv(A[m, sl], r[m, d_out:], out=pa[m, sl])
             torch.mv(B[m, :, sl].T, r[m, :d_out], out=pb[m, sl])
-            la[m, sl] = u.A.abs().amax(1)
-            lb[m, sl] = max_abs_columns(u.B).to(dt) * abs(w)  # = max |w·b| exactly (rounding is monotone)
+            la[m, sl] = A[m, sl].abs().amax(1)
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
-            at += u.rank
+
+    # one pass over the inputs, modules side by side on the budget's workers (each module single-threaded,
+    # disjoint slices: the bits do not depend on the workers); ≈ 30 flop-equivalents per pooled entry
+    on_cpu = torch.device(device).type == "cpu"
+    run_pool(fill, [(m,) for m in range(M)], threads.workers_for(30.0 * M * N * (d_in + d_out)) if on_cpu else 1)
     # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
     # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
     GA = threads.matmul(A, A.transpose(1, 2))
