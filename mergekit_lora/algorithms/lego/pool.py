@@ -109,14 +109,14 @@ def max_abs_columns(X: torch.Tensor) -> torch.Tensor:
 
 
 def pool_factors(M: int, N: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str,
-                 workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 workspace: Workspace | None = None) -> tuple[torch.Tensor, ...]:
     """The batch pool in one flat buffer (``workspace``'s when given, so :func:`read_pools` and
-    :func:`build_pools` find the same slots): factors A [M, N, d_in], B [M, d_out, N], and ``bmax`` [M, N],
-    the column max-abs of B as :func:`read_pools` read it (unweighted)."""
-    numel = M * N * (d_in + d_out + 1)
+    :func:`build_pools` find the same slots): factors A [M, N, d_in], B [M, d_out, N], and ``amax``,
+    ``bmax`` [M, N]: the row max-abs of A and column max-abs of B as :func:`read_pools` read them."""
+    numel = M * N * (d_in + d_out + 2)
     flat = workspace.buffer(numel, dtype, device) if workspace else torch.empty(numel, dtype=dtype, device=device)
     a, b = M * N * d_in, M * N * (d_in + d_out)
-    return flat[:a].view(M, N, d_in), flat[a:b].view(M, d_out, N), flat[b:].view(M, N)
+    return flat[:a].view(M, N, d_in), flat[a:b].view(M, d_out, N), flat[b:b + M * N].view(M, N), flat[b + M * N:].view(M, N)
 
 
 _STAGE = Workspace()  # read_pools' contiguous B factors of one module (per thread), concatenated into the pool
@@ -126,7 +126,7 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], worksp
                threads: ThreadBudget = NO_BUDGET) -> list[list[RankUnits]] | None:
     """Each module's inputs (``inputs[m]``: (adapter, input index) of module ``names[m]``) read straight into
     their slots of the batch pool, where :func:`build_pools` then finds them (no copy of A; B through a
-    reused contiguous buffer, each factor's column max-abs taken while it is in cache, then one ``cat``); modules side by side on the
+    reused contiguous buffer, then one ``cat``; each factor's max-abs norms taken while it is in cache); modules side by side on the
     budget's workers (disjoint slots: the bits do not depend on the workers).  An input whose reader cannot
     read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of the
     pool: valid until the workspace's next batch, and ``build_pools`` weights their B in place.  None
@@ -138,7 +138,7 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], worksp
         return None
     (N, d_in, d_out), = shapes
     dt = getattr(torch, dtypes.pop())
-    A, B, bmax = pool_factors(len(names), N, d_in, d_out, dt, "cpu", workspace)
+    A, B, amax, bmax = pool_factors(len(names), N, d_in, d_out, dt, "cpu", workspace)
     out: list[list[RankUnits]] = [[] for _ in names]
 
     def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
@@ -152,7 +152,8 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], worksp
                 out[m].append(a.units(names[m], source=i))
                 parts.append(out[m][-1].B.to(dt))
             else:
-                bmax[m, sl] = max_abs_columns(piece)  # while in cache
+                amax[m, sl] = A[m, sl].abs().amax(1)  # while in cache
+                bmax[m, sl] = max_abs_columns(piece)
                 out[m].append(u.with_factors(A[m, sl], B[m, :, sl], u.source))
                 parts.append(piece)
             at = sl.stop
@@ -182,7 +183,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
     r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
     r = r.to(device=device, dtype=dt)
-    A, B, bmax = pool_factors(M, N, d_in, d_out, dt, device, workspace)
+    A, B, amax, bmax = pool_factors(M, N, d_in, d_out, dt, device, workspace)
     pa, pb, la, lb = (torch.empty(M, N, dtype=dt, device=device) for _ in range(4))  # ⟨a, r⟩, ⟨b, r⟩, max-abs
     sign = torch.ones(M, N, dtype=dt, device=device)
 
@@ -200,7 +201,7 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
                 B[m, :, sl].copy_(u.B)
             torch.mv(A[m, sl], r[m, d_out:], out=pa[m, sl])
             torch.mv(B[m, :, sl].T, r[m, :d_out], out=pb[m, sl])
-            la[m, sl] = A[m, sl].abs().amax(1)
+            la[m, sl] = amax[m, sl] if here else A[m, sl].abs().amax(1)
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
 
