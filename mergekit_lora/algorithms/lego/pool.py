@@ -29,6 +29,7 @@ merge does not depend on the order of units or inputs for a given seed.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -108,29 +109,71 @@ def max_abs_columns(X: torch.Tensor) -> torch.Tensor:
     return torch.maximum(X2.amin(0).neg_(), X2.amax(0)).reshape(g, -1).amax(0).abs_()  # abs: ±0 gives +0
 
 
-def pool_factors(M: int, N: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str,
-                 workspace: Workspace | None = None) -> tuple[torch.Tensor, ...]:
-    """The batch pool in one flat buffer (``workspace``'s when given, so :func:`read_pools` and
-    :func:`build_pools` find the same slots): factors A [M, N, d_in], B [M, d_out, N], and ``amax``,
-    ``bmax`` [M, N]: the row max-abs of A and column max-abs of B as :func:`read_pools` read them."""
-    numel = M * N * (d_in + d_out + 2)
-    flat = workspace.buffer(numel, dtype, device) if workspace else torch.empty(numel, dtype=dtype, device=device)
+def pool_views(flat: torch.Tensor, M: int, N: int, d_in: int, d_out: int) -> tuple[torch.Tensor, ...]:
+    """The batch pool in a flat buffer of :func:`pool_numel` entries: factors A [M, N, d_in], B [M, d_out, N],
+    and ``amax``, ``bmax`` [M, N]: the row max-abs of A and column max-abs of B as :func:`read_pools` read them."""
     a, b = M * N * d_in, M * N * (d_in + d_out)
+    assert flat.numel() == pool_numel(M, N, d_in, d_out)
     return flat[:a].view(M, N, d_in), flat[a:b].view(M, d_out, N), flat[b:b + M * N].view(M, N), flat[b + M * N:].view(M, N)
+
+
+def pool_numel(M: int, N: int, d_in: int, d_out: int) -> int:
+    return M * N * (d_in + d_out + 2)
+
+
+class PoolBuffers:
+    """The flat buffers :func:`read_pools` reads batches into, shared by threads: a batch takes a free one
+    (or a new one) and :meth:`give` returns it once merged, so a batch read ahead on another thread never
+    writes into the pool being merged (two buffers then; one when batches come in turn; free ones that do
+    not fit a batch are dropped).  :func:`build_pools` finds a batch's buffer from its units (:meth:`holder`).  Not pickled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []
+        self._taken: dict[int, torch.Tensor] = {}  # storage address -> the whole buffer
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat uninitialised CPU tensor of ``numel`` entries, the start of a buffer now taken."""
+        with self._lock:
+            at = next((i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel), None)
+            fit = self._free.pop(at) if at is not None else None  # (list.remove would compare tensors)
+            if fit is None:
+                self._free.clear()  # none fits: drop them before allocating (memory: the largest pools only)
+        if fit is None:
+            fit = torch.empty(numel, dtype=dtype)
+        with self._lock:
+            self._taken[fit.untyped_storage().data_ptr()] = fit
+        return fit[:numel]
+
+    def holder(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The taken buffer ``t`` is a view of (None: not one :func:`read_pools` filled)."""
+        with self._lock:
+            return self._taken.get(t.untyped_storage().data_ptr())
+
+    def give(self, t: torch.Tensor) -> None:
+        """Return the buffer ``t`` is a view of (nothing when it is none of the taken ones)."""
+        with self._lock:
+            buf = self._taken.pop(t.untyped_storage().data_ptr(), None)
+            if buf is not None and len(self._free) < 2:
+                self._free.append(buf)
+
+    def __reduce__(self) -> tuple:
+        return (PoolBuffers, ())
 
 
 _STAGE = Workspace()  # read_pools' contiguous B factors of one module (per thread), concatenated into the pool
 
 
-def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], workspace: Workspace,
+def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffers: PoolBuffers,
                threads: ThreadBudget = NO_BUDGET) -> list[list[RankUnits]] | None:
     """Each module's inputs (``inputs[m]``: (adapter, input index) of module ``names[m]``) read straight into
     their slots of the batch pool, where :func:`build_pools` then finds them (no copy of A; B through a
     reused contiguous buffer, then one ``cat``; each factor's max-abs norms taken while it is in cache); modules side by side on the
     budget's workers (disjoint slots: the bits do not depend on the workers).  An input whose reader cannot
-    read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of the
-    pool: valid until the workspace's next batch, and ``build_pools`` weights their B in place.  None
-    (nothing read) unless every input stores float32 (or every one float64) and the modules pool one shape."""
+    read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of a
+    buffer taken from ``buffers``: ``build_pools`` weights their B in place, and they are valid until the
+    buffer is given back (after the merge).  None (nothing read) unless every input stores float32 (or every
+    one float64) and the modules pool one shape."""
     infos = [[a.modules[n] for a, _ in ins] for ins, n in zip(inputs, names)]
     dtypes = {i.dtype for inf in infos for i in inf}
     shapes = {(sum(i.rank for i in inf), i.d_in, i.d_out) for inf in infos for i in inf}
@@ -138,7 +181,8 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], worksp
         return None
     (N, d_in, d_out), = shapes
     dt = getattr(torch, dtypes.pop())
-    A, B, amax, bmax = pool_factors(len(names), N, d_in, d_out, dt, "cpu", workspace)
+    M = len(names)
+    A, B, amax, bmax = pool_views(buffers.take(pool_numel(M, N, d_in, d_out), dt), M, N, d_in, d_out)
     out: list[list[RankUnits]] = [[] for _ in names]
 
     def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
@@ -159,7 +203,7 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], worksp
             at = sl.stop
         torch.cat(parts, dim=1, out=B[m])  # row by row: faster than a strided copy per input
 
-    run_pool(read, [(m,) for m in range(len(names))], threads.workers_for(30.0 * (A.numel() + B.numel())))
+    run_pool(read, [(m,) for m in range(M)], threads.workers_for(30.0 * (A.numel() + B.numel())))
     return out
 
 
@@ -169,12 +213,13 @@ def _in_slot(X: torch.Tensor, slot: torch.Tensor) -> bool:
 
 
 def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, features: str, signs: str,
-                generators: list[torch.Generator], device: torch.device,
-                workspace: Workspace | None = None, threads: ThreadBudget = NO_BUDGET) -> PoolBatch:
+                generators: list[torch.Generator], device: torch.device, workspace: Workspace | None = None,
+                threads: ThreadBudget = NO_BUDGET, buffers: PoolBuffers | None = None) -> PoolBatch:
     """Weight and pool each module's units, then the sorted Grams (``generators``: sort keys).
 
-    One pass over the inputs: each factor is copied into the batch pool (``workspace``'s buffer when
-    given: the pool is then valid until the next call with it) and, while it is in cache, gives its
+    One pass over the inputs: each factor is copied into the batch pool (where :func:`read_pools` read the
+    units, a buffer of ``buffers``; else ``workspace``'s buffer when given: the pool is then valid until the
+    next call with it) and, while it is in cache, gives its
     sort-key projections, max-abs norms and sign-rule signs; the N×N Grams are then the only other
     pass over the pool before the centroids."""
     first = units[0][0]
@@ -183,7 +228,11 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
     r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
     r = r.to(device=device, dtype=dt)
-    A, B, amax, bmax = pool_factors(M, N, d_in, d_out, dt, device, workspace)
+    numel = pool_numel(M, N, d_in, d_out)
+    flat = buffers.holder(first.A) if buffers is not None else None
+    if flat is None or flat.dtype != dt or flat.numel() < numel or flat.device != torch.device(device):
+        flat = workspace.buffer(numel, dt, device) if workspace else torch.empty(numel, dtype=dt, device=device)
+    A, B, amax, bmax = pool_views(flat[:numel], M, N, d_in, d_out)
     pa, pb, la, lb = (torch.empty(M, N, dtype=dt, device=device) for _ in range(4))  # ⟨a, r⟩, ⟨b, r⟩, max-abs
     sign = torch.ones(M, N, dtype=dt, device=device)
 
