@@ -12,6 +12,8 @@ from .arrays import dtype_name
 from .errors import LoraMergeError
 
 if TYPE_CHECKING:  # the header side (ModuleInfo, AdapterMeta, plans) needs no torch; units are loaded on demand
+    import torch
+
     from .factor_arrays import ArrayUnits
     from .units import RankUnits
 
@@ -70,6 +72,7 @@ class Adapter:
         unknown_keys: list[str] | None = None,
         label: str | None = None,
         array_loader: Callable[[ModuleInfo], ArrayUnits] | None = None,
+        into_loader: Callable[[ModuleInfo, torch.Tensor, torch.Tensor], RankUnits | None] | None = None,
     ) -> None:
         self.modules: dict[str, ModuleInfo] = dict(modules)
         self.meta = meta
@@ -78,6 +81,7 @@ class Adapter:
         self.unknown_keys = list(unknown_keys or [])
         self.label = label or (path.name if path is not None else "adapter")
         self._array_loader = array_loader
+        self._into_loader = into_loader
 
     @classmethod
     def from_units(cls, units: Mapping[str, RankUnits], meta: AdapterMeta, label: str = "memory") -> Adapter:
@@ -102,6 +106,19 @@ class Adapter:
     def units(self, name: str, source: int = 0) -> RankUnits:
         """Load one module's units (scale folded into B), tagging every unit with ``source``."""
         u = self._loader(self.modules[name])
+        check_magnitude(u, name, self.path or self.label)
+        return u.tagged(source) if source else u
+
+    def units_into(self, name: str, A_out: torch.Tensor, B_out: torch.Tensor, source: int = 0) -> RankUnits | None:
+        """:meth:`units` read straight into ``A_out`` [r, d_in] and ``B_out`` [d_out, r] (contiguous, the compute
+        dtype): the same values and checks, the units' factors are those two tensors.  None (nothing usable
+        written) when the reader cannot: not a safetensors file, or it stores another dtype than ``A_out``'s
+        (then use :meth:`units`)."""
+        if self._into_loader is None:
+            return None
+        u = self._into_loader(self.modules[name], A_out, B_out)
+        if u is None:
+            return None
         check_magnitude(u, name, self.path or self.label)
         return u.tagged(source) if source else u
 

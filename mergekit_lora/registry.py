@@ -42,7 +42,7 @@ from .threads import NO_BUDGET, ThreadBudget
 if TYPE_CHECKING:
     import torch
 
-    from .adapter import ModuleInfo
+    from .adapter import Adapter, ModuleInfo
     from .fidelity import ModuleFidelity
     from .units import RankUnits
 
@@ -168,6 +168,16 @@ class Algorithm(Generic[P]):
         """Why module ``name`` cannot be merged with ``params``, from its inputs' headers (``plan`` asks this
         before any tensor is read); None: it can.  Default: every module can."""
         return None
+
+    def load_batch(self, inputs: list[list[tuple[Adapter, int]]], params: P,
+                   ctxs: list[ModuleContext]) -> list[list[RankUnits]]:
+        """Read a batch's inputs for :meth:`merge_batch`: ``inputs[m]`` are module ``ctxs[m].name``'s inputs as
+        (adapter, input index).  Default: each input's units (:meth:`Adapter.units`, tagged with the index) on
+        ``ctxs[m].device``.  An algorithm with buffers of its own may read into them instead
+        (:meth:`Adapter.units_into`: LoRA-LEGO's pool); such units are valid only for this batch's
+        :meth:`merge_batch`, which may change them (so it returns its own fidelity rows: the driver then never
+        measures the merge against the units)."""
+        return [[a.units(c.name, source=i).to(c.device) for a, i in ins] for ins, c in zip(inputs, ctxs)]
 
     def merge_module(self, units: list[RankUnits], weights: list[float], params: P,
                      ctx: ModuleContext) -> MergedModule:

@@ -50,9 +50,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.baseline:
         use_checkout(a.baseline)
-    from mergekit_lora import adapter, merge
+    from mergekit_lora import adapter, merge, threads
     from mergekit_lora.algorithms.lego import algorithm as alg
-    from mergekit_lora.algorithms.lego import pool
 
     acc: dict[str, float] = defaultdict(float)
     stack: list[str] = []
@@ -75,20 +74,22 @@ def main() -> None:
 
         setattr(owner, name, timed)
 
-    gram_matmul = pool.matmul
+    blocked = threads.blocked_matmul
 
-    def timed_gram(X, Y):  # the pool's matmul calls: the two N×N Gram products
+    def timed_products(X, Y, budget):  # the budget's products: the two N×N Grams and the centroid factors
         c = time.process_time()
         try:
-            return gram_matmul(X, Y)
+            return blocked(X, Y, budget)
         finally:
             d = time.process_time() - c
-            acc["N×N Gram products"] += d
+            acc["products (N×N Grams, centroid factors)"] += d
             if stack:
                 acc[stack[-1]] -= d
 
-    pool.matmul = timed_gram
+    threads.blocked_matmul = timed_products
     wrap(adapter.Adapter, "units", "read inputs (page cache → tensors, finite check)")
+    if hasattr(alg.Lego, "load_batch"):  # reads into the pool (2026-12: read_pools)
+        wrap(alg.Lego, "load_batch", "read inputs into the pool (page cache → pool, finite check)")
     wrap(alg, "build_pools", "pool: copy, sort keys, max-abs norms, sorted Grams")
     wrap(alg, "kmeans_gram", "k-means (seeding, Lloyd, signs)")
     wrap(alg, "cluster_stats", "cluster statistics (centroid Grams)")

@@ -16,6 +16,8 @@ from .peft_layout import has_peft_keys, label_of, locate, peft_layout, read_conf
 from .tensors import TensorSource, compute_dtype
 
 if TYPE_CHECKING:
+    import torch
+
     from ..units import RankUnits
 
 __all__ = ["adapter_from_peft_source", "has_peft_keys", "read_peft"]
@@ -69,6 +71,19 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
         return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind=info.kind,
                                       fan_in_fan_out=info.fan_in_fan_out)
 
+    def load_into(info: ModuleInfo, A_out: torch.Tensor, B_out: torch.Tensor) -> RankUnits | None:
+        """:func:`load` straight into A_out [r, d_in] and B_out [d_out, r] (contiguous), the scale folded in
+        there; None when the file does not store the factors in their dtype (the caller then loads)."""
+        from ..units import RankUnits  # lazily: torch, only when a method computes with it
+
+        m = layout.modules[info.name]
+        if B_out.dtype != A_out.dtype or not src.get_into(m.a_key, A_out) or not src.get_into(m.b_key, B_out):
+            return None
+        if info.scale != 1.0:
+            B_out.mul_(info.scale)  # as from_factors' B * scale: one rounding per entry, the same bits
+        return RankUnits.from_factors(A_out, B_out, weight_shape=info.weight_shape, kind=info.kind,
+                                      fan_in_fan_out=info.fan_in_fan_out)
+
     def load_arrays(info: ModuleInfo) -> ArrayUnits:
         m = layout.modules[info.name]
         return ArrayUnits.from_factors(src.array(m.a_key), src.array(m.b_key), scale=info.scale,
@@ -76,4 +91,5 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
                                        fan_in_fan_out=info.fan_in_fan_out)
 
     return Adapter(infos, meta, load, path=src.path, unknown_keys=layout.unknown_keys, label=label_of(src.path),
-                   array_loader=load_arrays if src.has_arrays else None)
+                   array_loader=load_arrays if src.has_arrays else None,
+                   into_loader=load_into if src.has_arrays else None)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -34,6 +36,7 @@ DTYPE_NAMES = {
 # bytes (BLAKE2b-128 of its byte range); each later read is checked against it.
 _VERIFY = ContextVar("verify_inputs", default=False)
 _CHUNK = 1 << 24
+_OPEN_LOCK = threading.Lock()  # one RangeReader per header, also when threads read modules side by side
 
 
 @contextlib.contextmanager
@@ -161,7 +164,9 @@ class SafetensorsHeader:
         self._check_unchanged()
         try:
             if self._reader is None:
-                self._reader = RangeReader(self.path)
+                with _OPEN_LOCK:
+                    if self._reader is None:
+                        self._reader = RangeReader(self.path)
             self._reader.read_into(key, view, what)
         except READ_ERRORS as e:
             raise LoraMergeError(f"{self.path}: cannot read tensor {key} ({type(e).__name__}: {e})") from None
@@ -242,10 +247,9 @@ class RangeReader:
         start, end = self._ranges[key]
         if len(view) != end - start:
             raise ValueError(f"{end - start} bytes do not hold {what}")
-        self._file.seek(self._base + start)
-        got = 0
+        got, fd = 0, self._file.fileno()
         while got < len(view):
-            n = self._file.readinto(view[got:])
+            n = os.preadv(fd, [view[got:]], self._base + start + got)
             if not n:
                 raise OSError(f"unexpected end of file reading {key}")
             got += n

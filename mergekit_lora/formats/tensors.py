@@ -7,6 +7,7 @@ makes torch tensors, :meth:`~.safetensors_header.SafetensorsHeader.array` numpy 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +89,19 @@ class TensorSource(SafetensorsHeader):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return t
 
+    def get_into(self, key: str, out: torch.Tensor) -> bool:
+        """Read a float32/float64 tensor ``key`` straight into ``out`` (on the CPU, contiguous, its stored dtype
+        and number of entries, any shape), refusing NaN/Inf as :meth:`get` does; False (nothing read) when
+        ``out`` cannot take the bytes as stored (another dtype or size, a strided view, a pickle's tensors)."""
+        name = dtype_name(out.dtype)
+        if (self._tensors is not None or name not in ("float32", "float64") or self.dtypes.get(key) != name
+                or not out.is_contiguous() or out.numel() != math.prod(self.shapes[key]) or out.device.type != "cpu"):
+            return False
+        self.read_into(key, memoryview(out.view(-1).numpy().view(np.uint8)), f"{name} {self.shapes[key]}")
+        if not all_finite(out):
+            raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
+        return True
+
     def scalar(self, key: str) -> float:
         """A one-element numeric tensor (an alpha) as a float, read with numpy from a safetensors file (no
         torch); the caller has checked its dtype and shape.  NaN/Inf is refused as :meth:`get` refuses it."""
@@ -107,7 +121,7 @@ def all_finite(t: torch.Tensor) -> bool:
     the sum non-finite); only a non-finite sum (or an overflowing one) pays for the exact check."""
     import torch  # lazily: see TensorSource.get
 
-    if bool(torch.isfinite(t.sum())):
+    if math.isfinite(t.sum().item()):  # a Python float: no second tensor op per factor
         return True
     return bool(torch.isfinite(t).all())
 

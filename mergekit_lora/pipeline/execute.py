@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +97,8 @@ def merge_stream(plan: MergePlan, rows: list[ModuleFidelity] | None = None,
     on_arrays = arrays and runs_on_arrays(plan)
     with _policy(plan, on_arrays), progress_bar(plan.options.progress) as bar:
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.modules))
-        for batch in merge_batches(plan):
-            merge = _merge_arrays if on_arrays else _merge_tensors
-            loaded, weights, outs = merge(plan, batch)
+        batches = ((b, *_merge_arrays(plan, b)) for b in merge_batches(plan)) if on_arrays else _merged_tensors(plan)
+        for batch, loaded, weights, outs in batches:
             for mp, u, w, m in zip(batch, loaded, weights, outs):
                 units, row = m.units, m.fidelity
                 static = on_arrays or _is_rank_units(units)
@@ -137,16 +137,46 @@ def _merge_arrays(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list,
     return loaded, [[mp.weights[i] for i in mp.present] for mp in batch], outs
 
 
-def _merge_tensors(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list, list[MergedModule]]:
-    """One batch on torch tensors on the plan's device; a linear-algebra failure is one sentence."""
+def _merged_tensors(plan: MergePlan) -> Iterator[tuple[list[ModulePlan], list, list, list[MergedModule]]]:
+    """(batch, inputs read, weights, merged modules) per merge batch, on torch tensors on the plan's device.
+
+    Read ahead: when the thread budget gives two or more workers (CPU), the next batch is read
+    (``algorithm.load_batch``, one thread) on a second thread while this one is merged.  Reading never
+    depends on merging, so the bytes are those of reading in turn; a read's error surfaces when its batch
+    comes, after the batches before it are merged, as without reading ahead."""
     import torch  # lazily: only the methods that compute load it
 
-    from ..threads import current  # lazily, with torch
+    from ..threads import PARALLEL_MIN_FLOPS, ThreadBudget, current  # lazily, with torch
 
-    device = torch.device(plan.device)
-    loaded = [[plan.adapters[i].units(mp.name, source=i).to(device) for i in mp.present] for mp in batch]
-    try:  # the thread budget goes to the algorithms in their context, not through the policy's state
-        outs = _call(plan, batch, loaded, device, current())
+    budget, device = current(), torch.device(plan.device)  # the budget goes to the algorithms in their context
+
+    def read(batch: list[ModulePlan], reader: ThreadBudget) -> tuple[list[ModuleContext], list]:
+        ctxs = _contexts(plan, batch, device, budget)
+        return ctxs, plan.algorithm.load_batch([[(plan.adapters[i], i) for i in mp.present] for mp in batch],
+                                               batch[0].params, _contexts(plan, batch, device, reader))
+
+    batches = merge_batches(plan)
+    if device.type != "cpu" or budget.workers_for(PARALLEL_MIN_FLOPS) < 2:
+        for batch in batches:
+            yield batch, *_merge_tensors(plan, batch, *read(batch, budget))
+        return
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as ahead:
+        nxt = next(batches, None)
+        job = ahead.submit(read, nxt, ThreadBudget(1)) if nxt is not None else None
+        while job is not None:
+            batch, (ctxs, loaded) = nxt, job.result()
+            nxt = next(batches, None)
+            job = ahead.submit(read, nxt, ThreadBudget(1)) if nxt is not None else None
+            yield batch, *_merge_tensors(plan, batch, ctxs, loaded)
+
+
+def _merge_tensors(plan: MergePlan, batch: list[ModulePlan], ctxs: list[ModuleContext], loaded: list
+                   ) -> tuple[list, list, list[MergedModule]]:
+    """One batch read on torch tensors, merged; a linear-algebra failure is one sentence."""
+    import torch  # lazily: only the methods that compute load it
+
+    try:
+        outs = _call(plan, batch, loaded, ctxs)
     except torch.linalg.LinAlgError as e:  # issue 28: one sentence, never a traceback
         raise LoraMergeError(f"method {plan.method!r} could not merge module {batch[0].name}"
                              f"{f' (and {len(batch) - 1} more)' if len(batch) > 1 else ''}: "
@@ -155,11 +185,15 @@ def _merge_tensors(plan: MergePlan, batch: list[ModulePlan]) -> tuple[list, list
     return loaded, [[mp.weights[i] for i in mp.present] for mp in batch], outs
 
 
-def _call(plan: MergePlan, batch: list[ModulePlan], loaded: list, device: Any = "cpu",
-          budget: Any = None) -> list[MergedModule]:
-    weights = [[mp.weights[i] for i in mp.present] for mp in batch]
-    ctxs = [ModuleContext(mp.name, plan.options.seed, device) if budget is None
+def _contexts(plan: MergePlan, batch: list[ModulePlan], device: Any = "cpu", budget: Any = None) -> list[ModuleContext]:
+    return [ModuleContext(mp.name, plan.options.seed, device) if budget is None
             else ModuleContext(mp.name, plan.options.seed, device, budget) for mp in batch]
+
+
+def _call(plan: MergePlan, batch: list[ModulePlan], loaded: list, ctxs: list[ModuleContext] | None = None
+          ) -> list[MergedModule]:
+    weights = [[mp.weights[i] for i in mp.present] for mp in batch]
+    ctxs = ctxs if ctxs is not None else _contexts(plan, batch)
     if len(batch) == 1:
         return [plan.algorithm.merge_module(loaded[0], weights[0], batch[0].params, ctxs[0])]
     return plan.algorithm.merge_batch(loaded, weights, batch[0].params, ctxs)

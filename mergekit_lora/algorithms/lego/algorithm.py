@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from mergekit_lora.adapter import Adapter
 from mergekit_lora.fidelity import ModuleFidelity
 from mergekit_lora.kmeans import kmeans_gram, resolve_backend
 from mergekit_lora.registry import Algorithm, MergedModule, ModuleContext, Notes
@@ -14,7 +15,7 @@ from mergekit_lora.units import RankUnits, canonical_factors
 
 from ..catalog import LEGO
 from .params import LegoParams
-from .pool import PoolBatch, Workspace, build_pools, pooled_dtype
+from .pool import PoolBatch, PoolBuffers, Workspace, build_pools, pooled_dtype, read_pools
 from .report import ModuleRecord, fidelity_section, report_files
 from .report_plot import report_png
 from .reweight import ClusterStats, centroids, cluster_stats, option_scales
@@ -52,18 +53,40 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
     def batch_limit(self, params: LegoParams) -> int:
         return params.batch_modules
 
+    def load_batch(self, inputs: list[list[tuple[Adapter, int]]], params: LegoParams,
+                   ctxs: list[ModuleContext]) -> list[list[RankUnits]]:
+        """The inputs read straight into a batch pool (:func:`read_pools`) on the CPU, else as usual."""
+        if ctxs[0].device.type == "cpu":
+            got = read_pools(inputs, [c.name for c in ctxs], self._buffers(), ctxs[0].threads)
+            if got is not None:
+                return got
+        return super().load_batch(inputs, params, ctxs)
+
+    def _workspace(self) -> Workspace:
+        return self.__dict__.setdefault("_pool_buffer", Workspace())  # the pool of copied inputs, per thread
+
+    def _buffers(self) -> PoolBuffers:
+        return self.__dict__.setdefault("_read_buffers", PoolBuffers())  # the pools read_pools reads into
+
     def merge_module(self, units: list[RankUnits], weights: list[float], params: LegoParams,
                      ctx: ModuleContext) -> MergedModule:
         return self.merge_batch([units], [weights], params, [ctx])[0]
 
     def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,
                     ctxs: list[ModuleContext]) -> list[MergedModule]:
+        try:
+            return self._merge(units, weights, params, ctxs)
+        finally:  # the pool load_batch read this batch into, if any, is free for the next read
+            self._buffers().give(units[0][0].A)
+
+    def _merge(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,
+               ctxs: list[ModuleContext]) -> list[MergedModule]:
         device = ctxs[0].device
         if len({sum(u.rank for u in us) for us in units}) != 1:  # the driver batches same shapes only
-            return [r for i in range(len(units)) for r in self.merge_batch([units[i]], [weights[i]], params, [ctxs[i]])]
-        workspace = self.__dict__.setdefault("_workspace", Workspace())  # the pool buffer, reused per batch
+            return [r for i in range(len(units)) for r in self._merge([units[i]], [weights[i]], params, [ctxs[i]])]
         pool = build_pools(units, weights, features=params.features, signs=params.sign_mode,
-                           generators=[c.generator("lego-order") for c in ctxs], device=device, workspace=workspace, threads=ctxs[0].threads)
+                           generators=[c.generator("lego-order") for c in ctxs], device=device,
+                           workspace=self._workspace(), threads=ctxs[0].threads, buffers=self._buffers())
         out_dtype = [pooled_dtype(us) for us in units]
         n = pool.size
         k = params.k_for(n, max(u.rank for u in units[0]))

@@ -32,11 +32,13 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
 
-from mergekit_lora.threads import NO_BUDGET, ThreadBudget
+from mergekit_lora.adapter import Adapter
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace, run_pool
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -99,46 +101,125 @@ def _inv(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, 1 / torch.where(ok, x, 1), torch.zeros_like(x))
 
 
-class Workspace:
-    """Reusable buffers for the batch pools, kept by the algorithm between batches (one per thread).
-
-    A batch's pool is tens of MiB (8 × 128 units of 15 104 entries: 62 MiB); above glibc's mmap
-    threshold every fresh allocation is a new mapping, and first-touching it costs a page fault per
-    4 KiB — as much as the copy into it (measured: 22 ms fresh vs 6.6 ms reused for one batch).
-    Not pickled (a plan sent to a worker starts empty).
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """A flat uninitialised tensor of ``numel`` entries; valid until this thread asks again."""
-        buf = getattr(self._local, "buf", None)
-        want = torch.device(device)
-        same_device = buf is not None and buf.device.type == want.type and want.index in (None, buf.device.index)
-        if buf is None or not same_device or buf.dtype != dtype or buf.numel() < numel:
-            self._local.buf = buf = None  # drop the old buffer before allocating the new one
-            buf = self._local.buf = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
-
-    def __reduce__(self) -> tuple:
-        return (Workspace, ())
-
-
 def max_abs_columns(X: torch.Tensor) -> torch.Tensor:
     """max_i |X_ij| per column of X [d, r] (exact), without the slow reduction over a 16-wide matrix:
-    g row-groups side by side make one [d/g, g·r] reduction."""
+    g row-groups side by side make one [d/g, g·r] max and min pass (no |X| temporary)."""
     g = math.gcd(X.shape[0], 8)
-    return X.reshape(-1, g * X.shape[1]).abs().amax(0).reshape(g, -1).amax(0)
+    X2 = X.reshape(-1, g * X.shape[1])
+    return torch.maximum(X2.amin(0).neg_(), X2.amax(0)).reshape(g, -1).amax(0).abs_()  # abs: ±0 gives +0
+
+
+def pool_views(flat: torch.Tensor, M: int, N: int, d_in: int, d_out: int) -> tuple[torch.Tensor, ...]:
+    """The batch pool in a flat buffer of :func:`pool_numel` entries: factors A [M, N, d_in], B [M, d_out, N],
+    and ``amax``, ``bmax`` [M, N]: the row max-abs of A and column max-abs of B as :func:`read_pools` read them."""
+    a, b = M * N * d_in, M * N * (d_in + d_out)
+    assert flat.numel() == pool_numel(M, N, d_in, d_out)
+    return flat[:a].view(M, N, d_in), flat[a:b].view(M, d_out, N), flat[b:b + M * N].view(M, N), flat[b + M * N:].view(M, N)
+
+
+def pool_numel(M: int, N: int, d_in: int, d_out: int) -> int:
+    return M * N * (d_in + d_out + 2)
+
+
+class PoolBuffers:
+    """The flat buffers :func:`read_pools` reads batches into, shared by threads: a batch takes a free one
+    (or a new one) and :meth:`give` returns it once merged, so a batch read ahead on another thread never
+    writes into the pool being merged (two buffers then; one when batches come in turn; free ones that do
+    not fit a batch are dropped).  :func:`build_pools` finds a batch's buffer from its units (:meth:`holder`).  Not pickled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []
+        self._taken: dict[int, torch.Tensor] = {}  # storage address -> the whole buffer
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat uninitialised CPU tensor of ``numel`` entries, the start of a buffer now taken."""
+        with self._lock:
+            at = next((i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel), None)
+            fit = self._free.pop(at) if at is not None else None  # (list.remove would compare tensors)
+            if fit is None:
+                self._free.clear()  # none fits: drop them before allocating (memory: the largest pools only)
+        if fit is None:
+            fit = torch.empty(numel, dtype=dtype)
+        with self._lock:
+            self._taken[fit.untyped_storage().data_ptr()] = fit
+        return fit[:numel]
+
+    def holder(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The taken buffer ``t`` is a view of (None: not one :func:`read_pools` filled)."""
+        with self._lock:
+            return self._taken.get(t.untyped_storage().data_ptr())
+
+    def give(self, t: torch.Tensor) -> None:
+        """Return the buffer ``t`` is a view of (nothing when it is none of the taken ones)."""
+        with self._lock:
+            buf = self._taken.pop(t.untyped_storage().data_ptr(), None)
+            if buf is not None and len(self._free) < 2:
+                self._free.append(buf)
+
+    def __reduce__(self) -> tuple:
+        return (PoolBuffers, ())
+
+
+_STAGE = Workspace()  # read_pools' contiguous B factors of one module (per thread), concatenated into the pool
+
+
+def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffers: PoolBuffers,
+               threads: ThreadBudget = NO_BUDGET) -> list[list[RankUnits]] | None:
+    """Each module's inputs (``inputs[m]``: (adapter, input index) of module ``names[m]``) read straight into
+    their slots of the batch pool, where :func:`build_pools` then finds them (no copy of A; B through a
+    reused contiguous buffer, then one ``cat``; each factor's max-abs norms taken while it is in cache); modules side by side on the
+    budget's workers (disjoint slots: the bits do not depend on the workers).  An input whose reader cannot
+    read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of a
+    buffer taken from ``buffers``: ``build_pools`` weights their B in place, and they are valid until the
+    buffer is given back (after the merge).  None (nothing read) unless every input stores float32 (or every
+    one float64) and the modules pool one shape."""
+    infos = [[a.modules[n] for a, _ in ins] for ins, n in zip(inputs, names)]
+    dtypes = {i.dtype for inf in infos for i in inf}
+    shapes = {(sum(i.rank for i in inf), i.d_in, i.d_out) for inf in infos for i in inf}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"} or len(shapes) != 1 or not all(infos):
+        return None
+    (N, d_in, d_out), = shapes
+    dt = getattr(torch, dtypes.pop())
+    M = len(names)
+    A, B, amax, bmax = pool_views(buffers.take(pool_numel(M, N, d_in, d_out), dt), M, N, d_in, d_out)
+    out: list[list[RankUnits]] = [[] for _ in names]
+
+    def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
+        stage = _STAGE.buffer(d_out * N, dt, "cpu")
+        parts, at = [], 0
+        for (a, i), info in zip(inputs[m], infos[m]):
+            sl = slice(at, at + info.rank)
+            piece = stage[d_out * at:d_out * sl.stop].view(d_out, info.rank)
+            u = a.units_into(names[m], A[m, sl], piece, source=i)
+            if u is None:  # loaded as usual, copied by build_pools
+                out[m].append(a.units(names[m], source=i))
+                parts.append(out[m][-1].B.to(dt))
+            else:
+                amax[m, sl] = A[m, sl].abs().amax(1)  # while in cache
+                bmax[m, sl] = max_abs_columns(piece)
+                out[m].append(u.with_factors(A[m, sl], B[m, :, sl], u.source))
+                parts.append(piece)
+            at = sl.stop
+        torch.cat(parts, dim=1, out=B[m])  # row by row: faster than a strided copy per input
+
+    run_pool(read, [(m,) for m in range(M)], threads.workers_for(30.0 * (A.numel() + B.numel())))
+    return out
+
+
+def _in_slot(X: torch.Tensor, slot: torch.Tensor) -> bool:
+    """Whether X is that very view of the pool (read in place by :func:`read_pools`)."""
+    return X.data_ptr() == slot.data_ptr() and X.shape == slot.shape and X.stride() == slot.stride()
 
 
 def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, features: str, signs: str,
-                generators: list[torch.Generator], device: torch.device,
-                workspace: Workspace | None = None, threads: ThreadBudget = NO_BUDGET) -> PoolBatch:
+                generators: list[torch.Generator], device: torch.device, workspace: Workspace | None = None,
+                threads: ThreadBudget = NO_BUDGET, buffers: PoolBuffers | None = None) -> PoolBatch:
     """Weight and pool each module's units, then the sorted Grams (``generators``: sort keys).
 
-    One pass over the inputs: each factor is copied into the batch pool (``workspace``'s buffer when
-    given: the pool is then valid until the next call with it) and, while it is in cache, gives its
+    One pass over the inputs: each factor is copied into the batch pool (where :func:`read_pools` read the
+    units, a buffer of ``buffers``; else ``workspace``'s buffer when given: the pool is then valid until the
+    next call with it) and, while it is in cache, gives its
     sort-key projections, max-abs norms and sign-rule signs; the N×N Grams are then the only other
     pass over the pool before the centroids."""
     first = units[0][0]
@@ -147,28 +228,36 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
     r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
     r = r.to(device=device, dtype=dt)
-    numel = M * N * (d_in + d_out)
-    flat = workspace.buffer(numel, dt, device) if workspace else torch.empty(numel, dtype=dt, device=device)
-    A = flat[:M * N * d_in].view(M, N, d_in)
-    B = flat[M * N * d_in:].view(M, d_out, N)
+    numel = pool_numel(M, N, d_in, d_out)
+    flat = buffers.holder(first.A) if buffers is not None else None
+    if flat is None or flat.dtype != dt or flat.numel() < numel or flat.device != torch.device(device):
+        flat = workspace.buffer(numel, dt, device) if workspace else torch.empty(numel, dtype=dt, device=device)
+    A, B, amax, bmax = pool_views(flat[:numel], M, N, d_in, d_out)
     pa, pb, la, lb = (torch.empty(M, N, dtype=dt, device=device) for _ in range(4))  # ⟨a, r⟩, ⟨b, r⟩, max-abs
     sign = torch.ones(M, N, dtype=dt, device=device)
-    for m, (us, ws) in enumerate(zip(units, weights)):  # one pass over the inputs
-        at = 0
-        for u, w in zip(us, relative_weights(ws)):
-            sl = slice(at, at + u.rank)
-            A[m, sl].copy_(u.A)
-            if w == 1.0:
+
+    def fill(m: int) -> None:  # module m's inputs into the pool, each factor's keys and norms while in cache
+        for at, u, w in zip(accumulate(u.rank for u in units[m]), units[m], relative_weights(weights[m])):
+            sl = slice(at - u.rank, at)
+            here = _in_slot(u.A, A[m, sl]) and _in_slot(u.B, B[m, :, sl])  # read in place (read_pools)
+            # max |w·b| = max |b|·|w| exactly (rounding is monotone); of b before its slot is weighted
+            lb[m, sl] = (bmax[m, sl] if here else max_abs_columns(u.B).to(dt)) * abs(w)
+            if not here:
+                A[m, sl].copy_(u.A)
+            if w != 1.0:
+                torch.mul(u.B.to(dt), w, out=B[m, :, sl])  # in the work dtype, not the input (in place: same bits)
+            elif not here:
                 B[m, :, sl].copy_(u.B)
-            else:
-                torch.mul(u.B.to(dt), w, out=B[m, :, sl])  # in the work dtype, not the input
             torch.mv(A[m, sl], r[m, d_out:], out=pa[m, sl])
             torch.mv(B[m, :, sl].T, r[m, :d_out], out=pb[m, sl])
-            la[m, sl] = u.A.abs().amax(1)
-            lb[m, sl] = max_abs_columns(u.B).to(dt) * abs(w)  # = max |w·b| exactly (rounding is monotone)
+            la[m, sl] = amax[m, sl] if here else A[m, sl].abs().amax(1)
             if signs == "rule":  # the largest-|entry| of a_i positive (first on ties), as RankUnits.canonical
                 sign[m, sl] = sign_rule(A[m, sl])
-            at += u.rank
+
+    # one pass over the inputs, modules side by side on the budget's workers (each module single-threaded,
+    # disjoint slices: the bits do not depend on the workers); ≈ 30 flop-equivalents per pooled entry
+    on_cpu = torch.device(device).type == "cpu"
+    run_pool(fill, [(m,) for m in range(M)], threads.workers_for(30.0 * M * N * (d_in + d_out)) if on_cpu else 1)
     # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
     # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
     GA = threads.matmul(A, A.transpose(1, 2))

@@ -1,0 +1,204 @@
+"""LoRA-LEGO reads its inputs straight into the batch pool (``pool.read_pools``): the same pool, the same
+output bytes and the same refusals as loading each input and copying it, at 1 and 2 threads."""
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from reliab_helpers import peft_config, write_peft
+
+from mergekit_lora import load_adapter, merge
+from mergekit_lora.adapter import Adapter
+from mergekit_lora.algorithms.lego.algorithm import Lego
+from mergekit_lora.algorithms.lego.pool import PoolBuffers, build_pools, read_pools
+from mergekit_lora.errors import LoraMergeError
+from mergekit_lora.registry import Algorithm, ModuleContext
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace
+
+MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
+PREFIX = "base_model.model."
+
+
+def _tensors(seed: int, r: int = 4, d_out: int = 40, d_in: int = 24, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in MODULES:
+        out[f"{PREFIX}{m}.lora_A.weight"] = torch.randn(r, d_in, generator=g).to(dtype)
+        out[f"{PREFIX}{m}.lora_B.weight"] = (torch.randn(d_out, r, generator=g) * 0.1).to(dtype)
+    return out
+
+
+def _adapters(tmp_path: Path, n: int = 3, dtype=torch.float32, r: int = 4) -> list[Path]:
+    # lora_alpha 3·r: scale 3, folded into B (the in-place reader multiplies it in its buffer)
+    return [write_peft(tmp_path / f"a{i}", tensors=_tensors(i, r, dtype=dtype), config=peft_config(r, lora_alpha=3 * r))
+            for i in range(n)]
+
+
+def _pools(units, weights, threads: ThreadBudget, buffers: PoolBuffers | None, features="canonical", signs="rule"):
+    ctxs = [ModuleContext(m, 0, torch.device("cpu")) for m in MODULES]
+    return build_pools(units, weights, features=features, signs=signs, generators=[c.generator("o") for c in ctxs],
+                       device=torch.device("cpu"), workspace=Workspace(), threads=threads, buffers=buffers)
+
+
+FIELDS = ("A", "B", "ca", "cb", "order", "KA", "KB", "FA", "FB", "linf", "source", "target_norm2")
+
+
+@pytest.mark.parametrize("threads", [NO_BUDGET, ThreadBudget(1), ThreadBudget(2)])
+@pytest.mark.parametrize("features,signs", [("canonical", "rule"), ("paper", "none")])
+def test_read_into_the_pool_gives_the_pool_of_loading_and_copying(tmp_path, threads, features, signs):
+    ads = [load_adapter(p) for p in _adapters(tmp_path)]
+    inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
+    weights = [[0.5, 2.0, -1.0]] * len(MODULES)  # unequal: the in-place path weights B inside the pool
+    loaded = [[a.units(m, source=i) for a, i in ins] for ins, m in zip(inputs, MODULES)]
+    want = _pools(loaded, weights, threads, None, features, signs)
+    buffers = PoolBuffers()
+    units = read_pools(inputs, MODULES, buffers, threads)
+    assert units is not None
+    flat = buffers.holder(units[0][0].A)  # views of one taken buffer: read in place
+    assert flat is not None and all(buffers.holder(u.A) is flat and buffers.holder(u.B) is flat for us in units for u in us)
+    for us, ls in zip(units, loaded):  # the units themselves: the same values and sources before weighting
+        for u, v in zip(us, ls):
+            assert torch.equal(u.A, v.A) and torch.equal(u.B, v.B) and torch.equal(u.source, v.source)
+    got = _pools(units, weights, threads, buffers, features, signs)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_inputs_the_reader_cannot_read_in_place_are_loaded_and_copied(tmp_path):
+    """A memory adapter has no in-place reader: its units are loaded as usual and copied by build_pools."""
+    ads = [load_adapter(p) for p in _adapters(tmp_path)]
+    mem = Adapter.from_units({m: ads[1].units(m) for m in MODULES}, ads[1].meta)
+    mixed = [ads[0], mem, ads[2]]
+    inputs = [[(a, i) for i, a in enumerate(mixed)] for _ in MODULES]
+    weights = [[1.0, 1.0, 1.0]] * len(MODULES)
+    want = _pools([[a.units(m, source=i) for a, i in ins] for ins, m in zip(inputs, MODULES)], weights, NO_BUDGET, None)
+    buffers = PoolBuffers()
+    got = _pools(read_pools(inputs, MODULES, buffers), weights, NO_BUDGET, buffers)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_inputs_not_stored_in_the_pool_dtype_take_the_default_reading(tmp_path):
+    ads = [load_adapter(p) for p in _adapters(tmp_path, dtype=torch.float16)]
+    assert read_pools([[(a, i) for i, a in enumerate(ads)] for _ in MODULES], MODULES, PoolBuffers()) is None
+    A, B = torch.empty(4, 24), torch.empty(40, 4)
+    assert ads[0].units_into(MODULES[0], A, B) is None  # float16 in the file, float32 asked
+
+
+def test_units_into_refuses_what_units_refuses(tmp_path):
+    t = _tensors(0)
+    t[f"{PREFIX}{MODULES[0]}.lora_A.weight"][1, 2] = float("nan")
+    ad = load_adapter(write_peft(tmp_path / "bad", tensors=t, config=peft_config(4)))
+    with pytest.raises(LoraMergeError) as via_units:
+        ad.units(MODULES[0])
+    with pytest.raises(LoraMergeError) as via_into:
+        ad.units_into(MODULES[0], torch.empty(4, 24), torch.empty(40, 4))
+    assert str(via_into.value) == str(via_units.value)
+
+
+def test_threads_read_tensors_of_one_file_side_by_side(tmp_path):
+    """The range reader reads at offsets (no shared file position): concurrent reads get their own bytes."""
+    ad = load_adapter(_adapters(tmp_path, n=1)[0])
+    want = {m: ad.units(m) for m in MODULES}
+    errors = []
+
+    def worker(m: str) -> None:
+        for _ in range(200):
+            u = ad.units_into(m, torch.empty(4, 24), torch.empty(40, 4))
+            if not (torch.equal(u.A, want[m].A) and torch.equal(u.B, want[m].B)):
+                errors.append(m)
+
+    ts = [threading.Thread(target=worker, args=(m,)) for m in MODULES]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: a shared file position would race
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_merge_bytes_equal_those_of_loading_and_copying(tmp_path, monkeypatch, threads):
+    """The whole merge (batches of same-shape modules, reweighting paper, weights unequal) writes the bytes it
+    writes with the default reading, and the same at 1 and 2 threads."""
+    paths = [str(p) for p in _adapters(tmp_path, r=6)]
+    kw = dict(params={"k": 5, "batch_modules": 4}, weights=[1.0, 0.5, 2.0], force=True, threads=threads)
+    merge(paths, "lego", tmp_path / "new", **kw)
+    monkeypatch.setattr(Lego, "load_batch", Algorithm.load_batch)
+    merge(paths, "lego", tmp_path / "old", **kw)
+    new, old = ((tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("new", "old"))
+    assert new == old
+    if threads == 2:
+        monkeypatch.undo()
+        merge(paths, "lego", tmp_path / "one", **{**kw, "threads": 1})
+        assert (tmp_path / "one" / "adapter_model.safetensors").read_bytes() == new
+
+
+def test_a_batch_read_while_another_is_merged_takes_another_buffer(tmp_path):
+    """Read ahead: batch 2 is read before batch 1 is merged; each keeps its own pool, and a merged batch's
+    buffer is reused by the next read (two buffers, not one per batch)."""
+    ads = [load_adapter(p) for p in _adapters(tmp_path)]
+    inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
+    lego, buffers = Lego(), PoolBuffers()
+    lego.__dict__["_read_buffers"] = buffers
+    ctxs = [ModuleContext(m, 0, torch.device("cpu")) for m in MODULES]
+    params = Lego.Params(k=5)
+    weights = [[1.0, 0.5, 2.0]] * len(MODULES)
+    want = [m.units for m in lego.merge_batch(lego.load_batch(inputs, params, ctxs), weights, params, ctxs)]
+    one = lego.load_batch(inputs, params, ctxs)
+    two = lego.load_batch(inputs, params, ctxs)  # read ahead: one is not merged yet
+    assert buffers.holder(one[0][0].A) is not buffers.holder(two[0][0].A)
+    for batch in (one, two):
+        got = [m.units for m in lego.merge_batch(batch, weights, params, ctxs)]
+        assert all(torch.equal(g.A, w.A) and torch.equal(g.B, w.B) for g, w in zip(got, want))
+    three = lego.load_batch(inputs, params, ctxs)
+    assert buffers.holder(three[0][0].A) is not None and len(buffers._free) == 1  # one given back, reused
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_driver_reads_the_next_batch_while_this_one_is_merged(tmp_path, monkeypatch, threads):
+    """With two workers the next batch is read on a second thread during the merge (the merge of batch 1 sees
+    batch 2's read start); with one, batches are read in turn on the calling thread."""
+    paths = [str(p) for p in _adapters(tmp_path)]
+    load, merge_batch = Lego.load_batch, Lego.merge_batch
+    reads: list[tuple[str, bool]] = []
+    second_read = threading.Event()
+    seen_during_merge: list[bool] = []
+
+    def spy_load(self, inputs, params, ctxs):
+        reads.append((ctxs[0].name, threading.current_thread() is threading.main_thread()))
+        if len(reads) == 2:
+            second_read.set()
+        return load(self, inputs, params, ctxs)
+
+    def spy_merge(self, units, weights, params, ctxs):
+        if not seen_during_merge:
+            seen_during_merge.append(second_read.wait(timeout=5 if threads == 2 else 0))
+        return merge_batch(self, units, weights, params, ctxs)
+
+    monkeypatch.setattr(Lego, "load_batch", spy_load)
+    monkeypatch.setattr(Lego, "merge_batch", spy_merge)
+    merge(paths, "lego", tmp_path / "out", params={"k": 5, "batch_modules": 2}, force=True, threads=threads)
+    assert len(reads) == 3  # 6 modules in batches of 2
+    assert seen_during_merge == [threads == 2]
+    assert all(main == (threads == 1) for _, main in reads)
+
+
+def test_pool_buffers_reuse_a_free_buffer_that_fits_and_drop_those_that_do_not():
+    bufs = PoolBuffers()
+    small, big = bufs.take(10, torch.float32), bufs.take(100, torch.float32)
+    assert bufs.holder(small[3:]) is not None and bufs.holder(torch.empty(5)) is None
+    bufs.give(small)
+    bufs.give(big)
+    again = bufs.take(50, torch.float32)  # the small free buffer does not fit, the big one does
+    assert again.numel() == 50 and again.data_ptr() == big.data_ptr() and len(bufs._free) == 1
+    assert bufs.take(200, torch.float32).numel() == 200 and not bufs._free  # none fits: the free ones dropped
+    for t in [bufs.take(10, torch.float32) for _ in range(3)]:
+        bufs.give(t)
+    assert len(bufs._free) == 2
