@@ -12,7 +12,6 @@ ratio × bound stays small wherever the error is above float32's floor (~1e-5).
 from __future__ import annotations
 
 import torch
-
 from refactor_bench import case
 
 CASES = [((2048, 2048), 8, 0.1), ((2048, 2048), 4, 0.05), ((2048, 2048), 4, 0.5), ((5632, 2048), 4, 0.5),
