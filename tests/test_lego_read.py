@@ -3,6 +3,7 @@ output bytes and the same refusals as loading each input and copying it, at 1 an
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from mergekit_lora.algorithms.lego.algorithm import Lego
 from mergekit_lora.algorithms.lego.pool import PoolBuffers, build_pools, read_pools
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.registry import Algorithm, ModuleContext
-from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace
+from mergekit_lora.threads import NO_BUDGET, Busy, ThreadBudget, Workspace
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
 PREFIX = "base_model.model."
@@ -188,6 +189,56 @@ def test_the_driver_reads_the_next_batch_while_this_one_is_merged(tmp_path, monk
     assert len(reads) == 3  # 6 modules in batches of 2
     assert seen_during_merge == [threads == 2]
     assert all(main == (threads == 1) for _, main in reads)
+
+
+def test_the_merge_gets_one_worker_fewer_while_the_next_batch_is_read(tmp_path, monkeypatch):
+    """2 threads: while the read-ahead thread reads, the merge's pools get 1 worker (not 3 busy threads on 2
+    cores); once the read is done, 2 again.  The bytes are those of 1 thread."""
+    paths = [str(p) for p in _adapters(tmp_path)]
+    load, merge_batch = Lego.load_batch, Lego.merge_batch
+    reading, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+    calls = [0]
+
+    def spy_load(self, inputs, params, ctxs):
+        calls[0] += 1
+        if calls[0] == 2:  # the first read ahead: held until the merge has looked
+            reading.set()
+            release.wait(timeout=5)
+        return load(self, inputs, params, ctxs)
+
+    def spy_merge(self, units, weights, params, ctxs):
+        if not seen:
+            assert reading.wait(timeout=5)
+            seen.append(ctxs[0].threads.workers_for(1e12))
+            release.set()
+            for _ in range(500):  # the read finishes: its thread is no longer busy
+                if ctxs[0].threads.workers_for(1e12) == 2:
+                    break
+                time.sleep(0.01)
+            seen.append(ctxs[0].threads.workers_for(1e12))
+        return merge_batch(self, units, weights, params, ctxs)
+
+    monkeypatch.setattr(Lego, "load_batch", spy_load)
+    monkeypatch.setattr(Lego, "merge_batch", spy_merge)
+    merge(paths, "lego", tmp_path / "two", params={"k": 5, "batch_modules": 2}, force=True, threads=2)
+    assert seen == [1, 2]
+    monkeypatch.setattr(Lego, "load_batch", load)
+    monkeypatch.setattr(Lego, "merge_batch", merge_batch)
+    merge(paths, "lego", tmp_path / "one", params={"k": 5, "batch_modules": 2}, force=True, threads=1)
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_busy_threads_are_taken_off_the_pools():
+    busy = Busy()
+    budget = ThreadBudget(3, busy=busy)
+    assert budget.workers_for(1e12) == 3 and budget.workers_for(1.0) == 1 and budget == ThreadBudget(3)
+    with busy.hold():
+        assert budget.workers_for(1e12) == 2 and budget.gemm_workers_for(1e12) == 2
+        with busy.hold(), busy.hold():
+            assert budget.workers_for(1e12) == 1  # never below one
+    assert busy.count == 0 and budget.workers_for(1e12) == 3
 
 
 def test_pool_buffers_reuse_a_free_buffer_that_fits_and_drop_those_that_do_not():

@@ -15,6 +15,7 @@ import argparse
 import functools
 import importlib.util
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -53,7 +54,9 @@ def main() -> None:
     from mergekit_lora import adapter, merge, threads
     from mergekit_lora.algorithms.lego import algorithm as alg
 
-    acc: dict[str, float] = defaultdict(float)
+    acc: dict[str, float] = defaultdict(float)  # process CPU s while the main thread is in a stage
+    wall: dict[str, float] = defaultdict(float)  # the main thread's wall s in a stage
+    ahead: dict[str, float] = defaultdict(float)  # wall s of stages run on the read-ahead thread
     stack: list[str] = []
 
     def wrap(owner, name: str, label: str) -> None:
@@ -61,30 +64,43 @@ def main() -> None:
 
         @functools.wraps(f)
         def timed(*args, **kw):
-            c = time.process_time()
+            if threading.current_thread() is not threading.main_thread():  # read ahead: counted apart
+                t, c = time.perf_counter(), time.thread_time()
+                try:
+                    return f(*args, **kw)
+                finally:
+                    ahead[label] += time.perf_counter() - t
+                    ahead[label + " (its CPU s)"] += time.thread_time() - c
+            c, t = time.process_time(), time.perf_counter()
             stack.append(label)
             try:
                 return f(*args, **kw)
             finally:
                 stack.pop()
-                d = time.process_time() - c
+                d, dw = time.process_time() - c, time.perf_counter() - t
                 acc[label] += d
+                wall[label] += dw
                 if stack:
                     acc[stack[-1]] -= d
+                    wall[stack[-1]] -= dw
 
         setattr(owner, name, timed)
 
     blocked = threads.blocked_matmul
 
-    def timed_products(X, Y, budget):  # the budget's products: the two N×N Grams and the centroid factors
-        c = time.process_time()
+    def timed_products(X, Y, budget, by="rows"):  # the budget's products: the two N×N Grams and the centroid factors
+        c, t = time.process_time(), time.perf_counter()
+        stack.append("products (N×N Grams, centroid factors)")
         try:
-            return blocked(X, Y, budget)
+            return blocked(X, Y, budget, by)
         finally:
-            d = time.process_time() - c
+            stack.pop()
+            d, dw = time.process_time() - c, time.perf_counter() - t
             acc["products (N×N Grams, centroid factors)"] += d
+            wall["products (N×N Grams, centroid factors)"] += dw
             if stack:
                 acc[stack[-1]] -= d
+                wall[stack[-1]] -= dw
 
     threads.blocked_matmul = timed_products
     wrap(adapter.Adapter, "units", "read inputs (page cache → tensors, finite check)")
@@ -107,19 +123,23 @@ def main() -> None:
     best = None
     for _ in range(a.repeat):
         acc.clear()
+        wall.clear()
+        ahead.clear()
         c, t = time.process_time(), time.perf_counter()
         run()
-        total, wall = time.process_time() - c, time.perf_counter() - t
+        total, wall_s = time.process_time() - c, time.perf_counter() - t
         if best is None or total < best[0]:
-            best = (total, wall, dict(acc))
+            best = (total, wall_s, dict(acc), dict(wall), dict(ahead))
     assert best is not None
-    total, wall, stages = best
-    print("| stage | CPU s | share |\n|---|---|---|")
+    total, wall_s, stages, walls, aheads = best
+    print("| stage | CPU s | wall s (main thread) | share (CPU) |\n|---|---|---|---|")
     for k, v in sorted(stages.items(), key=lambda x: -x[1]):
-        print(f"| {k} | {v:.2f} | {v / total:.0%} |")
+        print(f"| {k} | {v:.2f} | {walls.get(k, 0.0):.2f} | {v / total:.0%} |")
     rest = total - sum(stages.values())
-    print(f"| plan, writer, driver | {rest:.2f} | {rest / total:.0%} |")
-    print(f"| **total** (wall {wall:.2f} s) | **{total:.2f}** | |")
+    print(f"| plan, writer, driver | {rest:.2f} | {wall_s - sum(walls.values()):.2f} | {rest / total:.0%} |")
+    print(f"| **total** | **{total:.2f}** | **{wall_s:.2f}** | |")
+    for k, v in aheads.items():
+        print(f"| (read-ahead thread) {k} | | {v:.2f} | |")
     print(f"\nCommand: `{' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}, load average "
           f"{' / '.join(f'{x:.2f}' for x in __import__('os').getloadavg())}).")
 

@@ -141,12 +141,14 @@ def _merged_tensors(plan: MergePlan) -> Iterator[tuple[list[ModulePlan], list, l
     """(batch, inputs read, weights, merged modules) per merge batch, on torch tensors on the plan's device.
 
     Read ahead: when the thread budget gives two or more workers (CPU), the next batch is read
-    (``algorithm.load_batch``, one thread) on a second thread while this one is merged.  Reading never
+    (``algorithm.load_batch``, one thread) on a second thread while this one is merged; while it reads, that
+    thread counts as busy (``ThreadBudget.busy``), so the merge's pools get one worker fewer (with 2 threads:
+    one reads, one merges, instead of three busy threads on two cores).  Reading never
     depends on merging, so the bytes are those of reading in turn; a read's error surfaces when its batch
     comes, after the batches before it are merged, as without reading ahead."""
     import torch  # lazily: only the methods that compute load it
 
-    from ..threads import PARALLEL_MIN_FLOPS, ThreadBudget, current  # lazily, with torch
+    from ..threads import PARALLEL_MIN_FLOPS, Busy, ThreadBudget, current  # lazily, with torch
 
     budget, device = current(), torch.device(plan.device)  # the budget goes to the algorithms in their context
 
@@ -160,13 +162,20 @@ def _merged_tensors(plan: MergePlan) -> Iterator[tuple[list[ModulePlan], list, l
         for batch in batches:
             yield batch, *_merge_tensors(plan, batch, *read(batch, budget))
         return
+    busy = Busy()
+    budget = ThreadBudget(budget.budget, budget.load_aware, busy)  # less the reader while it reads
+
+    def read_ahead(batch: list[ModulePlan]) -> tuple[list[ModuleContext], list]:
+        with busy.hold():
+            return read(batch, ThreadBudget(1))
+
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as ahead:
         nxt = next(batches, None)
-        job = ahead.submit(read, nxt, ThreadBudget(1)) if nxt is not None else None
+        job = ahead.submit(read_ahead, nxt) if nxt is not None else None
         while job is not None:
             batch, (ctxs, loaded) = nxt, job.result()
             nxt = next(batches, None)
-            job = ahead.submit(read, nxt, ThreadBudget(1)) if nxt is not None else None
+            job = ahead.submit(read_ahead, nxt) if nxt is not None else None
             yield batch, *_merge_tensors(plan, batch, ctxs, loaded)
 
 
