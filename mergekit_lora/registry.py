@@ -170,9 +170,9 @@ class Algorithm(Generic[P]):
         return None
 
     def load_batch(self, inputs: list[list[tuple[Adapter, int]]], params: P,
-                   ctxs: list[ModuleContext]) -> list[list[RankUnits]]:
+                   ctxs: list[ModuleContext], weights: list[list[float]] | None = None) -> list[list[RankUnits]]:
         """Read a batch's inputs for :meth:`merge_batch`: ``inputs[m]`` are module ``ctxs[m].name``'s inputs as
-        (adapter, input index).  Default: each input's units (:meth:`Adapter.units`, tagged with the index) on
+        (adapter, input index), ``weights[m]`` their weights as ``merge_batch`` will get them (None: not known).  Default: each input's units (:meth:`Adapter.units`, tagged with the index) on
         ``ctxs[m].device``.  An algorithm with buffers of its own may read into them instead
         (:meth:`Adapter.units_into`: LoRA-LEGO's pool); such units are valid only for this batch's
         :meth:`merge_batch`, which may change them (so it returns its own fidelity rows: the driver then never

@@ -172,11 +172,11 @@ def test_the_driver_reads_the_next_batch_while_this_one_is_merged(tmp_path, monk
     second_read = threading.Event()
     seen_during_merge: list[bool] = []
 
-    def spy_load(self, inputs, params, ctxs):
+    def spy_load(self, inputs, params, ctxs, *rest):
         reads.append((ctxs[0].name, threading.current_thread() is threading.main_thread()))
         if len(reads) == 2:
             second_read.set()
-        return load(self, inputs, params, ctxs)
+        return load(self, inputs, params, ctxs, *rest)
 
     def spy_merge(self, units, weights, params, ctxs):
         if not seen_during_merge:
@@ -200,12 +200,12 @@ def test_the_merge_gets_one_worker_fewer_while_the_next_batch_is_read(tmp_path, 
     seen: list[int] = []
     calls = [0]
 
-    def spy_load(self, inputs, params, ctxs):
+    def spy_load(self, inputs, params, ctxs, *rest):
         calls[0] += 1
         if calls[0] == 2:  # the first read ahead: held until the merge has looked
             reading.set()
             release.wait(timeout=5)
-        return load(self, inputs, params, ctxs)
+        return load(self, inputs, params, ctxs, *rest)
 
     def spy_merge(self, units, weights, params, ctxs):
         if not seen:
@@ -253,3 +253,103 @@ def test_pool_buffers_reuse_a_free_buffer_that_fits_and_drop_those_that_do_not()
     for t in [bufs.take(10, torch.float32) for _ in range(3)]:
         bufs.give(t)
     assert len(bufs._free) == 2
+
+
+def _ranked_adapters(tmp_path: Path, ranks: list[int]) -> list[Path]:
+    return [write_peft(tmp_path / f"r{i}", tensors=_tensors(10 + i, r), config=peft_config(r, lora_alpha=3 * r))
+            for i, r in enumerate(ranks)]
+
+
+@pytest.mark.parametrize("threads", [NO_BUDGET, ThreadBudget(1), ThreadBudget(2)])
+@pytest.mark.parametrize("features,signs", [("canonical", "rule"), ("canonical", "invariant"), ("paper", "none")])
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 5, 3]])
+def test_the_pass_made_while_reading_gives_the_pool_of_build_pools_own_pass(tmp_path, threads, features, signs, ranks):
+    """With the weights and sort-key generators, read_pools weights B, projects the sort keys (b from its
+    staging buffer), takes the max-abs norms (per module) and signs while reading; build_pools then uses
+    them (``PoolKeys``) and its pool is bit for bit the one of its own pass over loaded units."""
+    ads = [load_adapter(p) for p in _ranked_adapters(tmp_path, ranks)]
+    inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
+    weights = [[0.3, 1.7, -0.9]] * len(MODULES)  # relative weights 3w/2.9: none exact in float32
+    loaded = [[a.units(m, source=i) for a, i in ins] for ins, m in zip(inputs, MODULES)]
+    want = _pools(loaded, weights, threads, None, features, signs)
+    buffers = PoolBuffers()
+    gens = [ModuleContext(m, 0, torch.device("cpu")).generator("o") for m in MODULES]
+    units = read_pools(inputs, MODULES, buffers, threads, weights=weights, generators=gens, signs=signs)
+    keys = buffers.keys(units[0][0].A)
+    assert keys is not None and keys.fits(units, weights, signs, [ModuleContext(m, 0, torch.device("cpu")).generator("o")
+                                                                   for m in MODULES])
+    got = _pools(units, weights, threads, buffers, features, signs)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_keys_taken_for_other_weights_signs_or_generators_are_not_used(tmp_path):
+    ads = [load_adapter(p) for p in _adapters(tmp_path)]
+    inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
+    weights = [[1.0, 0.5, 2.0]] * len(MODULES)
+    ctxs = [ModuleContext(m, 0, torch.device("cpu")) for m in MODULES]
+    buffers = PoolBuffers()
+    units = read_pools(inputs, MODULES, buffers, weights=weights, generators=[c.generator("o") for c in ctxs], signs="rule")
+    keys = buffers.keys(units[0][0].A)
+    gens = [c.generator("o") for c in ctxs]
+    assert keys.fits(units, weights, "rule", gens)
+    assert not keys.fits(units, [[1.0, 0.5, 2.5]] * len(MODULES), "rule", gens)
+    assert not keys.fits(units, weights, "none", gens)
+    assert not keys.fits(units, weights, "rule", [c.generator("other") for c in ctxs])
+    assert not keys.fits([list(us) for us in units[:-1]], weights[:-1], "rule", gens[:-1])
+    buffers.give(units[0][0].A)
+    assert buffers.keys(units[0][0].A) is None  # given back: the keys go with the buffer
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_merge_bytes_with_unequal_ranks_equal_those_of_loading_and_copying(tmp_path, monkeypatch, threads):
+    """Unequal ranks take the per-input column max-abs; unequal weights weight B while reading."""
+    paths = [str(p) for p in _ranked_adapters(tmp_path, [2, 5, 3, 4])]
+    kw = dict(params={"k": 5, "batch_modules": 4, "signs": "rule"}, weights=[1.0, 0.3, 2.0, -0.7], force=True,
+              threads=threads)
+    merge(paths, "lego", tmp_path / "new", **kw)
+    monkeypatch.setattr(Lego, "load_batch", Algorithm.load_batch)
+    merge(paths, "lego", tmp_path / "old", **kw)
+    new, old = ((tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("new", "old"))
+    assert new == old
+    if threads == 2:
+        monkeypatch.undo()
+        merge(paths, "lego", tmp_path / "one", **{**kw, "threads": 1})
+        assert (tmp_path / "one" / "adapter_model.safetensors").read_bytes() == new
+
+
+def _bad(tmp_path: Path, where: str, value: float, alpha: float = 12.0) -> list[str]:
+    """Three adapters, the second's module 1 with ``value`` at one entry of ``where`` (A or B)."""
+    paths = [str(p) for p in _adapters(tmp_path)]
+    t = _tensors(1)
+    t[f"{PREFIX}{MODULES[1]}.lora_{where}.weight"][2, 1] = value
+    paths[1] = str(write_peft(tmp_path / "bad", tensors=t, config=peft_config(4, lora_alpha=alpha)))
+    return paths
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["nan-A", "inf-B", "scale-overflow", "magnitude"])
+def test_a_bad_input_is_refused_by_the_per_module_check_with_the_message_of_units(tmp_path, threads, case):
+    """The read checks a whole module's inputs at once (max-abs of rows and columns): a NaN/Inf in the file
+    names the tensor, an overflowing scale or magnitude the module, with the words of Adapter.units."""
+    where, value, alpha = {"nan-A": ("A", float("nan"), 12.0), "inf-B": ("B", float("inf"), 12.0),
+                           "scale-overflow": ("B", 3e38, 12.0), "magnitude": ("A", 1e16, 12.0)}[case]
+    paths = _bad(tmp_path, where, value, alpha)
+    with pytest.raises(LoraMergeError) as via_units:
+        load_adapter(paths[1]).units(MODULES[1])
+    with pytest.raises(LoraMergeError) as via_merge:
+        merge(paths, "lego", tmp_path / "out", params={"k": 5, "batch_modules": 6}, force=True, threads=threads)
+    assert str(via_merge.value) == str(via_units.value)
+    assert str(Path(paths[1])) in str(via_merge.value) and MODULES[1] in str(via_merge.value)
+    if case in ("nan-A", "inf-B"):
+        assert f"lora_{where}.weight contains NaN or Inf" in str(via_merge.value)
+
+
+def test_check_read_refuses_what_units_refuses(tmp_path):
+    ad = load_adapter(_bad(tmp_path, "B", float("nan"))[1])
+    u = ad.units(MODULES[0])  # a good module: the bounds pass
+    ad.check_read(MODULES[0], float(u.A.abs().max()), float(u.B.abs().max()))
+    with pytest.raises(LoraMergeError, match="contains NaN or Inf"):
+        ad.check_read(MODULES[1], 1.0, float("nan"))
+    with pytest.raises(LoraMergeError, match="could reach"):
+        ad.check_read(MODULES[0], 1e10, 1e10)

@@ -71,13 +71,15 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
         return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind=info.kind,
                                       fan_in_fan_out=info.fan_in_fan_out)
 
-    def load_into(info: ModuleInfo, A_out: torch.Tensor, B_out: torch.Tensor) -> RankUnits | None:
+    def load_into(info: ModuleInfo, A_out: torch.Tensor, B_out: torch.Tensor, check: bool = True) -> RankUnits | None:
         """:func:`load` straight into A_out [r, d_in] and B_out [d_out, r] (contiguous), the scale folded in
-        there; None when the file does not store the factors in their dtype (the caller then loads)."""
+        there; None when the file does not store the factors in their dtype (the caller then loads).
+        ``check=False``: no NaN/Inf check of the stored factors (the caller checks: ``Adapter.check_read``)."""
         from ..units import RankUnits  # lazily: torch, only when a method computes with it
 
         m = layout.modules[info.name]
-        if B_out.dtype != A_out.dtype or not src.get_into(m.a_key, A_out) or not src.get_into(m.b_key, B_out):
+        if (B_out.dtype != A_out.dtype or not src.get_into(m.a_key, A_out, check)
+                or not src.get_into(m.b_key, B_out, check)):
             return None
         if info.scale != 1.0:
             B_out.mul_(info.scale)  # as from_factors' B * scale: one rounding per entry, the same bits

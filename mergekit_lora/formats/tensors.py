@@ -89,16 +89,17 @@ class TensorSource(SafetensorsHeader):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return t
 
-    def get_into(self, key: str, out: torch.Tensor) -> bool:
+    def get_into(self, key: str, out: torch.Tensor, check: bool = True) -> bool:
         """Read a float32/float64 tensor ``key`` straight into ``out`` (on the CPU, contiguous, its stored dtype
         and number of entries, any shape), refusing NaN/Inf as :meth:`get` does; False (nothing read) when
-        ``out`` cannot take the bytes as stored (another dtype or size, a strided view, a pickle's tensors)."""
+        ``out`` cannot take the bytes as stored (another dtype or size, a strided view, a pickle's tensors).
+        ``check=False`` skips the NaN/Inf check: the caller checks (``Adapter.check_read``)."""
         name = dtype_name(out.dtype)
         if (self._tensors is not None or name not in ("float32", "float64") or self.dtypes.get(key) != name
                 or not out.is_contiguous() or out.numel() != math.prod(self.shapes[key]) or out.device.type != "cpu"):
             return False
         self.read_into(key, memoryview(out.view(-1).numpy().view(np.uint8)), f"{name} {self.shapes[key]}")
-        if not all_finite(out):
+        if check and not all_finite(out):
             raise LoraMergeError(f"{self.path}: tensor {key} contains NaN or Inf values; the adapter is corrupt")
         return True
 

@@ -155,7 +155,8 @@ def _merged_tensors(plan: MergePlan) -> Iterator[tuple[list[ModulePlan], list, l
     def read(batch: list[ModulePlan], reader: ThreadBudget) -> tuple[list[ModuleContext], list]:
         ctxs = _contexts(plan, batch, device, budget)
         return ctxs, plan.algorithm.load_batch([[(plan.adapters[i], i) for i in mp.present] for mp in batch],
-                                               batch[0].params, _contexts(plan, batch, device, reader))
+                                               batch[0].params, _contexts(plan, batch, device, reader),
+                                               [[mp.weights[i] for i in mp.present] for mp in batch])
 
     batches = merge_batches(plan)
     if device.type != "cpu" or budget.workers_for(PARALLEL_MIN_FLOPS) < 2:

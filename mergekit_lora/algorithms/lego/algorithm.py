@@ -54,13 +54,17 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
         return params.batch_modules
 
     def load_batch(self, inputs: list[list[tuple[Adapter, int]]], params: LegoParams,
-                   ctxs: list[ModuleContext]) -> list[list[RankUnits]]:
-        """The inputs read straight into a batch pool (:func:`read_pools`) on the CPU, else as usual."""
+                   ctxs: list[ModuleContext], weights: list[list[float]] | None = None) -> list[list[RankUnits]]:
+        """The inputs read straight into a batch pool (:func:`read_pools`) on the CPU, else as usual.  With the
+        weights, the pool's pass over the inputs (weighting, sort keys, max-abs norms, signs) is made while
+        reading too: on the read-ahead thread when there is one, not on the merging one."""
         if ctxs[0].device.type == "cpu":
-            got = read_pools(inputs, [c.name for c in ctxs], self._buffers(), ctxs[0].threads)
+            keys = {} if weights is None else {"weights": weights, "signs": params.sign_mode,
+                                               "generators": [c.generator("lego-order") for c in ctxs]}
+            got = read_pools(inputs, [c.name for c in ctxs], self._buffers(), ctxs[0].threads, **keys)
             if got is not None:
                 return got
-        return super().load_batch(inputs, params, ctxs)
+        return super().load_batch(inputs, params, ctxs, weights)
 
     def _workspace(self) -> Workspace:
         return self.__dict__.setdefault("_pool_buffer", Workspace())  # the pool of copied inputs, per thread

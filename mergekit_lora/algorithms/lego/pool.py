@@ -131,6 +131,7 @@ class PoolBuffers:
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []
         self._taken: dict[int, torch.Tensor] = {}  # storage address -> the whole buffer
+        self._keys: dict[int, PoolKeys] = {}  # storage address -> what read_pools computed while reading
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat uninitialised CPU tensor of ``numel`` entries, the start of a buffer now taken."""
@@ -150,9 +151,20 @@ class PoolBuffers:
         with self._lock:
             return self._taken.get(t.untyped_storage().data_ptr())
 
+    def note(self, t: torch.Tensor, keys: PoolKeys) -> None:
+        """Attach ``keys`` to the taken buffer ``t`` is a view of (until it is given back)."""
+        with self._lock:
+            self._keys[t.untyped_storage().data_ptr()] = keys
+
+    def keys(self, t: torch.Tensor) -> PoolKeys | None:
+        """The :class:`PoolKeys` noted for the buffer ``t`` is a view of, if any."""
+        with self._lock:
+            return self._keys.get(t.untyped_storage().data_ptr())
+
     def give(self, t: torch.Tensor) -> None:
         """Return the buffer ``t`` is a view of (nothing when it is none of the taken ones)."""
         with self._lock:
+            self._keys.pop(t.untyped_storage().data_ptr(), None)
             buf = self._taken.pop(t.untyped_storage().data_ptr(), None)
             if buf is not None and len(self._free) < 2:
                 self._free.append(buf)
@@ -164,16 +176,72 @@ class PoolBuffers:
 _STAGE = Workspace()  # read_pools' contiguous B factors of one module (per thread), concatenated into the pool
 
 
+@dataclass(frozen=True)
+class PoolKeys:
+    """The per-unit values of :func:`build_pools`' pass over the inputs, taken by :func:`read_pools` while it
+    read them (on the read-ahead thread when there is one) for given weights, signs and sort-key generators:
+    ⟨a, r⟩, ⟨b, r⟩ (b weighted), the max-abs norms ‖a‖_∞, ‖ω b‖_∞ and the sign-rule signs, [M, N] each
+    (input order, the work dtype), and the random sort-key vectors r [M, d_out + d_in].  ``build_pools`` uses
+    them when its own weights, signs and generators are these (same ops on the same operands: the same bits)."""
+
+    units: list[list[RankUnits]]  # the units read_pools returned (build_pools checks it gets these very ones)
+    weights: list[list[float]]
+    signs: str
+    states: list[torch.Tensor]  # the sort-key generators' states before r was drawn
+    r: torch.Tensor
+    pa: torch.Tensor
+    pb: torch.Tensor
+    la: torch.Tensor
+    lb: torch.Tensor
+    sign: torch.Tensor
+
+    def fits(self, units: list[list[RankUnits]], weights: list[list[float]], signs: str,
+             generators: list[torch.Generator]) -> bool:
+        return (len(units) == len(self.units) and signs == self.signs and weights == self.weights
+                and all(len(us) == len(vs) and all(u is v for u, v in zip(us, vs)) for us, vs in zip(units, self.units))
+                and len(generators) == len(self.states)
+                and all(torch.equal(g.get_state(), s) for g, s in zip(generators, self.states)))
+
+
+def sort_vectors(generators: list[torch.Generator], n: int, dt: torch.dtype, device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """The pool order's random vectors r [M, n]: float64 from each module's seeded generator, in ``dt``."""
+    return torch.stack([torch.randn(n, generator=g, dtype=torch.float64) for g in generators]).to(device=device, dtype=dt)
+
+
+def _max_abs_rows(X: torch.Tensor) -> torch.Tensor:
+    """max_j |X_ij| per row of X [n, d] (exact; NaN stays NaN): a min and a max pass, no |X| temporary
+    (2× faster than ``abs().amax``; ``aminmax(dim=1)`` is 4× slower than that)."""
+    return torch.maximum(X.amin(1).neg_(), X.amax(1)).abs_()  # abs: ±0 gives +0
+
+
+def _max_abs_column_blocks(X: torch.Tensor) -> torch.Tensor:
+    """:func:`max_abs_columns` of each X[t] [d, r] of X [n, d, r], as [n·r] (one pass for all n)."""
+    n, d, r = X.shape
+    g = math.gcd(d, 8)
+    X2 = X.reshape(n, d // g, g * r)
+    return torch.maximum(X2.amin(1).neg_(), X2.amax(1)).reshape(n, g, r).amax(1).abs_().reshape(-1)
+
+
 def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffers: PoolBuffers,
-               threads: ThreadBudget = NO_BUDGET) -> list[list[RankUnits]] | None:
+               threads: ThreadBudget = NO_BUDGET, *, weights: list[list[float]] | None = None,
+               generators: list[torch.Generator] | None = None, signs: str = "none"
+               ) -> list[list[RankUnits]] | None:
     """Each module's inputs (``inputs[m]``: (adapter, input index) of module ``names[m]``) read straight into
     their slots of the batch pool, where :func:`build_pools` then finds them (no copy of A; B through a
-    reused contiguous buffer, then one ``cat``; each factor's max-abs norms taken while it is in cache); modules side by side on the
-    budget's workers (disjoint slots: the bits do not depend on the workers).  An input whose reader cannot
-    read in place is loaded as usual (``build_pools`` copies it).  The units read in place are views of a
-    buffer taken from ``buffers``: ``build_pools`` weights their B in place, and they are valid until the
-    buffer is given back (after the merge).  None (nothing read) unless every input stores float32 (or every
-    one float64) and the modules pool one shape."""
+    reused contiguous buffer, then one ``cat``); modules side by side on the budget's workers (disjoint slots:
+    the bits do not depend on the workers).  An input whose reader cannot read in place is loaded as usual
+    and copied into its slots.  The checks of :meth:`Adapter.units` (NaN/Inf, magnitude) are made once per
+    module from the row max-abs of A and column max-abs of B of all its inputs (max is exact: the same
+    values as per input; an input that fails is read again as usual, for the same message).
+
+    With ``weights`` and ``generators`` (the sort keys'), the rest of ``build_pools``' pass over the inputs
+    is done here too, while each module is in cache (:class:`PoolKeys`: B weighted in its slots, sort-key
+    projections, max-abs norms, ``signs == "rule"`` signs), so with read-ahead it runs on the reading thread.
+
+    The units read are views of a buffer taken from ``buffers``, valid until the buffer is given back (after
+    the merge); their B is weighted when ``weights`` are given.  None (nothing read) unless every input stores
+    float32 (or every one float64) and the modules pool one shape."""
     infos = [[a.modules[n] for a, _ in ins] for ins, n in zip(inputs, names)]
     dtypes = {i.dtype for inf in infos for i in inf}
     shapes = {(sum(i.rank for i in inf), i.d_in, i.d_out) for inf in infos for i in inf}
@@ -182,28 +250,64 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
     (N, d_in, d_out), = shapes
     dt = getattr(torch, dtypes.pop())
     M = len(names)
-    A, B, amax, bmax = pool_views(buffers.take(pool_numel(M, N, d_in, d_out), dt), M, N, d_in, d_out)
+    flat = buffers.take(pool_numel(M, N, d_in, d_out), dt)
+    A, B, amax, bmax = pool_views(flat, M, N, d_in, d_out)
     out: list[list[RankUnits]] = [[] for _ in names]
+    keys = weights is not None and generators is not None
+    if keys:
+        states = [g.get_state() for g in generators]
+        r = sort_vectors(generators, d_out + d_in, dt)
+        pa, pb = torch.empty(M, N, dtype=dt), torch.empty(M, N, dtype=dt)  # as build_pools allocates them
+        sign = torch.ones(M, N, dtype=dt)
+        absw = torch.empty(M, N, dtype=dt)
 
     def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
         stage = _STAGE.buffer(d_out * N, dt, "cpu")
-        parts, at = [], 0
+        slots, at = [], 0
         for (a, i), info in zip(inputs[m], infos[m]):
             sl = slice(at, at + info.rank)
             piece = stage[d_out * at:d_out * sl.stop].view(d_out, info.rank)
-            u = a.units_into(names[m], A[m, sl], piece, source=i)
-            if u is None:  # loaded as usual, copied by build_pools
-                out[m].append(a.units(names[m], source=i))
-                parts.append(out[m][-1].B.to(dt))
-            else:
-                amax[m, sl] = A[m, sl].abs().amax(1)  # while in cache
-                bmax[m, sl] = max_abs_columns(piece)
-                out[m].append(u.with_factors(A[m, sl], B[m, :, sl], u.source))
-                parts.append(piece)
+            u = a.units_into(names[m], A[m, sl], piece, source=i, check=False)
+            if u is None:  # loaded as usual (checked), copied into the slots
+                u = a.units(names[m], source=i)
+                A[m, sl].copy_(u.A)
+                piece.copy_(u.B)
+            out[m].append(u)
+            slots.append(sl)
             at = sl.stop
-        torch.cat(parts, dim=1, out=B[m])  # row by row: faster than a strided copy per input
+        # the checks and max-abs norms of the whole module at once (two passes, in cache)
+        amax[m] = _max_abs_rows(A[m])
+        ranks = {sl.stop - sl.start for sl in slots}
+        if len(ranks) == 1:
+            bmax[m] = _max_abs_column_blocks(stage[:d_out * N].view(len(slots), d_out, ranks.pop()))
+        else:
+            for sl in slots:
+                bmax[m, sl] = max_abs_columns(stage[d_out * sl.start:d_out * sl.stop].view(d_out, -1))
+        am, bm = amax[m].numpy(), bmax[m].numpy()
+        for (a, _), sl in zip(inputs[m], slots):  # numpy max: NaN stays NaN
+            a.check_read(names[m], float(am[sl].max()), float(bm[sl].max()))
+        if keys:
+            omega = relative_weights(weights[m])
+            absw[m] = torch.tensor([abs(w) for w, sl in zip(omega, slots) for _ in range(sl.stop - sl.start)], dtype=dt)
+            for w, sl in zip(omega, slots):
+                if w != 1.0:  # B × ω in the work dtype, as build_pools does (the same bits)
+                    stage[d_out * sl.start:d_out * sl.stop].mul_(w)
+        pieces = [stage[d_out * sl.start:d_out * sl.stop].view(d_out, -1) for sl in slots]
+        if keys:  # build_pools' sort-key projections: the same products on the same values (b weighted)
+            for sl, piece in zip(slots, pieces):
+                torch.mv(A[m, sl], r[m, d_out:], out=pa[m, sl])
+                # from the contiguous staged b (in cache; 2× faster than from its strided slot): the same
+                # gemv on another leading dimension, the same bits (tests/test_lego_read.py checks the pool
+                # against build_pools' own pass, which projects the slot)
+                torch.mv(piece.T, r[m, :d_out], out=pb[m, sl])
+            if signs == "rule":  # per row: the whole module at once is the same as per input
+                sign[m] = sign_rule(A[m])
+        torch.cat(pieces, dim=1, out=B[m])  # row by row: faster than a strided copy per input
+        out[m] = [u.with_factors(A[m, sl], B[m, :, sl], u.source) for u, sl in zip(out[m], slots)]
 
     run_pool(read, [(m,) for m in range(M)], threads.workers_for(30.0 * (A.numel() + B.numel())))
+    if keys:
+        buffers.note(flat, PoolKeys(out, [list(w) for w in weights], signs, states, r, pa, pb, amax, bmax * absw, sign))
     return out
 
 
@@ -225,14 +329,29 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     first = units[0][0]
     dt = work_dtype(pooled_dtype([u for us in units for u in us]))
     M, N, d_in, d_out = len(units), sum(u.rank for u in units[0]), first.d_in, first.d_out
-    # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
-    r = torch.stack([torch.randn(d_out + d_in, generator=g, dtype=torch.float64) for g in generators])
-    r = r.to(device=device, dtype=dt)
     numel = pool_numel(M, N, d_in, d_out)
     flat = buffers.holder(first.A) if buffers is not None else None
     if flat is None or flat.dtype != dt or flat.numel() < numel or flat.device != torch.device(device):
         flat = workspace.buffer(numel, dt, device) if workspace else torch.empty(numel, dtype=dt, device=device)
     A, B, amax, bmax = pool_views(flat[:numel], M, N, d_in, d_out)
+    keys = buffers.keys(first.A) if buffers is not None else None
+    if keys is not None and keys.fits(units, weights, signs, generators) and keys.r.dtype == dt:
+        # read_pools made the pass over the inputs while reading (on the read-ahead thread, if any)
+        pa, pb, la, lb, sign = keys.pa, keys.pb, keys.la, keys.lb, keys.sign
+    else:
+        pa, pb, la, lb, sign = _fill(units, weights, signs, generators, A, B, amax, bmax, dt, device, threads)
+    return _pool_batch(units, features, A, B, pa, pb, la, lb, sign, device, threads)
+
+
+def _fill(units: list[list[RankUnits]], weights: list[list[float]], signs: str, generators: list[torch.Generator],
+          A: torch.Tensor, B: torch.Tensor, amax: torch.Tensor, bmax: torch.Tensor, dt: torch.dtype,
+          device: torch.device, threads: ThreadBudget) -> tuple[torch.Tensor, ...]:
+    """build_pools' pass over the inputs: each copied (unless read in place) and weighted into its slots, with
+    its sort-key projections, max-abs norms and signs taken while in cache.  Returns pa, pb, la, lb, sign."""
+    M, N, d_in = A.shape
+    d_out = B.shape[1]
+    # sort keys: a seeded random r per module (float64 on the CPU, used in the work dtype)
+    r = sort_vectors(generators, d_out + d_in, dt, device)
     pa, pb, la, lb = (torch.empty(M, N, dtype=dt, device=device) for _ in range(4))  # ⟨a, r⟩, ⟨b, r⟩, max-abs
     sign = torch.ones(M, N, dtype=dt, device=device)
 
@@ -258,6 +377,14 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     # disjoint slices: the bits do not depend on the workers); ≈ 30 flop-equivalents per pooled entry
     on_cpu = torch.device(device).type == "cpu"
     run_pool(fill, [(m,) for m in range(M)], threads.workers_for(30.0 * M * N * (d_in + d_out)) if on_cpu else 1)
+    return pa, pb, la, lb, sign
+
+
+def _pool_batch(units: list[list[RankUnits]], features: str, A: torch.Tensor, B: torch.Tensor, pa: torch.Tensor,
+                pb: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, sign: torch.Tensor, device: torch.device,
+                threads: ThreadBudget) -> PoolBatch:
+    """The rest of build_pools: the N×N Grams, the balance, the content order, the sorted Grams."""
+    M, N, _ = A.shape
     # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
     # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
     GA = threads.matmul(A, A.transpose(1, 2))
