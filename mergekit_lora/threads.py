@@ -369,7 +369,7 @@ def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget,
     n = Y.shape[-1]
     batch = X.shape[0] if X.ndim == 3 else 1
     flops = matmul_flops(m, k, n, batch)
-    if threads.budget is None or flops < PARALLEL_MIN_FLOPS or X.device.type != "cpu":
+    if not uses_blocks(threads, m, k, n, batch, X.device.type):
         # one plain product, on contiguous operands: MKL's small-GEMM path picks another kernel for a
         # transposed view and rounds differently (1 ulp, measured on SD conv modules), while the row blocks
         # below read views with the bits of copies (tests/test_lego.py); copies of small operands are cheap
@@ -387,3 +387,20 @@ def blocked_matmul(X: torch.Tensor, Y: torch.Tensor, threads: ThreadBudget,
 
     run_pool(block, blocks, threads.gemm_workers_for(flops))
     return out if X.ndim == 3 else out[0]
+
+
+def uses_blocks(threads: ThreadBudget, m: int, k: int, n: int, batch: int = 1, device_type: str = "cpu") -> bool:
+    """Whether :func:`blocked_matmul` cuts a [batch, m, k] @ [batch, k, n] product into row/column blocks
+    (else one plain product): a function of the shapes and of whether there is a budget, never of its size."""
+    return threads.budget is not None and matmul_flops(m, k, n, batch) >= PARALLEL_MIN_FLOPS and device_type == "cpu"
+
+
+def matmul_rows_into(X: torch.Tensor, Y: torch.Tensor, out: torch.Tensor) -> None:
+    """One batch entry of :func:`blocked_matmul` by rows (when :func:`uses_blocks`): X [m, k] @ Y [k, n] into
+    ``out`` [m, n] as the same single-threaded row blocks, so the same bits (a caller that computes entries
+    one by one, e.g. while each is in cache)."""
+    import torch
+
+    for a in range(0, X.shape[0], MATMUL_ROW_BLOCK):
+        e = min(a + MATMUL_ROW_BLOCK, X.shape[0])
+        torch.mm(X[a:e], Y, out=out[a:e])

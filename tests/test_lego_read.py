@@ -1,6 +1,7 @@
 """LoRA-LEGO reads its inputs straight into the batch pool (``pool.read_pools``): the same pool, the same
 output bytes and the same refusals as loading each input and copying it, at 1 and 2 threads."""
 
+import itertools
 import sys
 import threading
 import time
@@ -11,6 +12,7 @@ import torch
 from reliab_helpers import peft_config, write_peft
 
 from mergekit_lora import load_adapter, merge
+from mergekit_lora import threads as threads_module
 from mergekit_lora.adapter import Adapter
 from mergekit_lora.algorithms.lego.algorithm import Lego
 from mergekit_lora.algorithms.lego.pool import PoolBuffers, build_pools, read_pools
@@ -263,10 +265,20 @@ def _ranked_adapters(tmp_path: Path, ranks: list[int]) -> list[Path]:
 @pytest.mark.parametrize("threads", [NO_BUDGET, ThreadBudget(1), ThreadBudget(2)])
 @pytest.mark.parametrize("features,signs", [("canonical", "rule"), ("canonical", "invariant"), ("paper", "none")])
 @pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 5, 3]])
-def test_the_pass_made_while_reading_gives_the_pool_of_build_pools_own_pass(tmp_path, threads, features, signs, ranks):
+@pytest.mark.parametrize("grams", ["none", "all", "some"])
+def test_the_pass_made_while_reading_gives_the_pool_of_build_pools_own_pass(tmp_path, monkeypatch, threads, features,
+                                                                           signs, ranks, grams):
     """With the weights and sort-key generators, read_pools weights B, projects the sort keys (b from its
-    staging buffer), takes the max-abs norms (per module) and signs while reading; build_pools then uses
-    them (``PoolKeys``) and its pool is bit for bit the one of its own pass over loaded units."""
+    staging buffer), takes the max-abs norms (per module) and signs while reading, and (when the batch's
+    products are row blocks and another batch is being merged) the modules' B-Grams, all or some;
+    build_pools then uses them (``PoolKeys``), computes the B-Grams left, and its pool is bit for bit the one
+    of its own pass over loaded units."""
+    blocks = grams != "none"
+    if blocks:  # these tiny products as row blocks, as the 7B layout's are
+        monkeypatch.setattr(threads_module, "PARALLEL_MIN_FLOPS", 0.0)
+        monkeypatch.setattr(threads_module, "MATMUL_ROW_BLOCK", 3)  # several blocks per module
+        merging = itertools.cycle([True] if grams == "all" else [True, False])  # "some": every other module
+        monkeypatch.setattr(PoolBuffers, "merging", property(lambda self: next(merging)))
     ads = [load_adapter(p) for p in _ranked_adapters(tmp_path, ranks)]
     inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
     weights = [[0.3, 1.7, -0.9]] * len(MODULES)  # relative weights 3w/2.9: none exact in float32
@@ -278,6 +290,9 @@ def test_the_pass_made_while_reading_gives_the_pool_of_build_pools_own_pass(tmp_
     keys = buffers.keys(units[0][0].A)
     assert keys is not None and keys.fits(units, weights, signs, [ModuleContext(m, 0, torch.device("cpu")).generator("o")
                                                                    for m in MODULES])
+    assert (keys.GB is not None) == (blocks and threads.budget is not None)
+    if keys.GB is not None:
+        assert sum(keys.has_gram) == (len(MODULES) if grams == "all" else len(MODULES) // 2)
     got = _pools(units, weights, threads, buffers, features, signs)
     for f in FIELDS:
         assert torch.equal(getattr(got, f), getattr(want, f)), f
@@ -353,3 +368,25 @@ def test_check_read_refuses_what_units_refuses(tmp_path):
         ad.check_read(MODULES[1], 1.0, float("nan"))
     with pytest.raises(LoraMergeError, match="could reach"):
         ad.check_read(MODULES[0], 1e10, 1e10)
+
+
+def test_a_read_while_a_batch_is_merged_takes_the_b_grams_and_the_bytes_stay(tmp_path, monkeypatch):
+    """Only a read made while a batch is being merged computes B-Grams (then on the reading thread); the
+    merged bytes are those of build_pools computing them."""
+    monkeypatch.setattr(threads_module, "PARALLEL_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(threads_module, "MATMUL_ROW_BLOCK", 5)
+    ads = [load_adapter(p) for p in _adapters(tmp_path, r=6)]
+    inputs = [[(a, i) for i, a in enumerate(ads)] for _ in MODULES]
+    lego, buffers = Lego(), PoolBuffers()
+    lego.__dict__["_read_buffers"] = buffers
+    ctxs = [ModuleContext(m, 0, torch.device("cpu"), ThreadBudget(1)) for m in MODULES]
+    params = Lego.Params(k=5)
+    weights = [[1.0, 0.5, 2.0]] * len(MODULES)
+    plain = lego.load_batch(inputs, params, ctxs, weights)
+    assert buffers.keys(plain[0][0].A).GB is None  # no merge in progress: build_pools makes them
+    want = [m.units for m in lego.merge_batch(plain, weights, params, ctxs)]
+    with buffers.merge():
+        ahead = lego.load_batch(inputs, params, ctxs, weights)
+    assert all(buffers.keys(ahead[0][0].A).has_gram)
+    got = [m.units for m in lego.merge_batch(ahead, weights, params, ctxs)]
+    assert all(torch.equal(g.A, w.A) and torch.equal(g.B, w.B) for g, w in zip(got, want))

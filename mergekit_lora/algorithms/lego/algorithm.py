@@ -79,7 +79,8 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
     def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,
                     ctxs: list[ModuleContext]) -> list[MergedModule]:
         try:
-            return self._merge(units, weights, params, ctxs)
+            with self._buffers().merge():  # a batch read meanwhile may take the B-Grams (read_pools)
+                return self._merge(units, weights, params, ctxs)
         finally:  # the pool load_batch read this batch into, if any, is free for the next read
             self._buffers().give(units[0][0].A)
 

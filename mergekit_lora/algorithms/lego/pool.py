@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from mergekit_lora.adapter import Adapter
-from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace, run_pool
+from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace, matmul_rows_into, run_pool, uses_blocks
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
 
@@ -132,6 +133,23 @@ class PoolBuffers:
         self._free: list[torch.Tensor] = []
         self._taken: dict[int, torch.Tensor] = {}  # storage address -> the whole buffer
         self._keys: dict[int, PoolKeys] = {}  # storage address -> what read_pools computed while reading
+        self._merging = 0  # batches being merged now (Lego.merge_batch), on any thread
+
+    @property
+    def merging(self) -> bool:
+        """Whether a batch is being merged now (a read may then take work off the merging thread)."""
+        return self._merging > 0
+
+    @contextmanager
+    def merge(self) -> Iterator[None]:
+        """Count the enclosed work as a merge in progress (:attr:`merging`)."""
+        with self._lock:
+            self._merging += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._merging -= 1
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat uninitialised CPU tensor of ``numel`` entries, the start of a buffer now taken."""
@@ -194,6 +212,8 @@ class PoolKeys:
     la: torch.Tensor
     lb: torch.Tensor
     sign: torch.Tensor
+    GB: torch.Tensor | None = None  # [M, N, N] B-Grams BᵀB (weighted B) as blocked_matmul's row blocks, or None
+    has_gram: list[bool] | None = None  # which modules' GB[m] are computed (the others: build_pools computes them)
 
     def fits(self, units: list[list[RankUnits]], weights: list[list[float]], signs: str,
              generators: list[torch.Generator]) -> bool:
@@ -254,6 +274,13 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
     A, B, amax, bmax = pool_views(flat, M, N, d_in, d_out)
     out: list[list[RankUnits]] = [[] for _ in names]
     keys = weights is not None and generators is not None
+    # B's Gram too, module by module while its B is in cache, when the batch's product is made of row blocks
+    # (then per module it is the same products: the same bits) and only while another thread is merging
+    # (PoolBuffers.merging): the read-ahead thread takes the B-Grams (≈ 0.35 s of the 7B layout's 0.65 s of
+    # Grams) when the merging thread is the busier one, and leaves them to build_pools when the merging
+    # thread waits for the read; which thread computes a module's B-Gram never changes its bits
+    GB = torch.empty(M, N, N, dtype=dt) if keys and uses_blocks(threads, N, d_out, N, M) else None
+    has_gram = [False] * M
     if keys:
         states = [g.get_state() for g in generators]
         r = sort_vectors(generators, d_out + d_in, dt)
@@ -303,11 +330,15 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
             if signs == "rule":  # per row: the whole module at once is the same as per input
                 sign[m] = sign_rule(A[m])
         torch.cat(pieces, dim=1, out=B[m])  # row by row: faster than a strided copy per input
+        if GB is not None and buffers.merging:
+            matmul_rows_into(B[m].T, B[m], GB[m])
+            has_gram[m] = True
         out[m] = [u.with_factors(A[m, sl], B[m, :, sl], u.source) for u, sl in zip(out[m], slots)]
 
     run_pool(read, [(m,) for m in range(M)], threads.workers_for(30.0 * (A.numel() + B.numel())))
     if keys:
-        buffers.note(flat, PoolKeys(out, [list(w) for w in weights], signs, states, r, pa, pb, amax, bmax * absw, sign))
+        buffers.note(flat, PoolKeys(out, [list(w) for w in weights], signs, states, r, pa, pb, amax, bmax * absw, sign,
+                                    GB if any(has_gram) else None, has_gram))
     return out
 
 
@@ -338,9 +369,15 @@ def build_pools(units: list[list[RankUnits]], weights: list[list[float]], *, fea
     if keys is not None and keys.fits(units, weights, signs, generators) and keys.r.dtype == dt:
         # read_pools made the pass over the inputs while reading (on the read-ahead thread, if any)
         pa, pb, la, lb, sign = keys.pa, keys.pb, keys.la, keys.lb, keys.sign
+        GB = keys.GB if keys.GB is not None and uses_blocks(threads, N, d_out, N, M, torch.device(device).type) else None
+        if GB is not None:  # the modules the reader left: the same row blocks, modules side by side
+            left = [m for m, done in enumerate(keys.has_gram) if not done]
+            run_pool(lambda m: matmul_rows_into(B[m].T, B[m], GB[m]), [(m,) for m in left],
+                     threads.gemm_workers_for(len(left) * 2.0 * N * N * d_out))
     else:
         pa, pb, la, lb, sign = _fill(units, weights, signs, generators, A, B, amax, bmax, dt, device, threads)
-    return _pool_batch(units, features, A, B, pa, pb, la, lb, sign, device, threads)
+        GB = None
+    return _pool_batch(units, features, A, B, pa, pb, la, lb, sign, device, threads, GB)
 
 
 def _fill(units: list[list[RankUnits]], weights: list[list[float]], signs: str, generators: list[torch.Generator],
@@ -382,13 +419,14 @@ def _fill(units: list[list[RankUnits]], weights: list[list[float]], signs: str, 
 
 def _pool_batch(units: list[list[RankUnits]], features: str, A: torch.Tensor, B: torch.Tensor, pa: torch.Tensor,
                 pb: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, sign: torch.Tensor, device: torch.device,
-                threads: ThreadBudget) -> PoolBatch:
-    """The rest of build_pools: the N×N Grams, the balance, the content order, the sorted Grams."""
+                threads: ThreadBudget, GB: torch.Tensor | None = None) -> PoolBatch:
+    """The rest of build_pools: the N×N Grams (GB: already made by read_pools), the balance, the content
+    order, the sorted Grams."""
     M, N, _ = A.shape
     # the two N×N Grams: the big products, on transposed views (BLAS reads them in place, same bits as on a
     # transposed copy: tests/test_lego.py; a copy is one more pass over the whole pool)
     GA = threads.matmul(A, A.transpose(1, 2))
-    GB = threads.matmul(B.transpose(1, 2), B)
+    GB = threads.matmul(B.transpose(1, 2), B) if GB is None else GB
     na = torch.diagonal(GA, dim1=1, dim2=2).clamp_min(0).sqrt()
     nb = torch.diagonal(GB, dim1=1, dim2=2).clamp_min(0).sqrt()
     if features == "canonical":  # balanced as RankUnits.canonical: ‖a'‖ = ‖b'‖
