@@ -127,6 +127,12 @@ class Adapter:
             check_magnitude(u, name, self.path or self.label)
         return u.tagged(source) if source else u
 
+    def factors_into(self, name: str, A_out: torch.Tensor, B_out: torch.Tensor) -> bool:
+        """``units_into(name, A_out, B_out, check=False)`` without building the units (the caller builds them
+        around its own views): whether the factors were read (unchecked: :meth:`check_read`)."""
+        return self._into_loader is not None and \
+            self._into_loader(self.modules[name], A_out, B_out, check=False, units=False) is not None
+
     def check_read(self, name: str, a_max: float, b_max: float) -> None:
         """The checks :meth:`units` makes, for module ``name`` read by ``units_into(..., check=False)``, from
         max |A| and max |B| (scale folded in; NaN if any entry is NaN): the same refusals with the same
@@ -203,6 +209,13 @@ def check_magnitude(u: RankUnits, name: str, where: object) -> None:
     if A is None or B is None or not hasattr(A, "shape") or not math.prod(A.shape) or not math.prod(B.shape):
         return
     check_bounds(_max_abs(A), _max_abs(B), u.rank, name, where)
+
+
+def within_bounds(a: float, b: float, rank: int) -> bool:
+    """Whether max |A| = ``a`` and max |B| = ``b`` at ``rank`` pass :func:`check_bounds` (monotone in each:
+    bounds that pass for the largest of several modules' values pass for each)."""
+    return math.isfinite(a) and math.isfinite(b) and a <= MAX_MAGNITUDE and b <= MAX_MAGNITUDE and \
+        a * b * max(1, rank) <= MAX_MAGNITUDE
 
 
 def check_bounds(a: float, b: float, rank: int, name: str, where: object) -> None:

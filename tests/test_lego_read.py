@@ -390,3 +390,20 @@ def test_a_read_while_a_batch_is_merged_takes_the_b_grams_and_the_bytes_stay(tmp
     assert all(buffers.keys(ahead[0][0].A).has_gram)
     got = [m.units for m in lego.merge_batch(ahead, weights, params, ctxs)]
     assert all(torch.equal(g.A, w.A) and torch.equal(g.B, w.B) for g, w in zip(got, want))
+
+
+def test_inputs_within_bounds_each_are_not_refused_when_the_module_wide_bound_is_exceeded(tmp_path, monkeypatch):
+    """The per-module check first tests the module's largest |A| and |B| together (a bound that every input
+    then passes); when that fails, each input is checked on its own: large A in one input and large B in
+    another are accepted, as the default reading accepts them."""
+    paths = [str(p) for p in _adapters(tmp_path)]
+    for k, (where, j) in enumerate([("A", 0), ("B", 2)]):
+        t = _tensors(10 + k)
+        t[f"{PREFIX}{MODULES[1]}.lora_{where}.weight"][1, 1] = 1e8  # |A|·|B|·r ≈ 1e9 per input, 1e16 across
+        paths[j] = str(write_peft(tmp_path / f"big{k}", tensors=t, config=peft_config(4, lora_alpha=12)))
+    kw = dict(params={"k": 5, "batch_modules": 6}, force=True, threads=1)
+    merge(paths, "lego", tmp_path / "new", **kw)
+    monkeypatch.setattr(Lego, "load_batch", Algorithm.load_batch)
+    merge(paths, "lego", tmp_path / "old", **kw)
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes()

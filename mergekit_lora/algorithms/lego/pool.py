@@ -38,7 +38,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from mergekit_lora.adapter import Adapter
+from mergekit_lora.adapter import Adapter, within_bounds
 from mergekit_lora.threads import NO_BUDGET, ThreadBudget, Workspace, matmul_rows_into, run_pool, uses_blocks
 from mergekit_lora.units import RankUnits, balance_scale, sign_rule
 
@@ -288,18 +288,23 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
         sign = torch.ones(M, N, dtype=dt)
         absw = torch.empty(M, N, dtype=dt)
 
+    # the units' sources (input index per unit), views of one tensor
+    source = torch.tensor([[i for (_, i), info in zip(ins, inf) for _ in range(info.rank)]
+                           for ins, inf in zip(inputs, infos)], dtype=torch.long)
+
     def read(m: int) -> None:  # module m's inputs: A into its slots, B into a staging buffer, then one cat
         stage = _STAGE.buffer(d_out * N, dt, "cpu")
         slots, at = [], 0
         for (a, i), info in zip(inputs[m], infos[m]):
             sl = slice(at, at + info.rank)
             piece = stage[d_out * at:d_out * sl.stop].view(d_out, info.rank)
-            u = a.units_into(names[m], A[m, sl], piece, source=i, check=False)
-            if u is None:  # loaded as usual (checked), copied into the slots
+            if a.factors_into(names[m], A[m, sl], piece):  # checked below, per module
+                out[m].append(None)
+            else:  # loaded as usual (checked), copied into the slots
                 u = a.units(names[m], source=i)
                 A[m, sl].copy_(u.A)
                 piece.copy_(u.B)
-            out[m].append(u)
+                out[m].append(u)
             slots.append(sl)
             at = sl.stop
         # the checks and max-abs norms of the whole module at once (two passes, in cache)
@@ -310,9 +315,10 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
         else:
             for sl in slots:
                 bmax[m, sl] = max_abs_columns(stage[d_out * sl.start:d_out * sl.stop].view(d_out, -1))
-        am, bm = amax[m].numpy(), bmax[m].numpy()
-        for (a, _), sl in zip(inputs[m], slots):  # numpy max: NaN stays NaN
-            a.check_read(names[m], float(am[sl].max()), float(bm[sl].max()))
+        am, bm = amax[m].numpy(), bmax[m].numpy()  # numpy max: NaN stays NaN
+        if not within_bounds(float(am.max()), float(bm.max()), max(info.rank for info in infos[m])):
+            for (a, _), sl in zip(inputs[m], slots):  # one fails: the first, with its own message
+                a.check_read(names[m], float(am[sl].max()), float(bm[sl].max()))
         if keys:
             omega = relative_weights(weights[m])
             absw[m] = torch.tensor([abs(w) for w, sl in zip(omega, slots) for _ in range(sl.stop - sl.start)], dtype=dt)
@@ -333,7 +339,9 @@ def read_pools(inputs: list[list[tuple[Adapter, int]]], names: list[str], buffer
         if GB is not None and buffers.merging:
             matmul_rows_into(B[m].T, B[m], GB[m])
             has_gram[m] = True
-        out[m] = [u.with_factors(A[m, sl], B[m, :, sl], u.source) for u, sl in zip(out[m], slots)]
+        out[m] = [RankUnits(A[m, sl], B[m, :, sl], source[m, sl], tuple(info.weight_shape), info.kind, info.fan_in_fan_out)
+                  if u is None else u.with_factors(A[m, sl], B[m, :, sl], u.source)
+                  for u, sl, info in zip(out[m], slots, infos[m])]
 
     run_pool(read, [(m,) for m in range(M)], threads.workers_for(30.0 * (A.numel() + B.numel())))
     if keys:
