@@ -105,8 +105,9 @@ def main() -> None:
     threads.blocked_matmul = timed_products
     wrap(adapter.Adapter, "units", "read inputs (page cache → tensors, finite check)")
     if hasattr(alg.Lego, "load_batch"):  # reads into the pool (2026-12: read_pools)
-        wrap(alg.Lego, "load_batch", "read inputs into the pool (page cache → pool, finite check)")
-    wrap(alg, "build_pools", "pool: copy, sort keys, max-abs norms, sorted Grams")
+        wrap(alg.Lego, "load_batch", "read inputs into the pool (page cache → pool, checks; since lego4 also the "
+                                     "pool pass: weights, sort keys, max-abs norms; B-Grams while a batch is merged)")
+    wrap(alg, "build_pools", "pool: copy, sort keys, max-abs norms (unless made while reading), order, sorted Grams")
     wrap(alg, "kmeans_gram", "k-means (seeding, Lloyd, signs)")
     wrap(alg, "cluster_stats", "cluster statistics (centroid Grams)")
     wrap(alg, "centroids", "centroid factors (k·N·d products)")
