@@ -27,7 +27,20 @@ def balance_scale(na: torch.Tensor, nb: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def sign_rule(A: torch.Tensor) -> torch.Tensor:
-    """±1 per unit so that the largest-|entry| of each a_i (first on ties) is positive; ``A``: [..., N, d_in]."""
+    """±1 per unit so that the largest-|entry| of each a_i (first on ties) is positive; ``A``: [..., N, d_in].
+
+    The sign is that of max x when max x > −min x, else of min x (two reductions, no |A| temporary: ≈ 4×
+    faster); when some unit has a tie (±m both present, a zero unit, ±inf) or a NaN, the first-index rule
+    decides, and the whole call takes it (the same values either way)."""
+    if A.shape[-1]:
+        mx, neg = A.amax(-1), A.amin(-1).neg_()
+        if not bool((mx == neg).any()) and not bool(mx.isnan().any()):
+            return torch.where(mx > neg, 1.0, -1.0).to(A.dtype)
+    return _sign_rule_first(A)
+
+
+def _sign_rule_first(A: torch.Tensor) -> torch.Tensor:
+    """:func:`sign_rule` by the first index of the largest |entry| (ties, NaN)."""
     idx = A.abs().argmax(dim=-1)
     sign = torch.sign(A.gather(-1, idx[..., None])[..., 0])
     return torch.where(sign == 0, torch.ones_like(sign), sign)

@@ -382,3 +382,32 @@ def test_small_products_on_views_have_the_bits_of_contiguous_operands():
                 with thread_policy(threads):
                     got = current().matmul(A, A.transpose(1, 2))
             assert torch.equal(got, want), (m, n, d, threads)
+
+
+@pytest.mark.parametrize("special", ["none", "neg", "zero", "nan"])
+def test_centroid_max_abs_norms_equal_abs_amax(special):
+    """centroids' ‖[ā_j ; b̄_j]‖_∞ (two reductions, no |x| temporary) are exactly max |x| of the factors it returns."""
+    from mergekit_lora.algorithms.lego.pool import build_pools
+    from mergekit_lora.algorithms.lego.reweight import centroids, cluster_stats
+
+    units = [rand_units(4, d_out=24, d_in=8, seed=s, source=s) for s in range(3)]
+    pool = build_pools([units, units], [[1.0] * 3] * 2, features="canonical", signs="invariant",
+                       generators=[CTX.generator("o"), CTX.generator("p")], device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    stats = []
+    for m in range(2):
+        labels = torch.randint(0, 5, (12,), generator=g)
+        stats.append(cluster_stats(pool.KA[m], pool.KB[m], labels, torch.ones(12, dtype=torch.float64), 5,
+                                   pool.linf[m], pool.target_scale[m]))
+    if special == "neg":  # a centroid whose largest entries are all negative
+        for st in stats:
+            st.W.neg_()
+    elif special == "zero":  # an empty cluster: a zero unit (max |x| = +0)
+        stats[1].W[:, 2] = 0
+    elif special == "nan":
+        stats[0].W[0, 1] = float("nan")
+    A_c, B_c, linf = centroids(pool, stats)
+    want = torch.maximum(A_c.abs().amax(2), B_c.abs().amax(1)).double()
+    assert torch.equal(linf.isnan(), want.isnan())
+    assert torch.equal(linf.nan_to_num(), want.nan_to_num())
+    assert not torch.signbit(linf.nan_to_num()).any()

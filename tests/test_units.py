@@ -95,3 +95,31 @@ def test_conv_units_restore_kernel_shape():
     assert u.d_in == 27
     dense = 2.0 * (B.reshape(8, 2) @ A.reshape(2, 27)).reshape(8, 3, 3, 3)
     assert torch.allclose(u.delta_weight(), dense, atol=1e-6)
+
+
+def _sign_rule_by_index(A):  # the definition: sign of the first largest-|entry| of each row (0 -> +1)
+    idx = A.abs().argmax(dim=-1)
+    s = torch.sign(A.gather(-1, idx[..., None])[..., 0])
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.float64]),
+       special=st.sampled_from(["none", "tie", "zero", "inf", "-inf", "nan", "ints"]))
+def test_sign_rule_two_reductions_equal_the_first_index_rule(seed, dtype, special):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(2, 6, 33, generator=g, dtype=dtype)
+    if special == "tie":  # ±m both present: the first one decides
+        A[1, 3, 5], A[1, 3, 2] = 9.0, -9.0
+    elif special == "zero":
+        A[0, 2] = 0
+    elif special in ("inf", "-inf"):
+        A[0, 1, 7] = float(special)
+    elif special == "nan":
+        A[1, 0, 4] = float("nan")
+    elif special == "ints":  # many exact ties of |x|
+        A = torch.randint(-2, 3, (2, 6, 33), generator=g).to(dtype)
+    got, want = sign_rule(A), _sign_rule_by_index(A)
+    assert got.dtype == want.dtype
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -93,8 +93,11 @@ def centroids(pool: PoolBatch, stats: list[ClusterStats], threads: ThreadBudget 
     A_c = threads.matmul((W * pool.ca[:, :, None]).transpose(1, 2).contiguous(), pool.A)  # the centroid factors
     B_c = threads.matmul(pool.B, W * pool.cb[:, :, None])
     g = math.gcd(B_c.shape[1], 8)  # B_c's columns are k wide: g row-groups side by side reduce faster (exact)
-    b_linf = B_c.reshape(M, -1, g * B_c.shape[2]).abs().amax(1).reshape(M, g, -1).amax(1)
-    linf = torch.maximum(A_c.abs().amax(2), b_linf).double().cpu()
+    # max |x| as max(max x, −min x): the same values, no |x| temporary (abs_ last: −0 → +0, NaN stays NaN)
+    Bg = B_c.reshape(M, -1, g * B_c.shape[2])
+    b_linf = torch.maximum(Bg.amin(1).neg_(), Bg.amax(1)).reshape(M, g, -1).amax(1)
+    a_linf = torch.maximum(A_c.amin(2).neg_(), A_c.amax(2))
+    linf = torch.maximum(a_linf, b_linf).abs_().double().cpu()
     return A_c, B_c, linf
 
 
