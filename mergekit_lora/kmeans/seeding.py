@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 
@@ -35,22 +34,11 @@ def kmeans_pp(K: torch.Tensor, k: int, generators: Sequence[torch.Generator], *,
     uniformly; Lloyd then leaves that cluster empty.
     """
     M, N, _ = K.shape
+    kd = torch.diagonal(K, dim1=1, dim2=2)
+    rows = torch.arange(M, device=K.device)
     # every random number of a set comes from its own generator (batch-independent), drawn up front;
     # each draw is an inverse-CDF pick, so the k steps run batched over the sets
     u = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in generators])  # [M, k]
-    if K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and M and N:
-        idx = _kmeans_pp_numpy(K.detach().numpy(), u.numpy(), sign_invariant)
-        if idx is not None:
-            return torch.from_numpy(idx)
-    return _kmeans_pp_torch(K, u, sign_invariant)
-
-
-def _kmeans_pp_torch(K: torch.Tensor, u: torch.Tensor, sign_invariant: bool) -> torch.Tensor:
-    """:func:`kmeans_pp`'s steps in torch (any device and K) from the draws u [M, k]."""
-    M, N, _ = K.shape
-    k = u.shape[1]
-    kd = torch.diagonal(K, dim1=1, dim2=2)
-    rows = torch.arange(M, device=K.device)
     idx = torch.empty(M, k, dtype=torch.long)
     idx[:, 0] = (u[:, 0] * N).long().clamp_max(N - 1)
 
@@ -69,41 +57,4 @@ def _kmeans_pp_torch(K: torch.Tensor, u: torch.Tensor, sign_invariant: bool) -> 
         uniform = (u[:, j] * N).long().clamp_max(N - 1)  # every point already a seed: any point
         idx[:, j] = torch.where(total > 0, drawn, uniform)
         d2 = torch.minimum(d2, dist_to(idx[:, j]))
-    return idx
-
-
-def _kmeans_pp_numpy(K: np.ndarray, u: np.ndarray, sign_invariant: bool) -> np.ndarray | None:
-    """:func:`kmeans_pp`'s steps in numpy (K on the CPU): the same elementwise operations in the same dtype,
-    the same sequential float64 cumulative sums, and as D² ≥ 0 the CDF is non-decreasing, where the
-    right-side ``searchsorted`` is the count of CDF values ≤ the draw — the same seeds, without ≈ 15 small
-    torch calls per step (tests/test_kmeans_backends.py compares the two).  None when a D² is NaN (a NaN
-    total): the torch steps decide then."""
-    with np.errstate(all="ignore"):  # inf − inf etc. as in torch: no warnings
-        return _kmeans_pp_numpy_steps(K, u, sign_invariant)
-
-
-def _kmeans_pp_numpy_steps(K: np.ndarray, u: np.ndarray, sign_invariant: bool) -> np.ndarray | None:
-    M, N, _ = K.shape
-    k = u.shape[1]
-    kd = np.diagonal(K, axis1=1, axis2=2)
-    rows = np.arange(M)
-    idx = np.empty((M, k), dtype=np.int64)
-    idx[:, 0] = np.minimum((u[:, 0] * N).astype(np.int64), N - 1)
-
-    def dist_to(p: np.ndarray) -> np.ndarray:
-        cross = K[rows, :, p]
-        if sign_invariant:
-            cross = np.abs(cross)
-        return np.maximum(kd - 2 * cross + kd[rows, p][:, None], 0)
-
-    d2 = dist_to(idx[:, 0])
-    for j in range(1, k):
-        cdf = d2.astype(np.float64).cumsum(1)
-        total = cdf[:, -1]
-        if np.isnan(total).any():
-            return None
-        drawn = np.minimum((cdf <= (u[:, j] * total)[:, None]).sum(1), N - 1)
-        uniform = np.minimum((u[:, j] * N).astype(np.int64), N - 1)
-        idx[:, j] = np.where(total > 0, drawn, uniform)
-        d2 = np.minimum(d2, dist_to(idx[:, j]))
     return idx
