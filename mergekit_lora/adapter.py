@@ -72,7 +72,7 @@ class Adapter:
         unknown_keys: list[str] | None = None,
         label: str | None = None,
         array_loader: Callable[[ModuleInfo], ArrayUnits] | None = None,
-        into_loader: Callable[..., RankUnits | None] | None = None,
+        into_loader: Callable[[ModuleInfo, torch.Tensor, torch.Tensor, bool], bool] | None = None,
     ) -> None:
         self.modules: dict[str, ModuleInfo] = dict(modules)
         self.meta = meta
@@ -109,32 +109,17 @@ class Adapter:
         check_magnitude(u, name, self.path or self.label)
         return u.tagged(source) if source else u
 
-    def units_into(self, name: str, A_out: torch.Tensor, B_out: torch.Tensor, source: int = 0,
-                   check: bool = True) -> RankUnits | None:
-        """:meth:`units` read straight into ``A_out`` [r, d_in] and ``B_out`` [d_out, r] (contiguous, the compute
-        dtype): the same values and checks, the units' factors are those two tensors.  None (nothing usable
-        written) when the reader cannot: not a safetensors file, or it stores another dtype than ``A_out``'s
-        (then use :meth:`units`).  ``check=False`` skips the checks (NaN/Inf, magnitude): the caller must then
-        call :meth:`check_read` with the factors' max-abs before using them (LoRA-LEGO checks a whole module's
-        inputs at once: two small ops per input fewer)."""
-        if self._into_loader is None:
-            return None
-        u = self._into_loader(self.modules[name], A_out, B_out) if check else \
-            self._into_loader(self.modules[name], A_out, B_out, check=False)
-        if u is None:
-            return None
-        if check:
-            check_magnitude(u, name, self.path or self.label)
-        return u.tagged(source) if source else u
-
-    def factors_into(self, name: str, A_out: torch.Tensor, B_out: torch.Tensor) -> bool:
-        """``units_into(name, A_out, B_out, check=False)`` without building the units (the caller builds them
-        around its own views): whether the factors were read (unchecked: :meth:`check_read`)."""
-        return self._into_loader is not None and \
-            self._into_loader(self.modules[name], A_out, B_out, check=False, units=False) is not None
+    def factors_into(self, name: str, A_out: torch.Tensor, B_out: torch.Tensor, check: bool = False) -> bool:
+        """Module ``name``'s factors read straight into ``A_out`` [r, d_in] and ``B_out`` [d_out, r] (contiguous,
+        the compute dtype), the scale folded into B as :meth:`units` folds it: whether they were read (False,
+        nothing usable written, when the reader cannot: not a safetensors file, or it stores another dtype than
+        ``A_out``'s; then use :meth:`units`).  The caller builds the units around its own views (LoRA-LEGO's
+        pool) and checks them with :meth:`check_read` from their max-abs (a whole module's inputs at once);
+        ``check=True`` refuses stored NaN/Inf while reading, as :meth:`units` does."""
+        return self._into_loader is not None and self._into_loader(self.modules[name], A_out, B_out, check)
 
     def check_read(self, name: str, a_max: float, b_max: float) -> None:
-        """The checks :meth:`units` makes, for module ``name`` read by ``units_into(..., check=False)``, from
+        """The checks :meth:`units` makes, for module ``name`` read by :meth:`factors_into`, from
         max |A| and max |B| (scale folded in; NaN if any entry is NaN): the same refusals with the same
         messages (a non-finite value is traced by reading the module again with :meth:`units`, which names
         the tensor when the file itself holds NaN/Inf)."""

@@ -174,7 +174,7 @@ class Algorithm(Generic[P]):
         """Read a batch's inputs for :meth:`merge_batch`: ``inputs[m]`` are module ``ctxs[m].name``'s inputs as
         (adapter, input index), ``weights[m]`` their weights as ``merge_batch`` will get them (None: not known).  Default: each input's units (:meth:`Adapter.units`, tagged with the index) on
         ``ctxs[m].device``.  An algorithm with buffers of its own may read into them instead
-        (:meth:`Adapter.units_into`: LoRA-LEGO's pool); such units are valid only for this batch's
+        (:meth:`Adapter.factors_into`: LoRA-LEGO's pool); such units are valid only for this batch's
         :meth:`merge_batch`, which may change them (so it returns its own fidelity rows: the driver then never
         measures the merge against the units)."""
         return [[a.units(c.name, source=i).to(c.device) for a, i in ins] for ins, c in zip(inputs, ctxs)]

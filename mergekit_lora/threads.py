@@ -148,8 +148,9 @@ def others_running() -> int | None:
 
 
 class Busy:
-    """How many of a budget's threads are busy elsewhere in this process right now (the driver's read-ahead
-    thread while it reads: ``execute._merged_tensors``), shared by the budgets that hand out workers.
+    """How many threads are busy with some work in this process right now, counted by :meth:`hold`: the
+    driver's read-ahead thread while it reads (``execute._merged_tensors``), shared by the budgets that hand
+    out workers; LoRA-LEGO's batches being merged (``PoolBuffers.merges``).
 
     Why: with 2 threads, a merge whose pools took both workers while the next batch was read on a third
     thread had 3 busy threads on 2 cores; each thread's many small torch ops (every op releases and retakes

@@ -15,7 +15,8 @@ from mergekit_lora import load_adapter, merge
 from mergekit_lora import threads as threads_module
 from mergekit_lora.adapter import Adapter
 from mergekit_lora.algorithms.lego.algorithm import Lego
-from mergekit_lora.algorithms.lego.pool import PoolBuffers, build_pools, read_pools
+from mergekit_lora.algorithms.lego.pool import build_pools
+from mergekit_lora.algorithms.lego.read import PoolBuffers, read_pools
 from mergekit_lora.errors import LoraMergeError
 from mergekit_lora.registry import Algorithm, ModuleContext
 from mergekit_lora.threads import NO_BUDGET, Busy, ThreadBudget, Workspace
@@ -87,18 +88,19 @@ def test_inputs_not_stored_in_the_pool_dtype_take_the_default_reading(tmp_path):
     ads = [load_adapter(p) for p in _adapters(tmp_path, dtype=torch.float16)]
     assert read_pools([[(a, i) for i, a in enumerate(ads)] for _ in MODULES], MODULES, PoolBuffers()) is None
     A, B = torch.empty(4, 24), torch.empty(40, 4)
-    assert ads[0].units_into(MODULES[0], A, B) is None  # float16 in the file, float32 asked
+    assert ads[0].factors_into(MODULES[0], A, B) is False  # float16 in the file, float32 asked
 
 
-def test_units_into_refuses_what_units_refuses(tmp_path):
+def test_factors_into_with_check_refuses_what_units_refuses(tmp_path):
     t = _tensors(0)
     t[f"{PREFIX}{MODULES[0]}.lora_A.weight"][1, 2] = float("nan")
     ad = load_adapter(write_peft(tmp_path / "bad", tensors=t, config=peft_config(4)))
     with pytest.raises(LoraMergeError) as via_units:
         ad.units(MODULES[0])
     with pytest.raises(LoraMergeError) as via_into:
-        ad.units_into(MODULES[0], torch.empty(4, 24), torch.empty(40, 4))
+        ad.factors_into(MODULES[0], torch.empty(4, 24), torch.empty(40, 4), check=True)
     assert str(via_into.value) == str(via_units.value)
+    assert ad.factors_into(MODULES[0], torch.empty(4, 24), torch.empty(40, 4))  # unchecked: check_read's job
 
 
 def test_threads_read_tensors_of_one_file_side_by_side(tmp_path):
@@ -109,8 +111,8 @@ def test_threads_read_tensors_of_one_file_side_by_side(tmp_path):
 
     def worker(m: str) -> None:
         for _ in range(200):
-            u = ad.units_into(m, torch.empty(4, 24), torch.empty(40, 4))
-            if not (torch.equal(u.A, want[m].A) and torch.equal(u.B, want[m].B)):
+            A, B = torch.empty(4, 24), torch.empty(40, 4)
+            if not (ad.factors_into(m, A, B) and torch.equal(A, want[m].A) and torch.equal(B, want[m].B)):
                 errors.append(m)
 
     ts = [threading.Thread(target=worker, args=(m,)) for m in MODULES]
@@ -126,12 +128,8 @@ def test_threads_read_tensors_of_one_file_side_by_side(tmp_path):
     assert not errors
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_merge_bytes_equal_those_of_loading_and_copying(tmp_path, monkeypatch, threads):
-    """The whole merge (batches of same-shape modules, reweighting paper, weights unequal) writes the bytes it
-    writes with the default reading, and the same at 1 and 2 threads."""
-    paths = [str(p) for p in _adapters(tmp_path, r=6)]
-    kw = dict(params={"k": 5, "batch_modules": 4}, weights=[1.0, 0.5, 2.0], force=True, threads=threads)
+def _assert_bytes_of_the_default_reading(paths: list[str], kw: dict, tmp_path: Path, monkeypatch, threads: int) -> None:
+    """The merge writes the bytes of the default reading (Algorithm.load_batch), and at 2 threads those of 1."""
     merge(paths, "lego", tmp_path / "new", **kw)
     monkeypatch.setattr(Lego, "load_batch", Algorithm.load_batch)
     merge(paths, "lego", tmp_path / "old", **kw)
@@ -141,6 +139,15 @@ def test_merge_bytes_equal_those_of_loading_and_copying(tmp_path, monkeypatch, t
         monkeypatch.undo()
         merge(paths, "lego", tmp_path / "one", **{**kw, "threads": 1})
         assert (tmp_path / "one" / "adapter_model.safetensors").read_bytes() == new
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_merge_bytes_equal_those_of_loading_and_copying(tmp_path, monkeypatch, threads):
+    """The whole merge (batches of same-shape modules, reweighting paper, weights unequal) writes the bytes it
+    writes with the default reading, and the same at 1 and 2 threads."""
+    paths = [str(p) for p in _adapters(tmp_path, r=6)]
+    kw = dict(params={"k": 5, "batch_modules": 4}, weights=[1.0, 0.5, 2.0], force=True, threads=threads)
+    _assert_bytes_of_the_default_reading(paths, kw, tmp_path, monkeypatch, threads)
 
 
 def test_a_batch_read_while_another_is_merged_takes_another_buffer(tmp_path):
@@ -322,15 +329,7 @@ def test_merge_bytes_with_unequal_ranks_equal_those_of_loading_and_copying(tmp_p
     paths = [str(p) for p in _ranked_adapters(tmp_path, [2, 5, 3, 4])]
     kw = dict(params={"k": 5, "batch_modules": 4, "signs": "rule"}, weights=[1.0, 0.3, 2.0, -0.7], force=True,
               threads=threads)
-    merge(paths, "lego", tmp_path / "new", **kw)
-    monkeypatch.setattr(Lego, "load_batch", Algorithm.load_batch)
-    merge(paths, "lego", tmp_path / "old", **kw)
-    new, old = ((tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("new", "old"))
-    assert new == old
-    if threads == 2:
-        monkeypatch.undo()
-        merge(paths, "lego", tmp_path / "one", **{**kw, "threads": 1})
-        assert (tmp_path / "one" / "adapter_model.safetensors").read_bytes() == new
+    _assert_bytes_of_the_default_reading(paths, kw, tmp_path, monkeypatch, threads)
 
 
 def _bad(tmp_path: Path, where: str, value: float, alpha: float = 12.0) -> list[str]:
@@ -385,7 +384,7 @@ def test_a_read_while_a_batch_is_merged_takes_the_b_grams_and_the_bytes_stay(tmp
     plain = lego.load_batch(inputs, params, ctxs, weights)
     assert buffers.keys(plain[0][0].A).GB is None  # no merge in progress: build_pools makes them
     want = [m.units for m in lego.merge_batch(plain, weights, params, ctxs)]
-    with buffers.merge():
+    with buffers.merges.hold():
         ahead = lego.load_batch(inputs, params, ctxs, weights)
     assert all(buffers.keys(ahead[0][0].A).has_gram)
     got = [m.units for m in lego.merge_batch(ahead, weights, params, ctxs)]

@@ -71,24 +71,17 @@ def adapter_from_peft_source(src: TensorSource, config: dict[str, Any], *, confi
         return RankUnits.from_factors(A, B, scale=info.scale, weight_shape=info.weight_shape, kind=info.kind,
                                       fan_in_fan_out=info.fan_in_fan_out)
 
-    def load_into(info: ModuleInfo, A_out: torch.Tensor, B_out: torch.Tensor, check: bool = True,
-                  units: bool = True) -> RankUnits | bool | None:
-        """:func:`load` straight into A_out [r, d_in] and B_out [d_out, r] (contiguous), the scale folded in
-        there; None when the file does not store the factors in their dtype (the caller then loads).
-        ``check=False``: no NaN/Inf check of the stored factors (the caller checks: ``Adapter.check_read``);
-        ``units=False``: True instead of the units (the caller builds them)."""
-        from ..units import RankUnits  # lazily: torch, only when a method computes with it
-
+    def load_into(info: ModuleInfo, A_out: torch.Tensor, B_out: torch.Tensor, check: bool) -> bool:
+        """:func:`load`'s factors straight into A_out [r, d_in] and B_out [d_out, r] (contiguous), the scale
+        folded in there; False when the file does not store the factors in their dtype (the caller then loads).
+        ``check``: refuse stored NaN/Inf (else the caller checks: ``Adapter.check_read``)."""
         m = layout.modules[info.name]
         if (B_out.dtype != A_out.dtype or not src.get_into(m.a_key, A_out, check)
                 or not src.get_into(m.b_key, B_out, check)):
-            return None
+            return False
         if info.scale != 1.0:
             B_out.mul_(info.scale)  # as from_factors' B * scale: one rounding per entry, the same bits
-        if not units:
-            return True
-        return RankUnits.from_factors(A_out, B_out, weight_shape=info.weight_shape, kind=info.kind,
-                                      fan_in_fan_out=info.fan_in_fan_out)
+        return True
 
     def load_arrays(info: ModuleInfo) -> ArrayUnits:
         m = layout.modules[info.name]

@@ -15,7 +15,8 @@ from mergekit_lora.units import RankUnits, canonical_factors
 
 from ..catalog import LEGO
 from .params import LegoParams
-from .pool import PoolBatch, PoolBuffers, Workspace, build_pools, pooled_dtype, read_pools
+from .pool import PoolBatch, Workspace, build_pools, pooled_dtype
+from .read import PoolBuffers, read_pools
 from .report import ModuleRecord, fidelity_section, report_files
 from .report_plot import report_png
 from .reweight import ClusterStats, centroids, cluster_stats, option_scales
@@ -79,7 +80,7 @@ class Lego(Algorithm[LegoParams], entry=LEGO):
     def merge_batch(self, units: list[list[RankUnits]], weights: list[list[float]], params: LegoParams,
                     ctxs: list[ModuleContext]) -> list[MergedModule]:
         try:
-            with self._buffers().merge():  # a batch read meanwhile may take the B-Grams (read_pools)
+            with self._buffers().merges.hold():  # a batch read meanwhile may take the B-Grams (read_pools)
                 return self._merge(units, weights, params, ctxs)
         finally:  # the pool load_batch read this batch into, if any, is free for the next read
             self._buffers().give(units[0][0].A)
